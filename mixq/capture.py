@@ -1,0 +1,112 @@
+"""Run calibration windows through a model one transformer block at a time.
+
+Only one block's activations live in memory: `block_inputs` stops the forward pass at block 0
+and keeps what reaches it; `collect_stats` runs one block over those inputs while hooks
+accumulate each linear input's H = sum x^T x; `block_outputs` runs the block again (after its
+weights were quantized, when quantizing sequentially) to produce the next block's inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixq.models import LoadedModel
+
+STATS_DTYPE = torch.float64  # H accumulates many fp32 outer-product sums; keep the running sum exact-ish
+
+
+@dataclass
+class LayerStats:
+    """What calibration taught us about one linear layer's inputs."""
+
+    H: torch.Tensor  # (cols, cols): sum over tokens of x^T x, float64
+    n_tokens: int = 0
+
+    @classmethod
+    def empty(cls, cols: int) -> LayerStats:
+        return cls(torch.zeros(cols, cols, dtype=STATS_DTYPE))
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, cols)
+        # Each batch's sum in fp32 (fast), the running sum in float64 (no drift across batches).
+        self.H += (x.T @ x).to(STATS_DTYPE)
+        self.n_tokens += x.shape[0]
+
+
+@dataclass
+class BlockInputs:
+    """The hidden states entering a block, in calibration batches, and the other forward kwargs."""
+
+    batches: list[torch.Tensor]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class _StopForward(Exception):
+    """Raised by the catcher once block 0's inputs are recorded (private: nothing else raises it)."""
+
+
+def block_inputs(loaded: LoadedModel, windows: torch.Tensor, batch_size: int) -> BlockInputs:
+    """Hidden states entering block 0 for every calibration window, batched."""
+    blocks = loaded.blocks()
+    first = blocks[0]
+    recorded = BlockInputs(batches=[])
+
+    class Catcher(nn.Module):
+        def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+            recorded.batches.append(hidden_states.detach())
+            # Rotary embeddings, positions and masks are the same for every batch of equal length.
+            recorded.kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+            raise _StopForward
+
+    blocks[0] = Catcher()
+    try:
+        with torch.no_grad():
+            for batch in windows.split(batch_size):
+                try:
+                    loaded.model(batch, use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        blocks[0] = first
+    return recorded
+
+
+def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    """The block's outputs for every input batch."""
+    outs = []
+    with torch.no_grad():
+        for x in inputs.batches:
+            y = block(x, **inputs.kwargs)
+            outs.append(y[0] if isinstance(y, tuple) else y)
+    return outs
+
+
+@contextlib.contextmanager
+def record_inputs(linears: dict[str, nn.Linear]) -> Iterator[dict[str, LayerStats]]:
+    """Accumulate LayerStats of each given linear's input while the block runs."""
+    stats = {name: LayerStats.empty(lin.in_features) for name, lin in linears.items()}
+    handles = [
+        lin.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
+        for name, lin in linears.items()
+    ]
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def collect_stats(
+    block: nn.Module, linears: dict[str, nn.Linear], groups: Sequence[Sequence[str]], inputs: BlockInputs
+) -> dict[str, LayerStats]:
+    """LayerStats for the named linears of one block; linears in one group share one input and one H."""
+    leaders = {group[0]: linears[group[0]] for group in groups}
+    with record_inputs(leaders) as stats:
+        run_block(block, inputs)
+    return {name: stats[group[0]] for group in groups for name in group}

@@ -1,0 +1,117 @@
+"""Token windows for calibration and evaluation: from a text file, or sampled from the model.
+
+Sampled windows are the data-free default: sequences drawn from the unquantized model itself,
+starting from its BOS token, with a fixed seed. They are cached under ~/.cache/mixq (safetensors,
+keyed by model, seed and shape), so a second run with the same settings skips generation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from mixq.errors import MixqError
+from mixq.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = Path(os.environ.get("MIXQ_CACHE", Path.home() / ".cache" / "mixq"))
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """Where windows come from: a text file, or model samples when `text` is None."""
+
+    n_windows: int
+    seq_len: int
+    text: Path | None = None
+    seed: int = 0
+
+    def describe(self) -> str:
+        source = f"text {self.text}" if self.text else f"samples from the model (seed {self.seed})"
+        return f"{self.n_windows} x {self.seq_len} tokens of {source}"
+
+
+def load_windows(loaded: LoadedModel, spec: WindowSpec, first: bool = True) -> torch.Tensor:
+    """Windows as a (n_windows, seq_len) int64 tensor.
+
+    From text, `first` takes the first non-overlapping windows (evaluation); otherwise windows
+    start at random offsets drawn with the seed (calibration).
+    """
+    if spec.n_windows < 1 or spec.seq_len < 2:
+        raise MixqError("need at least one window of at least 2 tokens")
+    if spec.text is None:
+        return sample_windows(loaded, spec.n_windows, spec.seq_len, spec.seed)
+    ids = tokenize_file(loaded.tokenizer, spec.text)
+    n_available = len(ids) // spec.seq_len
+    if n_available < 1:
+        raise MixqError(f"{spec.text} holds {len(ids)} tokens, fewer than one window of {spec.seq_len}")
+    if first:
+        n = min(spec.n_windows, n_available)
+        if n < spec.n_windows:
+            log.warning("%s holds only %d windows of %d tokens", spec.text, n, spec.seq_len)
+        return ids[: n * spec.seq_len].view(n, spec.seq_len)
+    gen = torch.Generator().manual_seed(spec.seed)
+    starts = torch.randint(0, len(ids) - spec.seq_len + 1, (spec.n_windows,), generator=gen)
+    return torch.stack([ids[s : s + spec.seq_len] for s in starts.tolist()])
+
+
+def tokenize_file(tokenizer, path: Path) -> torch.Tensor:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MixqError(f"cannot read text file {path}: {e}") from None
+    if not text.strip():
+        raise MixqError(f"text file {path} is empty")
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def sample_windows(loaded: LoadedModel, n: int, seq_len: int, seed: int, batch_size: int = 16) -> torch.Tensor:
+    """Sequences sampled from the model (temperature 1, no truncation), cached on disk."""
+    cache = CACHE_DIR / "samples" / f"{_model_key(loaded)}-s{seed}-{n}x{seq_len}.safetensors"
+    if cache.is_file():
+        return load_file(cache)["ids"]
+    model, tok = loaded.model, loaded.tokenizer
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    torch.manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for start in tqdm(range(0, n, batch_size), desc="sampling calibration text", unit="batch"):
+            b = min(batch_size, n - start)
+            prompt = torch.full((b, 1), bos, dtype=torch.int64)
+            ids = model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=seq_len - 1,
+                min_new_tokens=seq_len - 1,  # no early stop at end-of-text
+                pad_token_id=bos,
+            )
+            out.append(ids[:, :seq_len])
+    windows = torch.cat(out)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".partial")
+    save_file({"ids": windows.contiguous()}, tmp)
+    os.replace(tmp, cache)
+    return windows
+
+
+def _model_key(loaded: LoadedModel) -> str:
+    """A content hash of the model: its embedding and first block's weights."""
+    h = hashlib.sha256(loaded.arch.family.encode())
+    tensors = [loaded.model.get_submodule(loaded.arch.embedding).weight]
+    tensors += [lin.weight for lin in loaded.block_linears(0).values()]
+    for t in tensors:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

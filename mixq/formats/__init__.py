@@ -1,0 +1,70 @@
+"""Number formats: how one weight matrix is stored.
+
+A format is a frozen dataclass with a `name`, exact storage (`nbytes`), and pure functions:
+`qparams` (scales and zeros for a matrix), `quantize` (codes from given qparams), `dequantize`,
+`pack`/`unpack` (the tensors written to disk). Each family lives in its own module and registers
+a name parser here, so `parse_format("int3-g128")` and the exporters agree on one table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from mixq.errors import MixqError
+
+
+class Format(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def nbytes(self, shape: tuple[int, int]) -> int: ...
+
+    def dequantize(self, q: QTensor) -> torch.Tensor: ...
+
+    def pack(self, q: QTensor) -> dict[str, torch.Tensor]: ...
+
+    def unpack(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> QTensor: ...
+
+
+@dataclass
+class QTensor:
+    """One quantized matrix: integer codes (rows, cols), per-group scales and zeros (rows, n_groups)."""
+
+    format: Format
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.codes.shape[0], self.codes.shape[1])
+
+    def dequantize(self) -> torch.Tensor:
+        return self.format.dequantize(self)
+
+    def nbytes(self) -> int:
+        return self.format.nbytes(self.shape)
+
+
+_PARSERS: dict[str, Callable[[str], Format | None]] = {}
+
+
+def register_family(prefix: str, parser: Callable[[str], Format | None]) -> None:
+    _PARSERS[prefix] = parser
+
+
+def parse_format(name: str) -> Format:
+    """The format with this name, for example `int4-g128`, `int3-g64-sym`, `int8-ch`."""
+    for prefix, parser in _PARSERS.items():
+        if name.startswith(prefix):
+            fmt = parser(name)
+            if fmt is not None:
+                return fmt
+    raise MixqError(f"unknown format {name!r} (known families: {', '.join(sorted(_PARSERS))})")
+
+
+from mixq.formats import integer  # noqa: E402,F401  (registers the int family)

@@ -1,0 +1,149 @@
+"""Uniform integer grids: 2-8 bits, per output channel or per group of input weights.
+
+Convention (the only one in mixq): w ~ scale * (q - zero), with codes q in [0, 2**bits - 1] and an
+integer zero point. Scales are stored as fp16; zero points as `bits`-bit integers.
+
+- asymmetric: scale = (max - min) / (2**bits - 1) over the group's range widened to include 0,
+  zero = round(-min / scale); one zero per group is stored.
+- symmetric: zero = 2**(bits-1) for every group (not stored), so the levels are
+  -2**(bits-1) .. 2**(bits-1) - 1 around 0, and scale = absmax / (2**(bits-1) - 0.5): both ends of
+  the range land half a step inside the outermost levels, so all 2**bits levels are used.
+
+Groups run along the input dimension (columns). A row whose length is not a multiple of the
+group size ends with one shorter group: 576 columns at group 128 are 4 groups of 128 and one of 64.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from mixq.errors import MixqError
+from mixq.formats import QTensor, register_family
+from mixq.formats.bitpack import pack_bits, packed_nbytes, unpack_bits
+
+MIN_BITS, MAX_BITS = 2, 8
+GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # 0 means one group per output channel
+FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal); scales never round to 0
+
+
+@dataclass(frozen=True)
+class IntFormat:
+    bits: int
+    group_size: int  # 0: per output channel
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            raise MixqError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {self.bits}")
+        if self.group_size != 0 and self.group_size not in GROUP_SIZES:
+            raise MixqError(
+                f"group size must be one of {', '.join(map(str, GROUP_SIZES))} "
+                f"or 'channel', got {self.group_size}"
+            )
+
+    @property
+    def name(self) -> str:
+        group = f"g{self.group_size}" if self.group_size else "ch"
+        return f"int{self.bits}-{group}" + ("-sym" if self.symmetric else "")
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    def group_len(self, cols: int) -> int:
+        return self.group_size or cols
+
+    def n_groups(self, cols: int) -> int:
+        return math.ceil(cols / self.group_len(cols))
+
+    def nbytes(self, shape: tuple[int, int]) -> int:
+        rows, cols = shape
+        n_params = rows * self.n_groups(cols)
+        zeros = 0 if self.symmetric else packed_nbytes(n_params, self.bits)
+        return packed_nbytes(rows * cols, self.bits) + 2 * n_params + zeros
+
+    # -- parameters -------------------------------------------------------------------------
+    def qparams(self, W: torch.Tensor, clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scales and zeros (rows, n_groups) for W (rows, cols), the range shrunk by `clip`."""
+        rows, cols = W.shape
+        G = self.grouped(W)  # (rows, n_groups, group_len), zero-padded
+        if self.symmetric:
+            absmax = G.abs().amax(dim=2) * clip
+            scale = self._fp16_scale(absmax / (2 ** (self.bits - 1) - 0.5))
+            zero = torch.full_like(scale, 2.0 ** (self.bits - 1))
+        else:
+            # Padding zeros are harmless: the range is widened to include 0 anyway.
+            lo = G.amin(dim=2).clamp(max=0) * clip
+            hi = G.amax(dim=2).clamp(min=0) * clip
+            scale = self._fp16_scale((hi - lo) / self.qmax)
+            zero = torch.clamp(torch.round(-lo / scale), 0, self.qmax)
+        return scale, zero
+
+    @staticmethod
+    def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(scale).all() or scale.max() > torch.finfo(torch.float16).max:
+            raise MixqError("weights are not finite or too large for fp16 scales (NaN/inf in the model?)")
+        return scale.clamp(min=FP16_TINY).half().float()
+
+    # -- codes ------------------------------------------------------------------------------
+    def encode(self, W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Codes for W given per-column (broadcastable) scale and zero."""
+        return torch.clamp(torch.round(W / scale) + zero, 0, self.qmax)
+
+    @staticmethod
+    def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return scale * (codes - zero)
+
+    def grouped(self, W: torch.Tensor) -> torch.Tensor:
+        """(rows, cols) -> (rows, n_groups, group_len), zero-padded at the end of each row."""
+        rows, cols = W.shape
+        g = self.group_len(cols)
+        pad = self.n_groups(cols) * g - cols
+        return torch.nn.functional.pad(W, (0, pad)).view(rows, -1, g)
+
+    def expand(self, per_group: torch.Tensor, cols: int) -> torch.Tensor:
+        """(rows, n_groups) -> (rows, cols): each group's value repeated over its columns."""
+        return per_group.repeat_interleave(self.group_len(cols), dim=1)[:, :cols]
+
+    def quantize(self, W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> QTensor:
+        cols = W.shape[1]
+        codes = self.encode(W, self.expand(scale, cols), self.expand(zero, cols))
+        return QTensor(self, codes.to(torch.uint8), scale, zero)
+
+    def dequantize(self, q: QTensor) -> torch.Tensor:
+        cols = q.shape[1]
+        return self.decode(q.codes.float(), self.expand(q.scale, cols), self.expand(q.zero, cols))
+
+    # -- storage ----------------------------------------------------------------------------
+    def pack(self, q: QTensor) -> dict[str, torch.Tensor]:
+        out = {"qweight": pack_bits(q.codes, self.bits), "scales": q.scale.half()}
+        if not self.symmetric:
+            out["qzeros"] = pack_bits(q.zero, self.bits)
+        return out
+
+    def unpack(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> QTensor:
+        rows, cols = shape
+        codes = unpack_bits(tensors["qweight"], self.bits, rows * cols).view(rows, cols)
+        scale = tensors["scales"].float()
+        if self.symmetric:
+            zero = torch.full_like(scale, 2.0 ** (self.bits - 1))
+        else:
+            zero = unpack_bits(tensors["qzeros"], self.bits, scale.numel()).view_as(scale).float()
+        return QTensor(self, codes, scale, zero)
+
+
+_NAME = re.compile(r"^int(\d+)-(?:g(\d+)|(ch))(-sym)?$")
+
+
+def parse(name: str) -> IntFormat | None:
+    m = _NAME.match(name)
+    if m is None:
+        return None
+    return IntFormat(int(m[1]), int(m[2]) if m[2] else 0, symmetric=bool(m[4]))
+
+
+register_family("int", parse)
