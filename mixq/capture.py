@@ -48,7 +48,7 @@ class BlockInputs:
 
 
 class _StopForward(Exception):
-    """Raised by the catcher once block 0's inputs are recorded (private: nothing else raises it)."""
+    """Ends a forward pass early once what is needed was recorded (private: nothing else raises it)."""
 
 
 def block_inputs(loaded: LoadedModel, windows: torch.Tensor, batch_size: int) -> BlockInputs:
@@ -78,21 +78,34 @@ def block_inputs(loaded: LoadedModel, windows: torch.Tensor, batch_size: int) ->
 
 
 def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    """The block's outputs for every input batch."""
+    """The block's outputs for every input batch (empty if a hook stopped the forward early)."""
     outs = []
     with torch.no_grad():
         for x in inputs.batches:
-            y = block(x, **inputs.kwargs)
+            try:
+                y = block(x, **inputs.kwargs)
+            except _StopForward:
+                continue
             outs.append(y[0] if isinstance(y, tuple) else y)
     return outs
 
 
 @contextlib.contextmanager
-def record_inputs(linears: dict[str, nn.Linear]) -> Iterator[dict[str, LayerStats]]:
-    """Accumulate LayerStats of each given linear's input while the block runs."""
+def record_inputs(linears: dict[str, nn.Linear], stop_after: str | None = None) -> Iterator[dict[str, LayerStats]]:
+    """Accumulate LayerStats of each given linear's input while the block runs.
+
+    With `stop_after`, the forward pass ends once that linear has seen its input: nothing after
+    it in the block is needed for these statistics.
+    """
     stats = {name: LayerStats.empty(lin.in_features) for name, lin in linears.items()}
+
+    def hook(name: str, x: torch.Tensor) -> None:
+        stats[name].add(x)
+        if name == stop_after:
+            raise _StopForward
+
     handles = [
-        lin.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
+        lin.register_forward_pre_hook(lambda _m, args, name=name: hook(name, args[0]))
         for name, lin in linears.items()
     ]
     try:
@@ -107,6 +120,6 @@ def collect_stats(
 ) -> dict[str, LayerStats]:
     """LayerStats for the named linears of one block; linears in one group share one input and one H."""
     leaders = {group[0]: linears[group[0]] for group in groups}
-    with record_inputs(leaders) as stats:
+    with record_inputs(leaders, stop_after=groups[-1][0]) as stats:
         run_block(block, inputs)
     return {name: stats[group[0]] for group in groups for name in group}

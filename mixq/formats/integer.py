@@ -85,9 +85,12 @@ class IntFormat:
 
     @staticmethod
     def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
-        if not torch.isfinite(scale).all() or scale.max() > torch.finfo(torch.float16).max:
+        """Round scales up to fp16, so the grid still spans the range and no weight is off by more than half a step."""
+        if not torch.isfinite(scale).all() or scale.max() >= torch.finfo(torch.float16).max:
             raise MixqError("weights are not finite or too large for fp16 scales (NaN/inf in the model?)")
-        return scale.clamp(min=FP16_TINY).half().float()
+        s16 = scale.clamp(min=FP16_TINY).half()
+        s16 = torch.where(s16.float() < scale, torch.nextafter(s16, torch.full_like(s16, torch.inf)), s16)
+        return s16.float()
 
     # -- codes ------------------------------------------------------------------------------
     def encode(self, W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
