@@ -10,6 +10,7 @@ Writes bench/results/uniform.md.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import shlex
@@ -46,8 +47,6 @@ def reference_row(model: str, text: Path, n_windows: int, seq_len: int) -> list:
     windows = load_windows(loaded, WindowSpec(n_windows, seq_len, text), first=True)
     fp32 = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
     reference = loaded.model
-    import copy
-
     stored = copy.deepcopy(reference)
     for name, p in stored.named_parameters():
         p.data.copy_(fp32[name].half().float() if p.dim() >= 2 else fp32[name])

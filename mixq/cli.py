@@ -28,11 +28,12 @@ def _group_size(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer or 'channel', got {value!r}") from None
 
 
-def _readable_file(value: str) -> Path:
-    path = Path(value)
-    if not path.is_file():
-        raise MixqError(f"text file {path} not found")
-    return path
+def _text_file(value: str) -> Path:
+    """A text file checked before any long work starts."""
+    from mixq.data import read_text
+
+    read_text(Path(value))
+    return Path(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,12 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-act-order", action="store_true", help="GPTQ: visit columns in storage order")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ: dampening, fraction of mean diag(H)")
     q.add_argument("--no-clip-search", action="store_true", help="use each group's full range")
-    q.add_argument("--calib-text", type=_readable_file, help="calibration text file (default: text sampled "
+    q.add_argument("--calib-text", type=_text_file, help="calibration text file (default: text sampled "
                    "from the model itself)")
     q.add_argument("--calib-windows", type=int, default=DEFAULT_CALIB["windows"], help="calibration windows (default 64)")
     q.add_argument("--calib-len", type=int, default=DEFAULT_CALIB["seq_len"], help="tokens per window (default 512)")
     q.add_argument("--seed", type=int, default=0, help="seed of calibration sampling (default 0)")
-    q.add_argument("--eval-text", type=_readable_file, help="evaluate on this text right after quantizing")
+    q.add_argument("--eval-text", type=_text_file, help="evaluate on this text right after quantizing")
     q.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL["windows"])
     q.add_argument("--eval-len", type=int, default=DEFAULT_EVAL["seq_len"])
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Reload a `mixq quantize` output and measure perplexity, KL divergence to "
                        "the unquantized model and top-1 agreement on the same windows.")
     e.add_argument("dir", type=Path, help="output directory of `mixq quantize`")
-    e.add_argument("--text", type=_readable_file, help="evaluation text (default: held-out text sampled from "
+    e.add_argument("--text", type=_text_file, help="evaluation text (default: held-out text sampled from "
                    f"the model, seed {EVAL_SEED})")
     e.add_argument("--windows", type=int, default=DEFAULT_EVAL["windows"], help="non-overlapping windows (default 40)")
     e.add_argument("--seq-len", type=int, default=DEFAULT_EVAL["seq_len"], help="tokens per window (default 512)")

