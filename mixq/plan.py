@@ -1,0 +1,201 @@
+"""Choose one option per tensor under a budget, exactly.
+
+The problem: tensors t are partitioned into tie groups g (tensors that must share one option,
+such as q/k/v). Option o of group g costs bytes B[g,o] = sum_{t in g} bytes[t,o] and predicted loss
+L[g,o] = sum_{t in g} loss[t,o]; options a tensor may not take have infinite loss.
+
+    minimise    sum_g sum_o L[g,o] x[g,o]
+    subject to  sum_o x[g,o] = 1                 for every group g
+                sum_g sum_o B[g,o] x[g,o] <= C    (C: the budget's bytes left for these tensors)
+                x[g,o] in {0, 1}
+
+`solve` hands this multiple-choice knapsack to HiGHS (scipy.optimize.milp) with a zero optimality
+gap and then checks the byte count in exact integers, so a plan never exceeds its budget.
+`frontier` sweeps the Lagrangian relaxation: every point it returns is an optimal plan for its own
+size (the lower convex hull of the size/loss trade-off), all of them in milliseconds.
+`closed_form` is BAQ's continuous allocation (loss_t(b) = a_t 2^(-2b), equal marginal loss per
+weight), a fast baseline that ignores the option grid.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import coo_array
+
+from mixq.errors import MixqError
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A size limit for the whole model file: bits per weight ("3.0bpw") or bytes ("60MB", "58MiB")."""
+
+    value: float
+    unit: str  # "bpw" or "bytes"
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]+)\s*", text)
+        if m is None:
+            raise MixqError(f"budget {text!r}: expected a number with a unit, e.g. 3.0bpw or 60MB")
+        value, unit = float(m[1]), m[2].lower()
+        if unit == "bpw":
+            return cls(value, "bpw")
+        if unit not in _UNITS:
+            raise MixqError(f"budget {text!r}: unknown unit {m[2]!r} (bpw, B, KB, MB, GB, KiB, MiB, GiB)")
+        return cls(value * _UNITS[unit], "bytes")
+
+    def total_bytes(self, n_weights: int) -> int:
+        """The largest whole-file size that meets the budget."""
+        if self.unit == "bpw":
+            return math.floor(self.value * n_weights / 8)
+        return math.floor(self.value)
+
+    def __str__(self) -> str:
+        return f"{self.value:g}bpw" if self.unit == "bpw" else f"{int(self.value):,} bytes"
+
+
+class InfeasibleBudget(MixqError):
+    def __init__(self, capacity: int, smallest: int):
+        self.capacity, self.smallest = capacity, smallest
+        super().__init__(
+            f"no plan fits in {capacity:,} bytes for the planned tensors; the smallest feasible plan needs "
+            f"{smallest:,} bytes"
+        )
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """One option index per tensor, with the plan's exact bytes and predicted loss."""
+
+    choice: np.ndarray  # (T,) option index of each tensor
+    nbytes: int
+    loss: float
+
+
+def group_arrays(
+    loss: np.ndarray, nbytes: np.ndarray, groups: list[list[int]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group loss (G, O) and bytes (G, O) from per-tensor ones (T, O); inf loss = not allowed."""
+    L = np.stack([loss[g].sum(axis=0) for g in groups])
+    B = np.stack([nbytes[g].sum(axis=0) for g in groups]).astype(np.int64)
+    return L, B
+
+
+def _allocation(choice_g: np.ndarray, L: np.ndarray, B: np.ndarray, groups: list[list[int]], T: int) -> Allocation:
+    choice = np.empty(T, dtype=np.int64)
+    for g, members in enumerate(groups):
+        choice[members] = choice_g[g]
+    rows = np.arange(len(groups))
+    return Allocation(choice, int(B[rows, choice_g].sum()), float(L[rows, choice_g].sum()))
+
+
+def smallest_bytes(loss: np.ndarray, nbytes: np.ndarray, groups: list[list[int]]) -> int:
+    L, B = group_arrays(loss, nbytes, groups)
+    return int(np.where(np.isfinite(L), B, np.iinfo(np.int64).max).min(axis=1).sum())
+
+
+def solve(loss: np.ndarray, nbytes: np.ndarray, capacity: int, groups: list[list[int]]) -> Allocation:
+    """The plan of least predicted loss whose bytes are at most `capacity` (exact)."""
+    T = loss.shape[0]
+    L, B = group_arrays(loss, nbytes, groups)
+    smallest = smallest_bytes(loss, nbytes, groups)
+    if smallest > capacity:
+        raise InfeasibleBudget(capacity, smallest)
+    g_idx, o_idx = np.nonzero(np.isfinite(L))  # one binary variable per allowed (group, option)
+    n = len(g_idx)
+    one_each = coo_array((np.ones(n), (g_idx, np.arange(n))), shape=(len(groups), n))
+    size = B[g_idx, o_idx].astype(np.float64)
+    limit = capacity
+    while True:
+        res = milp(
+            c=L[g_idx, o_idx],
+            integrality=np.ones(n),
+            bounds=Bounds(0, 1),
+            constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(size[None, :], -np.inf, limit)],
+            options={"mip_rel_gap": 0.0},
+        )
+        if res.x is None:
+            raise MixqError(f"the MILP solver failed: {res.message}")
+        chosen = res.x > 0.5
+        choice_g = np.empty(len(groups), dtype=np.int64)
+        choice_g[g_idx[chosen]] = o_idx[chosen]
+        alloc = _allocation(choice_g, L, B, groups, T)
+        if alloc.nbytes <= capacity:
+            return alloc
+        # HiGHS works in floating point: tighten by the overshoot and solve again.
+        limit -= alloc.nbytes - capacity
+
+
+def frontier(loss: np.ndarray, nbytes: np.ndarray, groups: list[list[int]]) -> list[Allocation]:
+    """Plans on the lower convex hull of (bytes, loss), from the smallest to the least lossy.
+
+    Each is optimal for its own size: start every group at its smallest option and apply the
+    upgrades along each group's convex hull in order of loss saved per byte.
+    """
+    T = loss.shape[0]
+    L, B = group_arrays(loss, nbytes, groups)
+    start = np.empty(len(groups), dtype=np.int64)
+    upgrades = []  # (loss saved per byte, group, option)
+    for g in range(len(groups)):
+        allowed = np.nonzero(np.isfinite(L[g]))[0]
+        hull = _lower_hull(allowed, B[g], L[g])
+        start[g] = hull[0]
+        for a, b in zip(hull, hull[1:]):
+            upgrades.append(((L[g, a] - L[g, b]) / (B[g, b] - B[g, a]), g, b))
+    upgrades.sort(key=lambda u: -u[0])  # steepest first; within a group slopes decrease, so order holds
+    choice_g = start.copy()
+    plans = [_allocation(choice_g, L, B, groups, T)]
+    for _, g, o in upgrades:
+        choice_g[g] = o
+        plans.append(_allocation(choice_g, L, B, groups, T))
+    return plans
+
+
+def _lower_hull(options: np.ndarray, B: np.ndarray, L: np.ndarray) -> list[int]:
+    """Options on the lower-left convex hull of (bytes, loss), by increasing bytes and decreasing loss."""
+    order = sorted(options.tolist(), key=lambda o: (B[o], L[o]))
+    hull: list[int] = []
+    for o in order:
+        if hull and L[o] >= L[hull[-1]]:
+            continue  # no cheaper in loss than something smaller: never worth it
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # drop b if it lies on or above the segment a -> o
+            if (L[b] - L[a]) * (B[o] - B[a]) >= (L[o] - L[a]) * (B[b] - B[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(o)
+    return hull
+
+
+def closed_form(a: np.ndarray, n: np.ndarray, total_bits: float, lo: float, hi: float) -> tuple[np.ndarray, float]:
+    """BAQ's continuous allocation: bits b_t minimising sum a_t 2^(-2 b_t) with sum n_t b_t = total_bits.
+
+    At the optimum every tensor's marginal loss per weight is equal: a_t 2^(-2 b_t) = lam n_t, i.e.
+    b_t = log2(a_t / (lam n_t)) / 2, clipped to [lo, hi]; lam is found by bisection on log lam.
+    Returns the bits per tensor and the predicted loss.
+    """
+    a = np.maximum(a, 1e-300)
+    if total_bits < lo * n.sum() - 1e-9 or total_bits > hi * n.sum() + 1e-9:
+        raise MixqError(f"closed form: {total_bits / n.sum():.3f} bits per weight is outside [{lo}, {hi}]")
+
+    def bits(log_lam: float) -> np.ndarray:
+        return np.clip(0.5 * (np.log2(a / n) - log_lam), lo, hi)
+
+    low, high = -2000.0, 2000.0  # log2 lam: bits decrease as lam grows
+    for _ in range(200):
+        mid = (low + high) / 2
+        if (bits(mid) * n).sum() > total_bits:
+            low = mid
+        else:
+            high = mid
+    b = bits(high)
+    return b, float((a * 2.0 ** (-2 * b)).sum())

@@ -1,0 +1,90 @@
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mixq.plan import Budget, InfeasibleBudget, closed_form, frontier, smallest_bytes, solve
+
+
+def instance(seed: int, T: int, O: int, tie: bool):
+    rng = np.random.default_rng(seed)
+    nbytes = rng.integers(1, 1000, size=(T, O)).astype(np.int64)
+    loss = rng.random((T, O)) * 10
+    loss[rng.random((T, O)) < 0.15] = np.inf  # some options not allowed
+    loss[np.arange(T), rng.integers(0, O, T)] = rng.random(T)  # at least one allowed per tensor
+    if tie and T >= 3:
+        groups = [[0, 1], *[[t] for t in range(2, T)]]
+    else:
+        groups = [[t] for t in range(T)]
+    return loss, nbytes, groups
+
+
+def brute_force(loss, nbytes, capacity, groups):
+    best = (np.inf, None)
+    O = loss.shape[1]
+    for combo in itertools.product(range(O), repeat=len(groups)):
+        choice = np.empty(loss.shape[0], dtype=int)
+        for g, o in zip(groups, combo):
+            choice[g] = o
+        rows = np.arange(len(choice))
+        size, total = nbytes[rows, choice].sum(), loss[rows, choice].sum()
+        if size <= capacity and total < best[0]:
+            best = (total, choice)
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10**6), T=st.integers(1, 5), O=st.integers(1, 4), tie=st.booleans(),
+       frac=st.floats(0.0, 1.0))
+def test_solver_equals_brute_force_and_never_exceeds(seed, T, O, tie, frac):
+    loss, nbytes, groups = instance(seed, T, O, tie)
+    lo = smallest_bytes(loss, nbytes, groups)
+    capacity = int(lo + frac * (nbytes.max() * T - lo))
+    best, _ = brute_force(loss, nbytes, capacity, groups)
+    alloc = solve(loss, nbytes, capacity, groups)
+    assert alloc.nbytes <= capacity
+    assert alloc.loss == pytest.approx(best, rel=1e-9, abs=1e-9)
+    for g in groups:  # tie groups share one option
+        assert len(set(alloc.choice[g].tolist())) == 1
+
+
+def test_infeasible_budget_names_the_smallest():
+    loss, nbytes, groups = instance(0, 4, 3, False)
+    lo = smallest_bytes(loss, nbytes, groups)
+    with pytest.raises(InfeasibleBudget) as e:
+        solve(loss, nbytes, lo - 1, groups)
+    assert e.value.smallest == lo and f"{lo:,}" in str(e.value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), T=st.integers(1, 30), O=st.integers(1, 8))
+def test_frontier_is_monotone_and_optimal_at_its_points(seed, T, O):
+    loss, nbytes, groups = instance(seed, T, O, True)
+    plans = frontier(loss, nbytes, groups)
+    sizes = [p.nbytes for p in plans]
+    losses = [p.loss for p in plans]
+    assert sizes == sorted(sizes) and losses == sorted(losses, reverse=True)
+    for p in plans[:: max(1, len(plans) // 4)]:
+        assert solve(loss, nbytes, p.nbytes, groups).loss == pytest.approx(p.loss, rel=1e-9, abs=1e-12)
+
+
+def test_budget_parsing():
+    assert Budget.parse("3.0bpw") == Budget(3.0, "bpw")
+    assert Budget.parse("60MB").total_bytes(0) == 60_000_000
+    assert Budget.parse("1MiB").total_bytes(0) == 2**20
+    assert Budget.parse("3bpw").total_bytes(1000) == 375
+    for bad in ("3", "bpw", "3 parsecs", "-1bpw"):
+        with pytest.raises(Exception):
+            Budget.parse(bad)
+
+
+def test_closed_form_has_equal_marginal_loss():
+    a = np.array([1.0, 10.0, 100.0, 1000.0])
+    n = np.array([10.0, 10.0, 20.0, 5.0])
+    bits, total = closed_form(a, n, total_bits=4.0 * n.sum(), lo=1, hi=16)
+    assert (bits * n).sum() == pytest.approx(4.0 * n.sum())
+    marginal = a * 2.0 ** (-2 * bits) / n
+    assert np.allclose(marginal, marginal[0], rtol=1e-6)
+    assert total == pytest.approx((a * 2.0 ** (-2 * bits)).sum())
