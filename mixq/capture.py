@@ -123,3 +123,27 @@ def collect_stats(
     with record_inputs(leaders, stop_after=groups[-1][0]) as stats:
         run_block(block, inputs)
     return {name: stats[group[0]] for group in groups for name in group}
+
+
+def head_stats(loaded: LoadedModel, inputs: BlockInputs) -> LayerStats:
+    """LayerStats of the output layer's input: the final norm of the last block's outputs."""
+    norm = loaded.model.get_submodule(loaded.arch.final_norm)
+    stats = LayerStats.empty(inputs.batches[0].shape[-1])
+    with torch.no_grad():
+        for x in inputs.batches:
+            stats.add(norm(x))
+    return stats
+
+
+def capture_all(loaded: LoadedModel, windows: torch.Tensor, batch_size: int) -> dict[str, LayerStats]:
+    """LayerStats of every plannable tensor, with the model's own (unquantized) weights."""
+    from tqdm.auto import tqdm
+
+    inputs = block_inputs(loaded, windows, batch_size)
+    stats: dict[str, LayerStats] = {}
+    for b in tqdm(range(len(loaded.blocks())), desc="capturing statistics", unit="block"):
+        block = loaded.blocks()[b]
+        stats.update(collect_stats(block, loaded.block_linears(b), loaded.block_groups(b), inputs))
+        inputs.batches = run_block(block, inputs)
+    stats[loaded.head_name] = head_stats(loaded, inputs)
+    return stats

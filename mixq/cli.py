@@ -17,6 +17,7 @@ log = logging.getLogger("mixq")
 DEFAULT_CALIB = dict(windows=64, seq_len=512)
 DEFAULT_EVAL = dict(windows=40, seq_len=512)
 EVAL_SEED = 1  # sampled evaluation text must not be the calibration text (seed 0)
+HELD_OUT_SEED = 2  # the profile's end-to-end measurements use yet other samples
 
 
 def _group_size(value: str) -> int:
@@ -28,12 +29,52 @@ def _group_size(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer or 'channel', got {value!r}") from None
 
 
+def _int_list(value: str) -> tuple[int, ...]:
+    return tuple(_group_size(v) for v in value.split(","))
+
+
+def _str_list(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
 def _text_file(value: str) -> Path:
     """A text file checked before any long work starts."""
     from mixq.data import read_text
 
     read_text(Path(value))
     return Path(value)
+
+
+def _add_calibration(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib-text", type=_text_file, help="calibration text file (default: text sampled "
+                   "from the model itself)")
+    g.add_argument("--calib-windows", type=int, default=DEFAULT_CALIB["windows"], help="windows (default 64)")
+    g.add_argument("--calib-len", type=int, default=DEFAULT_CALIB["seq_len"], help="tokens per window (default 512)")
+    g.add_argument("--seed", type=int, default=0, help="seed of calibration sampling (default 0)")
+
+
+def _add_method_settings(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("methods")
+    g.add_argument("--no-act-order", action="store_true", help="GPTQ: visit columns in storage order")
+    g.add_argument("--damp", type=float, default=0.01, help="GPTQ: dampening, fraction of mean diag(H)")
+    g.add_argument("--no-clip-search", action="store_true", help="use each group's full range")
+
+
+def _add_profile_settings(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("option space and profile")
+    g.add_argument("--bits-options", type=_int_list, help="bit widths to consider (default 2,3,4,5,6,8)")
+    g.add_argument("--group-sizes", type=_int_list, help="group sizes to consider (default 32,64,128)")
+    g.add_argument("--methods", type=_str_list, help="methods to consider (default rtn,gptq)")
+    g.add_argument("--no-keep", action="store_true", help="do not allow keeping a tensor at 16 bits")
+    g.add_argument("--space", type=Path, help="JSON file with the option space (keys: bits, group_sizes, "
+                   "methods, symmetric, keep_16bit); flags override it")
+    g.add_argument("--tie", default="none", help="none, or fused: q/k/v and gate/up of a block share one option")
+    g.add_argument("--fisher-windows", type=int, default=8, help="calibration windows with a backward pass (default 8)")
+    g.add_argument("--measure", type=_str_list, default=("int3-g128", "int4-g128"),
+                   help="formats whose end-to-end KL is measured per tensor to calibrate the error model")
+    g.add_argument("--held-out-windows", type=int, default=4, help="windows for those measurements (default 4)")
+    g.add_argument("--held-out-len", type=int, default=512)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,28 +84,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mixq {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     sub = parser.add_subparsers(dest="command", required=True)
+    model_help = "smollm2-135m, a .gguf file, a Hugging Face model directory, or hf:owner/name"
 
-    q = sub.add_parser("quantize", help="quantize a model and save it", description="Quantize every linear "
-                       "layer of the transformer blocks with one format and method, block by block.")
-    q.add_argument("model", help="smollm2-135m, a .gguf file, a Hugging Face model directory, or hf:owner/name")
+    q = sub.add_parser("quantize", help="quantize a model (one format, or the best mix for a budget)",
+                       description="Quantize the linears of the transformer blocks block by block: with one "
+                       "format and method, or with --budget, the plan of least predicted loss that fits.")
+    q.add_argument("model", help=model_help)
     q.add_argument("--out", type=Path, required=True, help="output directory (written atomically)")
-    q.add_argument("--bits", type=int, default=4, help="bits per weight code, 2-8 (default 4)")
+    q.add_argument("--budget", help="size of the whole file: 3.0bpw, 60MB, 58MiB (plans a mix of options)")
+    q.add_argument("--profile", type=Path, help="with --budget: reuse this profile instead of measuring")
+    q.add_argument("--estimator", default="hessian+kl", help="with --budget: hessian+kl (default), fisher+kl, "
+                   "hessian or fisher")
+    q.add_argument("--bits", type=int, default=4, help="uniform: bits per weight code, 2-8 (default 4)")
     q.add_argument("--group-size", type=_group_size, default=128,
-                   help="input weights per scale: 16-1024 (power of two) or 'channel' (default 128)")
+                   help="uniform: input weights per scale: 16-1024 (power of two) or 'channel' (default 128)")
     q.add_argument("--sym", action="store_true", help="symmetric grid (no zero points stored)")
-    q.add_argument("--method", default="gptq", help="rtn or gptq (default gptq)")
-    q.add_argument("--no-act-order", action="store_true", help="GPTQ: visit columns in storage order")
-    q.add_argument("--damp", type=float, default=0.01, help="GPTQ: dampening, fraction of mean diag(H)")
-    q.add_argument("--no-clip-search", action="store_true", help="use each group's full range")
-    q.add_argument("--calib-text", type=_text_file, help="calibration text file (default: text sampled "
-                   "from the model itself)")
-    q.add_argument("--calib-windows", type=int, default=DEFAULT_CALIB["windows"], help="calibration windows (default 64)")
-    q.add_argument("--calib-len", type=int, default=DEFAULT_CALIB["seq_len"], help="tokens per window (default 512)")
-    q.add_argument("--seed", type=int, default=0, help="seed of calibration sampling (default 0)")
+    q.add_argument("--method", default="gptq", help="uniform: rtn or gptq (default gptq)")
     q.add_argument("--eval-text", type=_text_file, help="evaluate on this text right after quantizing")
     q.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL["windows"])
     q.add_argument("--eval-len", type=int, default=DEFAULT_EVAL["seq_len"])
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_calibration(q)
+    _add_method_settings(q)
+    _add_profile_settings(q)
     q.set_defaults(run=cmd_quantize)
 
     e = sub.add_parser("eval", help="measure a quantized model against its reference",
@@ -76,7 +118,118 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--windows", type=int, default=DEFAULT_EVAL["windows"], help="non-overlapping windows (default 40)")
     e.add_argument("--seq-len", type=int, default=DEFAULT_EVAL["seq_len"], help="tokens per window (default 512)")
     e.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("profile", help="measure every tensor in every option (bytes, errors)",
+                       description="Build a sensitivity profile: for every quantizable tensor and option, its "
+                       "exact bytes and error estimates, plus measured end-to-end KL points.")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--out", type=Path, required=True, help="profile file to write (e.g. runs/smol.profile)")
+    p.add_argument("--sym", action="store_true", help="symmetric grids")
+    _add_calibration(p)
+    _add_method_settings(p)
+    _add_profile_settings(p)
+    p.set_defaults(run=cmd_profile)
+
+    pl = sub.add_parser("plan", help="choose options for a budget, or print the whole frontier",
+                        description="Solve for the plan of least predicted loss under a budget (exact MILP), "
+                        "or trace the loss/size frontier over the whole feasible range.")
+    pl.add_argument("profile", type=Path, help="a profile written by `mixq profile`")
+    pl.add_argument("--budget", help="size of the whole file: 3.0bpw, 60MB, 58MiB")
+    pl.add_argument("--frontier", action="store_true", help="print the frontier and plot it")
+    pl.add_argument("--plot", type=Path, help="frontier plot (default: PROFILE.frontier.png)")
+    pl.add_argument("--estimator", default="hessian+kl", help="hessian+kl (default), fisher+kl, hessian, fisher")
+    pl.add_argument("--out", type=Path, help="write the plan as JSON")
+    pl.set_defaults(run=cmd_plan)
     return parser
+
+
+def _method_settings(args: argparse.Namespace):
+    from mixq.methods import MethodSettings
+
+    return MethodSettings(clip_search=not args.no_clip_search, damp=args.damp, act_order=not args.no_act_order)
+
+
+def _profile_settings(args: argparse.Namespace):
+    import dataclasses
+
+    from mixq.options import OptionSpace
+    from mixq.profile import ProfileSettings
+
+    space = OptionSpace.from_file(args.space) if args.space else OptionSpace()
+    overrides = dict(bits=args.bits_options, group_sizes=args.group_sizes, methods=args.methods)
+    space = dataclasses.replace(space, **{k: v for k, v in overrides.items() if v},
+                                symmetric=args.sym or space.symmetric, keep_16bit=space.keep_16bit and not args.no_keep)
+    space.options()  # validates bits, group sizes and methods before any long work
+    return ProfileSettings(space=space, method_settings=_method_settings(args), fisher_windows=args.fisher_windows,
+                           measure=tuple(args.measure), tie=args.tie)
+
+
+def _calibration(args: argparse.Namespace):
+    from mixq.data import WindowSpec
+
+    return WindowSpec(args.calib_windows, args.calib_len, args.calib_text, args.seed)
+
+
+def _run_profile(loaded, args: argparse.Namespace, settings):
+    from mixq.data import WindowSpec, load_windows
+    from mixq.profile import build_profile
+
+    calib = load_windows(loaded, _calibration(args), first=False)
+    held_out = load_windows(loaded, WindowSpec(args.held_out_windows, args.held_out_len, seed=HELD_OUT_SEED))
+    return build_profile(loaded, calib, held_out, settings)
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    from mixq.atomic import check_output_dir
+    from mixq.models import load_model
+
+    settings = _profile_settings(args)
+    check_output_dir(args.out, overwrite=True)
+    loaded = load_model(args.model)
+    profile = _run_profile(loaded, args, settings)
+    profile.save(args.out)
+    s = profile.info["seconds"]
+    print(f"wrote {args.out}: {len(profile.tensors)} tensors x {len(profile.options)} options, "
+          f"{int(sum(1 for v in profile.measured.flat if v == v))} measured points, {s['total']:.0f} s "
+          f"(capture {s['capture']:.0f}, Fisher {s['fisher']:.0f}, quantize {s['quantize']:.0f}, "
+          f"measure {s['measure']:.0f})")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from mixq.plan import Budget, closed_form_plan, frontier_plans, plan_for_budget
+    from mixq.profile import Profile
+    from mixq.report import markdown_table, plan_summary, plot_frontier
+
+    if not args.budget and not args.frontier:
+        raise MixqError("give --budget or --frontier")
+    profile = Profile.load(args.profile)
+    if args.frontier:
+        start = time.perf_counter()
+        plans = frontier_plans(profile, args.estimator)
+        seconds = time.perf_counter() - start
+        step = max(1, len(plans) // 24)
+        rows = [[p.bpw, p.max_file_bytes, p.predicted_loss] for p in plans[::step] + plans[-1:]]
+        print(markdown_table(["bpw", "bytes (at most)", f"predicted loss ({args.estimator})"], rows))
+        plot = args.plot or args.profile.with_name(args.profile.name + ".frontier.png")
+        plot_frontier(plans, plot, f"{profile.model}: {args.estimator}")
+        print(f"{len(plans)} frontier plans from {plans[0].bpw:.3f} to {plans[-1].bpw:.3f} bpw in {seconds:.3f} s; "
+              f"plot: {plot}")
+    if args.budget:
+        budget = Budget.parse(args.budget)
+        start = time.perf_counter()
+        plan = plan_for_budget(profile, budget, args.estimator)
+        seconds = time.perf_counter() - start
+        baq, continuous = closed_form_plan(profile, budget, args.estimator)
+        print(plan_summary(plan))
+        print(f"\nsolved in {seconds:.2f} s: {plan.bpw:.4f} bpw, at most {plan.max_file_bytes:,} bytes "
+              f"(budget {budget.total_bytes(profile.n_weights):,}), predicted loss {plan.predicted_loss:.5g}; "
+              f"closed form (BAQ): continuous {continuous:.5g}, rounded plan {baq.predicted_loss:.5g} "
+              f"at {baq.bpw:.4f} bpw")
+        if args.out:
+            from mixq.atomic import atomic_write_text
+            import json
+
+            atomic_write_text(args.out, json.dumps(plan.as_dict(), indent=2) + "\n")
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -84,36 +237,51 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from mixq.data import WindowSpec, load_windows
     from mixq.export import native
     from mixq.formats.integer import IntFormat
-    from mixq.methods import MethodSettings, get_method
+    from mixq.methods import get_method
     from mixq.models import load_model
-    from mixq.quantize import Option, quantize_model, uniform_plan
+    from mixq.options import Option
+    from mixq.plan import Budget, plan_for_budget
+    from mixq.profile import Profile
+    from mixq.quantize import quantize_model, uniform_plan
 
-    fmt = IntFormat(args.bits, args.group_size, symmetric=args.sym)  # validates bits and group size
-    get_method(args.method)
     check_output_dir(args.out, args.overwrite)
-    settings = MethodSettings(
-        clip_search=not args.no_clip_search, damp=args.damp, act_order=not args.no_act_order
-    )
-    calib = WindowSpec(args.calib_windows, args.calib_len, args.calib_text, args.seed)
+    settings = _method_settings(args)
+    calib = _calibration(args)
+    info: dict = {"mixq_version": __version__}
+    if args.budget:
+        budget = Budget.parse(args.budget)
+        profile_settings = None if args.profile else _profile_settings(args)
+        profile = Profile.load(args.profile) if args.profile else None
+        loaded = load_model(args.model)
+        if profile is None:
+            profile = _run_profile(loaded, args, profile_settings)
+        plan = plan_for_budget(profile, budget, args.estimator)
+        options = {t: Option.parse(o) for t, o in plan.options.items()}
+        info.update(budget=str(budget), plan_summary=plan.as_dict() | {"options": None},
+                    profile_seconds=profile.info["seconds"]["total"] if not args.profile else 0.0)
+        description = f"plan for {budget} ({args.estimator})"
+    else:
+        fmt = IntFormat(args.bits, args.group_size, symmetric=args.sym)  # validates bits and group size
+        get_method(args.method)
+        loaded = load_model(args.model)
+        options = uniform_plan(loaded, Option(fmt.name, args.method))
+        info.update(settings={"format": fmt.name, "method": args.method})
+        description = f"{fmt.name} {args.method}"
 
-    loaded = load_model(args.model)
     windows = load_windows(loaded, calib, first=False)
     reference = copy.deepcopy(loaded.model) if args.eval_text else None
     start = time.perf_counter()
-    result = quantize_model(loaded, windows, uniform_plan(loaded, Option(fmt.name, args.method)), settings)
+    result = quantize_model(loaded, windows, options, settings)
     seconds = time.perf_counter() - start
-    info = {
-        "mixq_version": __version__,
-        "model": loaded.spec,
-        "settings": {"format": fmt.name, "method": args.method, **vars(settings)},
-        "calibration": calib.describe(),
-        "quantize_seconds": seconds,
-        "plan": {name: opt.name for name, opt in result.options.items()},
-        "output_errors": result.output_errors,
-        "evaluations": {},
-    }
+    info.update(
+        model=loaded.spec, method_settings=vars(settings), calibration=calib.describe(), quantize_seconds=seconds,
+        plan={name: opt.name for name, opt in result.options.items()}, output_errors=result.output_errors,
+        evaluations={},
+    )
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
         storage = native.save(tmp, loaded, result.tensors, info)
+        if args.budget and storage.file_bytes > budget.total_bytes(storage.n_weights):
+            raise MixqError(f"internal error: {storage.file_bytes:,} bytes exceed the budget {budget}")
         if reference is not None:
             # Evaluate exactly what was written, so `mixq eval` reproduces these numbers.
             native.apply_weights(loaded, native.load_weights(tmp))
@@ -122,8 +290,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             info = native.read_info(tmp)
             info["evaluations"][spec.describe()] = report
             native.write_info(tmp, info)
-            _print_quality(args.out, storage.bpw, seconds, report)
-    print(f"wrote {args.out}: {fmt.name} {args.method}, {storage.file_bytes:,} bytes, "
+            _print_quality(args.out, storage.bpw, seconds, report, info.get("plan_summary"))
+    print(f"wrote {args.out}: {description}, {storage.file_bytes:,} bytes, "
           f"{storage.bpw:.3f} bits per weight (whole file), quantized in {seconds:.0f} s")
 
 
@@ -141,7 +309,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     report = _evaluate(loaded, reference, spec)
     info["evaluations"][spec.describe()] = report
     native.write_info(args.dir, info)
-    _print_quality(args.dir, info["storage"]["bpw"], info["quantize_seconds"], report)
+    _print_quality(args.dir, info["storage"]["bpw"], info["quantize_seconds"], report, info.get("plan_summary"))
 
 
 def _evaluate(loaded, reference, spec) -> dict:
@@ -155,11 +323,15 @@ def _evaluate(loaded, reference, spec) -> dict:
     return evaluate(loaded.model, windows, reference=reference).as_dict()
 
 
-def _print_quality(path: Path, bpw: float, quantize_seconds: float, report: dict) -> None:
+def _print_quality(path: Path, bpw: float, quantize_seconds: float, report: dict, plan: dict | None) -> None:
     from mixq.report import QUALITY_HEADERS, markdown_table, quality_row
 
     print(f"\n{path}: {report['n_windows']} windows x {report['seq_len']} tokens")
-    print(markdown_table((*QUALITY_HEADERS, "quantize s"), [[*quality_row(bpw, report), quantize_seconds]]))
+    headers, row = [*QUALITY_HEADERS, "quantize s"], [*quality_row(bpw, report), quantize_seconds]
+    if plan is not None:  # the error model's prediction next to the measurement
+        headers.insert(3, "predicted loss")
+        row.insert(3, plan["predicted_loss"])
+    print(markdown_table(headers, [row]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,12 +22,16 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 
 from mixq.errors import MixqError
+
+if TYPE_CHECKING:
+    from mixq.profile import Profile
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -199,3 +203,82 @@ def closed_form(a: np.ndarray, n: np.ndarray, total_bits: float, lo: float, hi: 
             high = mid
     b = bits(high)
     return b, float((a * 2.0 ** (-2 * b)).sum())
+
+
+@dataclass(frozen=True)
+class Plan:
+    """tensor -> option, with the predicted loss and the size of the file it makes."""
+
+    options: dict[str, str]
+    estimator: str
+    solver: str
+    predicted_loss: float
+    planned_bytes: int  # the planned tensors, exactly
+    max_file_bytes: int  # planned + fixed tensors + the header's upper bound
+    n_weights: int
+
+    @property
+    def bpw(self) -> float:
+        return 8 * self.max_file_bytes / self.n_weights
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__, bpw=self.bpw)
+
+
+def _plan(profile: Profile, alloc: Allocation, estimator: str, solver: str) -> Plan:
+    return Plan(
+        options={t: profile.options[o] for t, o in zip(profile.tensors, alloc.choice.tolist())},
+        estimator=estimator, solver=solver, predicted_loss=alloc.loss, planned_bytes=alloc.nbytes,
+        max_file_bytes=alloc.nbytes + profile.fixed_bytes + profile.header_bytes, n_weights=profile.n_weights,
+    )
+
+
+def capacity(profile: Profile, budget: Budget) -> int:
+    """Bytes left for the planned tensors once fixed tensors and the header are paid for."""
+    return budget.total_bytes(profile.n_weights) - profile.fixed_bytes - profile.header_bytes
+
+
+def plan_for_budget(profile: Profile, budget: Budget, estimator: str = "hessian+kl") -> Plan:
+    """The exact least-loss plan whose whole file fits the budget."""
+    loss = profile.predicted(estimator)
+    try:
+        alloc = solve(loss, profile.nbytes, capacity(profile, budget), profile.tie_groups)
+    except InfeasibleBudget as e:
+        smallest = e.smallest + profile.fixed_bytes + profile.header_bytes
+        raise MixqError(
+            f"budget {budget} ({budget.total_bytes(profile.n_weights):,} bytes) is infeasible: the smallest "
+            f"plan in this option space needs {smallest:,} bytes ({8 * smallest / profile.n_weights:.3f} bpw)"
+        ) from None
+    return _plan(profile, alloc, estimator, "milp")
+
+
+def frontier_plans(profile: Profile, estimator: str = "hessian+kl") -> list[Plan]:
+    loss = profile.predicted(estimator)
+    return [_plan(profile, a, estimator, "frontier") for a in frontier(loss, profile.nbytes, profile.tie_groups)]
+
+
+def closed_form_plan(profile: Profile, budget: Budget, estimator: str = "hessian+kl") -> tuple[Plan, float]:
+    """BAQ's continuous allocation, rounded down onto the option grid; also its continuous loss.
+
+    Per tie group g, loss_g(b) = a_g 2^(-2b) is fitted through its options (median of
+    loss * 2^(2 bits)); the continuous optimum is rounded per group to the least lossy option
+    whose bytes stay within the group's continuous share.
+    """
+    loss = profile.predicted(estimator)
+    L, B = group_arrays(loss, profile.nbytes, profile.tie_groups)
+    n = np.array([sum(profile.shapes[t][0] * profile.shapes[t][1] for t in g) for g in profile.tie_groups], float)
+    bits = 8 * B / n[:, None]
+    usable = np.isfinite(L) & (L > 0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        a = np.array([np.median(L[g][usable[g]] * 2.0 ** (2 * bits[g][usable[g]])) for g in range(len(n))])
+    lo = float(np.where(np.isfinite(L), bits, np.inf).min(axis=1).max())
+    hi = float(np.where(np.isfinite(L), bits, -np.inf).max(axis=1).min())
+    total_bits = 8.0 * capacity(profile, budget)
+    b, continuous_loss = closed_form(a, n, min(max(total_bits, lo * n.sum()), hi * n.sum()), lo, hi)
+    choice_g = np.empty(len(n), dtype=np.int64)
+    for g in range(len(n)):
+        fits = np.isfinite(L[g]) & (B[g] <= b[g] * n[g] / 8 + 1e-9)
+        cand = np.nonzero(fits)[0] if fits.any() else [int(np.argmin(np.where(np.isfinite(L[g]), B[g], np.inf)))]
+        choice_g[g] = min(cand, key=lambda o: L[g, o])
+    alloc = _allocation(choice_g, L, B, profile.tie_groups, loss.shape[0])
+    return _plan(profile, alloc, estimator, "closed-form"), continuous_loss

@@ -1,9 +1,10 @@
-"""Apply per-tensor options to a model, sequentially, block by block (as in GPTQ).
+"""Apply a plan (tensor -> option) to a model, sequentially, block by block (as in GPTQ).
 
 For each block: capture the H of one input group of linears (q/k/v, then o, then gate/up, then
 down) on inputs that already passed through the quantized earlier blocks and groups, quantize
 that group, and move on; finally recompute the block's outputs with its quantized weights to feed
 the next block. With `true_sequential=False` one pass captures every group of a block at once.
+The output matrix (the embedding, when tied) comes last, with the H of its input.
 """
 
 from __future__ import annotations
@@ -18,35 +19,36 @@ from mixq import capture
 from mixq.formats import QTensor, parse_format
 from mixq.methods import MethodSettings, get_method, output_error
 from mixq.models import LoadedModel
+from mixq.options import Option
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Option:
-    """One way to store one weight matrix: a number format and the method that rounds onto it."""
-
-    format: str  # a registered format name, e.g. "int4-g128"
-    method: str  # a registered method name, e.g. "gptq"
-
-    @property
-    def name(self) -> str:
-        return f"{self.format}-{self.method}"
-
-
 @dataclass
 class QuantizedModel:
-    """The quantized tensors of a model (by linear name) and what it cost to make them."""
+    """The quantized tensors of a model (by tensor name) and their layer errors."""
 
     tensors: dict[str, QTensor] = field(default_factory=dict)
     options: dict[str, Option] = field(default_factory=dict)
-    output_errors: dict[str, float] = field(default_factory=dict)  # tr(dW H dW^T) per linear
+    output_errors: dict[str, float] = field(default_factory=dict)  # tr(dW H dW^T) per tensor
+
+    def quantize_tensor(self, name: str, weight: torch.nn.Parameter, option: Option,
+                        stats: capture.LayerStats, settings: MethodSettings) -> None:
+        """Quantize one weight with its option and write the dequantized values back into it."""
+        self.options[name] = option
+        if option.is_keep:
+            return
+        W = weight.detach().float()
+        q = get_method(option.method)(W, stats.H, parse_format(option.format), settings)
+        W_hat = q.dequantize()
+        self.tensors[name] = q
+        self.output_errors[name] = output_error(W, W_hat, stats.H)
+        weight.data.copy_(W_hat.to(weight.dtype))
 
 
 def uniform_plan(loaded: LoadedModel, option: Option) -> dict[str, Option]:
-    """Every quantizable linear of the model gets the same option."""
-    parse_format(option.format)
-    get_method(option.method)
+    """Every linear of the transformer blocks gets the same option (the output matrix is kept)."""
+    Option.parse(option.name)
     return {name: option for name in loaded.quantizable()}
 
 
@@ -61,27 +63,19 @@ def quantize_model(
     """Quantize `loaded.model` in place (its weights become the dequantized ones)."""
     result = QuantizedModel()
     inputs = capture.block_inputs(loaded, windows, batch_size)
-    n_blocks = len(loaded.blocks())
-    bar = tqdm(range(n_blocks), desc="quantizing blocks", unit="block")
-    for b in bar:
-        block = loaded.blocks()[b]
-        linears = loaded.block_linears(b)
-        prefix = f"{loaded.arch.blocks}.{b}"
-        groups = [[f"{prefix}.{name}" for name in group] for group in loaded.arch.input_groups]
-        stages = [[g] for g in groups] if true_sequential else [groups]
-        for stage in stages:
+    for b in tqdm(range(len(loaded.blocks())), desc="quantizing blocks", unit="block"):
+        block, linears = loaded.blocks()[b], loaded.block_linears(b)
+        groups = loaded.block_groups(b)
+        for stage in [[g] for g in groups] if true_sequential else [groups]:
+            if not any(name in plan and not plan[name].is_keep for group in stage for name in group):
+                continue
             stats = capture.collect_stats(block, linears, stage, inputs)
             for name, layer_stats in stats.items():
-                if name not in plan:
-                    continue
-                option = plan[name]
-                weight = linears[name].weight
-                W = weight.detach().float()
-                q = get_method(option.method)(W, layer_stats.H, parse_format(option.format), settings)
-                W_hat = q.dequantize()
-                result.tensors[name] = q
-                result.options[name] = option
-                result.output_errors[name] = output_error(W, W_hat, layer_stats.H)
-                weight.data.copy_(W_hat.to(weight.dtype))
+                if name in plan:
+                    result.quantize_tensor(name, linears[name].weight, plan[name], layer_stats, settings)
         inputs.batches = capture.run_block(block, inputs)
+    head = loaded.head_name
+    if head in plan:
+        weight = loaded.model.get_submodule(head).weight
+        result.quantize_tensor(head, weight, plan[head], capture.head_stats(loaded, inputs), settings)
     return result

@@ -34,3 +34,36 @@ QUALITY_HEADERS = ("bpw", "ppl", "KL mean", "KL p99", "top-1", "eval s")
 
 def quality_row(bpw: float | None, report: dict[str, Any]) -> list[Any]:
     return [bpw, report["ppl"], report.get("kl_mean"), report.get("kl_p99"), report.get("top1"), report["seconds"]]
+
+
+def plan_summary(plan) -> str:
+    """How many tensors got each option, and how many bytes they take."""
+    from collections import Counter
+
+    counts = Counter(plan.options.values())
+    rows = [[opt, n] for opt, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    return markdown_table(["option", "tensors"], rows)
+
+
+def plot_frontier(plans, path, title: str) -> None:
+    """Predicted loss against bits per weight, written atomically as a PNG."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    shown = [p for p in plans if p.predicted_loss > 0]  # log axis: the all-16-bit plan has loss 0
+    ax.plot([p.bpw for p in shown], [p.predicted_loss for p in shown], marker=".", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (whole file, at most)")
+    ax.set_ylabel("predicted loss")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    tmp = f"{path}.partial.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)

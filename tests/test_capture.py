@@ -33,7 +33,7 @@ def test_captured_H_equals_direct_computation(tiny_llama_dir):
     assert len(inputs.batches) == 2  # batches of 4 and 2 windows
     for b, block in enumerate(loaded.blocks()):
         linears = loaded.block_linears(b)
-        groups = [[f"model.layers.{b}.{n}" for n in g] for g in loaded.arch.input_groups]
+        groups = loaded.block_groups(b)
         for stage in groups:  # one group at a time, as sequential quantization does
             stats = capture.collect_stats(block, linears, [stage], inputs)
             for name in stage:

@@ -60,3 +60,15 @@ def test_dead_inputs_get_zero_weights():
     H = (X.T @ X).double()
     q = quantize_gptq(torch.randn(8, 32), H, IntFormat(4, 32), MethodSettings())
     assert (q.dequantize()[:, 7] == 0).all()
+
+
+def test_stacked_gptq_equals_one_at_a_time():
+    from mixq.methods.gptq import quantize_gptq_many
+
+    X = correlated_inputs(400, 80)
+    H = (X.T @ X).double()
+    W = torch.randn(12, 80)
+    fmts = [IntFormat(2, 32), IntFormat(4, 32), IntFormat(3, 32, symmetric=True)]
+    for q, fmt in zip(quantize_gptq_many(W, H, fmts, MethodSettings()), fmts):
+        alone = quantize_gptq(W, H, fmt, MethodSettings())
+        assert torch.equal(q.codes, alone.codes) and torch.equal(q.scale, alone.scale)

@@ -6,7 +6,8 @@ from mixq.data import WindowSpec, load_windows
 from mixq.export import native
 from mixq.methods import MethodSettings
 from mixq.models import load_model
-from mixq.quantize import Option, quantize_model, uniform_plan
+from mixq.options import Option
+from mixq.quantize import quantize_model, uniform_plan
 
 
 def quantized_tiny(tiny_llama_dir, text_file, option):

@@ -27,7 +27,7 @@ def test_gptq_has_lower_layer_error_than_rtn(smollm2):
     inputs = capture.block_inputs(smollm2, windows, batch_size=4)
     for b in (0, 1):
         block, linears = smollm2.blocks()[b], smollm2.block_linears(b)
-        groups = [[f"model.layers.{b}.{n}" for n in g] for g in smollm2.arch.input_groups]
+        groups = smollm2.block_groups(b)
         stats = capture.collect_stats(block, linears, groups, inputs)
         for name, lin in linears.items():
             W, H = lin.weight.detach(), stats[name].H

@@ -59,6 +59,10 @@ def kept_format(param: torch.Tensor) -> str:
     return "f16" if param.dim() >= 2 else "f32"
 
 
+def kept_nbytes(param: torch.Tensor) -> int:
+    return param.numel() * KEPT_FORMATS[kept_format(param)].itemsize
+
+
 def storage_plan(loaded: LoadedModel, formats: dict[str, str]) -> dict[str, tuple[str, tuple[int, ...], int]]:
     """name -> (format, shape, bytes) for every parameter, given formats of the quantized weights."""
     out = {}
@@ -67,9 +71,25 @@ def storage_plan(loaded: LoadedModel, formats: dict[str, str]) -> dict[str, tupl
         if name in formats:
             out[name] = (formats[name], shape, parse_format(formats[name]).nbytes(shape))
         else:
-            fmt = kept_format(p)
-            out[name] = (fmt, shape, p.numel() * KEPT_FORMATS[fmt].itemsize)
+            out[name] = (kept_format(p), shape, kept_nbytes(p))
     return out
+
+
+def header_bound(loaded: LoadedModel, planned: list[str]) -> int:
+    """An upper bound on the safetensors header of any plan over the `planned` tensors.
+
+    Each planned weight is counted as quantized with zero points (three stored tensors) and the
+    longest format name; every entry gets room for 20-digit offsets.
+    """
+    longest_format = "x" * 24
+    planned_params = {f"{n}.weight" for n in planned}
+    keys, tensors_meta = [], {}
+    for name, p in loaded.model.named_parameters():
+        keys += [f"{name}.{part}" for part in ("qweight", "scales", "qzeros")] if name in planned_params else [name]
+        tensors_meta[name] = {"format": longest_format, "shape": list(p.shape)}
+    metadata = {"mixq.layout": LAYOUT_VERSION, "mixq.tensors": json.dumps(tensors_meta)}
+    entry = len('"":{"dtype":"F16","shape":[,],"data_offsets":[,]},') + 4 * 20
+    return 8 + len(json.dumps({"__metadata__": metadata})) + sum(len(k) + entry for k in keys) + 16
 
 
 def save(out_dir: Path, loaded: LoadedModel, tensors: dict[str, QTensor], info: dict[str, Any]) -> Storage:

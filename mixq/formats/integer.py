@@ -30,6 +30,16 @@ GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # 0 means one group per output 
 FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal); scales never round to 0
 
 
+def encode(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int | torch.Tensor) -> torch.Tensor:
+    """Codes round(W / scale) + zero, clamped to [0, qmax] (qmax may differ per row)."""
+    q = (torch.round(W / scale) + zero).clamp(min=0)
+    return torch.minimum(q, qmax) if isinstance(qmax, torch.Tensor) else q.clamp(max=qmax)
+
+
+def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (codes - zero)
+
+
 @dataclass(frozen=True)
 class IntFormat:
     bits: int
@@ -95,11 +105,11 @@ class IntFormat:
     # -- codes ------------------------------------------------------------------------------
     def encode(self, W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Codes for W given per-column (broadcastable) scale and zero."""
-        return torch.clamp(torch.round(W / scale) + zero, 0, self.qmax)
+        return encode(W, scale, zero, self.qmax)
 
     @staticmethod
     def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        return scale * (codes - zero)
+        return decode(codes, scale, zero)
 
     def grouped(self, W: torch.Tensor) -> torch.Tensor:
         """(rows, cols) -> (rows, n_groups, group_len), zero-padded at the end of each row."""

@@ -30,7 +30,9 @@ class MethodSettings:
 
 
 Method = Callable[[torch.Tensor, torch.Tensor, IntFormat, MethodSettings], QTensor]
+ManyMethod = Callable[[torch.Tensor, torch.Tensor, list[IntFormat], MethodSettings], list[QTensor]]
 METHODS: dict[str, Method] = {}
+BATCHED: dict[str, ManyMethod] = {}  # methods that quantize one W onto several grids in one pass
 
 
 def register_method(name: str) -> Callable[[Method], Method]:
@@ -39,6 +41,28 @@ def register_method(name: str) -> Callable[[Method], Method]:
         return fn
 
     return add
+
+
+def register_batched(name: str) -> Callable[[ManyMethod], ManyMethod]:
+    def add(fn: ManyMethod) -> ManyMethod:
+        BATCHED[name] = fn
+        return fn
+
+    return add
+
+
+def quantize_many(
+    method: str, W: torch.Tensor, H: torch.Tensor, fmts: list[IntFormat], settings: MethodSettings
+) -> list[QTensor]:
+    """W quantized onto each of `fmts` with one method (in one pass where the method supports it)."""
+    done: dict[IntFormat, QTensor] = {}
+    for group_size in dict.fromkeys(f.group_size for f in fmts):
+        same = [f for f in fmts if f.group_size == group_size]
+        if method in BATCHED:
+            done.update(zip(same, BATCHED[method](W, H, same, settings)))
+        else:
+            done.update((f, get_method(method)(W, H, f, settings)) for f in same)
+    return [done[f] for f in fmts]
 
 
 def get_method(name: str) -> Method:

@@ -13,12 +13,13 @@ column order, so the storage layout never depends on the method.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 
 from mixq.formats import QTensor
-from mixq.formats.integer import IntFormat
-from mixq.methods import MethodSettings, register_method
+from mixq.formats.integer import IntFormat, decode, encode
+from mixq.methods import MethodSettings, register_batched, register_method
 from mixq.methods.rtn import search_qparams
 
 GPTQ_PRECISION = torch.float32  # the column loop; the Cholesky factorisations run in float64
@@ -26,8 +27,25 @@ GPTQ_PRECISION = torch.float32  # the column loop; the Cholesky factorisations r
 
 @register_method("gptq")
 def quantize_gptq(W: torch.Tensor, H: torch.Tensor, fmt: IntFormat, settings: MethodSettings) -> QTensor:
-    W = W.to(GPTQ_PRECISION).clone()
+    return quantize_gptq_many(W, H, [fmt], settings)[0]
+
+
+@register_batched("gptq")
+def quantize_gptq_many(
+    W: torch.Tensor, H: torch.Tensor, fmts: Sequence[IntFormat], settings: MethodSettings
+) -> list[QTensor]:
+    """GPTQ of W onto several grids that share a group size, in one pass.
+
+    The k copies of W are stacked as rows: rows never interact in GPTQ, so they share H's
+    factorisation and the column loop, which costs little more for k copies than for one.
+    """
+    assert len({f.group_size for f in fmts}) == 1, "stacked grids must share the group size"
+    fmt = fmts[0]
     rows, cols = W.shape
+    k = len(fmts)
+    W = W.to(GPTQ_PRECISION).repeat(k, 1)  # (k*rows, cols)
+    copies = [slice(j * rows, (j + 1) * rows) for j in range(k)]
+    qmax = torch.tensor([f.qmax for f in fmts], dtype=GPTQ_PRECISION).repeat_interleave(rows)  # (k*rows,)
     H = H.to(torch.float64).clone()
 
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights do not matter
@@ -45,16 +63,15 @@ def quantize_gptq(W: torch.Tensor, H: torch.Tensor, fmt: IntFormat, settings: Me
 
     glen, n_groups = fmt.group_len(cols), fmt.n_groups(cols)
     group_of = perm // glen  # (cols,) group of each visited position
-    one_group = dataclasses.replace(fmt, group_size=0)  # qparams of a single group
-    scale = torch.zeros(rows, n_groups)
-    zero = torch.zeros(rows, n_groups)
+    scale = torch.zeros(k * rows, n_groups)
+    zero = torch.zeros(k * rows, n_groups)
     ready = torch.zeros(n_groups, dtype=torch.bool)
-    Q = torch.zeros(rows, cols)
+    Q = torch.zeros(k * rows, cols)
 
     B = settings.block_size
     for i1 in range(0, cols, B):
         i2 = min(i1 + B, cols)
-        W1 = W[:, i1:i2].clone()  # (rows, i2-i1)
+        W1 = W[:, i1:i2].clone()  # (k*rows, i2-i1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
@@ -62,15 +79,18 @@ def quantize_gptq(W: torch.Tensor, H: torch.Tensor, fmt: IntFormat, settings: Me
             if not ready[g]:
                 W[:, i1:i2] = W1  # let the group see its compensated weights
                 pos = inv_perm[g * glen : min((g + 1) * glen, cols)]  # (glen,) positions of the group
-                s, z = search_qparams(one_group, W[:, pos], importance[pos], settings)
-                scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
+                for f, rows_j in zip(fmts, copies):
+                    one_group = dataclasses.replace(f, group_size=0)
+                    s, z = search_qparams(one_group, W[rows_j][:, pos], importance[pos], settings)
+                    scale[rows_j, g], zero[rows_j, g] = s[:, 0], z[:, 0]
                 ready[g] = True
-            w = W1[:, i]  # (rows,)
-            q = fmt.encode(w, scale[:, g], zero[:, g])
+            w = W1[:, i]  # (k*rows,)
+            q = encode(w, scale[:, g], zero[:, g], qmax)
             Q[:, i1 + i] = q
-            err = (w - fmt.decode(q, scale[:, g], zero[:, g])) / Hinv1[i, i]
+            err = (w - decode(q, scale[:, g], zero[:, g])) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
-    return QTensor(fmt, Q[:, inv_perm].to(torch.uint8), scale, zero)
+    Q = Q[:, inv_perm].to(torch.uint8)
+    return [QTensor(f, Q[rows_j], scale[rows_j], zero[rows_j]) for f, rows_j in zip(fmts, copies)]

@@ -43,11 +43,26 @@ class LoadedModel:
             for name in group
         }
 
+    def block_groups(self, index: int) -> list[list[str]]:
+        """Full names of block `index`'s linears, grouped by shared input, in forward order."""
+        prefix = f"{self.arch.blocks}.{index}"
+        return [[f"{prefix}.{name}" for name in group] for group in self.arch.input_groups]
+
     def quantizable(self) -> dict[str, nn.Linear]:
+        """Every linear of the transformer blocks, by full name."""
         out: dict[str, nn.Linear] = {}
         for i in range(len(self.blocks())):
             out.update(self.block_linears(i))
         return out
+
+    @property
+    def head_name(self) -> str:
+        """The output matrix as a plannable tensor: named after the embedding when the two are tied."""
+        return self.arch.embedding if self.tied_embedding else self.arch.head
+
+    def plannable(self) -> dict[str, nn.Module]:
+        """Every tensor a plan decides on: the block linears and the output (tied: embedding) matrix."""
+        return {**self.quantizable(), self.head_name: self.model.get_submodule(self.head_name)}
 
     @property
     def tied_embedding(self) -> bool:

@@ -18,6 +18,7 @@ class Architecture:
     blocks: str  # attribute path to the nn.ModuleList of transformer blocks
     input_groups: tuple[tuple[str, ...], ...]  # linear names inside a block, by shared input
     embedding: str
+    final_norm: str
     head: str
 
 
@@ -30,6 +31,7 @@ _LLAMA_LIKE = dict(
         ("mlp.down_proj",),
     ),
     embedding="model.embed_tokens",
+    final_norm="model.norm",
     head="lm_head",
 )
 

@@ -1,0 +1,314 @@
+"""Profile: for every plannable tensor and every option, its exact bytes and its predicted error.
+
+Raw estimators, per (tensor, option), from one quantization of the tensor with that option:
+- `hessian`: tr(dW H dW^T), H = sum x^T x of the tensor's input on the calibration windows;
+- `fisher`: sum F * dW^2, F the squared gradients of the calibration loss (empirical Fisher
+  diagonal) accumulated over a few backward passes.
+Measured points: the KL divergence to the reference on held-out windows when only that tensor is
+quantized with that option, for a few options per tensor (`measure`). `calibrate` fits the error
+model that turns raw errors into predicted KL, and `predicted(estimator)` gives the table a plan
+minimises: `hessian` and `fisher` raw, `hessian+kl` and `fisher+kl` calibrated (the default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from mixq import capture
+from mixq.errors import MixqError
+from mixq.export.native import header_bound, kept_nbytes
+from mixq.formats import parse_format
+from mixq.methods import MethodSettings, output_error, quantize_many
+from mixq.models import LoadedModel
+from mixq.options import KEEP_OPTION, Option, OptionSpace
+
+ESTIMATORS = ("hessian+kl", "fisher+kl", "hessian", "fisher")
+PROFILE_VERSION = "1"
+
+
+@dataclass
+class Profile:
+    model: str
+    tensors: list[str]
+    kinds: list[str]  # the tensor's role, shared across blocks: "self_attn.q_proj", "head", ...
+    shapes: list[tuple[int, int]]
+    options: list[str]
+    nbytes: np.ndarray  # (T, O) exact bytes of each tensor in each option
+    errors: dict[str, np.ndarray]  # raw estimator -> (T, O); inf where the option is not allowed
+    measured: np.ndarray  # (T, O) KL when only this tensor is quantized; NaN where not measured
+    fixed_bytes: int  # every parameter no plan decides on (norms), at its storage width
+    header_bytes: int  # upper bound of the saved file's header, whatever the plan
+    n_weights: int
+    tie_groups: list[list[int]]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def predicted(self, estimator: str) -> np.ndarray:
+        """(T, O) predicted loss of each option of each tensor under `estimator`."""
+        if estimator not in ESTIMATORS:
+            raise MixqError(f"unknown estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
+        raw = self.errors[estimator.split("+")[0]]
+        if estimator.endswith("+kl"):
+            return calibrate(raw, self.measured, self.kinds)
+        return raw
+
+    def save(self, path: Path) -> None:
+        arrays = {"nbytes": self.nbytes, "measured": self.measured}
+        arrays.update({f"errors.{k}": v for k, v in self.errors.items()})
+        meta = dict(
+            version=PROFILE_VERSION, model=self.model, tensors=self.tensors, kinds=self.kinds,
+            shapes=self.shapes, options=self.options, fixed_bytes=self.fixed_bytes,
+            header_bytes=self.header_bytes, n_weights=self.n_weights,
+            tie_groups=self.tie_groups, info=self.info,
+        )
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.partial")
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp, metadata={"mixq.profile": json.dumps(meta)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Profile:
+        try:
+            arrays = load_file(str(path))
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="np") as f:
+                meta = json.loads((f.metadata() or {})["mixq.profile"])
+        except FileNotFoundError:
+            raise MixqError(f"profile {path} not found") from None
+        except Exception as e:
+            raise MixqError(f"cannot read profile {path}: {e}") from None
+        if meta.get("version") != PROFILE_VERSION:
+            raise MixqError(f"profile {path} has version {meta.get('version')}, expected {PROFILE_VERSION}")
+        errors = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("errors.")}
+        meta.pop("version")
+        meta["shapes"] = [tuple(s) for s in meta["shapes"]]
+        return cls(nbytes=arrays["nbytes"], measured=arrays["measured"], errors=errors, **meta)
+
+
+def calibrate(raw: np.ndarray, measured: np.ndarray, kinds: list[str]) -> np.ndarray:
+    """Predicted KL = alpha_t * raw^beta, fitted on the measured points.
+
+    beta is shared by all tensors (fitted within tensors, in log space); alpha_t is per tensor where
+    the tensor has measured points, else the median of its kind (e.g. all v_proj), else of all.
+    """
+    ok = np.isfinite(measured) & (measured > 0) & np.isfinite(raw) & (raw > 0)
+    if not ok.any():
+        raise MixqError("the profile has no measured KL points to calibrate on; use an uncalibrated estimator")
+    x = np.where(ok, np.log(np.where(ok, raw, 1)), np.nan)
+    y = np.where(ok, np.log(np.where(ok, measured, 1)), np.nan)
+    counts = ok.sum(axis=1)
+    multi = counts >= 2
+    if multi.any():
+        xc = x[multi] - np.nanmean(x[multi], axis=1, keepdims=True)
+        yc = y[multi] - np.nanmean(y[multi], axis=1, keepdims=True)
+        beta = float(np.nansum(xc * yc) / max(np.nansum(xc * xc), 1e-12))
+    else:
+        beta = 1.0
+    log_alpha = np.full(raw.shape[0], np.nan)
+    has = counts > 0
+    log_alpha[has] = np.nanmean(y[has] - beta * x[has], axis=1)
+    overall = float(np.nanmedian(log_alpha))
+    by_kind: dict[str, list[float]] = {}
+    for t in np.nonzero(has)[0]:
+        by_kind.setdefault(kinds[t], []).append(log_alpha[t])
+    for t in np.nonzero(~has)[0]:
+        log_alpha[t] = float(np.median(by_kind[kinds[t]])) if kinds[t] in by_kind else overall
+    with np.errstate(divide="ignore"):
+        return np.where(np.isfinite(raw), np.exp(log_alpha)[:, None] * np.power(raw, beta), np.inf)
+
+
+def tensor_kind(loaded: LoadedModel, name: str) -> str:
+    if name == loaded.head_name:
+        return "head"
+    return name.split(".", len(loaded.arch.blocks.split(".")) + 1)[-1]
+
+
+def tie_groups(loaded: LoadedModel, tensors: list[str], tie: str) -> list[list[int]]:
+    """Groups of tensor indices that share one option: none, or the fused projections of each block."""
+    if tie == "none":
+        return [[t] for t in range(len(tensors))]
+    if tie != "fused":
+        raise MixqError(f"unknown tie rule {tie!r}: none or fused")
+    index = {n: t for t, n in enumerate(tensors)}
+    groups = []
+    for b in range(len(loaded.blocks())):
+        for group in loaded.block_groups(b):  # q/k/v and gate/up share their input, hence their kernel
+            groups.append([index[n] for n in group])
+    groups.append([index[loaded.head_name]])
+    return groups
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    space: OptionSpace = OptionSpace()
+    method_settings: MethodSettings = MethodSettings()
+    fisher_windows: int = 8  # calibration windows given a backward pass for the Fisher estimator
+    measure: tuple[str, ...] = ("int3-g128", "int4-g128")  # formats measured end to end per tensor
+    tie: str = "none"
+    batch_size: int = 8
+
+
+def build_profile(
+    loaded: LoadedModel, calib: torch.Tensor, held_out: torch.Tensor, settings: ProfileSettings = ProfileSettings()
+) -> Profile:
+    """Measure every tensor in every option. The model's weights are left as they were."""
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    plannable = loaded.plannable()
+    tensors = list(plannable)
+    space_options = settings.space.options()
+    # The output matrix (the embedding, when tied) is only rounded (rtn): its second role as an
+    # embedding has no H, so error compensation through H would be one-sided.
+    head_options = [Option(o.format, "rtn") for o in space_options if not o.is_keep]
+    options = list(dict.fromkeys([*space_options, *head_options, KEEP_OPTION]))
+    names = [o.name for o in options]
+    allowed_for = {n: set(space_options) for n in tensors}
+    allowed_for[loaded.head_name] = set(head_options) | ({KEEP_OPTION} if settings.space.keep_16bit else set())
+
+    stats = capture.capture_all(loaded, calib, settings.batch_size)
+    timings["capture"] = time.perf_counter() - start
+    t0 = time.perf_counter()
+    fisher = fisher_diagonal(loaded, calib[: settings.fisher_windows], tensors)
+    timings["fisher"] = time.perf_counter() - t0
+
+    T, O = len(tensors), len(options)
+    nbytes = np.zeros((T, O), dtype=np.int64)
+    errors = {k: np.full((T, O), np.inf) for k in ("hessian", "fisher")}
+    dequantized: dict[tuple[int, int], torch.Tensor] = {}  # what the measurement pass needs
+    measure = {(f, m) for f in settings.measure for m in ("gptq", "rtn")}
+    t0 = time.perf_counter()
+    for t, name in enumerate(tqdm(tensors, desc="profiling tensors", unit="tensor")):
+        W = plannable[name].weight.detach().float()
+        H = stats[name].H
+        for o, opt in enumerate(options):
+            nbytes[t, o] = opt.nbytes(tuple(W.shape))
+        if KEEP_OPTION in allowed_for[name]:
+            o = options.index(KEEP_OPTION)
+            errors["hessian"][t, o] = errors["fisher"][t, o] = 0.0
+        by_method: dict[str, list[Option]] = {}
+        for opt in options:
+            if opt in allowed_for[name] and not opt.is_keep:
+                by_method.setdefault(opt.method, []).append(opt)
+        for method, opts in by_method.items():
+            qs = quantize_many(method, W, H, [parse_format(o.format) for o in opts], settings.method_settings)
+            for opt, q in zip(opts, qs):
+                o = options.index(opt)
+                W_hat = q.dequantize()
+                errors["hessian"][t, o] = output_error(W, W_hat, H)
+                errors["fisher"][t, o] = float((fisher[name] * (W_hat - W) ** 2).sum())
+                if (opt.format, opt.method) in measure:
+                    dequantized[(t, o)] = W_hat
+    timings["quantize"] = time.perf_counter() - t0
+    # Measure only the best method of each measured format: the one a plan would pick.
+    best: dict[tuple[int, str], tuple[int, float]] = {}
+    for (t, o), _ in dequantized.items():
+        key = (t, options[o].format)
+        if key not in best or errors["hessian"][t, o] < best[key][1]:
+            best[key] = (o, errors["hessian"][t, o])
+    chosen = {(t, o): dequantized[(t, o)] for (t, _), (o, _) in best.items()}
+    t0 = time.perf_counter()
+    measured = np.full((T, O), np.nan)
+    for (t, o), kl in measure_kl(loaded, held_out, tensors, chosen, settings.batch_size).items():
+        measured[t, o] = kl
+    timings["measure"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - start
+
+    planned = {f"{n}.weight" for n in tensors}
+    params = dict(loaded.model.named_parameters())
+    fixed = sum(kept_nbytes(p) for n, p in params.items() if n not in planned)
+    return Profile(
+        model=loaded.spec, tensors=tensors, kinds=[tensor_kind(loaded, n) for n in tensors],
+        shapes=[tuple(plannable[n].weight.shape) for n in tensors], options=names, nbytes=nbytes, errors=errors,
+        measured=measured, fixed_bytes=fixed, header_bytes=header_bound(loaded, tensors),
+        n_weights=sum(p.numel() for p in params.values()),
+        tie_groups=tie_groups(loaded, tensors, settings.tie),
+        info=dict(calibration_windows=list(calib.shape), held_out_windows=list(held_out.shape),
+                  fisher_windows=min(settings.fisher_windows, len(calib)), seconds=timings),
+    )
+
+
+def fisher_diagonal(loaded: LoadedModel, windows: torch.Tensor, tensors: list[str]) -> dict[str, torch.Tensor]:
+    """Sum over windows of the squared gradient of the window's mean next-token loss, per weight."""
+    model = loaded.model
+    weights = {n: model.get_submodule(n).weight for n in tensors}
+    fisher = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+    for w in weights.values():
+        w.requires_grad_(True)
+    try:
+        for window in tqdm(windows, desc="Fisher (backward passes)", unit="window"):
+            ids = window.unsqueeze(0)
+            loss = model(ids, labels=ids, use_cache=False).loss
+            grads = torch.autograd.grad(loss, list(weights.values()))
+            for n, g in zip(weights, grads):
+                fisher[n] += g.float() ** 2
+    finally:
+        for w in weights.values():
+            w.requires_grad_(False)
+    return fisher
+
+
+def measure_kl(
+    loaded: LoadedModel,
+    windows: torch.Tensor,
+    tensors: list[str],
+    items: dict[tuple[int, int], torch.Tensor],
+    batch_size: int,
+) -> dict[tuple[int, int], float]:
+    """Mean KL(reference || model) on `windows` with only tensor t replaced by items[(t, o)].
+
+    The reference's block inputs and log-probabilities are computed once; each measurement
+    reruns only the blocks from the replaced tensor's block to the output.
+    """
+    model, blocks = loaded.model, loaded.blocks()
+    block_of = {n: b for b in range(len(blocks)) for n in loaded.block_linears(b)}
+    inputs = capture.block_inputs(loaded, windows, batch_size)
+    hidden = []  # hidden[b]: the batches entering block b
+    for block in blocks:
+        hidden.append(inputs.batches)
+        inputs = capture.BlockInputs(capture.run_block(block, inputs), inputs.kwargs)
+    hidden.append(inputs.batches)
+    head, norm = model.get_submodule(loaded.arch.head), model.get_submodule(loaded.arch.final_norm)
+
+    def log_probs(start: int | None) -> list[torch.Tensor]:
+        """Log-probabilities with blocks from `start` on rerun (None: the whole model, embedding included)."""
+        out = []
+        with torch.no_grad():
+            if start is None:
+                for batch in windows.split(batch_size):
+                    out.append(F.log_softmax(model(batch, use_cache=False).logits.float(), dim=-1))
+                return out
+            for x in hidden[start]:
+                for block in blocks[start:]:
+                    y = block(x, **inputs.kwargs)
+                    x = y[0] if isinstance(y, tuple) else y
+                out.append(F.log_softmax(head(norm(x)).float(), dim=-1))
+        return out
+
+    reference = log_probs(len(blocks))
+    result = {}
+    for (t, o), W_hat in tqdm(items.items(), desc="measuring KL per tensor", unit="point"):
+        name = tensors[t]
+        weight = model.get_submodule(name).weight
+        original = weight.detach().clone()
+        weight.data.copy_(W_hat)
+        try:
+            # The tied embedding also feeds block 0: rerun everything for it.
+            start = None if name == loaded.head_name and loaded.tied_embedding else block_of.get(name, len(blocks))
+            quantized = log_probs(start)
+        finally:
+            weight.data.copy_(original)
+        kl = sum((ref.exp() * (ref - q)).sum().item() for ref, q in zip(reference, quantized))
+        result[(t, o)] = max(kl, 0.0) / sum(r.shape[0] * r.shape[1] for r in reference)
+    return result
