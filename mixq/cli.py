@@ -71,8 +71,9 @@ def _add_profile_settings(p: argparse.ArgumentParser) -> None:
                    "methods, symmetric, keep_16bit); flags override it")
     g.add_argument("--tie", default="none", help="none, or fused: q/k/v and gate/up of a block share one option")
     g.add_argument("--fisher-windows", type=int, default=8, help="calibration windows with a backward pass (default 8)")
-    g.add_argument("--measure", type=_str_list, default=("int3-g128", "int4-g128"),
-                   help="formats whose end-to-end KL is measured per tensor to calibrate the error model")
+    g.add_argument("--measure", type=_str_list, default=(),
+                   help="formats whose end-to-end KL is measured per tensor to calibrate the error model "
+                   "(default: 3 and 4 bits at the largest group size)")
     g.add_argument("--held-out-windows", type=int, default=4, help="windows for those measurements (default 4)")
     g.add_argument("--held-out-len", type=int, default=512)
 

@@ -29,6 +29,7 @@ from mixq import capture
 from mixq.errors import MixqError
 from mixq.export.native import header_bound, kept_nbytes
 from mixq.formats import parse_format
+from mixq.formats.integer import IntFormat
 from mixq.methods import MethodSettings, output_error, quantize_many
 from mixq.models import LoadedModel
 from mixq.options import KEEP_OPTION, Option, OptionSpace
@@ -155,9 +156,16 @@ class ProfileSettings:
     space: OptionSpace = OptionSpace()
     method_settings: MethodSettings = MethodSettings()
     fisher_windows: int = 8  # calibration windows given a backward pass for the Fisher estimator
-    measure: tuple[str, ...] = ("int3-g128", "int4-g128")  # formats measured end to end per tensor
+    measure: tuple[str, ...] = ()  # formats measured end to end per tensor (default: measure_formats)
     tie: str = "none"
     batch_size: int = 8
+
+
+def measure_formats(space: OptionSpace) -> tuple[str, ...]:
+    """Formats measured end to end by default: 3 and 4 bits (else the two lowest) at the largest group."""
+    bits = [b for b in space.bits if b in (3, 4)] or sorted(space.bits)[:2]
+    group = max(space.group_sizes, key=lambda g: g or 1 << 30)
+    return tuple(IntFormat(b, group, space.symmetric).name for b in bits)
 
 
 def build_profile(
@@ -187,7 +195,11 @@ def build_profile(
     nbytes = np.zeros((T, O), dtype=np.int64)
     errors = {k: np.full((T, O), np.inf) for k in ("hessian", "fisher")}
     dequantized: dict[tuple[int, int], torch.Tensor] = {}  # what the measurement pass needs
-    measure = {(f, m) for f in settings.measure for m in ("gptq", "rtn")}
+    measure_fmts = settings.measure or measure_formats(settings.space)
+    unknown = set(measure_fmts) - {o.format for o in options}
+    if unknown:
+        raise MixqError(f"formats to measure {sorted(unknown)} are not in the option space")
+    measure = {(f, m) for f in measure_fmts for m in ("gptq", "rtn")}
     t0 = time.perf_counter()
     for t, name in enumerate(tqdm(tensors, desc="profiling tensors", unit="tensor")):
         W = plannable[name].weight.detach().float()

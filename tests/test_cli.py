@@ -114,3 +114,29 @@ def test_missing_text(tiny_llama_dir, tmp_path, capsys):
 def test_eval_of_a_non_output_dir(tmp_path, capsys):
     code, cap = run(capsys, "eval", tmp_path)
     assert code == 2 and "not a mixq output directory" in cap.err
+
+
+def test_profile_plan_and_budget(tiny_llama_dir, text_file, tmp_path, capsys):
+    from mixq.plan import Budget
+
+    profile = tmp_path / "tiny.profile"
+    calib = ["--calib-text", text_file, "--calib-windows", 8, "--calib-len", 64]
+    code, cap = run(capsys, "profile", tiny_llama_dir, *calib, "--bits-options", "2,3,4,8", "--group-sizes", "32,64",
+                    "--held-out-len", 64, "--out", profile)
+    assert code == 0, cap.err
+
+    code, cap = run(capsys, "plan", profile, "--frontier", "--plot", tmp_path / "f.png")
+    assert code == 0 and (tmp_path / "f.png").stat().st_size > 1000, cap.err
+
+    code, cap = run(capsys, "plan", profile, "--budget", "0.5bpw")
+    assert code == 2 and "infeasible" in cap.err and "smallest plan" in cap.err
+
+    for budget in ("4.5bpw", "60KB"):
+        out = tmp_path / budget
+        code, cap = run(capsys, "quantize", tiny_llama_dir, "--budget", budget, "--profile", profile, *calib,
+                        "--out", out)
+        assert code == 0, cap.err
+        info = json.loads((out / native.INFO_FILE).read_text())
+        size = (out / native.WEIGHTS_FILE).stat().st_size
+        assert size == info["storage"]["file_bytes"] <= Budget.parse(budget).total_bytes(info["storage"]["n_weights"])
+        assert size <= info["plan_summary"]["max_file_bytes"]

@@ -1,0 +1,80 @@
+"""Profiles on the tiny Llama: exact bytes, allowed options, the error model, and files that round-trip."""
+
+import numpy as np
+import pytest
+
+from mixq.data import WindowSpec, load_windows
+from mixq.errors import MixqError
+from mixq.models import load_model
+from mixq.options import KEEP, Option, OptionSpace
+from mixq.profile import Profile, ProfileSettings, build_profile, calibrate
+
+SPACE = OptionSpace(bits=(2, 4, 8), group_sizes=(32, 64), methods=("rtn", "gptq"))
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tiny_llama_dir, text_file):
+    loaded = load_model(str(tiny_llama_dir))
+    calib = load_windows(loaded, WindowSpec(8, 64, text_file), first=False)
+    held_out = load_windows(loaded, WindowSpec(3, 64, text_file, seed=9), first=False)
+    settings = ProfileSettings(space=SPACE, measure=("int2-g64", "int4-g64"), batch_size=4)
+    before = {n: p.clone() for n, p in loaded.model.named_parameters()}
+    profile = build_profile(loaded, calib, held_out, settings)
+    for n, p in loaded.model.named_parameters():  # profiling leaves the model as it was
+        assert p.equal(before[n]), n
+    return profile
+
+
+def test_profile_tables(tiny_profile):
+    p = tiny_profile
+    assert len(p.tensors) == 15 and p.tensors[-1] == "model.embed_tokens"  # 2 x 7 linears + tied head
+    for t, shape in enumerate(p.shapes):
+        for o, name in enumerate(p.options):
+            assert p.nbytes[t, o] == Option.parse(name).nbytes(shape)
+    keep = p.options.index(KEEP)
+    assert (p.errors["hessian"][:, keep] == 0).all()
+    head = p.tensors.index("model.embed_tokens")
+    for o, name in enumerate(p.options):  # the tied embedding is only rounded, or kept
+        assert np.isfinite(p.errors["hessian"][head, o]) == (name.endswith("-rtn") or name == KEEP)
+    finite = np.isfinite(p.errors["hessian"])
+    assert (p.errors["hessian"][finite] >= 0).all() and np.array_equal(finite, np.isfinite(p.errors["fisher"]))
+    # two measured formats per tensor, each at its better method
+    assert (np.isfinite(p.measured).sum(axis=1) == 2).all()
+    # lower bits, more error: for every tensor the int2 error exceeds the int4 one
+    i2, i4 = p.options.index("int2-g64-rtn"), p.options.index("int4-g64-rtn")
+    assert (p.errors["hessian"][:, i2] > p.errors["hessian"][:, i4]).all()
+
+
+def test_profile_round_trip(tiny_profile, tmp_path):
+    path = tmp_path / "tiny.profile"
+    tiny_profile.save(path)
+    back = Profile.load(path)
+    assert back.tensors == tiny_profile.tensors and back.options == tiny_profile.options
+    assert back.shapes == tiny_profile.shapes and back.tie_groups == tiny_profile.tie_groups
+    assert np.array_equal(back.nbytes, tiny_profile.nbytes)
+    assert np.array_equal(back.measured, tiny_profile.measured, equal_nan=True)
+    for k in tiny_profile.errors:
+        assert np.array_equal(back.errors[k], tiny_profile.errors[k])
+    assert (back.fixed_bytes, back.header_bytes, back.n_weights) == (
+        tiny_profile.fixed_bytes, tiny_profile.header_bytes, tiny_profile.n_weights)
+
+
+def test_corrupt_profile_is_refused(tmp_path):
+    bad = tmp_path / "bad.profile"
+    bad.write_bytes(b"not a profile")
+    with pytest.raises(MixqError, match="cannot read profile"):
+        Profile.load(bad)
+
+
+def test_calibration_recovers_a_power_law():
+    rng = np.random.default_rng(0)
+    raw = rng.random((6, 4)) * 10 + 0.1
+    raw[:, 3] = 0  # a kept option
+    truth = np.array([1, 2, 3, 4, 5, 6.0])[:, None] * raw**1.5
+    measured = np.full_like(raw, np.nan)
+    measured[:5, :2] = truth[:5, :2]  # tensor 5 has no measurements
+    kinds = ["a", "b", "a", "b", "c", "c"]
+    pred = calibrate(raw, measured, kinds)
+    assert np.allclose(pred[:5], truth[:5])
+    assert np.allclose(pred[5], 5 * raw[5] ** 1.5)  # its kind's alpha (tensor 4)
+    assert (pred[:, 3] == 0).all()
