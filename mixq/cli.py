@@ -18,6 +18,7 @@ DEFAULT_CALIB = dict(windows=64, seq_len=512)
 DEFAULT_EVAL = dict(windows=40, seq_len=512)
 EVAL_SEED = 1  # sampled evaluation text must not be the calibration text (seed 0)
 HELD_OUT_SEED = 2  # the profile's end-to-end measurements use yet other samples
+PROFILE_FILE = "mixq.profile"  # where `quantize --budget` keeps the profile it measured
 
 
 def _group_size(value: str) -> int:
@@ -281,6 +282,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     )
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
         storage = native.save(tmp, loaded, result.tensors, info)
+        if args.budget and not args.profile:
+            profile.save(tmp / PROFILE_FILE)  # reusable: mixq plan DIR/mixq.profile, --profile
         if args.budget and storage.file_bytes > budget.total_bytes(storage.n_weights):
             raise MixqError(f"internal error: {storage.file_bytes:,} bytes exceed the budget {budget}")
         if reference is not None:
