@@ -140,3 +140,4 @@ def test_profile_plan_and_budget(tiny_llama_dir, text_file, tmp_path, capsys):
         size = (out / native.WEIGHTS_FILE).stat().st_size
         assert size == info["storage"]["file_bytes"] <= Budget.parse(budget).total_bytes(info["storage"]["n_weights"])
         assert size <= info["plan_summary"]["max_file_bytes"]
+
