@@ -225,6 +225,18 @@ class Plan:
         return dict(self.__dict__, bpw=self.bpw)
 
 
+def plan_from_options(profile: Profile, options: dict[str, str], estimator: str, solver: str) -> Plan:
+    """A hand-made plan (tensor -> option name) priced with the profile's tables."""
+    missing = set(profile.tensors) - set(options)
+    if missing:
+        raise MixqError(f"plan leaves {len(missing)} tensors without an option, e.g. {sorted(missing)[0]}")
+    choice = np.array([profile.options.index(options[t]) for t in profile.tensors])
+    rows = np.arange(len(choice))
+    loss = profile.predicted(estimator)[rows, choice]
+    alloc = Allocation(choice, int(profile.nbytes[rows, choice].sum()), float(loss.sum()))
+    return _plan(profile, alloc, estimator, solver)
+
+
 def _plan(profile: Profile, alloc: Allocation, estimator: str, solver: str) -> Plan:
     return Plan(
         options={t: profile.options[o] for t, o in zip(profile.tensors, alloc.choice.tolist())},
