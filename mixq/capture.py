@@ -2,7 +2,7 @@
 
 Only one block's activations live in memory: `block_inputs` stops the forward pass at block 0
 and keeps what reaches it; `collect_stats` runs one block over those inputs while hooks
-accumulate each linear input's H = sum x^T x; `block_outputs` runs the block again (after its
+accumulate each linear input's H = sum x^T x; `run_block` runs the block again (after its
 weights were quantized, when quantizing sequentially) to produce the next block's inputs.
 """
 

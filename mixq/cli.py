@@ -256,6 +256,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         profile = Profile.load(args.profile) if args.profile else None
         loaded = load_model(args.model)
         if profile is None:
+            _check_feasible(loaded, budget, profile_settings)  # before minutes of profiling
             profile = _run_profile(loaded, args, profile_settings)
         plan = plan_for_budget(profile, budget, args.estimator)
         options = {t: Option.parse(o) for t, o in plan.options.items()}
@@ -297,6 +298,16 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             _print_quality(args.out, storage.bpw, seconds, report, info.get("plan_summary"))
     print(f"wrote {args.out}: {description}, {storage.file_bytes:,} bytes, "
           f"{storage.bpw:.3f} bits per weight (whole file), quantized in {seconds:.0f} s")
+
+
+def _check_feasible(loaded, budget, settings) -> None:
+    from mixq.plan import budget_infeasible
+    from mixq.profile import smallest_file
+
+    n_weights = sum(p.numel() for p in loaded.model.parameters())
+    smallest = smallest_file(loaded, settings.space)
+    if smallest > budget.total_bytes(n_weights):
+        raise budget_infeasible(budget, smallest, n_weights)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

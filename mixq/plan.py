@@ -250,17 +250,21 @@ def capacity(profile: Profile, budget: Budget) -> int:
     return budget.total_bytes(profile.n_weights) - profile.fixed_bytes - profile.header_bytes
 
 
+def budget_infeasible(budget: Budget, smallest_file: int, n_weights: int) -> MixqError:
+    """The error for a budget below the smallest file the option space can make."""
+    return MixqError(
+        f"budget {budget} ({budget.total_bytes(n_weights):,} bytes) is infeasible: the smallest plan in this "
+        f"option space needs {smallest_file:,} bytes ({8 * smallest_file / n_weights:.3f} bpw)"
+    )
+
+
 def plan_for_budget(profile: Profile, budget: Budget, estimator: str = "hessian+kl") -> Plan:
     """The exact least-loss plan whose whole file fits the budget."""
     loss = profile.predicted(estimator)
     try:
         alloc = solve(loss, profile.nbytes, capacity(profile, budget), profile.tie_groups)
     except InfeasibleBudget as e:
-        smallest = e.smallest + profile.fixed_bytes + profile.header_bytes
-        raise MixqError(
-            f"budget {budget} ({budget.total_bytes(profile.n_weights):,} bytes) is infeasible: the smallest "
-            f"plan in this option space needs {smallest:,} bytes ({8 * smallest / profile.n_weights:.3f} bpw)"
-        ) from None
+        raise budget_infeasible(budget, e.smallest + profile.fixed_bytes + profile.header_bytes, profile.n_weights) from None
     return _plan(profile, alloc, estimator, "milp")
 
 

@@ -168,6 +168,44 @@ def measure_formats(space: OptionSpace) -> tuple[str, ...]:
     return tuple(IntFormat(b, group, space.symmetric).name for b in bits)
 
 
+@dataclass(frozen=True)
+class OptionTable:
+    """Which options each plannable tensor may take, and what each costs in bytes; no data needed."""
+
+    tensors: list[str]
+    options: list[Option]
+    allowed: np.ndarray  # (T, O) bool
+    nbytes: np.ndarray  # (T, O) int64
+
+    @classmethod
+    def build(cls, loaded: LoadedModel, space: OptionSpace) -> OptionTable:
+        plannable = loaded.plannable()
+        tensors = list(plannable)
+        space_options = space.options()
+        # The output matrix (the embedding, when tied) is only rounded (rtn): its second role as an
+        # embedding has no H, so error compensation through H would be one-sided.
+        head_options = [Option(o.format, "rtn") for o in space_options if not o.is_keep]
+        options = list(dict.fromkeys([*space_options, *head_options, KEEP_OPTION]))
+        allowed = np.array([[o in space_options for o in options] for _ in tensors])
+        head = tensors.index(loaded.head_name)
+        allowed[head] = [o in head_options or (o.is_keep and space.keep_16bit) for o in options]
+        nbytes = np.array([[o.nbytes(tuple(plannable[t].weight.shape)) for o in options] for t in tensors], np.int64)
+        return cls(tensors, options, allowed, nbytes)
+
+
+def fixed_bytes(loaded: LoadedModel, tensors: list[str]) -> int:
+    """Bytes of every parameter no plan decides on (norms), at its storage width."""
+    planned = {f"{n}.weight" for n in tensors}
+    return sum(kept_nbytes(p) for n, p in loaded.model.named_parameters() if n not in planned)
+
+
+def smallest_file(loaded: LoadedModel, space: OptionSpace) -> int:
+    """The smallest file any plan over this option space can make (checked before profiling)."""
+    table = OptionTable.build(loaded, space)
+    smallest = np.where(table.allowed, table.nbytes, np.iinfo(np.int64).max).min(axis=1).sum()
+    return int(smallest) + fixed_bytes(loaded, table.tensors) + header_bound(loaded, table.tensors)
+
+
 def build_profile(
     loaded: LoadedModel, calib: torch.Tensor, held_out: torch.Tensor, settings: ProfileSettings = ProfileSettings()
 ) -> Profile:
@@ -175,15 +213,13 @@ def build_profile(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     plannable = loaded.plannable()
-    tensors = list(plannable)
-    space_options = settings.space.options()
-    # The output matrix (the embedding, when tied) is only rounded (rtn): its second role as an
-    # embedding has no H, so error compensation through H would be one-sided.
-    head_options = [Option(o.format, "rtn") for o in space_options if not o.is_keep]
-    options = list(dict.fromkeys([*space_options, *head_options, KEEP_OPTION]))
+    table = OptionTable.build(loaded, settings.space)
+    tensors, options = table.tensors, table.options
     names = [o.name for o in options]
-    allowed_for = {n: set(space_options) for n in tensors}
-    allowed_for[loaded.head_name] = set(head_options) | ({KEEP_OPTION} if settings.space.keep_16bit else set())
+    measure_fmts = settings.measure or measure_formats(settings.space)
+    unknown = set(measure_fmts) - {o.format for o in options}
+    if unknown:
+        raise MixqError(f"formats to measure {sorted(unknown)} are not in the option space")
 
     stats = capture.capture_all(loaded, calib, settings.batch_size)
     timings["capture"] = time.perf_counter() - start
@@ -192,35 +228,26 @@ def build_profile(
     timings["fisher"] = time.perf_counter() - t0
 
     T, O = len(tensors), len(options)
-    nbytes = np.zeros((T, O), dtype=np.int64)
     errors = {k: np.full((T, O), np.inf) for k in ("hessian", "fisher")}
     dequantized: dict[tuple[int, int], torch.Tensor] = {}  # what the measurement pass needs
-    measure_fmts = settings.measure or measure_formats(settings.space)
-    unknown = set(measure_fmts) - {o.format for o in options}
-    if unknown:
-        raise MixqError(f"formats to measure {sorted(unknown)} are not in the option space")
     measure = {(f, m) for f in measure_fmts for m in ("gptq", "rtn")}
     t0 = time.perf_counter()
     for t, name in enumerate(tqdm(tensors, desc="profiling tensors", unit="tensor")):
         W = plannable[name].weight.detach().float()
         H = stats[name].H
-        for o, opt in enumerate(options):
-            nbytes[t, o] = opt.nbytes(tuple(W.shape))
-        if KEEP_OPTION in allowed_for[name]:
-            o = options.index(KEEP_OPTION)
-            errors["hessian"][t, o] = errors["fisher"][t, o] = 0.0
-        by_method: dict[str, list[Option]] = {}
-        for opt in options:
-            if opt in allowed_for[name] and not opt.is_keep:
-                by_method.setdefault(opt.method, []).append(opt)
+        by_method: dict[str, list[int]] = {}
+        for o in np.nonzero(table.allowed[t])[0].tolist():
+            if options[o].is_keep:
+                errors["hessian"][t, o] = errors["fisher"][t, o] = 0.0
+            else:
+                by_method.setdefault(options[o].method, []).append(o)
         for method, opts in by_method.items():
-            qs = quantize_many(method, W, H, [parse_format(o.format) for o in opts], settings.method_settings)
-            for opt, q in zip(opts, qs):
-                o = options.index(opt)
+            qs = quantize_many(method, W, H, [parse_format(options[o].format) for o in opts], settings.method_settings)
+            for o, q in zip(opts, qs):
                 W_hat = q.dequantize()
                 errors["hessian"][t, o] = output_error(W, W_hat, H)
                 errors["fisher"][t, o] = float((fisher[name] * (W_hat - W) ** 2).sum())
-                if (opt.format, opt.method) in measure:
+                if (options[o].format, options[o].method) in measure:
                     dequantized[(t, o)] = W_hat
     timings["quantize"] = time.perf_counter() - t0
     # Measure only the best method of each measured format: the one a plan would pick.
@@ -237,13 +264,11 @@ def build_profile(
     timings["measure"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
 
-    planned = {f"{n}.weight" for n in tensors}
     params = dict(loaded.model.named_parameters())
-    fixed = sum(kept_nbytes(p) for n, p in params.items() if n not in planned)
     return Profile(
         model=loaded.spec, tensors=tensors, kinds=[tensor_kind(loaded, n) for n in tensors],
-        shapes=[tuple(plannable[n].weight.shape) for n in tensors], options=names, nbytes=nbytes, errors=errors,
-        measured=measured, fixed_bytes=fixed, header_bytes=header_bound(loaded, tensors),
+        shapes=[tuple(plannable[n].weight.shape) for n in tensors], options=names, nbytes=table.nbytes,
+        errors=errors, measured=measured, fixed_bytes=fixed_bytes(loaded, tensors), header_bytes=header_bound(loaded, tensors),
         n_weights=sum(p.numel() for p in params.values()),
         tie_groups=tie_groups(loaded, tensors, settings.tie),
         info=dict(calibration_windows=list(calib.shape), held_out_windows=list(held_out.shape),

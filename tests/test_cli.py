@@ -141,3 +141,8 @@ def test_profile_plan_and_budget(tiny_llama_dir, text_file, tmp_path, capsys):
         assert size == info["storage"]["file_bytes"] <= Budget.parse(budget).total_bytes(info["storage"]["n_weights"])
         assert size <= info["plan_summary"]["max_file_bytes"]
 
+
+
+def test_infeasible_budget_is_refused_before_profiling(tiny_llama_dir, text_file, tmp_path, capsys):
+    assert_refused(capsys, tmp_path, "quantize", tiny_llama_dir, "--budget", "1bpw", "--calib-text", text_file,
+                   match="infeasible")
