@@ -79,19 +79,26 @@ class IntFormat:
     # -- parameters -------------------------------------------------------------------------
     def qparams(self, W: torch.Tensor, clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Scales and zeros (rows, n_groups) for W (rows, cols), the range shrunk by `clip`."""
-        rows, cols = W.shape
-        G = self.grouped(W)  # (rows, n_groups, group_len), zero-padded
+        return self.qparams_from_range(*self.group_range(self.grouped(W)), clip)
+
+    def group_range(self, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lo, hi) per group of G (rows, n_groups, group_len): symmetric, or widened to include 0.
+
+        Padding zeros are harmless: the range includes 0 anyway.
+        """
         if self.symmetric:
-            absmax = G.abs().amax(dim=2) * clip
-            scale = self._fp16_scale(absmax / (2 ** (self.bits - 1) - 0.5))
-            zero = torch.full_like(scale, 2.0 ** (self.bits - 1))
-        else:
-            # Padding zeros are harmless: the range is widened to include 0 anyway.
-            lo = G.amin(dim=2).clamp(max=0) * clip
-            hi = G.amax(dim=2).clamp(min=0) * clip
-            scale = self._fp16_scale((hi - lo) / self.qmax)
-            zero = torch.clamp(torch.round(-lo / scale), 0, self.qmax)
-        return scale, zero
+            absmax = G.abs().amax(dim=2)
+            return -absmax, absmax
+        return G.amin(dim=2).clamp(max=0), G.amax(dim=2).clamp(min=0)
+
+    def qparams_from_range(
+        self, lo: torch.Tensor, hi: torch.Tensor, clip: torch.Tensor | float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.symmetric:
+            scale = self._fp16_scale(hi * clip / (2 ** (self.bits - 1) - 0.5))
+            return scale, torch.full_like(scale, 2.0 ** (self.bits - 1))
+        scale = self._fp16_scale((hi - lo) * clip / self.qmax)
+        return scale, torch.clamp(torch.round(-lo * clip / scale), 0, self.qmax)
 
     @staticmethod
     def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:

@@ -20,12 +20,16 @@ def search_qparams(
     """Scales and zeros (rows, n_groups) minimising the importance-weighted squared error."""
     if not settings.clip_search:
         return fmt.qparams(W)
-    cols = W.shape[1]
+    G = fmt.grouped(W)  # (rows, n_groups, group_len)
+    imp = fmt.grouped(importance.unsqueeze(0))  # (1, n_groups, group_len), zero on padding
+    lo, hi = fmt.group_range(G)
     best_err = best_scale = best_zero = None
     for clip in torch.linspace(1.0, settings.clip_min, settings.clip_grid).tolist():
-        scale, zero = fmt.qparams(W, clip)
-        s, z = fmt.expand(scale, cols), fmt.expand(zero, cols)
-        err = fmt.grouped((fmt.decode(fmt.encode(W, s, z), s, z) - W) ** 2 * importance).sum(dim=2)
+        scale, zero = fmt.qparams_from_range(lo, hi, clip)
+        s, z = scale.unsqueeze(2), zero.unsqueeze(2)
+        # squared error of every weight, in place: (scale * (code - zero) - w)^2 * importance
+        e = torch.div(G, s).round_().add_(z).clamp_(0, fmt.qmax).sub_(z).mul_(s).sub_(G)
+        err = e.square_().mul_(imp).sum(dim=2)  # (rows, n_groups)
         if best_err is None:
             best_err, best_scale, best_zero = err, scale, zero
         else:
