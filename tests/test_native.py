@@ -1,6 +1,8 @@
 """Saving and reloading a quantized model: exact bytes, exact round trip."""
 
+import pytest
 import torch
+from conftest import save_tiny_llama
 
 from mixq.data import WindowSpec, load_windows
 from mixq.export import native
@@ -44,3 +46,17 @@ def test_save_load_round_trip(tiny_llama_dir, text_file, tmp_path):
     native.apply_weights(fresh, weights)
     for name, p in fresh.model.named_parameters():
         assert torch.equal(p, weights[name])
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral"])
+def test_other_llama_family_architectures(model_type, text_file, tmp_path):
+    """Qwen2 (biases on q/k/v, kept as fp32 vectors) and Mistral go through the same adapter."""
+    path = save_tiny_llama(tmp_path / model_type, model_type=model_type)
+    loaded, result = quantized_tiny(path, text_file, Option("int4-g32", "gptq"))
+    assert loaded.arch.family == model_type and len(result.tensors) == 14
+    storage = native.save(tmp_path, loaded, result.tensors, {"model": loaded.spec})
+    fresh = load_model(str(path))
+    native.apply_weights(fresh, native.load_weights(tmp_path))
+    biases = [n for n, _ in fresh.model.named_parameters() if n.endswith(".bias")]
+    assert (len(biases) == 6) == (model_type == "qwen2")  # q/k/v biases of 2 blocks
+    assert storage.file_bytes == (tmp_path / native.WEIGHTS_FILE).stat().st_size
