@@ -229,8 +229,8 @@ def build_profile(
 
     T, O = len(tensors), len(options)
     errors = {k: np.full((T, O), np.inf) for k in ("hessian", "fisher")}
-    dequantized: dict[tuple[int, int], torch.Tensor] = {}  # what the measurement pass needs
-    measure = {(f, m) for f in measure_fmts for m in ("gptq", "rtn")}
+    # Per tensor and measured format, the better method's result: the one a plan would pick.
+    to_measure: dict[tuple[int, str], tuple[int, float, torch.Tensor]] = {}
     t0 = time.perf_counter()
     for t, name in enumerate(tqdm(tensors, desc="profiling tensors", unit="tensor")):
         W = plannable[name].weight.detach().float()
@@ -247,16 +247,13 @@ def build_profile(
                 W_hat = q.dequantize()
                 errors["hessian"][t, o] = output_error(W, W_hat, H)
                 errors["fisher"][t, o] = float((fisher[name] * (W_hat - W) ** 2).sum())
-                if (options[o].format, options[o].method) in measure:
-                    dequantized[(t, o)] = W_hat
+                key = (t, options[o].format)
+                if options[o].format in measure_fmts and (
+                    key not in to_measure or errors["hessian"][t, o] < to_measure[key][1]
+                ):
+                    to_measure[key] = (o, errors["hessian"][t, o], W_hat)
     timings["quantize"] = time.perf_counter() - t0
-    # Measure only the best method of each measured format: the one a plan would pick.
-    best: dict[tuple[int, str], tuple[int, float]] = {}
-    for (t, o), _ in dequantized.items():
-        key = (t, options[o].format)
-        if key not in best or errors["hessian"][t, o] < best[key][1]:
-            best[key] = (o, errors["hessian"][t, o])
-    chosen = {(t, o): dequantized[(t, o)] for (t, _), (o, _) in best.items()}
+    chosen = {(t, o): W_hat for (t, _), (o, _, W_hat) in to_measure.items()}
     t0 = time.perf_counter()
     measured = np.full((T, O), np.nan)
     for (t, o), kl in measure_kl(loaded, held_out, tensors, chosen, settings.batch_size).items():
