@@ -16,6 +16,7 @@ size is the file's), and evaluated on the same windows against cached reference 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +35,9 @@ from mixq.plan import Budget, Plan, capacity, plan_for_budget, plan_from_options
 from mixq.profile import ESTIMATORS, Profile, ProfileSettings, build_profile
 from mixq.quantize import quantize_model
 from mixq.report import markdown_table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from uniform import commit, machine  # noqa: E402  (shared provenance of bench results)
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_MODEL = "hessian+kl"  # every row's predicted loss is priced with this error model
@@ -159,6 +163,8 @@ def main() -> None:
     text = f"""# Allocation under a budget: SmolLM2-135M
 
 Command: `python bench/allocation.py --text {args.text} --budgets {args.budgets}` ({(time.perf_counter() - start) / 60:.0f} min)
+
+Machine: {machine()}; mixq at commit {commit()}
 
 - Calibration: {args.calib_windows} x 512 tokens sampled from the model (seed 0); profile {profile_note}.
 - Evaluation: the first {len(windows)} windows of {args.seq_len} tokens of `{args.text.name}`, KL(reference || quantized).

@@ -39,6 +39,14 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
 
 
+def commit() -> str:
+    """The checked-out commit, with a mark when the work tree differs from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return head + (" (with uncommitted changes)" if dirty else "")
+
+
 def reference_row(model: str, text: Path, n_windows: int, seq_len: int) -> list:
     """The unquantized model stored at 16 bits, measured against its fp32 self."""
     loaded = load_model(model)
@@ -88,7 +96,7 @@ def main() -> None:
 
 Command: `python bench/uniform.py --text {args.text}` ({(time.perf_counter() - start) / 60:.0f} min in all)
 
-Machine: {machine()}
+Machine: {machine()}; mixq at commit {commit()}
 
 - Model: `{args.model}` (SmolLM2-135M-Instruct; its GGUF Q4_1 weights dequantized to fp32 are the reference).
 - Calibration: {calibration}, the default of `mixq quantize` ({DEFAULT_CALIB['windows']} x {DEFAULT_CALIB['seq_len']} tokens).
