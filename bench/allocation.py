@@ -97,7 +97,8 @@ def main() -> None:
 
     loaded = load_model(args.model)
     original = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
-    calib = load_windows(loaded, WindowSpec(args.calib_windows, 512, None, 0), first=False)
+    # The first windows of the default calibration sample (64 x 512, seed 0), shared with `mixq quantize`.
+    calib = load_windows(loaded, WindowSpec(max(64, args.calib_windows), 512, None, 0))[: args.calib_windows]
     windows = load_windows(loaded, WindowSpec(args.windows, args.seq_len, args.text), first=True)
     reference = reference_logprobs(loaded.model, windows)
 
@@ -109,7 +110,9 @@ def main() -> None:
         profile.save(args.profile)
         profile_seconds = profile.info["seconds"]["total"]
 
-    rows, predicted, measured = [], [], []
+    rows: list[list] = []
+    predicted: list[float] = []
+    measured: list[float] = []
     for value in args.budgets.split(","):
         budget = Budget.parse(f"{value}bpw")
         candidates = {}
@@ -146,28 +149,33 @@ def main() -> None:
                          plan_seconds, quantize_seconds])
             print(markdown_table(["budget", "plan", "bpw", "predicted", "KL mean", "ppl", "top-1", "plan s",
                                   "quantize s"], rows[-1:]), flush=True)
+            write_report(args, rows, predicted, measured, profile, profile_seconds, len(windows), start, done=False)
 
+    write_report(args, rows, predicted, measured, profile, profile_seconds, len(windows), start, done=True)
+
+
+def write_report(args, rows, predicted, measured, profile, profile_seconds, n_windows, start, done) -> None:
     rho = spearmanr(predicted, measured).statistic if len(rows) >= 3 else float("nan")
     table = markdown_table(["budget", "plan", "bpw (whole file)", f"predicted ({REFERENCE_MODEL})", "KL mean", "ppl",
                             "top-1", "plan s", "quantize s"], rows)
-    best_ratio = []
+    estimators = args.estimators.split(",")
+    ratios = []  # measured KL of each mixq plan / the uniform plan's, per budget
     for value in args.budgets.split(","):
         label = str(Budget.parse(f"{value}bpw"))
-        these = [r for r in rows if r[0] == label]
-        uni = [r[4] for r in these if r[1].startswith("uniform")]
-        mixq = [r[4] for r in these if r[1].startswith("mixq")]
-        if uni and mixq:
-            best_ratio.append([label, min(mixq) / uni[0]])
+        kl = {r[1]: r[4] for r in rows if r[0] == label}
+        uniform = next((v for k, v in kl.items() if k.startswith("uniform")), None)
+        if uniform:
+            ratios.append([label, *(kl[f"mixq {e}"] / uniform if f"mixq {e}" in kl else None for e in estimators)])
     profile_note = (f"measured in this run in {profile_seconds:.0f} s" if profile_seconds is not None
                     else f"reused from {args.profile} (measured in {profile.info['seconds']['total']:.0f} s)")
     text = f"""# Allocation under a budget: SmolLM2-135M
 
-Command: `python bench/allocation.py --text {args.text} --budgets {args.budgets}` ({(time.perf_counter() - start) / 60:.0f} min)
+Command: `python bench/allocation.py --text {args.text} --budgets {args.budgets} --calib-windows {args.calib_windows}` ({(time.perf_counter() - start) / 60:.0f} min)
 
 Machine: {machine()}; mixq at commit {commit()}
 
 - Calibration: {args.calib_windows} x 512 tokens sampled from the model (seed 0); profile {profile_note}.
-- Evaluation: the first {len(windows)} windows of {args.seq_len} tokens of `{args.text.name}`, KL(reference || quantized).
+- Evaluation: the first {n_windows} windows of {args.seq_len} tokens of `{args.text.name}`, KL(reference || quantized).
 - bpw: the whole saved file (tied embedding, norms, header) over all weights. Budgets are upper bounds.
 - The shipped SmolLM2 stores its linears as Q4_1 (4-bit, groups of 32, float min): no int option here
   reproduces that grid exactly, so even 5 bpw plans lose a little; budgets below 5 bpw are the headline.
@@ -175,12 +183,15 @@ Machine: {machine()}; mixq at commit {commit()}
 
 {table}
 
-Best mixq plan's KL / uniform KL per budget (target <= 0.7):
+mixq's measured KL / the uniform plan's, per budget and estimator (target <= 0.7):
 
-{markdown_table(["budget", "ratio"], best_ratio)}
+{markdown_table(["budget", *estimators], ratios)}
 """
+    if not done:
+        text += f"\n**Partial: {len(rows)} plans measured so far; the run is still going.**\n"
     args.out.write_text(text)
-    print(text)
+    if done:
+        print(text)
 
 
 if __name__ == "__main__":
