@@ -189,6 +189,7 @@ mixq's measured KL / the uniform plan's, per budget and estimator (target <= 0.7
 """
     if not done:
         text += f"\n**Partial: {len(rows)} plans measured so far; the run is still going.**\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     if done:
         print(text)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from mixq.cli import DEFAULT_CALIB
 from mixq.data import WindowSpec, load_windows
 from mixq.evaluate import evaluate
 from mixq.export.native import INFO_FILE, storage_plan
@@ -70,21 +69,27 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-uniform")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "uniform.md")
+    parser.add_argument("--resume", action="store_true", help="reuse runs in --runs already evaluated on these windows")
     args = parser.parse_args()
 
     start = time.perf_counter()
     rows = [reference_row(args.model, args.text, args.windows, args.seq_len)]
-    commands = []
+    commands, reused = [], 0
     for bits, group, method in CONFIGS:
         out = args.runs / f"int{bits}-{group}-{method}"
         cmd = ["mixq", "quantize", args.model, "--bits", str(bits), "--group-size", group, "--method", method,
                "--eval-text", str(args.text), "--eval-windows", str(args.windows), "--eval-len", str(args.seq_len),
                "--out", str(out), "--overwrite"]
         commands.append(shlex.join(cmd))
-        print("$", commands[-1], flush=True)
-        subprocess.run([sys.executable, "-m", "mixq.cli", *cmd[1:]], check=True)
-        info = json.loads((out / INFO_FILE).read_text())
-        (report,) = info["evaluations"].values()
+        eval_key = WindowSpec(args.windows, args.seq_len, args.text).describe()
+        done = out / INFO_FILE
+        if args.resume and done.exists() and eval_key in json.loads(done.read_text())["evaluations"]:
+            reused += 1
+        else:
+            print("$", commands[-1], flush=True)
+            subprocess.run([sys.executable, "-m", "mixq.cli", *cmd[1:]], check=True)
+        info = json.loads(done.read_text())
+        report = info["evaluations"][eval_key]
         rows.append([f"int{bits} g{group}" if group != "channel" else f"int{bits} per channel", method,
                      info["storage"]["bpw"], report["ppl"], report["kl_mean"], report["kl_p99"], report["top1"],
                      info["quantize_seconds"]])
@@ -94,12 +99,13 @@ def main() -> None:
     table = markdown_table(headers, rows)
     text = f"""# Uniform quantization: RTN vs GPTQ on SmolLM2-135M
 
-Command: `python bench/uniform.py --text {args.text}` ({(time.perf_counter() - start) / 60:.0f} min in all)
+Command: `python bench/uniform.py --text {args.text}` ({(time.perf_counter() - start) / 60:.0f} min in all{
+    f"; {reused} of the runs reused from an earlier invocation with --resume" if reused else ""})
 
 Machine: {machine()}; mixq at commit {commit()}
 
 - Model: `{args.model}` (SmolLM2-135M-Instruct; its GGUF Q4_1 weights dequantized to fp32 are the reference).
-- Calibration: {calibration}, the default of `mixq quantize` ({DEFAULT_CALIB['windows']} x {DEFAULT_CALIB['seq_len']} tokens).
+- Calibration: {calibration}, the default of `mixq quantize`.
 - Evaluation: the first {args.windows} non-overlapping windows of {args.seq_len} tokens of `{args.text.name}`;
   KL is KL(reference || quantized) per next token, top-1 the share of tokens where both rank the same token first.
 - Quantized: all 210 linears of the 30 blocks; the tied embedding/output matrix stays fp16 and the norms fp32,
@@ -113,6 +119,7 @@ Each row was made by:
 {chr(10).join(commands)}
 ```
 """
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)
 
