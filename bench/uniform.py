@@ -23,7 +23,7 @@ import torch
 
 from mixq.data import WindowSpec, load_windows
 from mixq.evaluate import evaluate
-from mixq.export.native import INFO_FILE, storage_plan
+from mixq.export.native import INFO_FILE, KEPT_FORMATS, kept_format, storage_plan
 from mixq.models import load_model
 from mixq.report import markdown_table
 
@@ -55,8 +55,8 @@ def reference_row(model: str, text: Path, n_windows: int, seq_len: int) -> list:
     fp32 = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
     reference = loaded.model
     stored = copy.deepcopy(reference)
-    for name, p in stored.named_parameters():
-        p.data.copy_(fp32[name].half().float() if p.dim() >= 2 else fp32[name])
+    for name, p in stored.named_parameters():  # rounded to the width mixq keeps them at
+        p.data.copy_(fp32[name].to(KEPT_FORMATS[kept_format(p)]).float())
     r = evaluate(stored, windows, reference=reference)
     return ["16-bit (none)", "-", bpw, r.ppl, r.kl_mean, r.kl_p99, r.top1, 0.0]
 

@@ -78,3 +78,15 @@ def test_calibration_recovers_a_power_law():
     assert np.allclose(pred[:5], truth[:5])
     assert np.allclose(pred[5], 5 * raw[5] ** 1.5)  # its kind's alpha (tensor 4)
     assert (pred[:, 3] == 0).all()
+
+
+def test_fused_tie_groups(tiny_llama_dir, tiny_profile):
+    from mixq.profile import tie_groups
+
+    loaded = load_model(str(tiny_llama_dir))
+    groups = tie_groups(loaded, tiny_profile.tensors, "fused")
+    named = [[tiny_profile.tensors[t].rsplit(".", 1)[-1] for t in g] for g in groups]
+    assert named[:4] == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    assert sorted(t for g in groups for t in g) == list(range(len(tiny_profile.tensors)))  # a partition
+    with pytest.raises(MixqError, match="tie rule"):
+        tie_groups(loaded, tiny_profile.tensors, "pairs")
