@@ -154,11 +154,18 @@ def frontier(loss: np.ndarray, nbytes: np.ndarray, groups: list[list[int]]) -> l
         for a, b in zip(hull, hull[1:]):
             upgrades.append(((L[g, a] - L[g, b]) / (B[g, b] - B[g, a]), g, b))
     upgrades.sort(key=lambda u: -u[0])  # steepest first; within a group slopes decrease, so order holds
+    group_of = np.empty(T, dtype=np.int64)  # tensor -> its group, to expand group choices at once
+    for g, members in enumerate(groups):
+        group_of[members] = g
+    rows = np.arange(len(groups))
     choice_g = start.copy()
-    plans = [_allocation(choice_g, L, B, groups, T)]
+    nbytes, total = int(B[rows, start].sum()), float(L[rows, start].sum())
+    plans = [Allocation(choice_g[group_of], nbytes, total)]
     for _, g, o in upgrades:
+        nbytes += int(B[g, o] - B[g, choice_g[g]])
+        total += float(L[g, o] - L[g, choice_g[g]])
         choice_g[g] = o
-        plans.append(_allocation(choice_g, L, B, groups, T))
+        plans.append(Allocation(choice_g[group_of], nbytes, total))
     return plans
 
 
