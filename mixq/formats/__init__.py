@@ -21,6 +21,8 @@ class Format(Protocol):
     @property
     def name(self) -> str: ...
 
+    def fits(self, shape: tuple[int, int]) -> bool: ...
+
     def nbytes(self, shape: tuple[int, int]) -> int: ...
 
     def dequantize(self, q: QTensor) -> torch.Tensor: ...
@@ -32,12 +34,19 @@ class Format(Protocol):
 
 @dataclass
 class QTensor:
-    """One quantized matrix: integer codes (rows, cols), per-group scales and zeros (rows, n_groups)."""
+    """One quantized matrix: w = scale * (code - zero) - offset, per group of input weights.
+
+    codes are (rows, cols) integers in [0, 2**bits); scale, zero and offset are (rows, n_groups).
+    offset is None for formats without a stored min. super_scale (rows, n_blocks, 2) holds the fp16
+    (d, dmin) of formats that store group scales as integers times a per-block scale (ggml's k-quants).
+    """
 
     format: Format
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
+    offset: torch.Tensor | None = None
+    super_scale: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -58,7 +67,7 @@ def register_family(prefix: str, parser: Callable[[str], Format | None]) -> None
 
 
 def parse_format(name: str) -> Format:
-    """The format with this name, for example `int4-g128`, `int3-g64-sym`, `int8-ch`."""
+    """The format with this name, for example `int4-g128`, `int3-g64-sym`, `int8-ch`, `q4_k`."""
     for prefix, parser in _PARSERS.items():
         if name.startswith(prefix):
             fmt = parser(name)
@@ -67,4 +76,4 @@ def parse_format(name: str) -> Format:
     raise MixqError(f"unknown format {name!r} (known families: {', '.join(sorted(_PARSERS))})")
 
 
-from mixq.formats import integer  # noqa: E402,F401  (registers the int family)
+from mixq.formats import ggml, integer  # noqa: E402,F401  (register the families)

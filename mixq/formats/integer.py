@@ -30,14 +30,28 @@ GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # 0 means one group per output 
 FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal); scales never round to 0
 
 
-def encode(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int | torch.Tensor) -> torch.Tensor:
-    """Codes round(W / scale) + zero, clamped to [0, qmax] (qmax may differ per row)."""
-    q = (torch.round(W / scale) + zero).clamp(min=0)
+def encode(
+    W: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | float,
+    qmax: int | torch.Tensor,
+    offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Codes round((W + offset) / scale) + zero, clamped to [0, qmax] (qmax may differ per row).
+
+    A zero scale (an all-zero group) gives the code of 0.
+    """
+    x = W if offset is None else W + offset
+    q = (torch.where(scale != 0, x / scale, 0).round() + zero).clamp(min=0)
     return torch.minimum(q, qmax) if isinstance(qmax, torch.Tensor) else q.clamp(max=qmax)
 
 
-def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return scale * (codes - zero)
+def decode(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float, offset: torch.Tensor | None = None
+) -> torch.Tensor:
+    """scale * (codes - zero) - offset: the one convention of every format (see formats/__init__)."""
+    w = scale * (codes - zero)
+    return w if offset is None else w - offset
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,9 @@ class IntFormat:
     @property
     def qmax(self) -> int:
         return 2**self.bits - 1
+
+    def fits(self, shape: tuple[int, int]) -> bool:
+        return True
 
     def group_len(self, cols: int) -> int:
         return self.group_size or cols

@@ -1,0 +1,436 @@
+"""llama.cpp's block formats (ggml types): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the k-quants Q2_K..Q6_K.
+
+A row is cut into blocks of 32 or 256 weights, stored byte for byte as ggml lays them out, so a
+GGUF writer copies `pack`'s bytes verbatim. Within a block, sub-blocks of 16 or 32 weights share one
+scale. The 32-wide types store an fp16 scale (and min) per block; the k-quants store each sub-block's
+scale (and min) as a small integer times an fp16 super-block scale `d` (and `dmin`).
+
+In mixq's terms, per sub-block, a weight is  scale * (code - zero) - offset  with codes in [0, 2**bits):
+- symmetric types (Q8_0, Q4_0, Q5_0, Q3_K, Q6_K): zero = 2**(bits-1), no offset; scales may be negative;
+- types with a min (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K): zero = 0 and offset = -min.
+For the k-quants scale = d * sc and offset = dmin * m with integer sc, m; computed this way the floats
+are exactly those of ggml's own dequantization (tests check this against the `gguf` package).
+
+Choosing the parameters (`fit`) is a search weighted by input importance (diag of H, the idea behind
+llama.cpp's imatrix): per sub-block, a grid of range shrinks each followed by a weighted least-squares
+refit; then, for the k-quants, the integer sub-block scales around the rounded ones are searched again
+against the same weighted error.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from mixq.errors import MixqError
+from mixq.formats import QTensor, register_family
+from mixq.formats.integer import decode, encode
+
+
+@dataclass(frozen=True)
+class GGMLFormat:
+    name: str  # llama.cpp's type name, lower case: "q4_k"
+    bits: int
+    block: int  # weights per block (the unit of storage)
+    sub: int  # weights per sub-block (one scale, and one min, each)
+    has_min: bool
+    sub_scale_range: tuple[int, int] = (0, 0)  # k-quants: integer range of sub-block scales (and mins)
+
+    @property
+    def ggml_type(self) -> GGMLQuantizationType:
+        return GGMLQuantizationType[self.name.upper()]
+
+    @property
+    def type_size(self) -> int:
+        return GGML_QUANT_SIZES[self.ggml_type][1]
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    @property
+    def zero(self) -> float:
+        return 0.0 if self.has_min else float(2 ** (self.bits - 1))
+
+    @property
+    def two_level(self) -> bool:
+        return self.sub_scale_range != (0, 0)
+
+    def fits(self, shape: tuple[int, int]) -> bool:
+        return shape[1] % self.block == 0
+
+    def group_len(self, cols: int) -> int:
+        return self.sub
+
+    def n_groups(self, cols: int) -> int:
+        return cols // self.sub
+
+    def nbytes(self, shape: tuple[int, int]) -> int:
+        self._check(shape)
+        return shape[0] * shape[1] // self.block * self.type_size
+
+    def _check(self, shape: tuple[int, int]) -> None:
+        if not self.fits(shape):
+            raise MixqError(f"{self.name} needs rows whose length is a multiple of {self.block}, got {shape[1]}")
+
+    # -- parameters -------------------------------------------------------------------------
+    def fit(self, W: torch.Tensor, importance: torch.Tensor, clip_grid: int = 21, clip_min: float = 0.5) -> QTensor:
+        """Round-to-nearest codes on parameters chosen to minimise sum importance * (w - w_hat)^2."""
+        self._check(tuple(W.shape))
+        rows, cols = W.shape
+        W = W.float()
+        G = W.view(rows, -1, self.sub)  # (rows, n_sub, sub)
+        imp = importance.float().clamp(min=0)
+        imp = (imp + 1e-9 * imp.mean().clamp(min=1e-30)).view(1, -1, self.sub)  # no all-zero weights
+        scale, offset = self._fit_sub_blocks(G, imp, clip_grid, clip_min)
+        if self.two_level:
+            scale, offset, super_scale = self._quantize_sub_params(G, imp, scale, offset)
+        else:
+            scale, offset, super_scale = _fp16(scale), _fp16(offset), None
+        zero = torch.full_like(scale, self.zero)
+        offset = offset if self.has_min else None
+        codes = encode(W, self.expand(scale), self.expand(zero), self.qmax, self.expand(offset))
+        return QTensor(self, codes.to(torch.uint8), scale, zero, offset, super_scale)
+
+    def _fit_sub_blocks(
+        self, G: torch.Tensor, imp: torch.Tensor, clip_grid: int, clip_min: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Continuous (scale, offset) per sub-block: the best of a range-shrink grid and its refits."""
+        if self.has_min:
+            lo, hi = G.amin(dim=2), G.amax(dim=2)
+            if self.two_level:  # k-quant mins are stored as non-negative multiples of dmin
+                lo = lo.clamp(max=0)
+            base_scale, base_offset = (hi - lo) / self.qmax, -lo
+        else:
+            # The largest-magnitude weight lands on the lowest level, -2**(bits-1), which has no mirror.
+            at = G.abs().argmax(dim=2, keepdim=True)
+            base_scale, base_offset = G.gather(2, at).squeeze(2) / -self.zero, torch.zeros_like(G[..., 0])
+        best = None
+        for clip in torch.linspace(1.0, clip_min, max(clip_grid, 1)).tolist():
+            s, o = base_scale * clip, base_offset * clip
+            for candidate in ((s, o), self._refit(G, imp, s, o)):
+                err = self._error(G, imp, *candidate)
+                if best is None:
+                    best = (err, *candidate)
+                else:
+                    better = err < best[0]
+                    best = tuple(torch.where(better, new, old) for new, old in zip((err, *candidate), best))
+        return best[1], best[2]
+
+    def _codes(self, G: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        return encode(G, scale.unsqueeze(2), self.zero, self.qmax, offset.unsqueeze(2))
+
+    def _error(self, G: torch.Tensor, imp: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        q = self._codes(G, scale, offset)
+        w_hat = decode(q, scale.unsqueeze(2), self.zero, offset.unsqueeze(2))
+        return ((w_hat - G).square() * imp).sum(dim=2)
+
+    def _refit(
+        self, G: torch.Tensor, imp: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted least squares for (scale, offset) with the codes of (scale, offset) held fixed."""
+        c = self._codes(G, scale, offset) - self.zero
+        sw, swc, swx = imp.sum(2), (imp * c).sum(2), (imp * G).sum(2)
+        swcc, swcx = (imp * c * c).sum(2), (imp * c * G).sum(2)
+        if not self.has_min:
+            return torch.where(swcc > 0, swcx / swcc, scale), offset
+        det = sw * swcc - swc * swc
+        ok = det > 1e-12 * sw * swcc
+        new_scale = torch.where(ok, (sw * swcx - swc * swx) / det, scale)
+        new_offset = torch.where(ok, -(swx - new_scale * swc) / sw, offset)
+        if self.two_level:
+            new_offset = new_offset.clamp(min=0)
+        return new_scale.clamp(min=0), new_offset
+
+    def _quantize_sub_params(
+        self, G: torch.Tensor, imp: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k-quants: sub-block scales (and mins) as integers times fp16 super-block scales.
+
+        d is chosen so the largest sub-block scale is representable; each integer is then the best of
+        the nearest integer and its two neighbours under the weighted error of the sub-block.
+        """
+        rows, n_sub = scale.shape
+        per_block = self.block // self.sub
+        lo, hi = self.sub_scale_range
+        d = self._super(scale.view(rows, -1, per_block), lo, hi)  # (rows, n_blocks)
+        d_sub = d.repeat_interleave(per_block, dim=1)
+        sc = _div(scale, d_sub).round().clamp(lo, hi)
+        if self.has_min:
+            dmin = self._super(offset.view(rows, -1, per_block), lo, hi)
+            dmin_sub = dmin.repeat_interleave(per_block, dim=1)
+            mn = _div(offset, dmin_sub).round().clamp(lo, hi)
+        else:
+            dmin_sub, mn = torch.zeros_like(d_sub), torch.zeros_like(sc)
+        best = None
+        for dsc in (0, -1, 1):
+            for dmn in (0, -1, 1) if self.has_min else (0,):
+                s = d_sub * (sc + dsc).clamp(lo, hi)
+                o = dmin_sub * (mn + dmn).clamp(lo, hi)
+                err = self._error(G, imp, s, o)
+                if best is None:
+                    best = (err, s, o)
+                else:
+                    better = err < best[0]
+                    best = tuple(torch.where(better, new, old) for new, old in zip((err, s, o), best))
+        super_scale = torch.stack([d, dmin_sub[:, ::per_block]], dim=2)  # (rows, n_blocks, 2)
+        return best[1], best[2], super_scale
+
+    @staticmethod
+    def _super(values: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """fp16 super-block scale mapping the largest-magnitude value of each block onto the integer range."""
+        if lo < 0:  # signed sub-block scales: the largest one lands on `lo`, which has no mirror
+            at = values.abs().argmax(dim=2, keepdim=True)
+            return _fp16(values.gather(2, at).squeeze(2) / lo)
+        return _fp16(values.amax(dim=2) / hi)
+
+    # -- codes ------------------------------------------------------------------------------
+    def expand(self, per_group: torch.Tensor | None) -> torch.Tensor | None:
+        return None if per_group is None else per_group.repeat_interleave(self.sub, dim=1)
+
+    def dequantize(self, q: QTensor) -> torch.Tensor:
+        return decode(q.codes.float(), self.expand(q.scale), self.expand(q.zero), self.expand(q.offset))
+
+    def with_codes(self, q: QTensor, codes: torch.Tensor) -> QTensor:
+        return QTensor(self, codes, q.scale, q.zero, q.offset, q.super_scale)
+
+    # -- storage ----------------------------------------------------------------------------
+    def pack(self, q: QTensor) -> dict[str, torch.Tensor]:
+        """{"blocks": (rows, cols // block * type_size) uint8}: ggml's bytes for this tensor."""
+        rows, cols = q.shape
+        n = rows * cols // self.block
+        codes = q.codes.numpy().reshape(n, self.block).astype(np.uint8)
+        params = _BlockParams.from_qtensor(self, q, n)
+        data = _LAYOUTS[self.name][0](self, codes, params)
+        assert data.shape == (n, self.type_size)
+        return {"blocks": torch.from_numpy(np.ascontiguousarray(data).reshape(rows, -1))}
+
+    def unpack(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> QTensor:
+        self._check(shape)
+        rows, cols = shape
+        n = rows * cols // self.block
+        data = tensors["blocks"].numpy().reshape(n, self.type_size)
+        codes, params = _LAYOUTS[self.name][1](self, data)
+        return params.to_qtensor(self, torch.from_numpy(codes.reshape(rows, cols).astype(np.uint8)), rows)
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    if not torch.isfinite(x).all() or x.abs().max() >= torch.finfo(torch.float16).max:
+        raise MixqError("weights are not finite or too large for fp16 scales (NaN/inf in the model?)")
+    return x.half().float()
+
+
+def _div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.where(b != 0, a / torch.where(b != 0, b, 1), 0)
+
+
+@dataclass
+class _BlockParams:
+    """A tensor's parameters per block, as ggml stores them."""
+
+    d: np.ndarray  # (n,) float16: the block's (super-)scale
+    m: np.ndarray  # (n,) float16: 32-wide types' min, k-quants' dmin; zeros when unused
+    sc: np.ndarray  # (n, per_block) int: k-quants' sub-block scales
+    mn: np.ndarray  # (n, per_block) int: k-quants' sub-block mins
+
+    @classmethod
+    def from_qtensor(cls, fmt: GGMLFormat, q: QTensor, n: int) -> _BlockParams:
+        per_block = fmt.block // fmt.sub
+        scale = q.scale.reshape(n, per_block)
+        offset = q.offset.reshape(n, per_block) if q.offset is not None else torch.zeros_like(scale)
+        if not fmt.two_level:
+            zeros = np.zeros((n, 1), np.int64)
+            return cls(scale[:, 0].half().numpy(), (-offset[:, 0]).half().numpy(), zeros, zeros)
+        d, dmin = q.super_scale.reshape(n, 2).unbind(1)
+        sc = _div(scale, d.unsqueeze(1)).round().long().numpy()
+        mn = _div(offset, dmin.unsqueeze(1)).round().long().numpy()
+        return cls(d.half().numpy(), dmin.half().numpy(), sc, mn)
+
+    def to_qtensor(self, fmt: GGMLFormat, codes: torch.Tensor, rows: int) -> QTensor:
+        d = torch.from_numpy(self.d.astype(np.float32)).unsqueeze(1)
+        m = torch.from_numpy(self.m.astype(np.float32)).unsqueeze(1)
+        if fmt.two_level:
+            scale = d * torch.from_numpy(self.sc).float()
+            offset = m * torch.from_numpy(self.mn).float()
+            super_scale = torch.stack([d[:, 0], m[:, 0]], dim=1).reshape(rows, -1, 2)
+        else:
+            scale, offset, super_scale = d, -m, None
+        scale = scale.reshape(rows, -1)
+        return QTensor(
+            fmt, codes, scale, torch.full_like(scale, fmt.zero),
+            offset.reshape(rows, -1) if fmt.has_min else None, super_scale,
+        )
+
+
+# -- ggml's byte layouts ------------------------------------------------------------------------
+# Codes are laid out in "planes": within each chunk of (8 // bits) * width codes, code s * width + l
+# sits in byte l of the chunk at bit s * bits.
+
+
+def _planes(codes: np.ndarray, bits: int, width: int) -> np.ndarray:
+    n = codes.shape[0]
+    per = 8 // bits
+    shifts = (np.arange(per, dtype=np.uint8) * bits).reshape(1, 1, per, 1)
+    parts = (codes.reshape(n, -1, per, width) & np.uint8(2**bits - 1)) << shifts
+    return np.bitwise_or.reduce(parts, axis=2).reshape(n, -1)
+
+
+def _unplanes(data: np.ndarray, bits: int, width: int) -> np.ndarray:
+    n = data.shape[0]
+    per = 8 // bits
+    shifts = (np.arange(per, dtype=np.uint8) * bits).reshape(1, 1, per, 1)
+    return ((data.reshape(n, -1, 1, width) >> shifts) & np.uint8(2**bits - 1)).reshape(n, -1)
+
+
+def _f16_bytes(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def _f16(data: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(data).view(np.float16).reshape(-1)
+
+
+def _split(data: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    return np.split(data, np.cumsum(sizes)[:-1], axis=1)
+
+
+def _none(n: int, per_block: int = 1) -> np.ndarray:
+    return np.zeros((n, per_block), np.int64)
+
+
+def _pack_32(fmt: GGMLFormat, codes: np.ndarray, p: _BlockParams) -> np.ndarray:
+    head = [_f16_bytes(p.d)] + ([_f16_bytes(p.m)] if fmt.has_min else [])
+    if fmt.bits == 8:
+        return np.concatenate(head + [(codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)], axis=1)
+    if fmt.bits == 5:
+        head.append(np.packbits((codes >> 4) & 1, axis=1, bitorder="little"))
+    return np.concatenate(head + [_planes(codes, 4, 16)], axis=1)
+
+
+def _unpack_32(fmt: GGMLFormat, data: np.ndarray) -> tuple[np.ndarray, _BlockParams]:
+    n = data.shape[0]
+    sizes = [2] + ([2] if fmt.has_min else []) + ([4] if fmt.bits == 5 else [])
+    parts = _split(data, sizes + [data.shape[1] - sum(sizes)])
+    d = _f16(parts[0])
+    m = _f16(parts[1]) if fmt.has_min else np.zeros(n, np.float16)
+    if fmt.bits == 8:
+        codes = (parts[-1].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    else:
+        codes = _unplanes(parts[-1], 4, 16)
+        if fmt.bits == 5:
+            codes = codes | (np.unpackbits(parts[-2], axis=1, bitorder="little") << 4)
+    return codes, _BlockParams(d, m, _none(n), _none(n))
+
+
+def _pack_k4_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K: eight 6-bit scales and eight 6-bit mins in 12 bytes."""
+    sc, mn = sc.astype(np.uint8), mn.astype(np.uint8)
+    return np.concatenate([
+        sc[:, :4] | ((sc[:, 4:] >> 4) << 6),
+        mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
+        (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4),
+    ], axis=1)
+
+
+def _unpack_k4_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    low_sc, low_mn, rest = b[:, 0:4], b[:, 4:8], b[:, 8:12]
+    sc = np.concatenate([low_sc & 63, (rest & 15) | ((low_sc >> 6) << 4)], axis=1)
+    mn = np.concatenate([low_mn & 63, (rest >> 4) | ((low_mn >> 6) << 4)], axis=1)
+    return sc.astype(np.int64), mn.astype(np.int64)
+
+
+def _pack_q2_k(fmt: GGMLFormat, codes: np.ndarray, p: _BlockParams) -> np.ndarray:
+    scales = (p.sc | (p.mn << 4)).astype(np.uint8)
+    return np.concatenate([scales, _planes(codes, 2, 32), _f16_bytes(p.d), _f16_bytes(p.m)], axis=1)
+
+
+def _unpack_q2_k(fmt: GGMLFormat, data: np.ndarray) -> tuple[np.ndarray, _BlockParams]:
+    scales, qs, d, dmin = _split(data, [16, 64, 2, 2])
+    sc, mn = (scales & 15).astype(np.int64), (scales >> 4).astype(np.int64)
+    return _unplanes(qs, 2, 32), _BlockParams(_f16(d), _f16(dmin), sc, mn)
+
+
+def _pack_q3_k(fmt: GGMLFormat, codes: np.ndarray, p: _BlockParams) -> np.ndarray:
+    v = (p.sc + 32).astype(np.uint8)  # 6-bit, biased by 32
+    low = (v[:, :8] & 15) | ((v[:, 8:] & 15) << 4)
+    high = np.bitwise_or.reduce(((v.reshape(-1, 4, 4) >> 4) & 3) << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 4, 1), axis=1)
+    return np.concatenate([_planes(codes >> 2, 1, 32), _planes(codes, 2, 32), low, high, _f16_bytes(p.d)], axis=1)
+
+
+def _unpack_q3_k(fmt: GGMLFormat, data: np.ndarray) -> tuple[np.ndarray, _BlockParams]:
+    n = data.shape[0]
+    hmask, qs, low, high, d = _split(data, [32, 64, 8, 4, 2])
+    low16 = np.concatenate([low & 15, low >> 4], axis=1)
+    high16 = ((high.reshape(n, 1, 4) >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 4, 1)) & 3).reshape(n, 16)
+    sc = (low16 | (high16 << 4)).astype(np.int64) - 32
+    codes = _unplanes(qs, 2, 32) | (_unplanes(hmask, 1, 32) << 2)
+    return codes, _BlockParams(_f16(d), np.zeros(n, np.float16), sc, _none(n, 16))
+
+
+def _pack_q45_k(fmt: GGMLFormat, codes: np.ndarray, p: _BlockParams) -> np.ndarray:
+    high = [_planes(codes >> 4, 1, 32)] if fmt.bits == 5 else []
+    return np.concatenate(
+        [_f16_bytes(p.d), _f16_bytes(p.m), _pack_k4_scales(p.sc, p.mn), *high, _planes(codes, 4, 32)], axis=1
+    )
+
+
+def _unpack_q45_k(fmt: GGMLFormat, data: np.ndarray) -> tuple[np.ndarray, _BlockParams]:
+    sizes = [2, 2, 12] + ([32] if fmt.bits == 5 else [])
+    parts = _split(data, sizes + [128])
+    codes = _unplanes(parts[-1], 4, 32)
+    if fmt.bits == 5:
+        codes = codes | (_unplanes(parts[3], 1, 32) << 4)
+    sc, mn = _unpack_k4_scales(parts[2])
+    return codes, _BlockParams(_f16(parts[0]), _f16(parts[1]), sc, mn)
+
+
+def _pack_q6_k(fmt: GGMLFormat, codes: np.ndarray, p: _BlockParams) -> np.ndarray:
+    scales = p.sc.astype(np.int8).view(np.uint8)
+    return np.concatenate([_planes(codes, 4, 64), _planes(codes >> 4, 2, 32), scales, _f16_bytes(p.d)], axis=1)
+
+
+def _unpack_q6_k(fmt: GGMLFormat, data: np.ndarray) -> tuple[np.ndarray, _BlockParams]:
+    n = data.shape[0]
+    ql, qh, scales, d = _split(data, [128, 64, 16, 2])
+    codes = _unplanes(ql, 4, 64) | (_unplanes(qh, 2, 32) << 4)
+    sc = np.ascontiguousarray(scales).view(np.int8).astype(np.int64)
+    return codes, _BlockParams(_f16(d), np.zeros(n, np.float16), sc, _none(n, 16))
+
+
+_LAYOUTS = {
+    **dict.fromkeys(("q8_0", "q4_0", "q4_1", "q5_0", "q5_1"), (_pack_32, _unpack_32)),
+    "q2_k": (_pack_q2_k, _unpack_q2_k),
+    "q3_k": (_pack_q3_k, _unpack_q3_k),
+    "q4_k": (_pack_q45_k, _unpack_q45_k),
+    "q5_k": (_pack_q45_k, _unpack_q45_k),
+    "q6_k": (_pack_q6_k, _unpack_q6_k),
+}
+
+GGML_FORMATS = {
+    f.name: f
+    for f in (
+        GGMLFormat("q8_0", 8, 32, 32, has_min=False),
+        GGMLFormat("q5_1", 5, 32, 32, has_min=True),
+        GGMLFormat("q5_0", 5, 32, 32, has_min=False),
+        GGMLFormat("q4_1", 4, 32, 32, has_min=True),
+        GGMLFormat("q4_0", 4, 32, 32, has_min=False),
+        GGMLFormat("q6_k", 6, 256, 16, has_min=False, sub_scale_range=(-128, 127)),
+        GGMLFormat("q5_k", 5, 256, 32, has_min=True, sub_scale_range=(0, 63)),
+        GGMLFormat("q4_k", 4, 256, 32, has_min=True, sub_scale_range=(0, 63)),
+        GGMLFormat("q3_k", 3, 256, 16, has_min=False, sub_scale_range=(-32, 31)),
+        GGMLFormat("q2_k", 2, 256, 16, has_min=True, sub_scale_range=(0, 15)),
+    )
+}
+
+_NAME = re.compile(r"^q\d_(?:0|1|k)$")
+
+
+def parse(name: str) -> GGMLFormat | None:
+    return GGML_FORMATS.get(name) if _NAME.match(name) else None
+
+
+register_family("q", parse)
