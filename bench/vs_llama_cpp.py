@@ -5,8 +5,8 @@ llama.cpp's own mixes with and without an imatrix (llama-imatrix on mixq's calib
 mixq's GGUF at each llama.cpp file's size (planned to that many bytes, never larger). Every file is
 measured by llama-perplexity on WikiText-2 test against the F32 logits (--kl-divergence).
 
-    python bench/gguf.py --text ../shared/data/wikitext-2-raw/wiki.test.raw            # everything
-    python bench/gguf.py --text ... --only llama                                      # llama.cpp's files only
+    python bench/vs_llama_cpp.py --text ../shared/data/wikitext-2-raw/wiki.test.raw            # everything
+    python bench/vs_llama_cpp.py --text ... --only llama                                      # llama.cpp's files only
 
 Every artifact (model, calibration text, imatrix, files, measurements) is cached under --work, so a
 run that stops can be resumed; the table in bench/results/gguf.md is rewritten after every file.
@@ -175,7 +175,7 @@ def write_report(args, rows: list[dict], start: float) -> None:
     text = "\n".join([
         "# GGUF: mixq vs llama.cpp's own mixes on Qwen2.5-Coder-1.5B-Instruct",
         "",
-        f"Command: `python bench/gguf.py --text {args.text} --chunks {args.chunks}`  ",
+        f"Command: `python bench/vs_llama_cpp.py --text {args.text} --chunks {args.chunks}`  ",
         f"Machine: {machine()}; commit {commit()}; {time.time() - start:.0f} s in this run.  ",
         f"Judge: llama-perplexity (llama.cpp from llama-cpp-python's sdist), {args.chunks} chunks x 512 tokens of "
         "WikiText-2 test, KL divergence against the F32 reference GGUF.",
