@@ -1,7 +1,7 @@
 """Number formats: how one weight matrix is stored.
 
-A format is a frozen dataclass with a `name`, exact storage (`nbytes`), and pure functions:
-`qparams` (scales and zeros for a matrix), `quantize` (codes from given qparams), `dequantize`,
+A format is a frozen dataclass with a `name`, exact storage (`nbytes`, `fits`), and pure functions:
+`fit` (parameters chosen by an importance-weighted search, codes rounded to nearest), `dequantize`,
 `pack`/`unpack` (the tensors written to disk). Each family lives in its own module and registers
 a name parser here, so `parse_format("int3-g128")` and the exporters agree on one table.
 """
@@ -24,6 +24,12 @@ class Format(Protocol):
     def fits(self, shape: tuple[int, int]) -> bool: ...
 
     def nbytes(self, shape: tuple[int, int]) -> int: ...
+
+    def group_len(self, cols: int) -> int: ...
+
+    def n_groups(self, cols: int) -> int: ...
+
+    def fit(self, W: torch.Tensor, importance: torch.Tensor, clip_grid: int = 21, clip_min: float = 0.5) -> QTensor: ...
 
     def dequantize(self, q: QTensor) -> torch.Tensor: ...
 

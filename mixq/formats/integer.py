@@ -126,6 +126,29 @@ class IntFormat:
         s16 = torch.where(s16.float() < scale, torch.nextafter(s16, torch.full_like(s16, torch.inf)), s16)
         return s16.float()
 
+    def fit(self, W: torch.Tensor, importance: torch.Tensor, clip_grid: int = 21, clip_min: float = 0.5) -> QTensor:
+        """Round-to-nearest codes on the per-group range shrink (of `clip_grid` factors from 1.0 down to
+        `clip_min`) with the least error sum_j importance_j (w_j - w_hat_j)^2: the layer's output error
+        with H reduced to its diagonal, which separates over groups (llama.cpp's imatrix weighting)."""
+        G = self.grouped(W)  # (rows, n_groups, group_len)
+        imp = self.grouped(importance.unsqueeze(0))  # (1, n_groups, group_len), zero on padding
+        lo, hi = self.group_range(G)
+        best_err = best_scale = best_zero = None
+        for clip in torch.linspace(1.0, clip_min, max(clip_grid, 1)).tolist():
+            scale, zero = self.qparams_from_range(lo, hi, clip)
+            s, z = scale.unsqueeze(2), zero.unsqueeze(2)
+            # squared error of every weight, in place: (scale * (code - zero) - w)^2 * importance
+            e = torch.div(G, s).round_().add_(z).clamp_(0, self.qmax).sub_(z).mul_(s).sub_(G)
+            err = e.square_().mul_(imp).sum(dim=2)  # (rows, n_groups)
+            if best_err is None:
+                best_err, best_scale, best_zero = err, scale, zero
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_scale = torch.where(better, scale, best_scale)
+                best_zero = torch.where(better, zero, best_zero)
+        return self.quantize(W, best_scale, best_zero)
+
     # -- codes ------------------------------------------------------------------------------
     def encode(self, W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Codes for W given per-column (broadcastable) scale and zero."""

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from mixq.errors import MixqError
-from mixq.formats import QTensor
-from mixq.formats.integer import IntFormat
+from mixq.formats import Format, QTensor
 
 
 @dataclass(frozen=True)
@@ -28,9 +27,13 @@ class MethodSettings:
     block_size: int = 128  # GPTQ: columns per lazy-update block
     act_order: bool = True  # GPTQ: quantize columns by decreasing diag(H) (lower error on SmolLM2)
 
+    def clip(self) -> tuple[int, float]:
+        """(clip_grid, clip_min) for a format's `fit`: one factor, 1.0, when the search is off."""
+        return (self.clip_grid, self.clip_min) if self.clip_search else (1, 1.0)
 
-Method = Callable[[torch.Tensor, torch.Tensor, IntFormat, MethodSettings], QTensor]
-ManyMethod = Callable[[torch.Tensor, torch.Tensor, list[IntFormat], MethodSettings], list[QTensor]]
+
+Method = Callable[[torch.Tensor, torch.Tensor, Format, MethodSettings], QTensor]
+ManyMethod = Callable[[torch.Tensor, torch.Tensor, list[Format], MethodSettings], list[QTensor]]
 METHODS: dict[str, Method] = {}
 BATCHED: dict[str, ManyMethod] = {}  # methods that quantize one W onto several grids in one pass
 
@@ -52,12 +55,13 @@ def register_batched(name: str) -> Callable[[ManyMethod], ManyMethod]:
 
 
 def quantize_many(
-    method: str, W: torch.Tensor, H: torch.Tensor, fmts: list[IntFormat], settings: MethodSettings
+    method: str, W: torch.Tensor, H: torch.Tensor, fmts: list[Format], settings: MethodSettings
 ) -> list[QTensor]:
     """W quantized onto each of `fmts` with one method (in one pass where the method supports it)."""
-    done: dict[IntFormat, QTensor] = {}
-    for group_size in dict.fromkeys(f.group_size for f in fmts):
-        same = [f for f in fmts if f.group_size == group_size]
+    done: dict[Format, QTensor] = {}
+    cols = W.shape[1]
+    for key in dict.fromkeys((type(f), f.group_len(cols)) for f in fmts):
+        same = [f for f in fmts if (type(f), f.group_len(cols)) == key]
         if method in BATCHED:
             done.update(zip(same, BATCHED[method](W, H, same, settings)))
         else:
@@ -70,6 +74,12 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise MixqError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+
+
+def importance(H: torch.Tensor) -> torch.Tensor:
+    """diag(H) as per-input-column importance (uniform when no input was ever non-zero)."""
+    imp = torch.diag(H).float().clamp(min=0)
+    return imp if imp.sum() > 0 else torch.ones_like(imp)
 
 
 def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:

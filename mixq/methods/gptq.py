@@ -4,70 +4,82 @@ the columns not yet quantized through the inverse Hessian of the layer's inputs.
 Notation follows the paper: W (rows, cols), H = sum x^T x (cols, cols), Hinv the upper Cholesky
 factor of H^-1, Err1 the scaled errors of one block of columns i1:i2 (the lazy batch update).
 
-Group parameters are chosen when the first column of a group comes up, from the group's current
-(already error-compensated) weights, with the same clipping search as RTN. With `act_order` the
-columns are visited by decreasing diag(H), but codes, scales and zeros are stored in the original
-column order, so the storage layout never depends on the method.
+Where a format's groups are independent (the int family, ggml's 32-wide types), a group's
+parameters are chosen when its first column comes up, from the group's current (already
+error-compensated) weights, with the format's own importance-weighted search. The k-quants tie
+groups together through their super-block scales, so their grid is chosen once, from W, before the
+column loop, which then rounds onto it with compensation. With `act_order` the columns are visited
+by decreasing diag(H), but codes and parameters are stored in the original column order, so the
+storage layout never depends on the method.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import torch
 
-from mixq.formats import QTensor
-from mixq.formats.integer import IntFormat, decode, encode
+from mixq.formats import Format, QTensor
+from mixq.formats.integer import decode, encode
 from mixq.methods import MethodSettings, register_batched, register_method
-from mixq.methods.rtn import search_qparams
 
 GPTQ_PRECISION = torch.float32  # the column loop; the Cholesky factorisations run in float64
 
 
 @register_method("gptq")
-def quantize_gptq(W: torch.Tensor, H: torch.Tensor, fmt: IntFormat, settings: MethodSettings) -> QTensor:
+def quantize_gptq(W: torch.Tensor, H: torch.Tensor, fmt: Format, settings: MethodSettings) -> QTensor:
     return quantize_gptq_many(W, H, [fmt], settings)[0]
+
+
+def chooses_grid_first(fmt: Format) -> bool:
+    return getattr(fmt, "two_level", False)
 
 
 @register_batched("gptq")
 def quantize_gptq_many(
-    W: torch.Tensor, H: torch.Tensor, fmts: Sequence[IntFormat], settings: MethodSettings
+    W: torch.Tensor, H: torch.Tensor, fmts: Sequence[Format], settings: MethodSettings
 ) -> list[QTensor]:
-    """GPTQ of W onto several grids that share a group size, in one pass.
+    """GPTQ of W onto several grids that share a group length, in one pass.
 
     The k copies of W are stacked as rows: rows never interact in GPTQ, so they share H's
     factorisation and the column loop, which costs little more for k copies than for one.
     """
-    assert len({f.group_size for f in fmts}) == 1, "stacked grids must share the group size"
-    fmt = fmts[0]
     rows, cols = W.shape
-    k = len(fmts)
-    W = W.to(GPTQ_PRECISION).repeat(k, 1)  # (k*rows, cols)
+    glen = fmts[0].group_len(cols)
+    assert all(f.group_len(cols) == glen for f in fmts), "stacked grids must share the group length"
+    n_groups, k = fmts[0].n_groups(cols), len(fmts)
     copies = [slice(j * rows, (j + 1) * rows) for j in range(k)]
     qmax = torch.tensor([f.qmax for f in fmts], dtype=GPTQ_PRECISION).repeat_interleave(rows)  # (k*rows,)
     H = H.to(torch.float64).clone()
+    W = W.to(GPTQ_PRECISION).clone()
 
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights do not matter
     H[dead, dead] = 1
     W[:, dead] = 0
+    importance = torch.diag(H).to(GPTQ_PRECISION)
+
+    scale, zero, offset = (torch.zeros(k * rows, n_groups) for _ in range(3))
+    ready = torch.zeros(k, n_groups, dtype=torch.bool)
+    grids: list[QTensor | None] = []
+    for j, f in enumerate(fmts):
+        grid = f.fit(W, importance, *settings.clip()) if chooses_grid_first(f) else None
+        if grid is not None:
+            scale[copies[j]], zero[copies[j]] = grid.scale, grid.zero
+            if grid.offset is not None:
+                offset[copies[j]] = grid.offset
+            ready[j] = True
+        grids.append(grid)
 
     perm = torch.argsort(torch.diag(H), descending=True) if settings.act_order else torch.arange(cols)
     inv_perm = torch.argsort(perm)
-    W, H = W[:, perm], H[perm][:, perm]
-    importance = torch.diag(H).to(GPTQ_PRECISION)
+    W, H = W.repeat(k, 1)[:, perm], H[perm][:, perm]  # (k*rows, cols)
 
     H += settings.damp * torch.diag(H).mean() * torch.eye(cols, dtype=H.dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Hinv = Hinv.to(GPTQ_PRECISION)
 
-    glen, n_groups = fmt.group_len(cols), fmt.n_groups(cols)
     group_of = perm // glen  # (cols,) group of each visited position
-    scale = torch.zeros(k * rows, n_groups)
-    zero = torch.zeros(k * rows, n_groups)
-    ready = torch.zeros(n_groups, dtype=torch.bool)
     Q = torch.zeros(k * rows, cols)
-
     B = settings.block_size
     for i1 in range(0, cols, B):
         i2 = min(i1 + B, cols)
@@ -76,21 +88,30 @@ def quantize_gptq_many(
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             g = int(group_of[i1 + i])
-            if not ready[g]:
+            if not ready[:, g].all():
                 W[:, i1:i2] = W1  # let the group see its compensated weights
-                pos = inv_perm[g * glen : min((g + 1) * glen, cols)]  # (glen,) positions of the group
-                for f, rows_j in zip(fmts, copies):
-                    one_group = dataclasses.replace(f, group_size=0)
-                    s, z = search_qparams(one_group, W[rows_j][:, pos], importance[pos], settings)
-                    scale[rows_j, g], zero[rows_j, g] = s[:, 0], z[:, 0]
-                ready[g] = True
+                group_cols = slice(g * glen, min((g + 1) * glen, cols))
+                pos = inv_perm[group_cols]  # where the group's columns sit in the visiting order
+                for j in torch.nonzero(~ready[:, g]).flatten().tolist():
+                    one = fmts[j].fit(W[copies[j]][:, pos], importance[group_cols], *settings.clip())
+                    scale[copies[j], g], zero[copies[j], g] = one.scale[:, 0], one.zero[:, 0]
+                    if one.offset is not None:
+                        offset[copies[j], g] = one.offset[:, 0]
+                ready[:, g] = True
             w = W1[:, i]  # (k*rows,)
-            q = encode(w, scale[:, g], zero[:, g], qmax)
+            q = encode(w, scale[:, g], zero[:, g], qmax, offset[:, g])
             Q[:, i1 + i] = q
-            err = (w - decode(q, scale[:, g], zero[:, g])) / Hinv1[i, i]
+            err = (w - decode(q, scale[:, g], zero[:, g], offset[:, g])) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     Q = Q[:, inv_perm].to(torch.uint8)
-    return [QTensor(f, Q[rows_j], scale[rows_j], zero[rows_j]) for f, rows_j in zip(fmts, copies)]
+    out = []
+    for f, rows_j, grid in zip(fmts, copies, grids):
+        has_offset = getattr(f, "has_min", False)
+        out.append(QTensor(
+            f, Q[rows_j], scale[rows_j], zero[rows_j], offset[rows_j] if has_offset else None,
+            grid.super_scale if grid is not None else None,
+        ))
+    return out
