@@ -64,6 +64,9 @@ def _add_method_settings(p: argparse.ArgumentParser) -> None:
 
 def _add_profile_settings(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("option space and profile")
+    g.add_argument("--formats", type=_str_list, help="format families or names to consider: int (mixq's "
+                   "integer grids, the default), gguf (llama.cpp's ggml types; the budget is then the exported "
+                   "GGUF's size), or names such as q4_k,q6_k")
     g.add_argument("--bits-options", type=_int_list, help="bit widths to consider (default 2,3,4,5,6,8)")
     g.add_argument("--group-sizes", type=_int_list, help="group sizes to consider (default 32,64,128)")
     g.add_argument("--methods", type=_str_list, help="methods to consider (default rtn,gptq)")
@@ -101,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=_group_size, default=128,
                    help="uniform: input weights per scale: 16-1024 (power of two) or 'channel' (default 128)")
     q.add_argument("--sym", action="store_true", help="symmetric grid (no zero points stored)")
+    q.add_argument("--format", help="uniform: a format by name instead of --bits/--group-size: int4-g64, q4_k, "
+                   "q6_k, ... (a ggml type falls back as llama.cpp does on rows it does not fit)")
     q.add_argument("--method", default="gptq", help="uniform: rtn or gptq (default gptq)")
     q.add_argument("--eval-text", type=_text_file, help="evaluate on this text right after quantizing")
     q.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL["windows"])
@@ -142,7 +147,26 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--estimator", default="hessian+kl", help="hessian+kl (default), fisher+kl, hessian, fisher")
     pl.add_argument("--out", type=Path, help="write the plan as JSON")
     pl.set_defaults(run=cmd_plan)
+
+    x = sub.add_parser("export", help="write a quantized model for another engine (GGUF for llama.cpp)",
+                       description="Convert a `mixq quantize` output to another engine's file. --to gguf keeps "
+                       "each tensor's ggml type and copies all metadata and tokenizer data of the source GGUF.")
+    x.add_argument("dir", type=Path, help="output directory of `mixq quantize`")
+    x.add_argument("--to", choices=("gguf",), required=True, help="target format")
+    x.add_argument("out", type=Path, help="file to write (written atomically)")
+    x.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    x.set_defaults(run=cmd_export)
     return parser
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from mixq.export.gguf import export_gguf
+
+    start = time.perf_counter()
+    counts = export_gguf(args.dir, args.out, overwrite=args.overwrite)
+    types = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    size = args.out.stat().st_size
+    print(f"wrote {args.out}: {size:,} bytes in {time.perf_counter() - start:.1f} s; tensors by type: {types}")
 
 
 def _method_settings(args: argparse.Namespace):
@@ -158,7 +182,7 @@ def _profile_settings(args: argparse.Namespace):
     from mixq.profile import ProfileSettings
 
     space = OptionSpace.from_file(args.space) if args.space else OptionSpace()
-    overrides = dict(bits=args.bits_options, group_sizes=args.group_sizes, methods=args.methods)
+    overrides = dict(formats=args.formats, bits=args.bits_options, group_sizes=args.group_sizes, methods=args.methods)
     space = dataclasses.replace(space, **{k: v for k, v in overrides.items() if v},
                                 symmetric=args.sym or space.symmetric, keep_16bit=space.keep_16bit and not args.no_keep)
     space.options()  # validates bits, group sizes and methods before any long work
@@ -238,6 +262,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from mixq.atomic import atomic_dir, check_output_dir
     from mixq.data import WindowSpec, load_windows
     from mixq.export import native
+    from mixq.formats import parse_format
     from mixq.formats.integer import IntFormat
     from mixq.methods import get_method
     from mixq.models import load_model
@@ -264,7 +289,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                     profile_seconds=profile.info["seconds"]["total"] if not args.profile else 0.0)
         description = f"plan for {budget} ({args.estimator})"
     else:
-        fmt = IntFormat(args.bits, args.group_size, symmetric=args.sym)  # validates bits and group size
+        # validates the format (bits, group size) before loading anything
+        fmt = parse_format(args.format) if args.format else IntFormat(args.bits, args.group_size, symmetric=args.sym)
         get_method(args.method)
         loaded = load_model(args.model)
         options = uniform_plan(loaded, Option(fmt.name, args.method))
@@ -285,7 +311,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         storage = native.save(tmp, loaded, result.tensors, info)
         if args.budget and not args.profile:
             profile.save(tmp / PROFILE_FILE)  # reusable: mixq plan DIR/mixq.profile, --profile
-        if args.budget and storage.file_bytes > budget.total_bytes(storage.n_weights):
+        in_gguf = args.budget and profile.info.get("container") == "gguf"
+        if args.budget and not in_gguf and storage.file_bytes > budget.total_bytes(storage.n_weights):
             raise MixqError(f"internal error: {storage.file_bytes:,} bytes exceed the budget {budget}")
         if reference is not None:
             # Evaluate exactly what was written, so `mixq eval` reproduces these numbers.
@@ -298,6 +325,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             _print_quality(args.out, storage.bpw, seconds, report, info.get("plan_summary"))
     print(f"wrote {args.out}: {description}, {storage.file_bytes:,} bytes, "
           f"{storage.bpw:.3f} bits per weight (whole file), quantized in {seconds:.0f} s")
+    if in_gguf:
+        print(f"its GGUF (mixq export {args.out} --to gguf OUT.gguf) will be at most {plan.max_file_bytes:,} bytes")
 
 
 def _check_feasible(loaded, budget, settings) -> None:

@@ -1,9 +1,13 @@
 """Options: the ways one weight matrix can be stored, and the space a plan chooses from.
 
-An option is a number format plus the method that rounds onto it (`int3-g64-gptq`), or `f16`:
-keep the tensor at 16 bits. An option space is the set of options a profile measures, restricted
-by CLI flags or a JSON config file, e.g. {"bits": [2, 3, 4], "group_sizes": [64, 128],
-"methods": ["gptq"], "symmetric": false, "keep_16bit": true}.
+An option is a number format plus the method that rounds onto it (`int3-g64-gptq`, `q4_k-gptq`), or
+`f16`: keep the tensor at 16 bits. An option space is the set of options a profile measures,
+restricted by CLI flags or a JSON config file, e.g. {"formats": ["int"], "bits": [2, 3, 4],
+"group_sizes": [64, 128], "methods": ["gptq"], "symmetric": false, "keep_16bit": true}.
+
+`formats` names families or formats: "int" is mixq's integer grids (bits x group sizes), "gguf" is
+every ggml type llama.cpp runs (Q2_K..Q6_K, Q4_0..Q5_1, Q8_0); any other entry is one format name.
+A tensor only gets the formats its shape fits (k-quants need rows that are a multiple of 256).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 
 from mixq.errors import MixqError
 from mixq.formats import parse_format
+from mixq.formats.ggml import GGML_FORMATS
 from mixq.formats.integer import IntFormat
 from mixq.methods import get_method
 
@@ -46,6 +51,9 @@ class Option:
         get_method(method)
         return cls(fmt, method)
 
+    def fits(self, shape: tuple[int, int]) -> bool:
+        return self.is_keep or parse_format(self.format).fits(shape)
+
     def nbytes(self, shape: tuple[int, int]) -> int:
         if self.is_keep:
             return 2 * shape[0] * shape[1]
@@ -55,8 +63,12 @@ class Option:
 KEEP_OPTION = Option(KEEP, "keep")
 
 
+FAMILIES = ("int", "gguf")
+
+
 @dataclass(frozen=True)
 class OptionSpace:
+    formats: tuple[str, ...] = ("int",)
     bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
     group_sizes: tuple[int, ...] = (32, 64, 128)
     methods: tuple[str, ...] = ("rtn", "gptq")
@@ -66,13 +78,27 @@ class OptionSpace:
     def options(self) -> list[Option]:
         for m in self.methods:
             get_method(m)
-        out = [
-            Option(IntFormat(b, g, self.symmetric).name, m)
-            for m in self.methods
-            for g in self.group_sizes
-            for b in self.bits
-        ]
-        return out + ([KEEP_OPTION] if self.keep_16bit else [])
+        return [Option(f, m) for m in self.methods for f in self.format_names()] + (
+            [KEEP_OPTION] if self.keep_16bit else []
+        )
+
+    def format_names(self) -> list[str]:
+        names: list[str] = []
+        for entry in self.formats:
+            if entry == "int":
+                names += [IntFormat(b, g, self.symmetric).name for g in self.group_sizes for b in self.bits]
+            elif entry == "gguf":
+                names += list(GGML_FORMATS)
+            else:
+                names.append(parse_format(entry).name)
+        if not names:
+            raise MixqError(f"the option space has no formats (families: {', '.join(FAMILIES)}, or format names)")
+        return list(dict.fromkeys(names))
+
+    @property
+    def ggml_only(self) -> bool:
+        """Every format is a ggml type: the plan can be exported to GGUF."""
+        return all(n in GGML_FORMATS for n in self.format_names())
 
     @classmethod
     def from_file(cls, path: Path) -> OptionSpace:

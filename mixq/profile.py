@@ -27,11 +27,12 @@ from tqdm.auto import tqdm
 
 from mixq import capture
 from mixq.errors import MixqError
+from mixq.export import gguf as gguf_export
 from mixq.export.native import header_bound, kept_nbytes
 from mixq.formats import parse_format
 from mixq.formats.integer import IntFormat
 from mixq.methods import MethodSettings, output_error, quantize_many
-from mixq.models import LoadedModel
+from mixq.models import LoadedModel, source_gguf
 from mixq.options import KEEP_OPTION, Option, OptionSpace
 
 ESTIMATORS = ("hessian+kl", "fisher+kl", "hessian", "fisher")
@@ -162,10 +163,16 @@ class ProfileSettings:
 
 
 def measure_formats(space: OptionSpace) -> tuple[str, ...]:
-    """Formats measured end to end by default: 3 and 4 bits (else the two lowest) at the largest group."""
-    bits = [b for b in space.bits if b in (3, 4)] or sorted(space.bits)[:2]
-    group = max(space.group_sizes, key=lambda g: g or 1 << 30)
-    return tuple(IntFormat(b, group, space.symmetric).name for b in bits)
+    """Formats measured end to end by default: for the int grids 3 and 4 bits (else the two lowest) at
+    the largest group; for ggml types Q3_K and Q4_K, plus Q4_0 and Q5_0 for rows k-quants do not fit."""
+    names = space.format_names()
+    ints = [n for n in names if n.startswith("int")]
+    if ints:
+        bits = [b for b in space.bits if b in (3, 4)] or sorted(space.bits)[:2]
+        group = max(space.group_sizes, key=lambda g: g or 1 << 30)
+        return tuple(IntFormat(b, group, space.symmetric).name for b in bits)
+    preferred = [n for n in ("q3_k", "q4_k", "q4_0", "q5_0") if n in names]
+    return tuple(preferred or names[:2])
 
 
 @dataclass(frozen=True)
@@ -186,10 +193,15 @@ class OptionTable:
         # embedding has no H, so error compensation through H would be one-sided.
         head_options = [Option(o.format, "rtn") for o in space_options if not o.is_keep]
         options = list(dict.fromkeys([*space_options, *head_options, KEEP_OPTION]))
-        allowed = np.array([[o in space_options for o in options] for _ in tensors])
+        shapes = [tuple(plannable[t].weight.shape) for t in tensors]
+        allowed = np.array([[o in space_options and o.fits(shape) for o in options] for shape in shapes])
         head = tensors.index(loaded.head_name)
-        allowed[head] = [o in head_options or (o.is_keep and space.keep_16bit) for o in options]
-        nbytes = np.array([[o.nbytes(tuple(plannable[t].weight.shape)) for o in options] for t in tensors], np.int64)
+        allowed[head] = [(o in head_options or (o.is_keep and space.keep_16bit)) and o.fits(shapes[head]) for o in options]
+        if not allowed.any(axis=1).all():
+            t = int(np.nonzero(~allowed.any(axis=1))[0][0])
+            raise MixqError(f"no option of the option space fits {tensors[t]} {shapes[t]}")
+        # Options a tensor cannot take are priced at 0 bytes; `allowed` keeps every plan off them.
+        nbytes = np.array([[o.nbytes(s) if o.fits(s) else 0 for o in options] for s in shapes], np.int64)
         return cls(tensors, options, allowed, nbytes)
 
 
@@ -199,11 +211,25 @@ def fixed_bytes(loaded: LoadedModel, tensors: list[str]) -> int:
     return sum(kept_nbytes(p) for n, p in loaded.model.named_parameters() if n not in planned)
 
 
+def container(loaded: LoadedModel, space: OptionSpace) -> str:
+    """The file a budget measures: the exported GGUF when every format is a ggml type and the model
+    came from a GGUF, else mixq's own safetensors."""
+    return "gguf" if space.ggml_only and source_gguf(loaded.spec) is not None else "safetensors"
+
+
+def overhead_bytes(loaded: LoadedModel, tensors: list[str], space: OptionSpace) -> int:
+    """Bytes of the file beyond every parameter's data (a bound that holds for any plan)."""
+    if container(loaded, space) == "gguf":
+        params = [n for n, _ in loaded.model.named_parameters()]
+        return gguf_export.overhead_bound(source_gguf(loaded.spec), params)
+    return header_bound(loaded, tensors)
+
+
 def smallest_file(loaded: LoadedModel, space: OptionSpace) -> int:
     """The smallest file any plan over this option space can make (checked before profiling)."""
     table = OptionTable.build(loaded, space)
     smallest = np.where(table.allowed, table.nbytes, np.iinfo(np.int64).max).min(axis=1).sum()
-    return int(smallest) + fixed_bytes(loaded, table.tensors) + header_bound(loaded, table.tensors)
+    return int(smallest) + fixed_bytes(loaded, table.tensors) + overhead_bytes(loaded, table.tensors, space)
 
 
 def build_profile(
@@ -265,11 +291,12 @@ def build_profile(
     return Profile(
         model=loaded.spec, tensors=tensors, kinds=[tensor_kind(loaded, n) for n in tensors],
         shapes=[tuple(plannable[n].weight.shape) for n in tensors], options=names, nbytes=table.nbytes,
-        errors=errors, measured=measured, fixed_bytes=fixed_bytes(loaded, tensors), header_bytes=header_bound(loaded, tensors),
+        errors=errors, measured=measured, fixed_bytes=fixed_bytes(loaded, tensors), header_bytes=overhead_bytes(loaded, tensors, settings.space),
         n_weights=sum(p.numel() for p in params.values()),
         tie_groups=tie_groups(loaded, tensors, settings.tie),
         info=dict(calibration_windows=list(calib.shape), held_out_windows=list(held_out.shape),
-                  fisher_windows=min(settings.fisher_windows, len(calib)), seconds=timings),
+                  fisher_windows=min(settings.fisher_windows, len(calib)), seconds=timings,
+                  container=container(loaded, settings.space)),
     )
 
 

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mixq import capture
+from mixq.errors import MixqError
 from mixq.formats import QTensor, parse_format
 from mixq.methods import MethodSettings, get_method, output_error
 from mixq.models import LoadedModel
@@ -47,9 +48,22 @@ class QuantizedModel:
 
 
 def uniform_plan(loaded: LoadedModel, option: Option) -> dict[str, Option]:
-    """Every linear of the transformer blocks gets the same option (the output matrix is kept)."""
+    """Every linear of the transformer blocks gets the same option (the output matrix is kept).
+
+    Where the format does not fit a tensor's rows, its fallback does (ggml types, as llama.cpp does).
+    """
     Option.parse(option.name)
-    return {name: option for name in loaded.quantizable()}
+    plan = {}
+    for name, linear in loaded.quantizable().items():
+        fmt = parse_format(option.format)
+        shape = tuple(linear.weight.shape)
+        if not fmt.fits(shape):
+            fallback = getattr(fmt, "fallback", None)
+            if fallback is None or not parse_format(fallback).fits(shape):
+                raise MixqError(f"{option.format} does not fit {name} {shape} and has no fallback that does")
+            fmt = parse_format(fallback)
+        plan[name] = Option(fmt.name, option.method)
+    return plan
 
 
 def quantize_model(

@@ -141,8 +141,8 @@ def header_bytes(path: Path) -> int:
     return 8 + n
 
 
-def load_weights(out_dir: Path) -> dict[str, torch.Tensor]:
-    """Every parameter of a saved model, dequantized to fp32, by parameter name."""
+def load_stored(out_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
+    """The `mixq.tensors` entries of a saved model and every stored tensor, as written."""
     path = Path(out_dir) / WEIGHTS_FILE
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -155,14 +155,24 @@ def load_weights(out_dir: Path) -> dict[str, torch.Tensor]:
         raise
     except Exception as e:
         raise MixqError(f"cannot read {path}: {e}") from None
+    return entries, stored
+
+
+def stored_parts(stored: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The stored tensors of one quantized parameter, by part (`qweight`, `scales`, `blocks`, ...)."""
+    return {k[len(name) + 1 :]: v for k, v in stored.items() if k.startswith(name + ".")}
+
+
+def load_weights(out_dir: Path) -> dict[str, torch.Tensor]:
+    """Every parameter of a saved model, dequantized to fp32, by parameter name."""
+    entries, stored = load_stored(out_dir)
     out = {}
     for name, entry in entries.items():
         fmt, shape = entry["format"], tuple(entry["shape"])
         if fmt in KEPT_FORMATS:
             out[name] = stored[name].float()
         else:
-            parts = {k[len(name) + 1 :]: v for k, v in stored.items() if k.startswith(name + ".")}
-            out[name] = parse_format(fmt).unpack(parts, shape).dequantize()
+            out[name] = parse_format(fmt).unpack(stored_parts(stored, name), shape).dequantize()
     return out
 
 

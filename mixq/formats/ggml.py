@@ -57,6 +57,12 @@ class GGMLFormat:
         return 0.0 if self.has_min else float(2 ** (self.bits - 1))
 
     @property
+    def fallback(self) -> str | None:
+        """The type llama.cpp uses instead on rows this one does not fit (Q2_K/Q3_K: llama.cpp takes
+        IQ4_NL, which mixq does not have; Q4_0 is the nearest of the same size)."""
+        return _FALLBACK.get(self.name)
+
+    @property
     def two_level(self) -> bool:
         return self.sub_scale_range != (0, 0)
 
@@ -425,6 +431,8 @@ GGML_FORMATS = {
         GGMLFormat("q2_k", 2, 256, 16, has_min=True, sub_scale_range=(0, 15)),
     )
 }
+
+_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 _NAME = re.compile(r"^q\d_(?:0|1|k)$")
 

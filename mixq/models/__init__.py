@@ -93,6 +93,15 @@ def load_model(spec: str) -> LoadedModel:
     raise MixqError(f"{path}: expected a .gguf file or a model directory")
 
 
+def source_gguf(spec: str) -> Path | None:
+    """The GGUF file a model spec names (directly or as an embedded default), else None."""
+    if spec in EMBEDDED:
+        path = resolve_embedded(spec)
+        return path if path.suffix == ".gguf" else None
+    path = Path(spec)
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def _load_gguf(path: Path, spec: str) -> LoadedModel:
     import gguf
 

@@ -20,6 +20,7 @@ class Architecture:
     embedding: str
     final_norm: str
     head: str
+    gguf_permutes_qk: bool  # llama.cpp's converter reorders q/k rows for its rotary embedding
 
 
 _LLAMA_LIKE = dict(
@@ -36,7 +37,8 @@ _LLAMA_LIKE = dict(
 )
 
 ARCHITECTURES: dict[str, Architecture] = {
-    name: Architecture(family=name, **_LLAMA_LIKE) for name in ("llama", "qwen2", "mistral")
+    name: Architecture(family=name, gguf_permutes_qk=name != "qwen2", **_LLAMA_LIKE)
+    for name in ("llama", "qwen2", "mistral")
 }
 
 
