@@ -135,15 +135,19 @@ def head_stats(loaded: LoadedModel, inputs: BlockInputs) -> LayerStats:
     return stats
 
 
-def capture_all(loaded: LoadedModel, windows: torch.Tensor, batch_size: int) -> dict[str, LayerStats]:
-    """LayerStats of every plannable tensor, with the model's own (unquantized) weights."""
+def iter_stats(loaded: LoadedModel, windows: torch.Tensor, batch_size: int) -> Iterator[dict[str, LayerStats]]:
+    """LayerStats of every plannable tensor with the model's own (unquantized) weights, one block at a
+    time and the output matrix last, so a consumer holds one block's statistics at once."""
     from tqdm.auto import tqdm
 
     inputs = block_inputs(loaded, windows, batch_size)
-    stats: dict[str, LayerStats] = {}
     for b in tqdm(range(len(loaded.blocks())), desc="capturing statistics", unit="block"):
         block = loaded.blocks()[b]
-        stats.update(collect_stats(block, loaded.block_linears(b), loaded.block_groups(b), inputs))
+        yield collect_stats(block, loaded.block_linears(b), loaded.block_groups(b), inputs)
         inputs.batches = run_block(block, inputs)
-    stats[loaded.head_name] = head_stats(loaded, inputs)
-    return stats
+    yield {loaded.head_name: head_stats(loaded, inputs)}
+
+
+def capture_all(loaded: LoadedModel, windows: torch.Tensor, batch_size: int) -> dict[str, LayerStats]:
+    """LayerStats of every plannable tensor, with the model's own (unquantized) weights."""
+    return {name: s for block in iter_stats(loaded, windows, batch_size) for name, s in block.items()}

@@ -60,6 +60,8 @@ class Profile:
         if estimator not in ESTIMATORS:
             raise MixqError(f"unknown estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
         raw = self.errors[estimator.split("+")[0]]
+        if not np.isfinite(raw).any():
+            raise MixqError(f"this profile has no {estimator.split('+')[0]} errors (profiled with --fisher-windows 0?)")
         if estimator.endswith("+kl"):
             return calibrate(raw, self.measured, self.kinds)
         return raw
@@ -160,6 +162,7 @@ class ProfileSettings:
     measure: tuple[str, ...] = ()  # formats measured end to end per tensor (default: measure_formats)
     tie: str = "none"
     batch_size: int = 8
+    measure_every: int = 1  # measure the tensors of every n-th block (others take their kind's fit)
 
 
 def measure_formats(space: OptionSpace) -> tuple[str, ...]:
@@ -247,38 +250,54 @@ def build_profile(
     if unknown:
         raise MixqError(f"formats to measure {sorted(unknown)} are not in the option space")
 
-    stats = capture.capture_all(loaded, calib, settings.batch_size)
-    timings["capture"] = time.perf_counter() - start
     t0 = time.perf_counter()
-    fisher = fisher_diagonal(loaded, calib[: settings.fisher_windows], tensors)
+    # No Fisher windows: no backward pass (large models), and no fisher estimator in this profile.
+    fisher = fisher_diagonal(loaded, calib[: settings.fisher_windows], tensors) if settings.fisher_windows else {}
     timings["fisher"] = time.perf_counter() - t0
 
     T, O = len(tensors), len(options)
+    block_depth = len(loaded.arch.blocks.split("."))
+    block_of = {name: int(name.split(".")[block_depth]) for name in loaded.quantizable()}
+    measured_tensor = [block_of.get(name, 0) % settings.measure_every == 0 for name in tensors]
     errors = {k: np.full((T, O), np.inf) for k in ("hessian", "fisher")}
     # Per tensor and measured format, the better method's result: the one a plan would pick.
     to_measure: dict[tuple[int, str], tuple[int, float, torch.Tensor]] = {}
+    index = {name: t for t, name in enumerate(tensors)}
+    timings["capture"] = timings["quantize"] = 0.0
     t0 = time.perf_counter()
-    for t, name in enumerate(tqdm(tensors, desc="profiling tensors", unit="tensor")):
-        W = plannable[name].weight.detach().float()
-        H = stats[name].H
-        by_method: dict[str, list[int]] = {}
-        for o in np.nonzero(table.allowed[t])[0].tolist():
-            if options[o].is_keep:
-                errors["hessian"][t, o] = errors["fisher"][t, o] = 0.0
-            else:
-                by_method.setdefault(options[o].method, []).append(o)
-        for method, opts in by_method.items():
-            qs = quantize_many(method, W, H, [parse_format(options[o].format) for o in opts], settings.method_settings)
-            for o, q in zip(opts, qs):
-                W_hat = q.dequantize()
-                errors["hessian"][t, o] = output_error(W, W_hat, H)
-                errors["fisher"][t, o] = float((fisher[name] * (W_hat - W) ** 2).sum())
-                key = (t, options[o].format)
-                if options[o].format in measure_fmts and (
-                    key not in to_measure or errors["hessian"][t, o] < to_measure[key][1]
-                ):
-                    to_measure[key] = (o, errors["hessian"][t, o], W_hat)
-    timings["quantize"] = time.perf_counter() - t0
+    progress = tqdm(total=T, desc="profiling tensors", unit="tensor")
+    for block_stats in capture.iter_stats(loaded, calib, settings.batch_size):  # one block's H at a time
+        t1 = time.perf_counter()
+        timings["capture"] += t1 - t0
+        for name, layer_stats in block_stats.items():
+            t = index[name]
+            W = plannable[name].weight.detach().float()
+            H = layer_stats.H
+            by_method: dict[str, list[int]] = {}
+            for o in np.nonzero(table.allowed[t])[0].tolist():
+                if options[o].is_keep:
+                    errors["hessian"][t, o] = 0.0
+                    if fisher:
+                        errors["fisher"][t, o] = 0.0
+                else:
+                    by_method.setdefault(options[o].method, []).append(o)
+            for method, opts in by_method.items():
+                fmts = [parse_format(options[o].format) for o in opts]
+                for o, q in zip(opts, quantize_many(method, W, H, fmts, settings.method_settings)):
+                    W_hat = q.dequantize()
+                    errors["hessian"][t, o] = output_error(W, W_hat, H)
+                    if fisher:
+                        errors["fisher"][t, o] = float((fisher[name] * (W_hat - W) ** 2).sum())
+                    key = (t, options[o].format)
+                    if measured_tensor[t] and options[o].format in measure_fmts and (
+                        key not in to_measure or errors["hessian"][t, o] < to_measure[key][1]
+                    ):
+                        to_measure[key] = (o, errors["hessian"][t, o], W_hat)
+            progress.update()
+        del block_stats
+        t0 = time.perf_counter()
+        timings["quantize"] += t0 - t1
+    progress.close()
     chosen = {(t, o): W_hat for (t, _), (o, _, W_hat) in to_measure.items()}
     t0 = time.perf_counter()
     measured = np.full((T, O), np.nan)

@@ -31,6 +31,9 @@ from mixq.formats import QTensor, register_family
 from mixq.formats.integer import decode, encode
 
 
+FIT_CHUNK_ELEMENTS = 1 << 21  # weights fitted at once: the search's temporaries stay cache-sized
+
+
 @dataclass(frozen=True)
 class GGMLFormat:
     name: str  # llama.cpp's type name, lower case: "q4_k"
@@ -85,13 +88,26 @@ class GGMLFormat:
 
     # -- parameters -------------------------------------------------------------------------
     def fit(self, W: torch.Tensor, importance: torch.Tensor, clip_grid: int = 21, clip_min: float = 0.5) -> QTensor:
-        """Round-to-nearest codes on parameters chosen to minimise sum importance * (w - w_hat)^2."""
+        """Round-to-nearest codes on parameters chosen to minimise sum importance * (w - w_hat)^2.
+
+        Rows are independent: they are fitted in chunks, so memory stays bounded on large matrices.
+        """
         self._check(tuple(W.shape))
-        rows, cols = W.shape
-        W = W.float()
-        G = W.view(rows, -1, self.sub)  # (rows, n_sub, sub)
         imp = importance.float().clamp(min=0)
         imp = (imp + 1e-9 * imp.mean().clamp(min=1e-30)).view(1, -1, self.sub)  # no all-zero weights
+        chunk = max(1, FIT_CHUNK_ELEMENTS // W.shape[1])
+        parts = [self._fit_rows(W[r : r + chunk].float(), imp, clip_grid, clip_min) for r in range(0, W.shape[0], chunk)]
+        if len(parts) == 1:
+            return parts[0]
+
+        def cat(field: str) -> torch.Tensor | None:
+            values = [getattr(p, field) for p in parts]
+            return None if values[0] is None else torch.cat(values)
+
+        return QTensor(self, cat("codes"), cat("scale"), cat("zero"), cat("offset"), cat("super_scale"))
+
+    def _fit_rows(self, W: torch.Tensor, imp: torch.Tensor, clip_grid: int, clip_min: float) -> QTensor:
+        G = W.view(W.shape[0], -1, self.sub)  # (rows, n_sub, sub)
         scale, offset = self._fit_sub_blocks(G, imp, clip_grid, clip_min)
         if self.two_level:
             scale, offset, super_scale = self._quantize_sub_params(G, imp, scale, offset)
