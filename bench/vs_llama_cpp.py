@@ -30,6 +30,13 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("MIXQ_CACHE", Path.home() / ".cache" / "mixq"))
 QWEN_PARTS = 22
 LLAMA_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K")
+HEADLINE = ("Q2_K", "Q3_K_S", "Q3_K_M")
+# mixq on a 1.5B model within this machine's time: RTN onto each ggml type with the importance-weighted
+# search (11 range shrinks, each refitted), KL measured for every 7th block's tensors on 2 x 256 tokens.
+MIXQ_FORMATS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")
+MIXQ_CLIP_GRID = 11
+MIXQ_MEASURE_EVERY = 7
+MIXQ_HELD_OUT = (2, 256)
 
 
 def run(cmd: list[str], log: Path) -> str:
@@ -82,7 +89,7 @@ def calibration_text(work: Path, source: Path, n: int, seq_len: int) -> Path:
     return out
 
 
-def measure(binp: Path, work: Path, gguf: Path, text: Path, chunks: int, threads: int) -> dict:
+def measure(binp: Path, work: Path, gguf: Path, text: Path, chunks: int, threads: int, **labels) -> dict:
     """llama-perplexity --kl-divergence of `gguf` against the F32 base logits (cached per file)."""
     cached = work / "measured" / f"{gguf.name}.json"
     if cached.is_file():
@@ -96,7 +103,7 @@ def measure(binp: Path, work: Path, gguf: Path, text: Path, chunks: int, threads
     from gguf import GGUFReader
 
     n_weights = sum(int(t.n_elements) for t in GGUFReader(gguf).tensors)
-    row = dict(file=gguf.name, bytes=gguf.stat().st_size, n_weights=n_weights, **parse_kld(out))
+    row = dict(**labels, file=gguf.name, bytes=gguf.stat().st_size, n_weights=n_weights, **parse_kld(out))
     cached.parent.mkdir(exist_ok=True)
     cached.write_text(json.dumps(row))
     return row
@@ -147,7 +154,14 @@ def main() -> None:
              "--chunks", str(args.calib_windows), "-t", str(args.threads)], work / "logs" / "imatrix.log")
         os.replace(work / "imatrix.partial.gguf", imatrix)
 
-    rows = []
+    if args.only != "mixq":
+        llama_files(args, work, binp, f32, imatrix, start)
+    if args.only != "llama":
+        mixq_files(args, work, binp, source, start)
+    write_report(args, work, start)
+
+
+def llama_files(args, work: Path, binp: Path, f32: Path, imatrix: Path, start: float) -> None:
     for qtype in LLAMA_TYPES:
         for with_imatrix in (False, True):
             name = f"llama-{qtype}{'-imatrix' if with_imatrix else ''}.gguf"
@@ -157,14 +171,65 @@ def main() -> None:
                 run([str(binp / "llama-quantize"), "--allow-requantize", *extra, str(f32), str(work / "partial.gguf"),
                      qtype, str(args.threads)], work / "logs" / f"{name}.quantize.log")
                 os.replace(work / "partial.gguf", out)
-            rows.append(dict(maker="llama.cpp", kind=qtype, imatrix=with_imatrix,
-                             **measure(binp, work, out, args.text, args.chunks, args.threads)))
-            write_report(args, rows, start)
+            measure(binp, work, out, args.text, args.chunks, args.threads, maker="llama.cpp", kind=qtype,
+                    imatrix=with_imatrix)
+            write_report(args, work, start)
 
 
-def write_report(args, rows: list[dict], start: float) -> None:
+def mixq_files(args, work: Path, binp: Path, source: Path, start: float) -> None:
+    """mixq's GGUF at each llama.cpp type's file size (the headline sizes first)."""
+    from mixq.cli import HELD_OUT_SEED
+    from mixq.data import WindowSpec, load_windows
+    from mixq.export import native
+    from mixq.export.gguf import export_gguf
+    from mixq.methods import MethodSettings
+    from mixq.models import load_model
+    from mixq.options import Option, OptionSpace
+    from mixq.plan import Budget, plan_for_budget
+    from mixq.profile import Profile, ProfileSettings, build_profile
+    from mixq.quantize import quantize_model
+
+    settings = MethodSettings(clip_grid=MIXQ_CLIP_GRID)
+    profile_path = work / "qwen.profile"
+    loaded = load_model(str(source))
+    calib = load_windows(loaded, WindowSpec(args.calib_windows, 512, seed=0))  # the text llama-imatrix used
+    if profile_path.is_file():
+        profile = Profile.load(profile_path)
+    else:
+        held_out = load_windows(loaded, WindowSpec(MIXQ_HELD_OUT[0], MIXQ_HELD_OUT[1], seed=HELD_OUT_SEED))
+        space = OptionSpace(formats=MIXQ_FORMATS, methods=("rtn",))
+        profile = build_profile(loaded, calib, held_out, ProfileSettings(
+            space=space, method_settings=settings, fisher_windows=0, measure_every=MIXQ_MEASURE_EVERY))
+        profile.save(profile_path)
+    # llama.cpp's files (written before they are measured, possibly by a concurrent --only llama run)
+    sizes = {k: (work / f"llama-{k}.gguf").stat().st_size for k in LLAMA_TYPES if (work / f"llama-{k}.gguf").is_file()}
+    for kind in sorted(sizes, key=lambda k: (k not in HEADLINE, sizes[k])):
+        out = work / f"mixq-{kind}.gguf"
+        if not out.is_file():
+            plan = plan_for_budget(profile, Budget(sizes[kind], "bytes"), "hessian+kl")
+            options = {t: Option.parse(o) for t, o in plan.options.items()}
+            t0 = time.time()
+            result = quantize_model(loaded, calib, options, settings, true_sequential=False)
+            run_dir = work / f"mixq-{kind}.run"
+            run_dir.mkdir(exist_ok=True)
+            native.save(run_dir, loaded, result.tensors, dict(model=loaded.spec, predicted_loss=plan.predicted_loss))
+            export_gguf(run_dir, work / "partial.gguf", overwrite=True)
+            os.replace(work / "partial.gguf", out)
+            (work / "measured" / f"{out.name}.seconds").write_text(f"{time.time() - t0:.0f}")
+            loaded = load_model(str(source))  # quantize_model changed the weights in place
+        size = out.stat().st_size
+        assert size <= sizes[kind] and size >= 0.99 * sizes[kind], (kind, size, sizes[kind])
+        measure(binp, work, out, args.text, args.chunks, args.threads, maker="mixq", kind=kind, imatrix=True)
+        write_report(args, work, start)
+
+
+def write_report(args, work: Path, start: float) -> None:
     from mixq.report import markdown_table
 
+    rows = [json.loads(p.read_text()) for p in (work / "measured").glob("*.json")]
+    if not rows:
+        return
+    rows.sort(key=lambda r: (r["bytes"], r["maker"]))
     n_weights = rows[0]["n_weights"]
     table = [
         [r["maker"], r["kind"], "yes" if r.get("imatrix") else "no", r["bytes"], f"{8 * r['bytes'] / n_weights:.3f}",
