@@ -38,7 +38,7 @@ def _read(source: Path) -> GGUFReader:
         raise MixqError(f"cannot read GGUF file {source}: {e}") from None
 
 
-def _name_map(reader: GGUFReader):
+def name_map_of(reader: GGUFReader):
     arch_name = str(reader.fields["general.architecture"].contents())
     n_blocks = int(reader.fields[f"{arch_name}.block_count"].contents())
     return get_tensor_name_map(next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch_name), n_blocks)
@@ -49,7 +49,7 @@ def overhead_bound(source: Path, params: list[str]) -> int:
     tensors that are not parameters, and alignment padding (bounded). Only the types of the
     parameters change in an export, and type codes have a fixed size, so the header is the source's."""
     reader = _read(source)
-    name_map = _name_map(reader)
+    name_map = name_map_of(reader)
     ours = {name_map.get_name(p, try_suffixes=(".weight", ".bias")) for p in params}
     data = sum(int(t.n_bytes) for t in reader.tensors)
     others = sum(int(t.n_bytes) for t in reader.tensors if t.name not in ours)
@@ -71,7 +71,7 @@ def export_gguf(model_dir: Path, out: Path, overwrite: bool = False) -> dict[str
     reader = _read(source)
     arch_name = str(reader.fields["general.architecture"].contents())
     arch = architecture(arch_name)
-    name_map = _name_map(reader)
+    name_map = name_map_of(reader)
     heads = int(reader.fields[f"{arch_name}.attention.head_count"].contents())
     kv_field = reader.fields.get(f"{arch_name}.attention.head_count_kv")
     kv_heads = int(kv_field.contents()) if kv_field is not None else heads
@@ -96,7 +96,7 @@ def export_gguf(model_dir: Path, out: Path, overwrite: bool = False) -> dict[str
                 name = ours.pop(t.name)
                 data, dtype = _tensor_data(name, entries[name], stored)
                 if arch.gguf_permutes_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
-                    data = _permute_rows(data, heads if "q_proj" in name else kv_heads)
+                    data = permute_rows(data, heads if "q_proj" in name else kv_heads)
                 writer.add_tensor(t.name, data, raw_dtype=dtype)
                 counts[dtype.name] = counts.get(dtype.name, 0) + 1
             else:  # not a model parameter (rope tables and the like): as the source has it
@@ -137,8 +137,8 @@ def _tensor_data(name: str, entry: dict, stored: dict[str, torch.Tensor]):
     return blocks.reshape(shape[0], -1), fmt.ggml_type
 
 
-def _permute_rows(data: np.ndarray, n_head: int) -> np.ndarray:
-    """Hugging Face's q/k row order -> llama.cpp's: within each head, halves interleaved."""
+def permute_rows(data: np.ndarray, n_head: int, inverse: bool = False) -> np.ndarray:
+    """Hugging Face's q/k row order -> llama.cpp's (within each head, halves interleaved), or back."""
     rows = data.shape[0]
     order = np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(-1)
-    return np.ascontiguousarray(data[order])
+    return np.ascontiguousarray(data[np.argsort(order) if inverse else order])

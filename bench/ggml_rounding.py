@@ -1,0 +1,134 @@
+"""Rounding onto ggml's grids: mixq's RTN (importance-weighted search) and GPTQ vs llama.cpp's own
+quantizer (llama-quantize, with and without an imatrix), per tensor of SmolLM2-135M, by the layer's
+output error tr(dW H dW^T) with H from mixq's calibration windows.
+
+llama.cpp's files come from `llama-quantize --pure` of an F32 GGUF of the reference weights; its
+imatrix from `llama-imatrix` on the same calibration text. On SmolLM2 only the 1536-wide down_proj
+rows fit the 256-wide k-quants (llama.cpp falls back on the others), so k-quant rows cover 30 tensors
+and the 32-wide types all 210. Note: SmolLM2's reference weights are its shipped Q4_1 values, so
+Q4_K and Q5_1 can reproduce many of them nearly exactly.
+
+    python bench/ggml_rounding.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from uniform import commit, machine  # noqa: E402
+from vs_llama_cpp import run  # noqa: E402
+
+from mixq import capture  # noqa: E402
+from mixq.data import WindowSpec, load_windows  # noqa: E402
+from mixq.export.gguf import name_map_of, permute_rows  # noqa: E402
+from mixq.export.llama_cpp import tools_dir  # noqa: E402
+from mixq.formats.ggml import GGML_FORMATS  # noqa: E402
+from mixq.methods import MethodSettings, output_error, quantize_many  # noqa: E402
+from mixq.models import load_model, source_gguf  # noqa: E402
+from mixq.report import markdown_table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("MIXQ_CACHE", Path.home() / ".cache" / "mixq"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calib-windows", type=int, default=32)
+    ap.add_argument("--work", type=Path, default=CACHE / "bench-rounding")
+    args = ap.parse_args()
+    work = args.work
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    binp = tools_dir()
+    loaded = load_model("smollm2-135m")
+    source = source_gguf(loaded.spec)
+    calib = load_windows(loaded, WindowSpec(args.calib_windows, 512, seed=0))
+    text = work / "calib.txt"
+    text.write_text("\n\n".join(loaded.tokenizer.decode(w, skip_special_tokens=True) for w in calib))
+    f32 = work / "f32.gguf"
+    if not f32.is_file():
+        run([str(binp / "llama-quantize"), "--allow-requantize", str(source), str(f32), "F32"], work / "logs" / "f32.log")
+    imatrix = work / "imatrix.gguf"
+    if not imatrix.is_file():
+        run([str(binp / "llama-imatrix"), "-m", str(f32), "-f", str(text), "-o", str(imatrix), "--chunks",
+             str(args.calib_windows), "-t", "2"], work / "logs" / "imatrix.log")
+
+    linears = loaded.quantizable()
+    name_map = name_map_of(GGUFReader(source))
+    heads = {"q_proj": loaded.model.config.num_attention_heads, "k_proj": loaded.model.config.num_key_value_heads}
+    llama: dict[tuple[str, bool], dict[str, torch.Tensor]] = {}  # (type, imatrix) -> tensor -> W_hat
+    for name in GGML_FORMATS:
+        for with_imatrix in (False, True):
+            out = work / f"{name}{'-imatrix' if with_imatrix else ''}.gguf"
+            if not out.is_file():
+                extra = ["--imatrix", str(imatrix)] if with_imatrix else []
+                run([str(binp / "llama-quantize"), "--pure", *extra, str(f32), str(out), name.upper()],
+                    work / "logs" / f"{out.name}.log")
+            by_name = {t.name: t for t in GGUFReader(out).tensors}
+            got = {}
+            for tensor, linear in linears.items():
+                t = by_name[name_map.get_name(tensor, try_suffixes=(".weight",))]
+                if t.tensor_type.name.lower() != name:
+                    continue  # llama.cpp fell back to another type for these rows
+                W_hat = dequantize(t.data, t.tensor_type).reshape(linear.weight.shape)
+                kind = tensor.rsplit(".", 1)[-1]
+                if loaded.arch.gguf_permutes_qk and kind in heads:  # back to Hugging Face's row order
+                    W_hat = permute_rows(W_hat, heads[kind], inverse=True)
+                got[tensor] = torch.from_numpy(np.ascontiguousarray(W_hat, dtype=np.float32))
+            llama[(name, with_imatrix)] = got
+
+    errors: dict[str, dict[str, list[float]]] = {n: {} for n in GGML_FORMATS}  # type -> maker -> per tensor
+    stats = capture.capture_all(loaded, calib, batch_size=8)
+    settings = MethodSettings()
+    for tensor, linear in linears.items():
+        W, H = linear.weight.detach().float(), stats[tensor].H
+        fits = [n for n in GGML_FORMATS if tensor in llama[(n, False)]]
+        for method in ("rtn", "gptq"):
+            for n, q in zip(fits, quantize_many(method, W, H, [GGML_FORMATS[n] for n in fits], settings)):
+                errors[n].setdefault(f"mixq {method}", []).append(output_error(W, q.dequantize(), H))
+        for n in fits:
+            for with_imatrix in (False, True):
+                maker = "llama.cpp imatrix" if with_imatrix else "llama.cpp"
+                errors[n].setdefault(maker, []).append(output_error(W, llama[(n, with_imatrix)][tensor], H))
+    write_report(args, errors, time.time() - start)
+
+
+def write_report(args, errors: dict, seconds: float) -> None:
+    rows = []
+    for name, by_maker in errors.items():
+        if not by_maker:
+            continue
+        base = np.array(by_maker["llama.cpp imatrix"])
+        for maker, errs in by_maker.items():
+            e = np.array(errs)
+            rows.append([name.upper(), maker, len(e), f"{e.sum():.4g}", f"{np.median(e / base):.3f}",
+                         f"{(e < base).mean():.2f}" if maker.startswith("mixq") else "-"])
+    text = "\n".join([
+        "# Rounding onto ggml's grids: mixq vs llama.cpp's quantizer, per tensor of SmolLM2-135M",
+        "",
+        f"Command: `python bench/ggml_rounding.py --calib-windows {args.calib_windows}`  ",
+        f"Machine: {machine()}; commit {commit()}; {seconds:.0f} s.  ",
+        f"Error: tr(dW H dW^T) per tensor, H from {args.calib_windows} x 512 tokens sampled from the model "
+        "(the same text llama-imatrix read). Ratio: per tensor, error / llama.cpp-with-imatrix's error.",
+        "",
+        markdown_table(["type", "quantizer", "tensors", "summed error", "median ratio to llama.cpp imatrix",
+                        "share of tensors below llama.cpp imatrix"], rows),
+        "",
+    ])
+    out = ROOT / "bench" / "results" / "ggml_rounding.md"
+    out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
