@@ -146,3 +146,45 @@ def test_profile_plan_and_budget(tiny_llama_dir, text_file, tmp_path, capsys):
 def test_infeasible_budget_is_refused_before_profiling(tiny_llama_dir, text_file, tmp_path, capsys):
     assert_refused(capsys, tmp_path, "quantize", tiny_llama_dir, "--budget", "1bpw", "--calib-text", text_file,
                    match="infeasible")
+
+
+def test_export_needs_ggml_types_and_a_gguf_source(tiny_llama_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "int3"
+    code, _ = run(capsys, *tiny_args(tiny_llama_dir, text_file), "--bits", 3, "--group-size", 32, "--out", out)
+    assert code == 0
+    code, cap = run(capsys, "export", out, "--to", "gguf", tmp_path / "m.gguf")
+    assert code == 2 and "needs a GGUF source model" in cap.err and not (tmp_path / "m.gguf").exists()
+
+
+def test_export_with_a_truncated_source_gguf(tmp_path, capsys):
+    from mixq.models.embedded import resolve_embedded
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(resolve_embedded("smollm2-135m").read_bytes()[:100_000])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    native.write_info(run_dir, {"model": str(cut)})
+    code, cap = run(capsys, "export", run_dir, "--to", "gguf", tmp_path / "m.gguf")
+    assert code == 2 and "cannot read GGUF file" in cap.err and not (tmp_path / "m.gguf").exists()
+
+
+def test_ggml_types_in_a_budgeted_plan(tiny_llama_dir, text_file, tmp_path, capsys):
+    """On the tiny model (64- and 160-wide rows) only the 32-wide ggml types fit; a plan mixes them."""
+    profile = tmp_path / "tiny.profile"
+    calib = ["--calib-text", text_file, "--calib-windows", 8, "--calib-len", 64, "--held-out-windows", 2,
+             "--held-out-len", 64, "--fisher-windows", 2]
+    code, cap = run(capsys, "profile", tiny_llama_dir, *calib, "--formats", "gguf", "--methods", "rtn,gptq",
+                    "--out", profile)
+    assert code == 0, cap.err
+    from mixq.profile import Profile
+
+    p = Profile.load(profile)
+    allowed = {o.rsplit("-", 1)[0] for o in p.options if (p.errors["hessian"][:, p.options.index(o)] < float("inf")).any()}
+    assert allowed == {"q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "f16"}
+    out = tmp_path / "mix"
+    code, cap = run(capsys, "quantize", tiny_llama_dir, "--budget", "6.0bpw", "--profile", profile, *calib,
+                    "--out", out)
+    assert code == 0, cap.err
+    formats = set(native.read_info(out)["plan"].values())
+    assert formats <= {f"{f}-{m}" for f in ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0") for m in ("rtn", "gptq")} | {"f16"}
+    assert len(formats) >= 2

@@ -67,8 +67,8 @@ def export_gguf(model_dir: Path, out: Path, overwrite: bool = False) -> dict[str
             f"export to GGUF needs a GGUF source model; {info['model']!r} is not one "
             "(convert it with llama.cpp's convert_hf_to_gguf.py, then quantize that file with mixq)"
         )
-    entries, stored = native.load_stored(model_dir)
     reader = _read(source)
+    entries, stored = native.load_stored(model_dir)
     arch_name = str(reader.fields["general.architecture"].contents())
     arch = architecture(arch_name)
     name_map = name_map_of(reader)
