@@ -223,10 +223,18 @@ def mixq_files(args, work: Path, binp: Path, source: Path, start: float) -> None
         write_report(args, work, start)
 
 
+def labelled(row: dict) -> dict:
+    """Maker, type and imatrix of a measurement, from its file name (llama-Q3_K_S-imatrix.gguf) if absent."""
+    stem = row["file"].removesuffix(".gguf")
+    maker, kind = stem.split("-")[:2]
+    defaults = dict(maker="llama.cpp" if maker == "llama" else maker, kind=kind, imatrix=stem.endswith("-imatrix"))
+    return defaults | row
+
+
 def write_report(args, work: Path, start: float) -> None:
     from mixq.report import markdown_table
 
-    rows = [json.loads(p.read_text()) for p in (work / "measured").glob("*.json")]
+    rows = [labelled(json.loads(p.read_text())) for p in (work / "measured").glob("*.json")]
     if not rows:
         return
     rows.sort(key=lambda r: (r["bytes"], r["maker"]))
