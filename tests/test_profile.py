@@ -90,3 +90,18 @@ def test_fused_tie_groups(tiny_llama_dir, tiny_profile):
     assert sorted(t for g in groups for t in g) == list(range(len(tiny_profile.tensors)))  # a partition
     with pytest.raises(MixqError, match="tie rule"):
         tie_groups(loaded, tiny_profile.tensors, "pairs")
+
+
+def test_measure_every_and_no_fisher(tiny_llama_dir, text_file):
+    """--measure-every 2 measures block 0 (and the head) only; --fisher-windows 0 leaves no fisher estimator."""
+    loaded = load_model(str(tiny_llama_dir))
+    calib = load_windows(loaded, WindowSpec(4, 64, text_file), first=False)
+    held_out = load_windows(loaded, WindowSpec(2, 64, text_file, seed=9), first=False)
+    settings = ProfileSettings(space=OptionSpace(bits=(2, 4), group_sizes=(32,), methods=("rtn",)),
+                               measure=("int2-g32", "int4-g32"), fisher_windows=0, measure_every=2, batch_size=4)
+    p = build_profile(loaded, calib, held_out, settings)
+    measured = {p.tensors[t] for t in np.nonzero(np.isfinite(p.measured).any(axis=1))[0]}
+    assert measured == {n for n in p.tensors if ".layers.0." in n} | {"model.embed_tokens"}
+    assert np.isfinite(p.predicted("hessian+kl")).any()  # unmeasured tensors take their kind's fit
+    with pytest.raises(MixqError, match="no fisher errors"):
+        p.predicted("fisher+kl")
