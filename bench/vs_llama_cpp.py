@@ -31,10 +31,10 @@ CACHE = Path(os.environ.get("MIXQ_CACHE", Path.home() / ".cache" / "mixq"))
 QWEN_PARTS = 22
 LLAMA_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K")
 HEADLINE = ("Q2_K", "Q3_K_S", "Q3_K_M")
-# mixq on a 1.5B model within this machine's time: RTN onto each ggml type with the importance-weighted
-# search (11 range shrinks, each refitted), KL measured for every 7th block's tensors on 2 x 256 tokens.
-MIXQ_FORMATS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")
-MIXQ_CLIP_GRID = 11
+# mixq on a 1.5B model within this machine's time: RTN onto each k-quant type with the importance-weighted
+# search (8 range shrinks, each refitted), KL measured for every 7th block's tensors on 2 x 256 tokens.
+MIXQ_FORMATS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+MIXQ_CLIP_GRID = 8
 MIXQ_MEASURE_EVERY = 7
 MIXQ_HELD_OUT = (2, 256)
 
