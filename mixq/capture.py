@@ -135,11 +135,22 @@ def head_stats(loaded: LoadedModel, inputs: BlockInputs) -> LayerStats:
     return stats
 
 
+def embedding_stats(loaded: LoadedModel, windows: torch.Tensor) -> LayerStats:
+    """Stand-in statistics of an input embedding: a lookup's output error is sum_t ||dE[t]||^2 over
+    the tokens t read, taken here as every row read equally often (H = tokens / vocab * I)."""
+    vocab, dim = loaded.model.get_submodule(loaded.arch.embedding).weight.shape
+    n_tokens = windows.numel()
+    return LayerStats(torch.eye(dim, dtype=STATS_DTYPE) * (n_tokens / vocab), n_tokens)
+
+
 def iter_stats(loaded: LoadedModel, windows: torch.Tensor, batch_size: int) -> Iterator[dict[str, LayerStats]]:
-    """LayerStats of every plannable tensor with the model's own (unquantized) weights, one block at a
-    time and the output matrix last, so a consumer holds one block's statistics at once."""
+    """LayerStats of every plannable tensor with the model's own (unquantized) weights: an untied
+    input embedding first, then one block at a time, the output matrix last, so a consumer holds
+    one block's statistics at once."""
     from tqdm.auto import tqdm
 
+    if not loaded.tied_embedding:
+        yield {loaded.arch.embedding: embedding_stats(loaded, windows)}
     inputs = block_inputs(loaded, windows, batch_size)
     for b in tqdm(range(len(loaded.blocks())), desc="capturing statistics", unit="block"):
         block = loaded.blocks()[b]

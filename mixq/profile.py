@@ -150,7 +150,7 @@ def tie_groups(loaded: LoadedModel, tensors: list[str], tie: str) -> list[list[i
     for b in range(len(loaded.blocks())):
         for group in loaded.block_groups(b):  # q/k/v and gate/up share their input, hence their kernel
             groups.append([index[n] for n in group])
-    groups.append([index[loaded.head_name]])
+    groups += [[index[name]] for name in loaded.rounded_only()]
     return groups
 
 
@@ -198,8 +198,9 @@ class OptionTable:
         options = list(dict.fromkeys([*space_options, *head_options, KEEP_OPTION]))
         shapes = [tuple(plannable[t].weight.shape) for t in tensors]
         allowed = np.array([[o in space_options and o.fits(shape) for o in options] for shape in shapes])
-        head = tensors.index(loaded.head_name)
-        allowed[head] = [(o in head_options or (o.is_keep and space.keep_16bit)) and o.fits(shapes[head]) for o in options]
+        for name in loaded.rounded_only():
+            t = tensors.index(name)
+            allowed[t] = [(o in head_options or (o.is_keep and space.keep_16bit)) and o.fits(shapes[t]) for o in options]
         if not allowed.any(axis=1).all():
             t = int(np.nonzero(~allowed.any(axis=1))[0][0])
             raise MixqError(f"no option of the option space fits {tensors[t]} {shapes[t]}")
@@ -385,8 +386,8 @@ def measure_kl(
         original = weight.detach().clone()
         weight.data.copy_(W_hat)
         try:
-            # The tied embedding also feeds block 0: rerun everything for it.
-            start = None if name == loaded.head_name and loaded.tied_embedding else block_of.get(name, len(blocks))
+            # The embedding (tied or not) feeds block 0: rerun everything for it.
+            start = None if name == loaded.arch.embedding else block_of.get(name, len(blocks))
             quantized = log_probs(start)
         finally:
             weight.data.copy_(original)

@@ -76,6 +76,10 @@ def quantize_model(
 ) -> QuantizedModel:
     """Quantize `loaded.model` in place (its weights become the dequantized ones)."""
     result = QuantizedModel()
+    embedding = loaded.arch.embedding
+    if not loaded.tied_embedding and embedding in plan:  # first: block 0 then reads quantized embeddings
+        weight = loaded.model.get_submodule(embedding).weight
+        result.quantize_tensor(embedding, weight, plan[embedding], capture.embedding_stats(loaded, windows), settings)
     inputs = capture.block_inputs(loaded, windows, batch_size)
     for b in tqdm(range(len(loaded.blocks())), desc="quantizing blocks", unit="block"):
         block, linears = loaded.blocks()[b], loaded.block_linears(b)

@@ -22,7 +22,7 @@ def make_text(n_words: int, seed: int = 0) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_tiny_llama(path: Path, model_type: str = "llama", seed: int = 0) -> Path:
+def save_tiny_llama(path: Path, model_type: str = "llama", seed: int = 0, tied: bool = True) -> Path:
     """A 2-block Llama (hidden 64, vocab from a word-level tokenizer) with random weights."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -33,7 +33,7 @@ def save_tiny_llama(path: Path, model_type: str = "llama", seed: int = 0) -> Pat
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     config = AutoConfig.for_model(
         model_type, vocab_size=len(vocab), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied,
         bos_token_id=1, eos_token_id=2,
     )
     torch.manual_seed(seed)

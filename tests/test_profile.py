@@ -105,3 +105,28 @@ def test_measure_every_and_no_fisher(tiny_llama_dir, text_file):
     assert np.isfinite(p.predicted("hessian+kl")).any()  # unmeasured tensors take their kind's fit
     with pytest.raises(MixqError, match="no fisher errors"):
         p.predicted("fisher+kl")
+
+
+def test_untied_embedding_is_planned(tmp_path, text_file):
+    """An untied input embedding is a plannable tensor (rtn or kept), profiled, measured and quantized."""
+    from conftest import save_tiny_llama
+
+    from mixq.plan import Budget, plan_for_budget
+    from mixq.quantize import quantize_model
+
+    loaded = load_model(str(save_tiny_llama(tmp_path / "untied", tied=False)))
+    assert not loaded.tied_embedding
+    assert list(loaded.plannable())[-2:] == ["model.embed_tokens", "lm_head"]
+    calib = load_windows(loaded, WindowSpec(4, 64, text_file), first=False)
+    held_out = load_windows(loaded, WindowSpec(2, 64, text_file, seed=9), first=False)
+    space = OptionSpace(bits=(2, 4), group_sizes=(32,), methods=("rtn", "gptq"))
+    p = build_profile(loaded, calib, held_out, ProfileSettings(space=space, measure=("int2-g32", "int4-g32"), batch_size=4))
+    emb = p.tensors.index("model.embed_tokens")
+    assert np.isfinite(p.measured[emb]).any()
+    assert all(o.endswith(("-rtn", KEEP)) for o, e in zip(p.options, p.errors["hessian"][emb]) if np.isfinite(e))
+    plan = plan_for_budget(p, Budget(4.5, "bpw"), "hessian+kl")
+    options = {t: Option.parse(o) for t, o in plan.options.items()}
+    before = loaded.model.get_submodule("model.embed_tokens").weight.clone()
+    result = quantize_model(loaded, calib, options, batch_size=4)
+    assert "model.embed_tokens" in result.tensors
+    assert not loaded.model.get_submodule("model.embed_tokens").weight.equal(before)

@@ -61,8 +61,14 @@ class LoadedModel:
         return self.arch.embedding if self.tied_embedding else self.arch.head
 
     def plannable(self) -> dict[str, nn.Module]:
-        """Every tensor a plan decides on: the block linears and the output (tied: embedding) matrix."""
-        return {**self.quantizable(), self.head_name: self.model.get_submodule(self.head_name)}
+        """Every tensor a plan decides on: the block linears, the input embedding when it is not tied,
+        and the output (tied: embedding) matrix last."""
+        return {**self.quantizable(), **{n: self.model.get_submodule(n) for n in self.rounded_only()}}
+
+    def rounded_only(self) -> list[str]:
+        """Plannable tensors only ever rounded (rtn): an untied input embedding (a lookup, no H) and
+        the output matrix (whose tied second role as the embedding has no H either)."""
+        return ([] if self.tied_embedding else [self.arch.embedding]) + [self.head_name]
 
     @property
     def tied_embedding(self) -> bool:
