@@ -79,6 +79,8 @@ def _add_profile_settings(p: argparse.ArgumentParser) -> None:
                    help="formats whose end-to-end KL is measured per tensor to calibrate the error model "
                    "(default: 3 and 4 bits at the largest group size)")
     g.add_argument("--held-out-windows", type=int, default=4, help="windows for those measurements (default 4)")
+    g.add_argument("--row-fraction", type=float, default=1.0, help="profile this share of each tensor's rows "
+                   "and scale up (errors and measured KL; rows are independent in every format): large models")
     g.add_argument("--measure-every", type=int, default=1, help="measure only every n-th block's tensors; the "
                    "others take the error model of their kind (default 1: all; large models: 4)")
     g.add_argument("--held-out-len", type=int, default=512)
@@ -189,7 +191,8 @@ def _profile_settings(args: argparse.Namespace):
                                 symmetric=args.sym or space.symmetric, keep_16bit=space.keep_16bit and not args.no_keep)
     space.options()  # validates bits, group sizes and methods before any long work
     return ProfileSettings(space=space, method_settings=_method_settings(args), fisher_windows=args.fisher_windows,
-                           measure=tuple(args.measure), tie=args.tie, measure_every=args.measure_every)
+                           measure=tuple(args.measure), tie=args.tie, measure_every=args.measure_every,
+                           row_fraction=args.row_fraction)
 
 
 def _calibration(args: argparse.Namespace):

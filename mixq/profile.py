@@ -54,6 +54,7 @@ class Profile:
     n_weights: int
     tie_groups: list[list[int]]
     info: dict[str, Any] = field(default_factory=dict)
+    importance: dict[str, np.ndarray] = field(default_factory=dict)  # diag(H) per tensor: RTN needs no more
 
     def predicted(self, estimator: str) -> np.ndarray:
         """(T, O) predicted loss of each option of each tensor under `estimator`."""
@@ -69,6 +70,7 @@ class Profile:
     def save(self, path: Path) -> None:
         arrays = {"nbytes": self.nbytes, "measured": self.measured}
         arrays.update({f"errors.{k}": v for k, v in self.errors.items()})
+        arrays.update({f"importance.{k}": v for k, v in self.importance.items()})
         meta = dict(
             version=PROFILE_VERSION, model=self.model, tensors=self.tensors, kinds=self.kinds,
             shapes=self.shapes, options=self.options, fixed_bytes=self.fixed_bytes,
@@ -96,9 +98,10 @@ class Profile:
         if meta.get("version") != PROFILE_VERSION:
             raise MixqError(f"profile {path} has version {meta.get('version')}, expected {PROFILE_VERSION}")
         errors = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("errors.")}
+        importance = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("importance.")}
         meta.pop("version")
         meta["shapes"] = [tuple(s) for s in meta["shapes"]]
-        return cls(nbytes=arrays["nbytes"], measured=arrays["measured"], errors=errors, **meta)
+        return cls(nbytes=arrays["nbytes"], measured=arrays["measured"], errors=errors, importance=importance, **meta)
 
 
 def calibrate(raw: np.ndarray, measured: np.ndarray, kinds: list[str]) -> np.ndarray:
@@ -163,6 +166,7 @@ class ProfileSettings:
     tie: str = "none"
     batch_size: int = 8
     measure_every: int = 1  # measure the tensors of every n-th block (others take their kind's fit)
+    row_fraction: float = 1.0  # errors (and measured KL) from this share of each tensor's rows, scaled up
 
 
 def measure_formats(space: OptionSpace) -> tuple[str, ...]:
@@ -264,6 +268,7 @@ def build_profile(
     # Per tensor and measured format, the better method's result: the one a plan would pick.
     to_measure: dict[tuple[int, str], tuple[int, float, torch.Tensor]] = {}
     index = {name: t for t, name in enumerate(tensors)}
+    importance: dict[str, np.ndarray] = {}
     timings["capture"] = timings["quantize"] = 0.0
     t0 = time.perf_counter()
     progress = tqdm(total=T, desc="profiling tensors", unit="tensor")
@@ -272,8 +277,14 @@ def build_profile(
         timings["capture"] += t1 - t0
         for name, layer_stats in block_stats.items():
             t = index[name]
-            W = plannable[name].weight.detach().float()
+            W_full = plannable[name].weight.detach().float()
             H = layer_stats.H
+            importance[name] = torch.diag(H).float().numpy()
+            # Rows are independent in every format and method: a random share of them, scaled up,
+            # estimates the whole tensor's error (and, perturbed alone, its KL) at a fraction of the cost.
+            rows = sample_rows(W_full.shape[0], settings.row_fraction, seed=t)
+            W = W_full[rows]
+            row_scale = W_full.shape[0] / len(rows)
             H32 = H.float()  # for the errors of every option: float32 matmuls are ~3x faster here
             by_method: dict[str, list[int]] = {}
             for o in np.nonzero(table.allowed[t])[0].tolist():
@@ -287,14 +298,14 @@ def build_profile(
                 fmts = [parse_format(options[o].format) for o in opts]
                 for o, q in zip(opts, quantize_many(method, W, H, fmts, settings.method_settings)):
                     W_hat = q.dequantize()
-                    errors["hessian"][t, o] = output_error(W, W_hat, H32)
+                    errors["hessian"][t, o] = row_scale * output_error(W, W_hat, H32)
                     if fisher:
-                        errors["fisher"][t, o] = float((fisher[name] * (W_hat - W) ** 2).sum())
+                        errors["fisher"][t, o] = row_scale * float((fisher[name][rows] * (W_hat - W) ** 2).sum())
                     key = (t, options[o].format)
                     if measured_tensor[t] and options[o].format in measure_fmts and (
                         key not in to_measure or errors["hessian"][t, o] < to_measure[key][1]
                     ):
-                        to_measure[key] = (o, errors["hessian"][t, o], W_hat)
+                        to_measure[key] = (o, errors["hessian"][t, o], W_full.index_copy(0, rows, W_hat))
             progress.update()
         del block_stats
         t0 = time.perf_counter()
@@ -304,7 +315,8 @@ def build_profile(
     t0 = time.perf_counter()
     measured = np.full((T, O), np.nan)
     for (t, o), kl in measure_kl(loaded, held_out, tensors, chosen, settings.batch_size).items():
-        measured[t, o] = kl
+        measured[t, o] = kl * plannable[tensors[t]].weight.shape[0] / len(sample_rows(
+            plannable[tensors[t]].weight.shape[0], settings.row_fraction, seed=t))
     timings["measure"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
 
@@ -317,7 +329,8 @@ def build_profile(
         tie_groups=tie_groups(loaded, tensors, settings.tie),
         info=dict(calibration_windows=list(calib.shape), held_out_windows=list(held_out.shape),
                   fisher_windows=min(settings.fisher_windows, len(calib)), seconds=timings,
-                  container=container(loaded, settings.space)),
+                  container=container(loaded, settings.space), row_fraction=settings.row_fraction),
+        importance=importance,
     )
 
 
@@ -339,6 +352,14 @@ def fisher_diagonal(loaded: LoadedModel, windows: torch.Tensor, tensors: list[st
         for w in weights.values():
             w.requires_grad_(False)
     return fisher
+
+
+def sample_rows(n_rows: int, fraction: float, seed: int) -> torch.Tensor:
+    """Indices of a seeded random `fraction` of `n_rows` rows (all of them at 1.0), sorted."""
+    if fraction >= 1.0:
+        return torch.arange(n_rows)
+    keep = max(1, round(n_rows * fraction))
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))[:keep].sort().values
 
 
 def measure_kl(

@@ -130,3 +130,22 @@ def test_untied_embedding_is_planned(tmp_path, text_file):
     result = quantize_model(loaded, calib, options, batch_size=4)
     assert "model.embed_tokens" in result.tensors
     assert not loaded.model.get_submodule("model.embed_tokens").weight.equal(before)
+
+
+def test_row_fraction_estimates_the_whole(tiny_llama_dir, text_file):
+    """Errors from half the rows, scaled up, are close to the full ones; diag(H) is kept per tensor."""
+    loaded = load_model(str(tiny_llama_dir))
+    calib = load_windows(loaded, WindowSpec(4, 64, text_file), first=False)
+    held_out = load_windows(loaded, WindowSpec(2, 64, text_file, seed=9), first=False)
+    space = OptionSpace(bits=(2, 4), group_sizes=(32,), methods=("rtn",))
+
+    def profile(fraction):
+        settings = ProfileSettings(space=space, measure=("int2-g32", "int4-g32"), batch_size=4, row_fraction=fraction)
+        return build_profile(loaded, calib, held_out, settings)
+
+    full, half = profile(1.0), profile(0.5)
+    ok = np.isfinite(full.errors["hessian"]) & (full.errors["hessian"] > 0)
+    ratio = half.errors["hessian"][ok] / full.errors["hessian"][ok]
+    assert 0.5 < np.median(ratio) < 2.0 and not np.allclose(ratio, 1.0)
+    assert set(half.importance) == set(half.tensors) and half.importance["lm_head" if "lm_head" in half.tensors
+                                                                          else "model.embed_tokens"].ndim == 1
