@@ -77,7 +77,7 @@ def main() -> None:
             by_name = {t.name: t for t in GGUFReader(out).tensors}
             got = {}
             for tensor, linear in linears.items():
-                t = by_name[name_map.get_name(tensor, try_suffixes=(".weight",))]
+                t = by_name[name_map.get_name(f"{tensor}.weight", try_suffixes=(".weight",))]
                 if t.tensor_type.name.lower() != name:
                     continue  # llama.cpp fell back to another type for these rows
                 W_hat = dequantize(t.data, t.tensor_type).reshape(linear.weight.shape)
