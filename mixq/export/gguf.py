@@ -17,7 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType, MODEL_ARCH_NAMES, get_tensor_name_map
+from gguf import (
+    MODEL_ARCH_NAMES,
+    GGMLQuantizationType,
+    GGUFReader,
+    GGUFValueType,
+    GGUFWriter,
+    LlamaFileType,
+    get_tensor_name_map,
+)
 
 from mixq.atomic import check_output_dir
 from mixq.errors import MixqError
@@ -121,8 +129,6 @@ def _copy_field(writer: GGUFWriter, key: str, field) -> None:
 
 
 def _tensor_data(name: str, entry: dict, stored: dict[str, torch.Tensor]):
-    from gguf import GGMLQuantizationType
-
     fmt_name, shape = entry["format"], tuple(entry["shape"])
     if fmt_name in native.KEPT_FORMATS:
         dtype = GGMLQuantizationType.F16 if fmt_name == "f16" else GGMLQuantizationType.F32
