@@ -27,16 +27,22 @@ class LayerStats:
 
     H: torch.Tensor  # (cols, cols): sum over tokens of x^T x, float64
     n_tokens: int = 0
+    x_sum: torch.Tensor | None = None  # (cols,): sum over tokens of x (None for stand-in statistics)
 
     @classmethod
     def empty(cls, cols: int) -> LayerStats:
-        return cls(torch.zeros(cols, cols, dtype=STATS_DTYPE))
+        return cls(torch.zeros(cols, cols, dtype=STATS_DTYPE), 0, torch.zeros(cols, dtype=STATS_DTYPE))
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, cols)
         # Each batch's sum in fp32 (fast), the running sum in float64 (no drift across batches).
         self.H += (x.T @ x).to(STATS_DTYPE)
+        self.x_sum += x.sum(dim=0, dtype=STATS_DTYPE)
         self.n_tokens += x.shape[0]
+
+    @property
+    def x_mean(self) -> torch.Tensor:
+        return (self.x_sum / max(self.n_tokens, 1)).float()
 
 
 @dataclass

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import sys
 import time
 from pathlib import Path
 
 from mixq import __version__
+from mixq.atomic import atomic_write_text
 from mixq.errors import MixqError
 
 log = logging.getLogger("mixq")
@@ -60,6 +62,17 @@ def _add_method_settings(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-act-order", action="store_true", help="GPTQ: visit columns in storage order")
     g.add_argument("--damp", type=float, default=0.01, help="GPTQ: dampening, fraction of mean diag(H)")
     g.add_argument("--no-clip-search", action="store_true", help="use each group's full range")
+    g.add_argument("--init", default="gptq", help="adaquant/block: the method learned rounding starts from "
+                   "(rtn or gptq; default gptq)")
+    g.add_argument("--steps", type=int, default=100, help="adaquant: signed-gradient steps per layer (default 100)")
+    g.add_argument("--no-learn-scale", action="store_true", help="adaquant/block: train the rounding only, "
+                   "not the int formats' group scales")
+    g.add_argument("--block-steps", type=int, default=50, help="block: steps per transformer block (default 50)")
+    g.add_argument("--block-batch", type=int, default=4, help="block: calibration windows per step (default 4)")
+    g.add_argument("--target", choices=("fp", "local"), default="fp", help="block and norm tuning: match the "
+                   "full-precision model's block outputs (fp, default) or the fp block on quantized inputs (local)")
+    g.add_argument("--norm-tuning", action="store_true", help="train each block's norm weights on its output")
+    g.add_argument("--bias-correction", action="store_true", help="biases absorb their layer's mean output error")
 
 
 def _add_profile_settings(p: argparse.ArgumentParser) -> None:
@@ -69,7 +82,8 @@ def _add_profile_settings(p: argparse.ArgumentParser) -> None:
                    "GGUF's size), or names such as q4_k,q6_k")
     g.add_argument("--bits-options", type=_int_list, help="bit widths to consider (default 2,3,4,5,6,8)")
     g.add_argument("--group-sizes", type=_int_list, help="group sizes to consider (default 32,64,128)")
-    g.add_argument("--methods", type=_str_list, help="methods to consider (default rtn,gptq)")
+    g.add_argument("--methods", type=_str_list, help="methods to consider: rtn, gptq, adaquant, block (default "
+                   "rtn,gptq; adaquant and block are measured on a few blocks and predicted for the rest)")
     g.add_argument("--no-keep", action="store_true", help="do not allow keeping a tensor at 16 bits")
     g.add_argument("--space", type=Path, help="JSON file with the option space (keys: bits, group_sizes, "
                    "methods, symmetric, keep_16bit); flags override it")
@@ -110,7 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sym", action="store_true", help="symmetric grid (no zero points stored)")
     q.add_argument("--format", help="uniform: a format by name instead of --bits/--group-size: int4-g64, q4_k, "
                    "q6_k, ... (a ggml type falls back as llama.cpp does on rows it does not fit)")
-    q.add_argument("--method", default="gptq", help="uniform: rtn or gptq (default gptq)")
+    q.add_argument("--max-kl", type=float, help="the smallest plan whose predicted KL to the reference is at "
+                   "most this (instead of --budget)")
+    q.add_argument("--method", default="gptq", help="uniform: rtn, gptq (default), adaquant (learned rounding per "
+                   "layer) or block (learned rounding per transformer block)")
     q.add_argument("--eval-text", type=_text_file, help="evaluate on this text right after quantizing")
     q.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL["windows"])
     q.add_argument("--eval-len", type=int, default=DEFAULT_EVAL["seq_len"])
@@ -146,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or trace the loss/size frontier over the whole feasible range.")
     pl.add_argument("profile", type=Path, help="a profile written by `mixq profile`")
     pl.add_argument("--budget", help="size of the whole file: 3.0bpw, 60MB, 58MiB")
+    pl.add_argument("--max-loss", type=float, help="the smallest plan whose predicted loss is at most this")
     pl.add_argument("--frontier", action="store_true", help="print the frontier and plot it")
     pl.add_argument("--plot", type=Path, help="frontier plot (default: PROFILE.frontier.png)")
     pl.add_argument("--estimator", default="hessian+kl", help="hessian+kl (default), fisher+kl, hessian, fisher")
@@ -174,9 +192,22 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def _method_settings(args: argparse.Namespace):
-    from mixq.methods import MethodSettings
+    from mixq.methods import BLOCK_METHODS, MethodSettings, get_method
 
-    return MethodSettings(clip_search=not args.no_clip_search, damp=args.damp, act_order=not args.no_act_order)
+    if args.init in BLOCK_METHODS or args.init == "adaquant":
+        raise MixqError(f"--init {args.init}: learned rounding starts from a one-shot method (rtn or gptq)")
+    get_method(args.init)
+    if args.steps < 0 or args.block_steps < 0 or args.block_batch < 1:
+        raise MixqError("--steps and --block-steps must be >= 0, --block-batch >= 1")
+    return MethodSettings(clip_search=not args.no_clip_search, damp=args.damp, act_order=not args.no_act_order,
+                          init=args.init, steps=args.steps, learn_scale=not args.no_learn_scale)
+
+
+def _reconstruct_settings(args: argparse.Namespace):
+    from mixq.reconstruct import ReconstructSettings
+
+    return ReconstructSettings(steps=args.block_steps, batch_windows=args.block_batch, target=args.target,
+                               norm_tuning=args.norm_tuning, bias_correction=args.bias_correction, seed=args.seed)
 
 
 def _profile_settings(args: argparse.Namespace):
@@ -192,7 +223,7 @@ def _profile_settings(args: argparse.Namespace):
     space.options()  # validates bits, group sizes and methods before any long work
     return ProfileSettings(space=space, method_settings=_method_settings(args), fisher_windows=args.fisher_windows,
                            measure=tuple(args.measure), tie=args.tie, measure_every=args.measure_every,
-                           row_fraction=args.row_fraction)
+                           row_fraction=args.row_fraction, reconstruct=_reconstruct_settings(args))
 
 
 def _calibration(args: argparse.Namespace):
@@ -227,12 +258,14 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from mixq.plan import Budget, closed_form_plan, frontier_plans, plan_for_budget
+    from mixq.plan import Budget, closed_form_plan, frontier_plans, plan_for_budget, plan_for_loss
     from mixq.profile import Profile
     from mixq.report import markdown_table, plan_summary, plot_frontier
 
-    if not args.budget and not args.frontier:
-        raise MixqError("give --budget or --frontier")
+    if not (args.budget or args.frontier or args.max_loss is not None):
+        raise MixqError("give --budget, --max-loss or --frontier")
+    if args.budget and args.max_loss is not None:
+        raise MixqError("give either --budget or --max-loss, not both")
     profile = Profile.load(args.profile)
     if args.frontier:
         start = time.perf_counter()
@@ -256,11 +289,15 @@ def cmd_plan(args: argparse.Namespace) -> None:
               f"(budget {budget.total_bytes(profile.n_weights):,}), predicted loss {plan.predicted_loss:.5g}; "
               f"closed form (BAQ): continuous {continuous:.5g}, rounded plan {baq.predicted_loss:.5g} "
               f"at {baq.bpw:.4f} bpw")
-        if args.out:
-            from mixq.atomic import atomic_write_text
-            import json
-
-            atomic_write_text(args.out, json.dumps(plan.as_dict(), indent=2) + "\n")
+    if args.max_loss is not None:
+        start = time.perf_counter()
+        plan = plan_for_loss(profile, args.max_loss, args.estimator)
+        print(plan_summary(plan))
+        print(f"\nsolved in {time.perf_counter() - start:.2f} s: the smallest plan with predicted loss <= "
+              f"{args.max_loss:g} ({args.estimator}): {plan.bpw:.4f} bpw, at most {plan.max_file_bytes:,} bytes, "
+              f"predicted loss {plan.predicted_loss:.5g}")
+    if args.out and (args.budget or args.max_loss is not None):
+        atomic_write_text(args.out, json.dumps(plan.as_dict(), indent=2) + "\n")
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -272,27 +309,39 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from mixq.methods import get_method
     from mixq.models import load_model
     from mixq.options import Option
-    from mixq.plan import Budget, plan_for_budget
+    from mixq.plan import Budget, plan_for_budget, plan_for_loss
     from mixq.profile import Profile
     from mixq.quantize import quantize_model, uniform_plan
 
     check_output_dir(args.out, args.overwrite)
     settings = _method_settings(args)
+    reconstruct = _reconstruct_settings(args)
     calib = _calibration(args)
     info: dict = {"mixq_version": __version__}
-    if args.budget:
-        budget = Budget.parse(args.budget)
+    planned = args.budget or args.max_kl is not None
+    if args.budget and args.max_kl is not None:
+        raise MixqError("give either --budget or --max-kl, not both")
+    if args.max_kl is not None and not args.max_kl > 0:
+        raise MixqError(f"--max-kl must be positive, got {args.max_kl}")
+    if planned:
+        budget = Budget.parse(args.budget) if args.budget else None
         profile_settings = None if args.profile else _profile_settings(args)
         profile = Profile.load(args.profile) if args.profile else None
         loaded = load_model(args.model)
         if profile is None:
-            _check_feasible(loaded, budget, profile_settings)  # before minutes of profiling
+            if budget is not None:
+                _check_feasible(loaded, budget, profile_settings)  # before minutes of profiling
             profile = _run_profile(loaded, args, profile_settings)
-        plan = plan_for_budget(profile, budget, args.estimator)
+        if budget is not None:
+            plan = plan_for_budget(profile, budget, args.estimator)
+            description = f"plan for {budget} ({args.estimator})"
+        else:
+            plan = plan_for_loss(profile, args.max_kl, args.estimator)
+            description = f"smallest plan with predicted loss <= {args.max_kl:g} ({args.estimator})"
         options = {t: Option.parse(o) for t, o in plan.options.items()}
-        info.update(budget=str(budget), plan_summary=plan.as_dict() | {"options": None},
+        info.update(budget=str(budget) if budget else None, max_kl=args.max_kl,
+                    plan_summary=plan.as_dict() | {"options": None},
                     profile_seconds=profile.info["seconds"]["total"] if not args.profile else 0.0)
-        description = f"plan for {budget} ({args.estimator})"
     else:
         # validates the format (bits, group size) before loading anything
         fmt = parse_format(args.format) if args.format else IntFormat(args.bits, args.group_size, symmetric=args.sym)
@@ -305,18 +354,19 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     windows = load_windows(loaded, calib, first=False)
     reference = copy.deepcopy(loaded.model) if args.eval_text else None
     start = time.perf_counter()
-    result = quantize_model(loaded, windows, options, settings)
+    result = quantize_model(loaded, windows, options, settings, reconstruct=reconstruct)
     seconds = time.perf_counter() - start
     info.update(
-        model=loaded.spec, method_settings=vars(settings), calibration=calib.describe(), quantize_seconds=seconds,
+        model=loaded.spec, method_settings=vars(settings), reconstruct_settings=vars(reconstruct),
+        block_losses=result.block_losses, calibration=calib.describe(), quantize_seconds=seconds,
         plan={name: opt.name for name, opt in result.options.items()}, output_errors=result.output_errors,
         evaluations={},
     )
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
         storage = native.save(tmp, loaded, result.tensors, info)
-        if args.budget and not args.profile:
+        if planned and not args.profile:
             profile.save(tmp / PROFILE_FILE)  # reusable: mixq plan DIR/mixq.profile, --profile
-        in_gguf = args.budget and profile.info.get("container") == "gguf"
+        in_gguf = planned and profile.info.get("container") == "gguf"
         if args.budget and not in_gguf and storage.file_bytes > budget.total_bytes(storage.n_weights):
             raise MixqError(f"internal error: {storage.file_bytes:,} bytes exceed the budget {budget}")
         if reference is not None:

@@ -9,6 +9,9 @@ L[g,o] = sum_{t in g} loss[t,o]; options a tensor may not take have infinite los
                 sum_g sum_o B[g,o] x[g,o] <= C    (C: the budget's bytes left for these tensors)
                 x[g,o] in {0, 1}
 
+The quality-constrained twin (`solve_min_bytes`) swaps objective and constraint: the fewest bytes
+whose predicted loss sum_g sum_o L[g,o] x[g,o] stays at most a bound.
+
 `solve` hands this multiple-choice knapsack to HiGHS (scipy.optimize.milp) with a zero optimality
 gap and then checks the byte count in exact integers, so a plan never exceeds its budget.
 `frontier` sweeps the Lagrangian relaxation: every point it returns is an optimal plan for its own
@@ -74,6 +77,15 @@ class InfeasibleBudget(MixqError):
         )
 
 
+class InfeasibleLoss(MixqError):
+    def __init__(self, bound: float, least: float):
+        self.bound, self.least = bound, least
+        super().__init__(
+            f"no plan has a predicted loss of at most {bound:g}; the least lossy plan in this option space "
+            f"predicts {least:.4g} (allow more options, e.g. 16-bit tensors, or raise the bound)"
+        )
+
+
 @dataclass(frozen=True)
 class Allocation:
     """One option index per tensor, with the plan's exact bytes and predicted loss."""
@@ -135,6 +147,39 @@ def solve(loss: np.ndarray, nbytes: np.ndarray, capacity: int, groups: list[list
             return alloc
         # HiGHS works in floating point: tighten by the overshoot and solve again.
         limit -= alloc.nbytes - capacity
+
+
+def solve_min_bytes(loss: np.ndarray, nbytes: np.ndarray, max_loss: float, groups: list[list[int]]) -> Allocation:
+    """The plan of fewest bytes whose predicted loss is at most `max_loss` (exact in bytes; the loss
+    bound is checked on the plan's own sum, and tightened and solved again if HiGHS's tolerance let
+    it slip)."""
+    T = loss.shape[0]
+    L, B = group_arrays(loss, nbytes, groups)
+    least = float(np.where(np.isfinite(L), L, np.inf).min(axis=1).sum())
+    if least > max_loss:
+        raise InfeasibleLoss(max_loss, least)
+    g_idx, o_idx = np.nonzero(np.isfinite(L))
+    n = len(g_idx)
+    one_each = coo_array((np.ones(n), (g_idx, np.arange(n))), shape=(len(groups), n))
+    lossy = L[g_idx, o_idx]
+    limit = max_loss
+    while True:
+        res = milp(
+            c=B[g_idx, o_idx].astype(np.float64),
+            integrality=np.ones(n),
+            bounds=Bounds(0, 1),
+            constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(lossy[None, :], -np.inf, limit)],
+            options={"mip_rel_gap": 0.0},
+        )
+        if res.x is None:
+            raise MixqError(f"the MILP solver failed: {res.message}")
+        chosen = res.x > 0.5
+        choice_g = np.empty(len(groups), dtype=np.int64)
+        choice_g[g_idx[chosen]] = o_idx[chosen]
+        alloc = _allocation(choice_g, L, B, groups, T)
+        if alloc.loss <= max_loss:
+            return alloc
+        limit -= (alloc.loss - max_loss) + 1e-12 * max(abs(max_loss), 1.0)
 
 
 def frontier(loss: np.ndarray, nbytes: np.ndarray, groups: list[list[int]]) -> list[Allocation]:
@@ -273,6 +318,14 @@ def plan_for_budget(profile: Profile, budget: Budget, estimator: str = "hessian+
     except InfeasibleBudget as e:
         raise budget_infeasible(budget, e.smallest + profile.fixed_bytes + profile.header_bytes, profile.n_weights) from None
     return _plan(profile, alloc, estimator, "milp")
+
+
+def plan_for_loss(profile: Profile, max_loss: float, estimator: str = "hessian+kl") -> Plan:
+    """The exact smallest plan whose predicted loss is at most `max_loss`."""
+    if not max_loss > 0:
+        raise MixqError(f"the loss bound must be positive, got {max_loss}")
+    alloc = solve_min_bytes(profile.predicted(estimator), profile.nbytes, max_loss, profile.tie_groups)
+    return _plan(profile, alloc, estimator, "milp-loss")
 
 
 def frontier_plans(profile: Profile, estimator: str = "hessian+kl") -> list[Plan]:

@@ -31,9 +31,12 @@ from mixq.export import gguf as gguf_export
 from mixq.export.native import header_bound, kept_nbytes
 from mixq.formats import parse_format
 from mixq.formats.integer import IntFormat
-from mixq.methods import MethodSettings, output_error, quantize_many
+from mixq.methods import BLOCK_METHODS, MethodSettings, get_method, output_error, quantize_many
 from mixq.models import LoadedModel, source_gguf
 from mixq.options import KEEP_OPTION, Option, OptionSpace
+from mixq.reconstruct import ReconstructSettings, output_mse, reconstruct_block
+
+LEARNED = ("adaquant", *sorted(BLOCK_METHODS))  # measured on a few blocks, predicted for the rest
 
 ESTIMATORS = ("hessian+kl", "fisher+kl", "hessian", "fisher")
 PROFILE_VERSION = "1"
@@ -167,6 +170,8 @@ class ProfileSettings:
     batch_size: int = 8
     measure_every: int = 1  # measure the tensors of every n-th block (others take their kind's fit)
     row_fraction: float = 1.0  # errors (and measured KL) from this share of each tensor's rows, scaled up
+    reconstruct: ReconstructSettings = ReconstructSettings()  # the `block` method's settings
+    gain_blocks: int = 2  # blocks on which the learned-rounding methods' gains are measured
 
 
 def measure_formats(space: OptionSpace) -> tuple[str, ...]:
@@ -292,8 +297,9 @@ def build_profile(
                     errors["hessian"][t, o] = 0.0
                     if fisher:
                         errors["fisher"][t, o] = 0.0
-                else:
-                    by_method.setdefault(options[o].method, []).append(o)
+                else:  # a learned method is priced from its start, scaled by its measured gain below
+                    method = options[o].method
+                    by_method.setdefault(settings.method_settings.init if method in LEARNED else method, []).append(o)
             for method, opts in by_method.items():
                 fmts = [parse_format(options[o].format) for o in opts]
                 for o, q in zip(opts, quantize_many(method, W, H, fmts, settings.method_settings)):
@@ -302,7 +308,7 @@ def build_profile(
                     if fisher:
                         errors["fisher"][t, o] = row_scale * float((fisher[name][rows] * (W_hat - W) ** 2).sum())
                     key = (t, options[o].format)
-                    if measured_tensor[t] and options[o].format in measure_fmts and (
+                    if measured_tensor[t] and options[o].format in measure_fmts and options[o].method not in LEARNED and (
                         key not in to_measure or errors["hessian"][t, o] < to_measure[key][1]
                     ):
                         to_measure[key] = (o, errors["hessian"][t, o], W_full.index_copy(0, rows, W_hat))
@@ -311,6 +317,16 @@ def build_profile(
         t0 = time.perf_counter()
         timings["quantize"] += t0 - t1
     progress.close()
+    t0 = time.perf_counter()
+    learned = sorted({o.method for o in options if o.method in LEARNED})
+    gains = learned_gains(loaded, calib, list(measure_fmts), learned, settings) if learned else {}
+    measured_fmts = sorted({f for _, f in gains}, key=bits_per_weight)
+    for o, option in enumerate(options):
+        if option.method in LEARNED:
+            near = min(measured_fmts, key=lambda f: abs(bits_per_weight(f) - bits_per_weight(option.format)))
+            for table_ in errors.values():
+                table_[:, o] *= gains[(option.method, near)]
+    timings["gains"] = time.perf_counter() - t0
     chosen = {(t, o): W_hat for (t, _), (o, _, W_hat) in to_measure.items()}
     t0 = time.perf_counter()
     measured = np.full((T, O), np.nan)
@@ -329,9 +345,67 @@ def build_profile(
         tie_groups=tie_groups(loaded, tensors, settings.tie),
         info=dict(calibration_windows=list(calib.shape), held_out_windows=list(held_out.shape),
                   fisher_windows=min(settings.fisher_windows, len(calib)), seconds=timings,
-                  container=container(loaded, settings.space), row_fraction=settings.row_fraction),
+                  container=container(loaded, settings.space), row_fraction=settings.row_fraction,
+                  learned_gains={f"{m}:{f}": g for (m, f), g in gains.items()}),
         importance=importance,
     )
+
+
+def bits_per_weight(fmt: str) -> float:
+    rows, cols = 256, 3072  # a shape every registered format fits
+    return 8 * parse_format(fmt).nbytes((rows, cols)) / (rows * cols)
+
+
+def learned_gains(
+    loaded: LoadedModel, calib: torch.Tensor, formats: list[str], methods: list[str], settings: ProfileSettings
+) -> dict[tuple[str, str], float]:
+    """(learned method, format) -> the block output error after the method divided by that of its start.
+
+    Measured on `gain_blocks` evenly spaced blocks, each quantized alone with every linear in one
+    format, on the unquantized model's inputs; the median over blocks. The profile multiplies a
+    learned option's start errors by this ratio (the nearest measured format's, by bits per weight).
+    """
+    n_blocks = len(loaded.blocks())
+    chosen = sorted({(i + 1) * n_blocks // (settings.gain_blocks + 1) for i in range(settings.gain_blocks)})
+    ms = settings.method_settings
+    ratios: dict[tuple[str, str], list[float]] = {}
+    inputs = capture.block_inputs(loaded, calib, settings.batch_size)
+    progress = tqdm(total=len(chosen) * len(formats) * len(methods), desc="measuring learned-rounding gains",
+                    unit="run")
+    for b in range(max(chosen) + 1):
+        block = loaded.blocks()[b]
+        if b in chosen:
+            linears = loaded.block_linears(b)
+            prefix = f"{loaded.arch.blocks}.{b}."
+            targets = capture.run_block(block, inputs)
+            stats = capture.collect_stats(block, linears, loaded.block_groups(b), inputs)
+            originals = {n: lin.weight.detach().float().clone() for n, lin in linears.items()}
+            for f in formats:
+                fmt = parse_format(f)
+                names = [n for n in linears if fmt.fits(tuple(originals[n].shape))]
+                starts = {n: get_method(ms.init)(originals[n], stats[n].H, fmt, ms) for n in names}
+                for n in names:
+                    linears[n].weight.data.copy_(starts[n].dequantize())
+                base = output_mse(block, inputs, targets)
+                for method in methods:
+                    if method == "adaquant":
+                        for n in names:
+                            q = get_method(method)(originals[n], stats[n].H, fmt, ms)
+                            linears[n].weight.data.copy_(q.dequantize())
+                        after = output_mse(block, inputs, targets)
+                    else:
+                        run = {n.removeprefix(prefix): (originals[n], starts[n]) for n in names}
+                        after = reconstruct_block(block, run, inputs, targets, settings.reconstruct,
+                                                  ms.learn_scale).loss_after
+                    ratios.setdefault((method, f), []).append(after / max(base, 1e-30))
+                    for n in names:
+                        linears[n].weight.data.copy_(starts[n].dequantize())
+                    progress.update()
+                for n in names:
+                    linears[n].weight.data.copy_(originals[n])
+        inputs.batches = capture.run_block(block, inputs)
+    progress.close()
+    return {k: float(np.median(v)) for k, v in ratios.items()}
 
 
 def fisher_diagonal(loaded: LoadedModel, windows: torch.Tensor, tensors: list[str]) -> dict[str, torch.Tensor]:

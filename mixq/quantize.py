@@ -5,6 +5,11 @@ down) on inputs that already passed through the quantized earlier blocks and gro
 that group, and move on; finally recompute the block's outputs with its quantized weights to feed
 the next block. With `true_sequential=False` one pass captures every group of a block at once.
 The output matrix (the embedding, when tied) comes last, with the H of its input.
+
+Tensors whose option's method is `block` start from their per-layer start (GPTQ by default); once
+the block is quantized, their rounding is trained jointly on the block's output (reconstruct.py),
+and with norm tuning so are the block's norm weights. The full-precision model's block outputs,
+the default targets, are carried along as a second stream of hidden states.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from tqdm.auto import tqdm
 from mixq import capture
 from mixq.errors import MixqError
 from mixq.formats import QTensor, parse_format
-from mixq.methods import MethodSettings, get_method, output_error
+from mixq.methods import BLOCK_METHODS, MethodSettings, get_method, output_error
 from mixq.models import LoadedModel
 from mixq.options import Option
+from mixq.reconstruct import ReconstructSettings, reconstruct_block
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +38,27 @@ class QuantizedModel:
     tensors: dict[str, QTensor] = field(default_factory=dict)
     options: dict[str, Option] = field(default_factory=dict)
     output_errors: dict[str, float] = field(default_factory=dict)  # tr(dW H dW^T) per tensor
+    block_losses: list[tuple[float, float]] = field(default_factory=list)  # reconstruction: before, after
 
-    def quantize_tensor(self, name: str, weight: torch.nn.Parameter, option: Option,
-                        stats: capture.LayerStats, settings: MethodSettings) -> None:
-        """Quantize one weight with its option and write the dequantized values back into it."""
+    def quantize_tensor(self, name: str, module: torch.nn.Module, option: Option, stats: capture.LayerStats,
+                        settings: MethodSettings, correct_bias: bool = False) -> None:
+        """Quantize one module's weight with its option and write the dequantized values back into it.
+
+        With `correct_bias`, a bias absorbs the layer's mean output error on the calibration inputs.
+        """
         self.options[name] = option
         if option.is_keep:
             return
+        weight = module.weight
         W = weight.detach().float()
         q = get_method(option.method)(W, stats.H, parse_format(option.format), settings)
         W_hat = q.dequantize()
         self.tensors[name] = q
         self.output_errors[name] = output_error(W, W_hat, stats.H)
         weight.data.copy_(W_hat.to(weight.dtype))
+        bias = getattr(module, "bias", None)
+        if correct_bias and bias is not None and stats.x_sum is not None:
+            bias.data += ((W - W_hat) @ stats.x_mean).to(bias.dtype)
 
 
 def uniform_plan(loaded: LoadedModel, option: Option) -> dict[str, Option]:
@@ -73,27 +87,52 @@ def quantize_model(
     settings: MethodSettings = MethodSettings(),
     batch_size: int = 8,
     true_sequential: bool = True,
+    reconstruct: ReconstructSettings = ReconstructSettings(),
 ) -> QuantizedModel:
     """Quantize `loaded.model` in place (its weights become the dequantized ones)."""
     result = QuantizedModel()
+    trained = reconstruct.norm_tuning or any(o.method in BLOCK_METHODS for o in plan.values())
+    fp_stream = trained and reconstruct.target == "fp"
+    fp_inputs = capture.block_inputs(loaded, windows, batch_size) if fp_stream else None
     embedding = loaded.arch.embedding
     if not loaded.tied_embedding and embedding in plan:  # first: block 0 then reads quantized embeddings
-        weight = loaded.model.get_submodule(embedding).weight
-        result.quantize_tensor(embedding, weight, plan[embedding], capture.embedding_stats(loaded, windows), settings)
+        result.quantize_tensor(embedding, loaded.model.get_submodule(embedding), plan[embedding],
+                               capture.embedding_stats(loaded, windows), settings)
     inputs = capture.block_inputs(loaded, windows, batch_size)
-    for b in tqdm(range(len(loaded.blocks())), desc="quantizing blocks", unit="block"):
+    progress = tqdm(range(len(loaded.blocks())), desc="quantizing blocks", unit="block")
+    for b in progress:
         block, linears = loaded.blocks()[b], loaded.block_linears(b)
         groups = loaded.block_groups(b)
+        targets = capture.run_block(block, fp_inputs) if fp_inputs is not None else None
+        trained_here = [n for n in linears if n in plan and plan[n].method in BLOCK_METHODS]
+        if trained_here or reconstruct.norm_tuning:
+            targets = targets if targets is not None else capture.run_block(block, inputs)
+            fp_weights = {n: linears[n].weight.detach().float().clone() for n in trained_here}
+        block_stats: dict[str, capture.LayerStats] = {}
         for stage in [[g] for g in groups] if true_sequential else [groups]:
             if not any(name in plan and not plan[name].is_keep for group in stage for name in group):
                 continue
             stats = capture.collect_stats(block, linears, stage, inputs)
             for name, layer_stats in stats.items():
                 if name in plan:
-                    result.quantize_tensor(name, linears[name].weight, plan[name], layer_stats, settings)
+                    result.quantize_tensor(name, linears[name], plan[name], layer_stats, settings,
+                                           reconstruct.bias_correction)
+                    block_stats[name] = layer_stats
+        if trained_here or reconstruct.norm_tuning:
+            prefix = f"{loaded.arch.blocks}.{b}."
+            starts = {n.removeprefix(prefix): (fp_weights[n], result.tensors[n]) for n in trained_here}
+            r = reconstruct_block(block, starts, inputs, targets, reconstruct, settings.learn_scale)
+            for rel, q in r.tensors.items():
+                result.tensors[prefix + rel] = q
+                result.output_errors[prefix + rel] = output_error(fp_weights[prefix + rel], q.dequantize(),
+                                                                  block_stats[prefix + rel].H)
+            result.block_losses.append((r.loss_before, r.loss_after))
+            progress.set_postfix_str(f"block {b} output MSE {r.loss_before:.3g} -> {r.loss_after:.3g}")
         inputs.batches = capture.run_block(block, inputs)
+        if fp_inputs is not None:
+            fp_inputs.batches = targets
     head = loaded.head_name
     if head in plan:
-        weight = loaded.model.get_submodule(head).weight
-        result.quantize_tensor(head, weight, plan[head], capture.head_stats(loaded, inputs), settings)
+        result.quantize_tensor(head, loaded.model.get_submodule(head), plan[head],
+                               capture.head_stats(loaded, inputs), settings)
     return result

@@ -5,7 +5,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixq.plan import Budget, InfeasibleBudget, closed_form, frontier, smallest_bytes, solve
+from mixq.plan import (
+    Budget,
+    InfeasibleBudget,
+    InfeasibleLoss,
+    closed_form,
+    frontier,
+    smallest_bytes,
+    solve,
+    solve_min_bytes,
+)
 
 
 def instance(seed: int, T: int, O: int, tie: bool):
@@ -88,3 +97,39 @@ def test_closed_form_has_equal_marginal_loss():
     marginal = a * 2.0 ** (-2 * bits) / n
     assert np.allclose(marginal, marginal[0], rtol=1e-6)
     assert total == pytest.approx((a * 2.0 ** (-2 * bits)).sum())
+
+
+def brute_force_min_bytes(loss, nbytes, max_loss, groups):
+    best = (np.inf, np.inf)
+    O = loss.shape[1]
+    for combo in itertools.product(range(O), repeat=len(groups)):
+        choice = np.empty(loss.shape[0], dtype=int)
+        for g, o in zip(groups, combo):
+            choice[g] = o
+        rows = np.arange(len(choice))
+        size, total = nbytes[rows, choice].sum(), loss[rows, choice].sum()
+        if total <= max_loss and (size, total) < best:
+            best = (size, total)
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10**6), T=st.integers(1, 5), O=st.integers(1, 4), tie=st.booleans(),
+       frac=st.floats(0.0, 1.0))
+def test_min_bytes_under_a_loss_bound_equals_brute_force(seed, T, O, tie, frac):
+    loss, nbytes, groups = instance(seed, T, O, tie)
+    L = np.stack([loss[g].sum(axis=0) for g in groups])
+    least = np.where(np.isfinite(L), L, np.inf).min(axis=1).sum()
+    most = np.where(np.isfinite(L), L, -np.inf).max(axis=1).sum()
+    bound = least + frac * (most - least)
+    size, _ = brute_force_min_bytes(loss, nbytes, bound, groups)
+    alloc = solve_min_bytes(loss, nbytes, bound, groups)
+    assert alloc.nbytes == size
+    assert alloc.loss <= bound
+
+
+def test_unreachable_loss_bound_names_the_least_loss():
+    loss = np.array([[1.0, 2.0], [0.5, np.inf]])
+    nbytes = np.array([[10, 5], [8, 4]])
+    with pytest.raises(InfeasibleLoss, match=r"at most 1; the least lossy plan in this option space predicts 1\.5"):
+        solve_min_bytes(loss, nbytes, 1.0, [[0], [1]])

@@ -112,14 +112,14 @@ class IntFormat:
         self, lo: torch.Tensor, hi: torch.Tensor, clip: torch.Tensor | float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.symmetric:
-            scale = self._fp16_scale(hi * clip / (2 ** (self.bits - 1) - 0.5))
+            scale = self.storable_scale(hi * clip / (2 ** (self.bits - 1) - 0.5))
             return scale, torch.full_like(scale, 2.0 ** (self.bits - 1))
-        scale = self._fp16_scale((hi - lo) * clip / self.qmax)
+        scale = self.storable_scale((hi - lo) * clip / self.qmax)
         return scale, torch.clamp(torch.round(-lo * clip / scale), 0, self.qmax)
 
     @staticmethod
-    def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
-        """Round scales up to fp16, so the grid still spans the range and no weight is off by more than half a step."""
+    def storable_scale(scale: torch.Tensor) -> torch.Tensor:
+        """Scales as stored: rounded up to fp16, so the grid still spans the range and no weight is off by more than half a step."""
         if not torch.isfinite(scale).all() or scale.max() >= torch.finfo(torch.float16).max:
             raise MixqError("weights are not finite or too large for fp16 scales (NaN/inf in the model?)")
         s16 = scale.clamp(min=FP16_TINY).half()

@@ -26,6 +26,14 @@ class MethodSettings:
     damp: float = 0.01  # GPTQ: fraction of mean(diag H) added to H's diagonal
     block_size: int = 128  # GPTQ: columns per lazy-update block
     act_order: bool = True  # GPTQ: quantize columns by decreasing diag(H) (lower error on SmolLM2)
+    init: str = "gptq"  # adaquant and block: the method whose result learned rounding starts from
+    steps: int = 100  # adaquant: signed-gradient steps per layer
+    lr: float | None = None  # adaquant: first step size of the rounding offsets (in [-0.5, 0.5]); None: 1/steps
+    learn_scale: bool = True  # adaquant and block: also learn group scales where the format stores them freely
+
+    def step_size(self, steps: int) -> float:
+        """SignRound's default: 1/steps, so offsets can cross half a step over the decaying schedule."""
+        return self.lr if self.lr is not None else 1.0 / max(steps, 1)
 
     def clip(self) -> tuple[int, float]:
         """(clip_grid, clip_min) for a format's `fit`: one factor, 1.0, when the search is off."""
@@ -35,6 +43,7 @@ class MethodSettings:
 Method = Callable[[torch.Tensor, torch.Tensor, Format, MethodSettings], QTensor]
 ManyMethod = Callable[[torch.Tensor, torch.Tensor, list[Format], MethodSettings], list[QTensor]]
 METHODS: dict[str, Method] = {}
+BLOCK_METHODS = frozenset({"block"})  # per layer only their start; trained per transformer block later
 BATCHED: dict[str, ManyMethod] = {}  # methods that quantize one W onto several grids in one pass
 
 
@@ -60,8 +69,9 @@ def quantize_many(
     """W quantized onto each of `fmts` with one method (in one pass where the method supports it)."""
     done: dict[Format, QTensor] = {}
     cols = W.shape[1]
-    for key in dict.fromkeys((type(f), f.group_len(cols)) for f in fmts):
-        same = [f for f in fmts if (type(f), f.group_len(cols)) == key]
+    unique = list(dict.fromkeys(fmts))
+    for key in dict.fromkeys((type(f), f.group_len(cols)) for f in unique):
+        same = [f for f in unique if (type(f), f.group_len(cols)) == key]
         if method in BATCHED:
             done.update(zip(same, BATCHED[method](W, H, same, settings)))
         else:
@@ -92,4 +102,4 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float
     return float(((dW @ H) * dW).sum(dtype=torch.float64))
 
 
-from mixq.methods import gptq, rtn  # noqa: E402,F401  (register the methods)
+from mixq.methods import adaquant, gptq, rtn  # noqa: E402,F401  (register the methods)

@@ -1,0 +1,181 @@
+"""Layer-wise calibration on SmolLM2-135M: RTN, GPTQ, adaquant and block reconstruction, each with and
+without norm tuning, against Intel AutoRound at the same bits, group size and calibration tokens.
+
+mixq rows are `mixq quantize` runs as a user types them; AutoRound runs in its own environment
+(bench/autoround_run.py with ~/.cache/mixq/autoround-venv/bin/python; auto-round is no dependency of
+mixq) on the very token ids mixq calibrates on, and its dequantized weights are evaluated here on
+the same windows against the same reference. Rows run in the order given and are reused with
+--resume, so the table can be built over several invocations. Writes bench/results/calibration.md.
+
+    python bench/calibration.py --text ../shared/data/wikitext-2-raw/wiki.test.raw
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mixq.data import CACHE_DIR, WindowSpec, load_windows
+from mixq.evaluate import evaluate
+from mixq.export.native import INFO_FILE, storage_plan
+from mixq.models import load_model
+from mixq.report import markdown_table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from uniform import commit, machine  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+AUTOROUND_PYTHON = CACHE_DIR / "autoround-venv" / "bin" / "python"
+# (name, extra `mixq quantize` flags) in the order they run; "autoround" rows run AutoRound instead.
+ROWS = [
+    ("autoround", []),
+    ("block", ["--method", "block"]),
+    ("gptq", ["--method", "gptq"]),
+    ("rtn", ["--method", "rtn"]),
+    ("block + norm tuning", ["--method", "block", "--norm-tuning"]),
+    ("gptq + norm tuning", ["--method", "gptq", "--norm-tuning"]),
+    ("block (start rtn)", ["--method", "block", "--init", "rtn"]),
+    ("rtn + norm tuning", ["--method", "rtn", "--norm-tuning"]),
+    ("adaquant", ["--method", "adaquant"]),
+    ("adaquant + norm tuning", ["--method", "adaquant", "--norm-tuning"]),
+    ("block (local targets)", ["--method", "block", "--target", "local"]),
+]
+
+
+def autoround_inputs(model: str, calib: WindowSpec, work: Path) -> tuple[Path, Path]:
+    """The reference as a Hugging Face directory and the calibration ids, for AutoRound to read."""
+    hf_dir, ids_file = work / "reference-hf", work / "calib-ids.safetensors"
+    if hf_dir.is_dir() and ids_file.is_file():
+        return hf_dir, ids_file
+    from transformers import AutoModelForCausalLM
+
+    loaded = load_model(model)
+    save_file({"ids": load_windows(loaded, calib, first=False).contiguous()}, ids_file)
+    config = copy.deepcopy(loaded.model.config)
+    if hasattr(config, "quantization_config"):  # a GGUF-loaded model refuses save_pretrained
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.model.state_dict(), strict=True)
+    plain.save_pretrained(hf_dir)
+    loaded.tokenizer.save_pretrained(hf_dir)
+    return hf_dir, ids_file
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text", type=Path, required=True, help="evaluation text (WikiText-2 test)")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--bits", type=int, nargs="+", default=[3, 4])
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--calib-windows", type=int, default=64)
+    parser.add_argument("--autoround-iters", type=int, default=25)
+    parser.add_argument("--autoround-batch", type=int, default=8)
+    parser.add_argument("--rows", nargs="+", help="names of rows to run (default all, in order)")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-calibration")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "calibration.md")
+    parser.add_argument("--resume", action="store_true", help="reuse finished rows in --runs")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    args.runs.mkdir(parents=True, exist_ok=True)
+    calib = WindowSpec(args.calib_windows, 512, None, 0)
+    eval_spec = WindowSpec(args.windows, args.seq_len, args.text)
+    rows_wanted = [r for r in ROWS if args.rows is None or r[0] in args.rows]
+    results, commands = [], []
+    for bits in args.bits:
+        for name, flags in rows_wanted:
+            slug = f"int{bits}-g{args.group_size}-" + name.replace(" ", "-").replace("(", "").replace(")", "").replace("+-", "")
+            out = args.runs / slug
+            if name == "autoround":
+                row, cmd = autoround_row(args, bits, calib, out, eval_spec)
+            else:
+                cmd = ["mixq", "quantize", args.model, "--bits", str(bits), "--group-size", str(args.group_size),
+                       *flags, "--calib-windows", str(args.calib_windows), "--eval-text", str(args.text),
+                       "--eval-windows", str(args.windows), "--eval-len", str(args.seq_len), "--out", str(out),
+                       "--overwrite"]
+                done = out / INFO_FILE
+                if not (args.resume and done.exists() and eval_spec.describe() in json.loads(done.read_text())["evaluations"]):
+                    print("$", shlex.join(cmd), flush=True)
+                    subprocess.run([sys.executable, "-m", "mixq.cli", *cmd[1:]], check=True)
+                info = json.loads(done.read_text())
+                r = info["evaluations"][eval_spec.describe()]
+                row = [f"int{bits} g{args.group_size} asym", f"mixq {name}", info["storage"]["bpw"], r["kl_mean"],
+                       r["kl_p99"], r["top1"], r["ppl"], info["quantize_seconds"]]
+            commands.append(shlex.join(cmd))
+            results.append(row)
+            write_table(args, results, commands, calib, start)
+
+
+def autoround_row(args, bits: int, calib: WindowSpec, out: Path, eval_spec: WindowSpec) -> tuple[list, list[str]]:
+    hf_dir, ids_file = autoround_inputs(args.model, calib, args.runs)
+    weights = out.with_suffix(".safetensors")
+    cmd = [str(AUTOROUND_PYTHON), "bench/autoround_run.py", "--model", str(hf_dir), "--calib", str(ids_file),
+           "--bits", str(bits), "--group-size", str(args.group_size), "--iters", str(args.autoround_iters),
+           "--batch-size", str(args.autoround_batch), "--out", str(weights)]
+    meta_file, report_file = weights.with_suffix(".json"), out.with_suffix(".eval.json")
+    if not (args.resume and report_file.exists()):
+        print("$", shlex.join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        loaded = load_model(args.model)
+        reference = copy.deepcopy(loaded.model)
+        tensors = load_file(weights)
+        params = dict(loaded.model.named_parameters())
+        for name, w in tensors.items():
+            params[name].data.copy_(w)
+        rep = evaluate(loaded.model, load_windows(loaded, eval_spec, first=True), reference=reference)
+        # Stored as mixq would store AutoRound's grid: symmetric int, fp16 scales, no zero points.
+        plan = storage_plan(loaded, {n: f"int{bits}-g{args.group_size}-sym" for n in tensors})
+        n_weights = sum(p.numel() for p in params.values())
+        report_file.write_text(json.dumps(dict(kl_mean=rep.kl_mean, kl_p99=rep.kl_p99, top1=rep.top1, ppl=rep.ppl,
+                                               bpw=8 * sum(nb for _, _, nb in plan.values()) / n_weights)))
+    meta, r = json.loads(meta_file.read_text()), json.loads(report_file.read_text())
+    row = [f"int{bits} g{args.group_size} sym", f"AutoRound {meta['auto_round_version']} ({meta['iters']} iters, "
+           f"batch {meta['batch_size']})", r["bpw"], r["kl_mean"], r["kl_p99"], r["top1"], r["ppl"],
+           meta["seconds_total"]]
+    return row, cmd
+
+
+def write_table(args, results: list, commands: list[str], calib: WindowSpec, start: float) -> None:
+    headers = ["grid", "method", "bpw (whole model)", "KL mean", "KL p99", "top-1", "ppl", "wall s"]
+    text = f"""# Layer-wise calibration on SmolLM2-135M: mixq's methods against Intel AutoRound
+
+Command: `python bench/calibration.py --text {args.text}` ({(time.perf_counter() - start) / 60:.0f} min in this
+invocation; rows of earlier invocations reused with --resume)
+
+Machine: {machine()}; mixq at commit {commit()}
+
+- Quantized: all 210 linears of the 30 blocks, int{'/int'.join(map(str, args.bits))}, group {args.group_size}
+  (576 = 9 x 64); the tied embedding/output matrix is kept at 16 bits and the norms at fp32 for this table.
+  bpw counts the whole model (payload; mixq rows: the whole file).
+- Calibration, the same for every row: {calib.describe()} (mixq's data-free default); AutoRound is given
+  exactly these token ids.
+- Evaluation: the first {args.windows} windows of {args.seq_len} tokens of `{args.text.name}`; KL(reference || quantized)
+  per token, its mean and 99th percentile, top-1 agreement with the reference, perplexity.
+- mixq grids are asymmetric (b-bit zero points); AutoRound's default grid is symmetric (levels -2^(b-1)..2^(b-1)-1).
+- wall s: mixq's quantize time (calibration forward passes included); AutoRound's whole run in its script.
+
+{markdown_table(headers, results)}
+
+Each row was made by:
+```
+{chr(10).join(commands)}
+```
+"""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Learned rounding: a weight's codes (and, where the format allows, its group scales) as trainable
+parameters that always decode onto the format's grid.
+
+Following SignRound (AutoRound) and AdaRound, each weight gets a rounding offset v in [-0.5, 0.5]
+added before rounding, and each group a scale multiplier m, trained by signed gradient descent
+with a straight-through round. The starting point is any method's QTensor (RTN or GPTQ): the
+latent code `base` is chosen so that round(base) is that method's code, and keeps the side of the
+code on which the unrounded value lies, so a step of v moves the code toward the nearest-rounded
+value first. With v = 0 and m = 1 the weight is exactly the starting QTensor.
+
+    u      = (base - zero) / m + zero + v          code space of the learned scale
+    code   = clamp(round(u), 0, qmax)
+    w      = scale * m * (code - zero) - offset
+
+`to_qtensor` turns the result into an ordinary QTensor of the same format: same bytes, codes in
+range, scales rounded to the format's storage. Scale multipliers are learned only for formats
+whose group scales are free fp16 values (`IntFormat`); ggml's k-quants derive group scales from
+integer sub-scales times a super-block scale, which learned rounding leaves as the start chose them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from mixq.formats import QTensor
+from mixq.formats.integer import IntFormat
+
+MAX_LOG_SCALE = 0.3  # |log m|: a learned scale stays within [0.74, 1.35] of the start's
+
+
+class LearnedRounding(nn.Module):
+    def __init__(self, W: torch.Tensor, start: QTensor, learn_scale: bool = True):
+        super().__init__()
+        fmt = start.format
+        cols = W.shape[1]
+        self.start = start
+        self.glen = fmt.group_len(cols)
+        self.cols = cols
+        self.qmax = float(fmt.qmax)
+        expand = self._expand
+        self.register_buffer("scale", expand(start.scale.float()))
+        self.register_buffer("zero", expand(start.zero.float()))
+        self.register_buffer("offset", expand(start.offset.float()) if start.offset is not None else torch.zeros(()))
+        codes = start.codes.float()
+        unrounded = torch.where(self.scale != 0, (W.float() + self.offset) / self.scale, 0) + self.zero
+        self.register_buffer("base", codes + (unrounded - codes).clamp(-0.49, 0.49))
+        self.v = nn.Parameter(torch.zeros_like(codes))
+        self.learn_scale = learn_scale and isinstance(fmt, IntFormat)
+        self.log_m = nn.Parameter(torch.zeros_like(start.scale.float()), requires_grad=self.learn_scale)
+
+    def _expand(self, per_group: torch.Tensor) -> torch.Tensor:
+        return per_group.repeat_interleave(self.glen, dim=1)[:, : self.cols]
+
+    def _codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self._expand(self.log_m.exp())
+        u = (self.base - self.zero) / m + self.zero + self.v
+        rounded = u + (u.round() - u).detach()  # straight-through: round forward, identity backward
+        return rounded.clamp(0, self.qmax), m
+
+    def forward(self) -> torch.Tensor:
+        """The dequantized weight (rows, cols), differentiable in v and the scale multipliers."""
+        codes, m = self._codes()
+        return self.scale * m * (codes - self.zero) - self.offset
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.v.clamp_(-0.5, 0.5)
+        self.log_m.clamp_(-MAX_LOG_SCALE, MAX_LOG_SCALE)
+
+    @torch.no_grad()
+    def to_qtensor(self) -> QTensor:
+        """The learned weight as a QTensor of the starting format (exactly what `forward` gives,
+        up to the rounding of learned scales to fp16)."""
+        start = self.start
+        scale = start.scale
+        if self.learn_scale:
+            scale = start.format.storable_scale(start.scale * self.log_m.exp())
+        codes, _ = self._codes()
+        return QTensor(start.format, codes.round().to(torch.uint8), scale, start.zero, start.offset, start.super_scale)
+
+
+def sign_descent(
+    groups: Sequence[tuple[Sequence[nn.Parameter], float]],
+    loss_of_step: Callable[[int], torch.Tensor],
+    steps: int,
+    after_step: Callable[[], None] = lambda: None,
+) -> None:
+    """Signed gradient descent with a linearly decaying step (SignRound's optimiser): each parameter
+    of a (parameters, lr) group moves by lr * (1 - i/steps) * sign(grad) at step i, so its total
+    movement is bounded by about lr * steps / 2 whatever the loss's scale."""
+    groups = [([p for p in params if p.requires_grad], lr) for params, lr in groups]
+    for i in range(steps):
+        for params, _ in groups:
+            for p in params:
+                p.grad = None
+        loss_of_step(i).backward()
+        with torch.no_grad():
+            for params, lr in groups:
+                for p in params:
+                    if p.grad is not None:
+                        p.sub_(lr * (1 - i / steps) * p.grad.sign())
+        after_step()

@@ -1,0 +1,129 @@
+"""Block reconstruction (BRECQ; AutoRound's SignRound): after a transformer block's linears are
+quantized, train their rounding jointly, and optionally the block's norm scales, so that the
+quantized block reproduces the full-precision block's output on the calibration windows.
+
+Sequential, one block in memory: the block's inputs come from the already-quantized blocks before
+it; its targets are, by default (`target="fp"`), the outputs of the full-precision model at this
+block, so the block also learns to undo the error that reached it. `target="local"` asks the
+full-precision block for its output on the quantized inputs instead (pure per-block fidelity).
+
+Trained parameters: the learned rounding (methods/rounding.py) of every tensor whose option's method
+is `block`, and with `norm_tuning` the weights of the block's norms (the LLM analogue of
+AdaQuant's batch-norm tuning; stored at full precision, so they cost no bits). A block keeps the
+trained parameters only if they lower its loss over all calibration windows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mixq.capture import BlockInputs, run_block
+from mixq.formats import QTensor
+from mixq.methods.rounding import LearnedRounding, sign_descent
+
+TARGETS = ("fp", "local")
+
+
+@dataclass(frozen=True)
+class ReconstructSettings:
+    steps: int = 50  # signed-gradient steps per block
+    batch_windows: int = 4  # calibration windows per step
+    target: str = "fp"  # "fp": the full-precision model's outputs; "local": the fp block on quantized inputs
+    norm_tuning: bool = False  # also train the block's norm weights
+    norm_step: float = 0.002  # first step of a norm weight's relative change
+    bias_correction: bool = False  # add a layer's mean output error to its bias, where it has one
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}")
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    loss_before: float  # mean squared error of the block's output over every window, before training
+    loss_after: float  # ... and after (equal to before when training did not help)
+    tensors: dict[str, QTensor]  # the trained rounding of each `block` tensor, by name in the block
+
+
+def norm_weights(block: nn.Module) -> dict[str, nn.Parameter]:
+    """The block's norm scales: 1-d weights of modules that are not linear layers."""
+    return {
+        f"{name}.weight": module.weight
+        for name, module in block.named_modules()
+        if not isinstance(module, nn.Linear) and isinstance(getattr(module, "weight", None), nn.Parameter)
+        and module.weight.dim() == 1
+    }
+
+
+def output_mse(block: nn.Module, inputs: BlockInputs, targets: list[torch.Tensor]) -> float:
+    """Mean squared error of the block's outputs against the targets, over every window."""
+    outputs = run_block(block, inputs)
+    total = sum(float((y - t).square().sum()) for y, t in zip(outputs, targets))
+    return total / sum(t.numel() for t in targets)
+
+
+def reconstruct_block(
+    block: nn.Module,
+    starts: dict[str, tuple[torch.Tensor, QTensor]],  # linear name in the block -> (fp weight, start)
+    inputs: BlockInputs,
+    targets: list[torch.Tensor],
+    settings: ReconstructSettings,
+    learn_scale: bool = True,
+) -> BlockResult:
+    """Train the block's learned rounding (and norms) against the targets; write the result into the block."""
+    x_all, y_all = torch.cat(inputs.batches), torch.cat(targets)
+    roundings = {name: LearnedRounding(W, q, learn_scale) for name, (W, q) in starts.items()}
+    norms = norm_weights(block) if settings.norm_tuning else {}
+    norm_start = {name: p.detach().clone() for name, p in norms.items()}
+    norm_change = {name: nn.Parameter(torch.zeros_like(p)) for name, p in norms.items()}
+
+    def weights() -> dict[str, torch.Tensor]:
+        out = {f"{name}.weight": r() for name, r in roundings.items()}
+        out.update({name: norm_start[name] * (1 + norm_change[name]) for name in norms})
+        return out
+
+    def loss_on(idx: torch.Tensor | slice, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        y = torch.func.functional_call(block, params, (x_all[idx],), inputs.kwargs)
+        y = y[0] if isinstance(y, tuple) else y
+        return (y - y_all[idx]).square().mean()
+
+    def full_loss() -> float:
+        with torch.no_grad():
+            params = weights()
+            n = len(x_all)
+            step = settings.batch_windows
+            return sum(float(loss_on(slice(i, i + step), params)) * min(step, n - i) for i in range(0, n, step)) / n
+
+    before = full_loss()
+    if not roundings and not norms:
+        return BlockResult(before, before, {})
+    gen = torch.Generator().manual_seed(settings.seed)
+    order = torch.cat([torch.randperm(len(x_all), generator=gen) for _ in range(
+        settings.steps * settings.batch_windows // len(x_all) + 1)])
+
+    def step_loss(i: int) -> torch.Tensor:
+        return loss_on(order[i * settings.batch_windows : (i + 1) * settings.batch_windows], weights())
+
+    def clamp() -> None:
+        for r in roundings.values():
+            r.clamp_()
+
+    rounding_params = [p for r in roundings.values() for p in r.parameters()]
+    groups = [(rounding_params, 1.0 / max(settings.steps, 1)), (list(norm_change.values()), settings.norm_step)]
+    sign_descent(groups, step_loss, settings.steps, clamp)
+
+    after = full_loss()
+    if after >= before:  # training did not help on the whole calibration set: keep the start
+        return BlockResult(before, before, {})
+    tensors = {name: r.to_qtensor() for name, r in roundings.items()}
+    with torch.no_grad():
+        params = dict(block.named_parameters())
+        for name, q in tensors.items():
+            params[f"{name}.weight"].copy_(q.dequantize())
+        for name in norms:
+            params[name].copy_(norm_start[name] * (1 + norm_change[name]))
+    return BlockResult(before, after, tensors)
