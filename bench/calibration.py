@@ -93,8 +93,8 @@ def main() -> None:
     eval_spec = WindowSpec(args.windows, args.seq_len, args.text)
     rows_wanted = [r for r in ROWS if args.rows is None or r[0] in args.rows]
     results, commands = [], []
-    for bits in args.bits:
-        for name, flags in rows_wanted:
+    for name, flags in rows_wanted:
+        for bits in args.bits:
             slug = f"int{bits}-g{args.group_size}-" + name.replace(" ", "-").replace("(", "").replace(")", "").replace("+-", "")
             out = args.runs / slug
             if name == "autoround":
