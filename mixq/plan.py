@@ -77,6 +77,9 @@ class InfeasibleBudget(MixqError):
         )
 
 
+LOSS_RTOL = 1e-9  # a plan's loss is a float sum: bounds hold up to this relative rounding
+
+
 class InfeasibleLoss(MixqError):
     def __init__(self, bound: float, least: float):
         self.bound, self.least = bound, least
@@ -101,6 +104,9 @@ def group_arrays(
     """Per-group loss (G, O) and bytes (G, O) from per-tensor ones (T, O); inf loss = not allowed."""
     L = np.stack([loss[g].sum(axis=0) for g in groups])
     B = np.stack([nbytes[g].sum(axis=0) for g in groups]).astype(np.int64)
+    stuck = np.nonzero(~np.isfinite(L).any(axis=1))[0]
+    if len(stuck):
+        raise MixqError(f"tensors {groups[stuck[0]]} must share one option but no option is allowed for all of them")
     return L, B
 
 
@@ -151,24 +157,32 @@ def solve(loss: np.ndarray, nbytes: np.ndarray, capacity: int, groups: list[list
 
 def solve_min_bytes(loss: np.ndarray, nbytes: np.ndarray, max_loss: float, groups: list[list[int]]) -> Allocation:
     """The plan of fewest bytes whose predicted loss is at most `max_loss` (exact in bytes; the loss
-    bound is checked on the plan's own sum, and tightened and solved again if HiGHS's tolerance let
-    it slip)."""
+    bound is checked on the plan's own sum, up to float rounding (LOSS_RTOL), and tightened and
+    solved again if HiGHS's tolerance let it slip).
+
+    The constraint is written on each group's loss above its least, as a share of the slack
+    max_loss - least: options that alone exceed the slack are dropped, so the coefficients stay
+    within [0, 1] whatever the scale of the losses.
+    """
     T = loss.shape[0]
     L, B = group_arrays(loss, nbytes, groups)
-    least = float(np.where(np.isfinite(L), L, np.inf).min(axis=1).sum())
+    least_g = np.where(np.isfinite(L), L, np.inf).min(axis=1)
+    least = float(least_g.sum())
     if least > max_loss:
         raise InfeasibleLoss(max_loss, least)
-    g_idx, o_idx = np.nonzero(np.isfinite(L))
+    slack = max_loss - least
+    excess = L - least_g[:, None]
+    g_idx, o_idx = np.nonzero(np.isfinite(L) & (excess <= slack))
+    share = excess[g_idx, o_idx] / slack if slack > 0 else np.zeros(len(g_idx))
     n = len(g_idx)
     one_each = coo_array((np.ones(n), (g_idx, np.arange(n))), shape=(len(groups), n))
-    lossy = L[g_idx, o_idx]
-    limit = max_loss
+    limit = 1.0
     while True:
         res = milp(
             c=B[g_idx, o_idx].astype(np.float64),
             integrality=np.ones(n),
             bounds=Bounds(0, 1),
-            constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(lossy[None, :], -np.inf, limit)],
+            constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(share[None, :], -np.inf, limit)],
             options={"mip_rel_gap": 0.0},
         )
         if res.x is None:
@@ -177,9 +191,9 @@ def solve_min_bytes(loss: np.ndarray, nbytes: np.ndarray, max_loss: float, group
         choice_g = np.empty(len(groups), dtype=np.int64)
         choice_g[g_idx[chosen]] = o_idx[chosen]
         alloc = _allocation(choice_g, L, B, groups, T)
-        if alloc.loss <= max_loss:
+        if alloc.loss <= max_loss * (1 + LOSS_RTOL) or slack == 0:
             return alloc
-        limit -= (alloc.loss - max_loss) + 1e-12 * max(abs(max_loss), 1.0)
+        limit -= (alloc.loss - max_loss) / slack + 1e-9
 
 
 def frontier(loss: np.ndarray, nbytes: np.ndarray, groups: list[list[int]]) -> list[Allocation]:

@@ -188,3 +188,53 @@ def test_ggml_types_in_a_budgeted_plan(tiny_llama_dir, text_file, tmp_path, caps
     formats = set(native.read_info(out)["plan"].values())
     assert formats <= {f"{f}-{m}" for f in ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0") for m in ("rtn", "gptq")} | {"f16"}
     assert len(formats) >= 2
+
+
+def test_quality_bound_plans_and_learned_methods(tiny_llama_dir, text_file, tmp_path, capsys):
+    from mixq.plan import plan_for_loss
+    from mixq.profile import Profile
+
+    profile = tmp_path / "tiny.profile"
+    calib = ["--calib-text", text_file, "--calib-windows", 8, "--calib-len", 64]
+    code, cap = run(capsys, "profile", tiny_llama_dir, *calib, "--bits-options", "3,4,8", "--group-sizes", "32",
+                    "--methods", "gptq,adaquant,block", "--steps", 10, "--block-steps", 5, "--block-batch", 2,
+                    "--held-out-len", 64, "--out", profile)
+    assert code == 0, cap.err
+    p = Profile.load(profile)
+    gains = p.info["learned_gains"]
+    assert set(gains) == {"adaquant:int3-g32", "adaquant:int4-g32", "block:int3-g32", "block:int4-g32"}
+    assert all(0 < g <= 1 for g in gains.values())  # a learned method keeps its start when it does not help
+
+    import numpy as np
+
+    loss = p.predicted("hessian+kl")
+    smallest = np.argmin(np.where(np.isfinite(loss), p.nbytes, np.iinfo(np.int64).max), axis=1)
+    bound = float(loss[np.arange(len(loss)), smallest].sum()) / 2  # half the loss of the smallest plan
+    code, cap = run(capsys, "plan", profile, "--max-loss", bound, "--out", tmp_path / "plan.json")
+    assert code == 0, cap.err
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["predicted_loss"] <= bound and plan["solver"] == "milp-loss"
+    assert plan == plan_for_loss(p, bound).as_dict()
+
+    code, cap = run(capsys, "plan", profile, "--max-loss", 1e-12)
+    assert code == 2 and "no plan has a predicted loss of at most 1e-12" in cap.err
+
+    out = tmp_path / "q"
+    code, cap = run(capsys, "quantize", tiny_llama_dir, "--max-kl", bound, "--profile", profile, *calib,
+                    "--block-steps", 5, "--block-batch", 2, "--out", out)
+    assert code == 0, cap.err
+    info = json.loads((out / native.INFO_FILE).read_text())
+    assert info["plan_summary"]["predicted_loss"] <= bound
+    assert_refused(capsys, tmp_path, "quantize", tiny_llama_dir, "--max-kl", 1e-12, "--profile", profile, *calib,
+                   match="no plan has a predicted loss")
+
+
+def test_block_method_from_the_command_line(tiny_llama_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "block"
+    code, cap = run(capsys, *tiny_args(tiny_llama_dir, text_file), "--bits", 3, "--group-size", 32,
+                    "--method", "block", "--norm-tuning", "--block-steps", 5, "--block-batch", 2, "--out", out)
+    assert code == 0, cap.err
+    info = json.loads((out / native.INFO_FILE).read_text())
+    assert len(info["block_losses"]) == 2 and all(a <= b for b, a in info["block_losses"])
+    assert_refused(capsys, tmp_path, *tiny_args(tiny_llama_dir, text_file), "--method", "block", "--init", "block",
+                   match="--init block")

@@ -38,7 +38,7 @@ def quantize_adaquant(W: torch.Tensor, H: torch.Tensor, fmt: Format, settings: M
         dW = rounding() - W
         return ((dW @ Hn) * dW).sum()
 
-    sign_descent([(list(rounding.parameters()), settings.step_size(settings.steps))], loss, settings.steps, rounding.clamp_)
+    sign_descent([(list(rounding.parameters()), settings.step_size(settings.steps))], loss, settings.steps, rounding.clamp_, keep_best=True)
     q = rounding.to_qtensor()
     return q if output_error(W, q.dequantize(), H) < output_error(W, q0.dequantize(), H) else q0
 

@@ -87,19 +87,33 @@ def sign_descent(
     loss_of_step: Callable[[int], torch.Tensor],
     steps: int,
     after_step: Callable[[], None] = lambda: None,
+    keep_best: bool = False,
 ) -> None:
     """Signed gradient descent with a linearly decaying step (SignRound's optimiser): each parameter
     of a (parameters, lr) group moves by lr * (1 - i/steps) * sign(grad) at step i, so its total
-    movement is bounded by about lr * steps / 2 whatever the loss's scale."""
+    movement is bounded by about lr * steps / 2 whatever the loss's scale.
+
+    With `keep_best` (for a loss that is the same function at every step), the parameters end at
+    the lowest loss seen, the start included."""
     groups = [([p for p in params if p.requires_grad], lr) for params, lr in groups]
-    for i in range(steps):
-        for params, _ in groups:
-            for p in params:
-                p.grad = None
-        loss_of_step(i).backward()
+    every = [p for params, _ in groups for p in params]
+    best_loss, best = float("inf"), None
+    for i in range(steps + keep_best):  # with keep_best, one more evaluation scores the last step
+        for p in every:
+            p.grad = None
+        loss = loss_of_step(i)
+        if keep_best and float(loss.detach()) < best_loss:
+            best_loss, best = float(loss.detach()), [p.detach().clone() for p in every]
+        if i == steps:
+            break
+        loss.backward()
         with torch.no_grad():
             for params, lr in groups:
                 for p in params:
                     if p.grad is not None:
                         p.sub_(lr * (1 - i / steps) * p.grad.sign())
         after_step()
+    if best is not None:
+        with torch.no_grad():
+            for p, b in zip(every, best):
+                p.copy_(b)

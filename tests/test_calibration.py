@@ -1,0 +1,109 @@
+"""Learned rounding (adaquant, block reconstruction) and norm tuning on small layers and a tiny Llama."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mixq.formats import parse_format
+from mixq.methods import MethodSettings, get_method, output_error
+from mixq.methods.rounding import LearnedRounding
+from mixq.models import load_model
+from mixq.options import Option
+from mixq.quantize import quantize_model, uniform_plan
+from mixq.reconstruct import ReconstructSettings, norm_weights
+
+
+def layer(seed: int, rows: int = 16, cols: int = 64, tokens: int = 512):
+    """A weight and H = X^T X of correlated inputs (the case where rounding choices interact)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g)
+    X = torch.randn(tokens, cols, generator=g) @ torch.randn(cols, cols, generator=g) * 0.3
+    return W, (X.T @ X).double()
+
+
+@pytest.mark.parametrize("fmt_name", ["int3-g32", "int4-g32-sym", "int2-g64", "q4_0", "q5_1"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_adaquant_lowers_output_error_and_stays_on_the_grid(fmt_name, seed):
+    W, H = layer(seed)
+    fmt = parse_format(fmt_name)
+    settings = MethodSettings(init="rtn", steps=60)
+    start = get_method("rtn")(W, H, fmt, settings)
+    q = get_method("adaquant")(W, H, fmt, settings)
+    assert output_error(W, q.dequantize(), H) < output_error(W, start.dequantize(), H)
+    # On the grid: codes in range, and storage round-trips to exactly the same weights and bytes.
+    assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= fmt.qmax
+    packed = fmt.pack(q)
+    assert torch.equal(fmt.unpack(packed, q.shape).dequantize(), q.dequantize())
+    assert sum(t.numel() * t.element_size() for t in packed.values()) == fmt.nbytes(q.shape) == start.nbytes()
+
+
+@pytest.mark.parametrize("fmt_name", ["int3-g32", "q4_k"])
+def test_learned_rounding_starts_exactly_at_its_start(fmt_name):
+    W, H = layer(2, rows=8, cols=256)
+    fmt = parse_format(fmt_name)
+    start = get_method("gptq")(W, H, fmt, MethodSettings())
+    rounding = LearnedRounding(W, start)
+    assert torch.equal(rounding().detach(), start.dequantize())
+    assert torch.equal(rounding.to_qtensor().codes, start.codes)
+
+
+def test_adaquant_is_never_worse_than_gptq():
+    W, H = layer(3)
+    fmt = parse_format("int3-g32")
+    gptq = get_method("gptq")(W, H, fmt, MethodSettings())
+    ada = get_method("adaquant")(W, H, fmt, MethodSettings(steps=30))
+    assert output_error(W, ada.dequantize(), H) <= output_error(W, gptq.dequantize(), H)
+
+
+def quantize_tiny(tiny_llama_dir, text_file, option: Option, reconstruct: ReconstructSettings, windows=None,
+                  settings: MethodSettings = MethodSettings()):
+    from mixq.data import WindowSpec, load_windows
+
+    loaded = load_model(str(tiny_llama_dir))
+    reference = copy.deepcopy(loaded.model)
+    if windows is None:
+        windows = load_windows(loaded, WindowSpec(8, 64, text_file), first=False)
+    result = quantize_model(loaded, windows, uniform_plan(loaded, option), settings, batch_size=4,
+                            reconstruct=reconstruct)
+    return loaded, reference, result, windows
+
+
+def test_block_reconstruction_lowers_every_block_loss_and_is_deterministic(tiny_llama_dir, text_file):
+    settings = ReconstructSettings(steps=20, batch_windows=2)
+    _, _, first, _ = quantize_tiny(tiny_llama_dir, text_file, Option("int3-g32", "block"), settings)
+    assert len(first.block_losses) == 2
+    assert all(after <= before for before, after in first.block_losses)
+    assert any(after < before for before, after in first.block_losses)
+    _, _, again, _ = quantize_tiny(tiny_llama_dir, text_file, Option("int3-g32", "block"), settings)
+    for name, q in first.tensors.items():
+        fmt = q.format
+        assert fmt.pack(q).keys() == fmt.pack(again.tensors[name]).keys()
+        for part, t in fmt.pack(q).items():
+            assert torch.equal(t, fmt.pack(again.tensors[name])[part]), (name, part)
+
+
+def test_block_reconstruction_at_8_bits_matches_full_precision(tiny_llama_dir, text_file):
+    loaded, reference, result, windows = quantize_tiny(
+        tiny_llama_dir, text_file, Option("int8-g32", "block"), ReconstructSettings(steps=10, batch_windows=2))
+    with torch.no_grad():
+        ours = loaded.model(windows, use_cache=False).logits
+        theirs = reference(windows, use_cache=False).logits
+    assert (ours - theirs).abs().max() < 2e-2 * theirs.abs().max()
+    assert all(before < 1e-4 * 64 for before, _ in result.block_losses)
+
+
+def test_norm_tuning_touches_only_norm_weights(tiny_llama_dir, text_file):
+    # Full-range RTN rounds each weight independently of the inputs, which norm tuning changes downstream.
+    rtn = (Option("int3-g32", "rtn"), MethodSettings(clip_search=False))
+    plain, _, _, windows = quantize_tiny(tiny_llama_dir, text_file, rtn[0], ReconstructSettings(), settings=rtn[1])
+    tuned, _, result, _ = quantize_tiny(tiny_llama_dir, text_file, rtn[0], ReconstructSettings(
+        norm_tuning=True, steps=20, batch_windows=2), windows, settings=rtn[1])
+    norms = {f"{tuned.arch.blocks}.{b}.{n}" for b in range(2) for n in norm_weights(tuned.blocks()[b])}
+    assert norms and all(n.endswith("layernorm.weight") for n in norms)
+    before, after = dict(plain.model.named_parameters()), dict(tuned.model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and changed <= norms
+    assert all(a <= b for b, a in result.block_losses)
