@@ -16,6 +16,7 @@ size is the file's), and evaluated on the same windows against cached reference 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -30,9 +31,9 @@ from mixq.evaluate import evaluate, reference_logprobs
 from mixq.export import native
 from mixq.methods import MethodSettings
 from mixq.models import LoadedModel, load_model
-from mixq.options import Option
+from mixq.options import Option, OptionSpace
 from mixq.plan import Budget, Plan, capacity, plan_for_budget, plan_from_options
-from mixq.profile import ESTIMATORS, Profile, ProfileSettings, build_profile
+from mixq.profile import ESTIMATORS, LEARNED, Profile, ProfileSettings, build_profile
 from mixq.quantize import quantize_model
 from mixq.report import markdown_table
 
@@ -48,8 +49,8 @@ def block_index(name: str) -> int | None:
     return int(parts[2]) if len(parts) > 3 and parts[1] == "layers" else None
 
 
-def uniform_options(profile: Profile, loaded: LoadedModel, fmt: str) -> dict[str, str] | None:
-    options = {t: f"{fmt}-gptq" for t in profile.tensors}
+def uniform_options(profile: Profile, loaded: LoadedModel, fmt: str, method: str = "gptq") -> dict[str, str] | None:
+    options = {t: f"{fmt}-{method}" for t in profile.tensors}
     options[loaded.head_name] = f"{fmt}-rtn"
     return options if all(o in profile.options for o in options.values()) else None
 
@@ -91,6 +92,12 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=64)
     parser.add_argument("--profile", type=Path, default=ROOT / "runs" / "smol.profile",
                         help="reused when it exists, else measured and saved there")
+    parser.add_argument("--methods", default="rtn,gptq", help="the option space's methods, e.g. rtn,gptq,block; "
+                        "the uniform row takes its best method")
+    parser.add_argument("--bits-options", default="2,3,4,5,6,8")
+    parser.add_argument("--group-sizes", default="32,64,128")
+    parser.add_argument("--measure-every", type=int, default=1)
+    parser.add_argument("--no-rule", action="store_true", help="skip the llama.cpp-style rule mix")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "allocation.md")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -106,10 +113,17 @@ def main() -> None:
         profile, profile_seconds = Profile.load(args.profile), None
     else:
         held_out = load_windows(loaded, WindowSpec(4, 512, None, HELD_OUT_SEED))
-        profile = build_profile(loaded, calib, held_out, ProfileSettings())
+        space = OptionSpace(bits=tuple(int(b) for b in args.bits_options.split(",")),
+                            group_sizes=tuple(int(g) for g in args.group_sizes.split(",")),
+                            methods=tuple(args.methods.split(",")))
+        profile = build_profile(loaded, calib, held_out, ProfileSettings(space=space, measure_every=args.measure_every))
         profile.save(args.profile)
         profile_seconds = profile.info["seconds"]["total"]
 
+    learned_methods = [m for m in args.methods.split(",") if m in LEARNED]
+    without_learned = dataclasses.replace(profile, errors={
+        k: np.where([o.rsplit("-", 1)[-1] in LEARNED for o in profile.options], np.inf, v)
+        for k, v in profile.errors.items()})
     rows: list[list] = []
     predicted: list[float] = []
     measured: list[float] = []
@@ -117,11 +131,13 @@ def main() -> None:
         budget = Budget.parse(f"{value}bpw")
         candidates = {}
         formats = sorted({o.rsplit("-", 1)[0] for o in profile.options if o != "f16"})
-        uniform = fitting([p for f in formats if (o := uniform_options(profile, loaded, f))
-                           for p in [plan_from_options(profile, o, REFERENCE_MODEL, f"uniform {f}")]], profile, budget)
+        methods = [m for m in args.methods.split(",") if m != "rtn"] or ["rtn"]
+        uniform = fitting([p for f in formats for m in methods if (o := uniform_options(profile, loaded, f, m))
+                           for p in [plan_from_options(profile, o, REFERENCE_MODEL, f"uniform {f} {m}")]], profile,
+                          budget)
         if uniform:
             candidates["uniform"] = (min(uniform, key=lambda p: p.predicted_loss), None)
-        rule = fitting([p for b in (2, 3, 4, 5, 6) for g in (32, 64, 128) if (o := rule_options(profile, loaded, b, g))
+        rule = [] if args.no_rule else fitting([p for b in (2, 3, 4, 5, 6) for g in (32, 64, 128) if (o := rule_options(profile, loaded, b, g))
                         for p in [plan_from_options(profile, o, REFERENCE_MODEL, f"rule int{b}-g{g}")]], profile, budget)
         if rule:
             candidates["rule mix"] = (max(rule, key=lambda p: p.planned_bytes), None)
@@ -129,6 +145,10 @@ def main() -> None:
             t0 = time.perf_counter()
             plan = plan_for_budget(profile, budget, estimator)
             candidates[f"mixq {estimator}"] = (plan, time.perf_counter() - t0)
+            if learned_methods:  # the same space without the learned methods, for what they add
+                t0 = time.perf_counter()
+                plan = plan_for_budget(without_learned, budget, estimator)
+                candidates[f"mixq {estimator} (no {'/'.join(learned_methods)})"] = (plan, time.perf_counter() - t0)
         for label, (plan, plan_seconds) in candidates.items():
             for n, p in loaded.model.named_parameters():
                 p.data.copy_(original[n])
@@ -170,7 +190,7 @@ def write_report(args, rows, predicted, measured, profile, profile_seconds, n_wi
                     else f"reused from {args.profile} (measured in {profile.info['seconds']['total']:.0f} s)")
     text = f"""# Allocation under a budget: SmolLM2-135M
 
-Command: `python bench/allocation.py --text {args.text} --budgets {args.budgets} --calib-windows {args.calib_windows}` ({(time.perf_counter() - start) / 60:.0f} min)
+Command: `python bench/allocation.py {" ".join(sys.argv[1:])}` ({(time.perf_counter() - start) / 60:.0f} min)
 
 Machine: {machine()}; mixq at commit {commit()}
 

@@ -131,28 +131,35 @@ def solve(loss: np.ndarray, nbytes: np.ndarray, capacity: int, groups: list[list
     if smallest > capacity:
         raise InfeasibleBudget(capacity, smallest)
     g_idx, o_idx = np.nonzero(np.isfinite(L))  # one binary variable per allowed (group, option)
-    n = len(g_idx)
-    one_each = coo_array((np.ones(n), (g_idx, np.arange(n))), shape=(len(groups), n))
     size = B[g_idx, o_idx].astype(np.float64)
     limit = capacity
     while True:
-        res = milp(
-            c=L[g_idx, o_idx],
-            integrality=np.ones(n),
-            bounds=Bounds(0, 1),
-            constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(size[None, :], -np.inf, limit)],
-            options={"mip_rel_gap": 0.0},
-        )
-        if res.x is None:
-            raise MixqError(f"the MILP solver failed: {res.message}")
-        chosen = res.x > 0.5
-        choice_g = np.empty(len(groups), dtype=np.int64)
-        choice_g[g_idx[chosen]] = o_idx[chosen]
-        alloc = _allocation(choice_g, L, B, groups, T)
+        alloc = _allocation(_solve_milp(L[g_idx, o_idx], size, limit, g_idx, o_idx, len(groups)), L, B, groups, T)
         if alloc.nbytes <= capacity:
             return alloc
         # HiGHS works in floating point: tighten by the overshoot and solve again.
         limit -= alloc.nbytes - capacity
+
+
+def _solve_milp(cost: np.ndarray, weight: np.ndarray, limit: float, g_idx: np.ndarray, o_idx: np.ndarray,
+                n_groups: int) -> np.ndarray:
+    """One option per group (variables are the allowed (group, option) pairs) of least total cost
+    with total weight <= limit; the chosen option of each group."""
+    n = len(g_idx)
+    one_each = coo_array((np.ones(n), (g_idx, np.arange(n))), shape=(n_groups, n))
+    res = milp(
+        c=cost,
+        integrality=np.ones(n),
+        bounds=Bounds(0, 1),
+        constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(weight[None, :], -np.inf, limit)],
+        options={"mip_rel_gap": 0.0},
+    )
+    if res.x is None:
+        raise MixqError(f"the MILP solver failed: {res.message}")
+    chosen = res.x > 0.5
+    choice_g = np.empty(n_groups, dtype=np.int64)
+    choice_g[g_idx[chosen]] = o_idx[chosen]
+    return choice_g
 
 
 def solve_min_bytes(loss: np.ndarray, nbytes: np.ndarray, max_loss: float, groups: list[list[int]]) -> Allocation:
@@ -174,23 +181,10 @@ def solve_min_bytes(loss: np.ndarray, nbytes: np.ndarray, max_loss: float, group
     excess = L - least_g[:, None]
     g_idx, o_idx = np.nonzero(np.isfinite(L) & (excess <= slack))
     share = excess[g_idx, o_idx] / slack if slack > 0 else np.zeros(len(g_idx))
-    n = len(g_idx)
-    one_each = coo_array((np.ones(n), (g_idx, np.arange(n))), shape=(len(groups), n))
+    size = B[g_idx, o_idx].astype(np.float64)
     limit = 1.0
     while True:
-        res = milp(
-            c=B[g_idx, o_idx].astype(np.float64),
-            integrality=np.ones(n),
-            bounds=Bounds(0, 1),
-            constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(share[None, :], -np.inf, limit)],
-            options={"mip_rel_gap": 0.0},
-        )
-        if res.x is None:
-            raise MixqError(f"the MILP solver failed: {res.message}")
-        chosen = res.x > 0.5
-        choice_g = np.empty(len(groups), dtype=np.int64)
-        choice_g[g_idx[chosen]] = o_idx[chosen]
-        alloc = _allocation(choice_g, L, B, groups, T)
+        alloc = _allocation(_solve_milp(size, share, limit, g_idx, o_idx, len(groups)), L, B, groups, T)
         if alloc.loss <= max_loss * (1 + LOSS_RTOL) or slack == 0:
             return alloc
         limit -= (alloc.loss - max_loss) / slack + 1e-9

@@ -32,18 +32,18 @@ def instance(seed: int, T: int, O: int, tie: bool):
     return loss, nbytes, groups
 
 
-def brute_force(loss, nbytes, capacity, groups):
-    best = (np.inf, None)
-    O = loss.shape[1]
-    for combo in itertools.product(range(O), repeat=len(groups)):
+def every_plan(loss, nbytes, groups):
+    """(bytes, loss) of every plan, tie groups sharing one option."""
+    for combo in itertools.product(range(loss.shape[1]), repeat=len(groups)):
         choice = np.empty(loss.shape[0], dtype=int)
         for g, o in zip(groups, combo):
             choice[g] = o
         rows = np.arange(len(choice))
-        size, total = nbytes[rows, choice].sum(), loss[rows, choice].sum()
-        if size <= capacity and total < best[0]:
-            best = (total, choice)
-    return best
+        yield nbytes[rows, choice].sum(), loss[rows, choice].sum()
+
+
+def brute_force(loss, nbytes, capacity, groups):
+    return min((total for size, total in every_plan(loss, nbytes, groups) if size <= capacity), default=np.inf)
 
 
 @settings(max_examples=60, deadline=None)
@@ -54,7 +54,7 @@ def test_solver_equals_brute_force_and_never_exceeds(seed, T, O, tie, frac):
     assume(all(np.isfinite(loss[g].sum(axis=0)).any() for g in groups))  # see test_tie_group_without_option
     lo = smallest_bytes(loss, nbytes, groups)
     capacity = int(lo + frac * (nbytes.max() * T - lo))
-    best, _ = brute_force(loss, nbytes, capacity, groups)
+    best = brute_force(loss, nbytes, capacity, groups)
     alloc = solve(loss, nbytes, capacity, groups)
     assert alloc.nbytes <= capacity
     assert alloc.loss == pytest.approx(best, rel=1e-9, abs=1e-9)
@@ -109,17 +109,7 @@ def test_closed_form_has_equal_marginal_loss():
 
 
 def brute_force_min_bytes(loss, nbytes, max_loss, groups):
-    best = (np.inf, np.inf)
-    O = loss.shape[1]
-    for combo in itertools.product(range(O), repeat=len(groups)):
-        choice = np.empty(loss.shape[0], dtype=int)
-        for g, o in zip(groups, combo):
-            choice[g] = o
-        rows = np.arange(len(choice))
-        size, total = nbytes[rows, choice].sum(), loss[rows, choice].sum()
-        if total <= max_loss * (1 + LOSS_RTOL) and (size, total) < best:
-            best = (size, total)
-    return best
+    return min(size for size, total in every_plan(loss, nbytes, groups) if total <= max_loss * (1 + LOSS_RTOL))
 
 
 @settings(max_examples=60, deadline=None)
@@ -132,7 +122,7 @@ def test_min_bytes_under_a_loss_bound_equals_brute_force(seed, T, O, tie, frac):
     least = np.where(np.isfinite(L), L, np.inf).min(axis=1).sum()
     most = np.where(np.isfinite(L), L, -np.inf).max(axis=1).sum()
     bound = least + frac * (most - least)
-    size, _ = brute_force_min_bytes(loss, nbytes, bound, groups)
+    size = brute_force_min_bytes(loss, nbytes, bound, groups)
     alloc = solve_min_bytes(loss, nbytes, bound, groups)
     assert alloc.nbytes == size
     assert alloc.loss <= bound * (1 + LOSS_RTOL)
