@@ -34,7 +34,7 @@ from mixq.formats.integer import IntFormat
 from mixq.methods import BLOCK_METHODS, MethodSettings, get_method, output_error, quantize_many
 from mixq.models import LoadedModel, source_gguf
 from mixq.options import KEEP_OPTION, Option, OptionSpace
-from mixq.reconstruct import ReconstructSettings, output_mse, reconstruct_block
+from mixq.reconstruct import ReconstructSettings, mse, reconstruct_block
 
 LEARNED = ("adaquant", *sorted(BLOCK_METHODS))  # measured on a few blocks, predicted for the rest
 
@@ -386,13 +386,13 @@ def learned_gains(
                 starts = {n: get_method(ms.init)(originals[n], stats[n].H, fmt, ms) for n in names}
                 for n in names:
                     linears[n].weight.data.copy_(starts[n].dequantize())
-                base = output_mse(block, inputs, targets)
+                base = mse(capture.run_block(block, inputs), targets)
                 for method in methods:
                     if method == "adaquant":
                         for n in names:
                             q = get_method(method)(originals[n], stats[n].H, fmt, ms)
                             linears[n].weight.data.copy_(q.dequantize())
-                        after = output_mse(block, inputs, targets)
+                        after = mse(capture.run_block(block, inputs), targets)
                     else:
                         run = {n.removeprefix(prefix): (originals[n], starts[n]) for n in names}
                         after = reconstruct_block(block, run, inputs, targets, settings.reconstruct,

@@ -128,7 +128,9 @@ def quantize_model(
                                                                   block_stats[prefix + rel].H)
             result.block_losses.append((r.loss_before, r.loss_after))
             progress.set_postfix_str(f"block {b} output MSE {r.loss_before:.3g} -> {r.loss_after:.3g}")
-        inputs.batches = capture.run_block(block, inputs)
+            inputs.batches = r.outputs
+        else:
+            inputs.batches = capture.run_block(block, inputs)
         if fp_inputs is not None:
             fp_inputs.batches = targets
     head = loaded.head_name

@@ -47,6 +47,7 @@ class BlockResult:
     loss_before: float  # mean squared error of the block's output over every window, before training
     loss_after: float  # ... and after (equal to before when training did not help)
     tensors: dict[str, QTensor]  # the trained rounding of each `block` tensor, by name in the block
+    outputs: list[torch.Tensor]  # the block's outputs on the inputs, as it is left: the next block's inputs
 
 
 def norm_weights(block: nn.Module) -> dict[str, nn.Parameter]:
@@ -59,11 +60,9 @@ def norm_weights(block: nn.Module) -> dict[str, nn.Parameter]:
     }
 
 
-def output_mse(block: nn.Module, inputs: BlockInputs, targets: list[torch.Tensor]) -> float:
-    """Mean squared error of the block's outputs against the targets, over every window."""
-    outputs = run_block(block, inputs)
-    total = sum(float((y - t).square().sum()) for y, t in zip(outputs, targets))
-    return total / sum(t.numel() for t in targets)
+def mse(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    """Mean squared error of a block's outputs against the targets, over every window."""
+    return sum(float((y - t).square().sum()) for y, t in zip(outputs, targets)) / sum(t.numel() for t in targets)
 
 
 def reconstruct_block(
@@ -75,7 +74,6 @@ def reconstruct_block(
     learn_scale: bool = True,
 ) -> BlockResult:
     """Train the block's learned rounding (and norms) against the targets; write the result into the block."""
-    x_all, y_all = torch.cat(inputs.batches), torch.cat(targets)
     roundings = {name: LearnedRounding(W, q, learn_scale) for name, (W, q) in starts.items()}
     norms = norm_weights(block) if settings.norm_tuning else {}
     norm_start = {name: p.detach().clone() for name, p in norms.items()}
@@ -86,27 +84,20 @@ def reconstruct_block(
         out.update({name: norm_start[name] * (1 + norm_change[name]) for name in norms})
         return out
 
-    def loss_on(idx: torch.Tensor | slice, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        y = torch.func.functional_call(block, params, (x_all[idx],), inputs.kwargs)
-        y = y[0] if isinstance(y, tuple) else y
-        return (y - y_all[idx]).square().mean()
-
-    def full_loss() -> float:
-        with torch.no_grad():
-            params = weights()
-            n = len(x_all)
-            step = settings.batch_windows
-            return sum(float(loss_on(slice(i, i + step), params)) * min(step, n - i) for i in range(0, n, step)) / n
-
-    before = full_loss()
+    start_outputs = run_block(block, inputs)
+    before = mse(start_outputs, targets)
     if not roundings and not norms:
-        return BlockResult(before, before, {})
+        return BlockResult(before, before, {}, start_outputs)
+    x_all, y_all = torch.cat(inputs.batches), torch.cat(targets)
     gen = torch.Generator().manual_seed(settings.seed)
     order = torch.cat([torch.randperm(len(x_all), generator=gen) for _ in range(
         settings.steps * settings.batch_windows // len(x_all) + 1)])
 
     def step_loss(i: int) -> torch.Tensor:
-        return loss_on(order[i * settings.batch_windows : (i + 1) * settings.batch_windows], weights())
+        idx = order[i * settings.batch_windows : (i + 1) * settings.batch_windows]
+        y = torch.func.functional_call(block, weights(), (x_all[idx],), inputs.kwargs)
+        y = y[0] if isinstance(y, tuple) else y
+        return (y - y_all[idx]).square().mean()
 
     def clamp() -> None:
         for r in roundings.values():
@@ -116,14 +107,20 @@ def reconstruct_block(
     groups = [(rounding_params, 1.0 / max(settings.steps, 1)), (list(norm_change.values()), settings.norm_step)]
     sign_descent(groups, step_loss, settings.steps, clamp)
 
-    after = full_loss()
-    if after >= before:  # training did not help on the whole calibration set: keep the start
-        return BlockResult(before, before, {})
     tensors = {name: r.to_qtensor() for name, r in roundings.items()}
+    params = dict(block.named_parameters())
     with torch.no_grad():
-        params = dict(block.named_parameters())
         for name, q in tensors.items():
             params[f"{name}.weight"].copy_(q.dequantize())
         for name in norms:
             params[name].copy_(norm_start[name] * (1 + norm_change[name]))
-    return BlockResult(before, after, tensors)
+    outputs = run_block(block, inputs)
+    after = mse(outputs, targets)
+    if after < before:
+        return BlockResult(before, after, tensors, outputs)
+    with torch.no_grad():  # training did not help on the whole calibration set: back to the start
+        for name, (_, q) in starts.items():
+            params[f"{name}.weight"].copy_(q.dequantize())
+        for name in norms:
+            params[name].copy_(norm_start[name])
+    return BlockResult(before, before, {}, start_outputs)
