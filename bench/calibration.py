@@ -39,6 +39,7 @@ AUTOROUND_PYTHON = CACHE_DIR / "autoround-venv" / "bin" / "python"
 ROWS = [
     ("autoround", []),
     ("block", ["--method", "block"]),
+    ("block (sym grid)", ["--method", "block", "--sym"]),
     ("gptq", ["--method", "gptq"]),
     ("rtn", ["--method", "rtn"]),
     ("block + norm tuning", ["--method", "block", "--norm-tuning"]),

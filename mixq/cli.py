@@ -67,7 +67,7 @@ def _add_method_settings(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, default=100, help="adaquant: signed-gradient steps per layer (default 100)")
     g.add_argument("--no-learn-scale", action="store_true", help="adaquant/block: train the rounding only, "
                    "not the int formats' group scales")
-    g.add_argument("--block-steps", type=int, default=50, help="block: steps per transformer block (default 50)")
+    g.add_argument("--block-steps", type=int, default=40, help="block: steps per transformer block (default 40)")
     g.add_argument("--block-batch", type=int, default=4, help="block: calibration windows per step (default 4)")
     g.add_argument("--target", choices=("fp", "local"), default="fp", help="block and norm tuning: match the "
                    "full-precision model's block outputs (fp, default) or the fp block on quantized inputs (local)")

@@ -29,7 +29,7 @@ TARGETS = ("fp", "local")
 
 @dataclass(frozen=True)
 class ReconstructSettings:
-    steps: int = 50  # signed-gradient steps per block
+    steps: int = 40  # signed-gradient steps per block
     batch_windows: int = 4  # calibration windows per step
     target: str = "fp"  # "fp": the full-precision model's outputs; "local": the fp block on quantized inputs
     norm_tuning: bool = False  # also train the block's norm weights

@@ -24,10 +24,10 @@ def layer(seed: int, rows: int = 16, cols: int = 64, tokens: int = 512):
     return W, (X.T @ X).double()
 
 
-@pytest.mark.parametrize("fmt_name", ["int3-g32", "int4-g32-sym", "int2-g64", "q4_0", "q5_1"])
+@pytest.mark.parametrize("fmt_name", ["int3-g32", "int4-g32-sym", "int2-g64", "q4_0", "q5_1", "q3_k", "q4_k"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_adaquant_lowers_output_error_and_stays_on_the_grid(fmt_name, seed):
-    W, H = layer(seed)
+    W, H = layer(seed, cols=256)
     fmt = parse_format(fmt_name)
     settings = MethodSettings(init="rtn", steps=60)
     start = get_method("rtn")(W, H, fmt, settings)
