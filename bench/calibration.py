@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-calibration")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "calibration.md")
     parser.add_argument("--resume", action="store_true", help="reuse finished rows in --runs")
+    parser.add_argument("--report-only", action="store_true", help="write the table from finished rows only")
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -93,11 +94,15 @@ def main() -> None:
     calib = WindowSpec(args.calib_windows, 512, None, 0)
     eval_spec = WindowSpec(args.windows, args.seq_len, args.text)
     rows_wanted = [r for r in ROWS if args.rows is None or r[0] in args.rows]
+    args.resume = args.resume or args.report_only
     results, commands = [], []
     for name, flags in rows_wanted:
         for bits in args.bits:
             slug = f"int{bits}-g{args.group_size}-" + name.replace(" ", "-").replace("(", "").replace(")", "").replace("+-", "")
             out = args.runs / slug
+            finished = (out.with_suffix(".eval.json") if name == "autoround" else out / INFO_FILE).exists()
+            if args.report_only and not finished:
+                continue
             if name == "autoround":
                 row, cmd = autoround_row(args, bits, calib, out, eval_spec)
             else:

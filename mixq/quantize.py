@@ -109,7 +109,10 @@ def quantize_model(
             targets = targets if targets is not None else capture.run_block(block, inputs)
             fp_weights = {n: linears[n].weight.detach().float().clone() for n in trained_here}
         block_stats: dict[str, capture.LayerStats] = {}
-        for stage in [[g] for g in groups] if true_sequential else [groups]:
+        # A block trained jointly afterwards captures all its statistics in one pass: the training
+        # sees the interactions that a capture after each group would.
+        sequential = true_sequential and not trained_here
+        for stage in [[g] for g in groups] if sequential else [groups]:
             if not any(name in plan and not plan[name].is_keep for group in stage for name in group):
                 continue
             stats = capture.collect_stats(block, linears, stage, inputs)
