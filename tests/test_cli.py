@@ -198,7 +198,7 @@ def test_quality_bound_plans_and_learned_methods(tiny_llama_dir, text_file, tmp_
     calib = ["--calib-text", text_file, "--calib-windows", 8, "--calib-len", 64]
     code, cap = run(capsys, "profile", tiny_llama_dir, *calib, "--bits-options", "3,4,8", "--group-sizes", "32",
                     "--methods", "gptq,adaquant,block", "--steps", 10, "--block-steps", 5, "--block-batch", 2,
-                    "--held-out-len", 64, "--out", profile)
+                    "--no-keep", "--held-out-len", 64, "--out", profile)
     assert code == 0, cap.err
     p = Profile.load(profile)
     gains = p.info["learned_gains"]
