@@ -116,7 +116,8 @@ def main() -> None:
                     subprocess.run([sys.executable, "-m", "mixq.cli", *cmd[1:]], check=True)
                 info = json.loads(done.read_text())
                 r = info["evaluations"][eval_spec.describe()]
-                row = [f"int{bits} g{args.group_size} asym", f"mixq {name}", info["storage"]["bpw"], r["kl_mean"],
+                grid = "sym" if "--sym" in flags else "asym"
+                row = [f"int{bits} g{args.group_size} {grid}", f"mixq {name}", info["storage"]["bpw"], r["kl_mean"],
                        r["kl_p99"], r["top1"], r["ppl"], info["quantize_seconds"]]
             commands.append(shlex.join(cmd))
             results.append(row)
