@@ -55,10 +55,10 @@ class QuantizedModel:
         W_hat = q.dequantize()
         self.tensors[name] = q
         self.output_errors[name] = output_error(W, W_hat, stats.H)
-        weight.data.copy_(W_hat.to(weight.dtype))
         bias = getattr(module, "bias", None)
         if correct_bias and bias is not None and stats.x_sum is not None:
             bias.data += ((W - W_hat) @ stats.x_mean).to(bias.dtype)
+        weight.data.copy_(W_hat.to(weight.dtype))  # W may share this storage: last
 
 
 def uniform_plan(loaded: LoadedModel, option: Option) -> dict[str, Option]:

@@ -107,3 +107,25 @@ def test_norm_tuning_touches_only_norm_weights(tiny_llama_dir, text_file):
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and changed <= norms
     assert all(a <= b for b, a in result.block_losses)
+
+
+def test_bias_correction_removes_the_mean_output_error():
+    from mixq import capture
+    from mixq.quantize import QuantizedModel
+
+    g = torch.Generator().manual_seed(0)
+    layer_ = torch.nn.Linear(64, 16)
+    X = torch.randn(512, 64, generator=g) + 0.5  # inputs with a non-zero mean
+    stats = capture.LayerStats.empty(64)
+    stats.add(X)
+    with torch.no_grad():
+        reference = layer_(X)
+    for correct in (False, True):
+        lin = copy.deepcopy(layer_)
+        QuantizedModel().quantize_tensor("lin", lin, Option("int2-g32", "rtn"), stats, MethodSettings(), correct)
+        with torch.no_grad():
+            shift = (lin(X) - reference).mean(dim=0).abs().max()
+        if correct:
+            assert shift < 1e-4
+        else:
+            assert shift > 1e-2
