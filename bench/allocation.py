@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--bits-options", default="2,3,4,5,6,8")
     parser.add_argument("--group-sizes", default="32,64,128")
     parser.add_argument("--measure-every", type=int, default=1)
+    parser.add_argument("--fisher-windows", type=int, default=8, help="0 skips the backward passes (no fisher estimators)")
     parser.add_argument("--no-rule", action="store_true", help="skip the llama.cpp-style rule mix")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "allocation.md")
     args = parser.parse_args()
@@ -116,7 +117,8 @@ def main() -> None:
         space = OptionSpace(bits=tuple(int(b) for b in args.bits_options.split(",")),
                             group_sizes=tuple(int(g) for g in args.group_sizes.split(",")),
                             methods=tuple(args.methods.split(",")))
-        profile = build_profile(loaded, calib, held_out, ProfileSettings(space=space, measure_every=args.measure_every))
+        profile = build_profile(loaded, calib, held_out, ProfileSettings(
+            space=space, measure_every=args.measure_every, fisher_windows=args.fisher_windows))
         profile.save(args.profile)
         profile_seconds = profile.info["seconds"]["total"]
 
@@ -188,7 +190,11 @@ def write_report(args, rows, predicted, measured, profile, profile_seconds, n_wi
             ratios.append([label, *(kl[f"mixq {e}"] / uniform if f"mixq {e}" in kl else None for e in estimators)])
     profile_note = (f"measured in this run in {profile_seconds:.0f} s" if profile_seconds is not None
                     else f"reused from {args.profile} (measured in {profile.info['seconds']['total']:.0f} s)")
-    text = f"""# Allocation under a budget: SmolLM2-135M
+    learned = [m for m in args.methods.split(",") if m in LEARNED]
+    # The plain run owns the file; a run whose option space has learned methods is its own section.
+    heading = (f"## With learned rounding in the option space: methods {args.methods}" if learned
+               else "# Allocation under a budget: SmolLM2-135M")
+    text = f"""{heading}
 
 Command: `python bench/allocation.py {" ".join(sys.argv[1:])}` ({(time.perf_counter() - start) / 60:.0f} min)
 
@@ -209,8 +215,13 @@ mixq's measured KL / the uniform plan's, per budget and estimator (target <= 0.7
 """
     if not done:
         text += f"\n**Partial: {len(rows)} plans measured so far; the run is still going.**\n"
+    if learned and args.out.exists():
+        kept = args.out.read_text().split(f"\n{heading}\n")[0].rstrip("\n")
+        text = f"{kept}\n\n{text}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    tmp = args.out.with_suffix(".partial")
+    tmp.write_text(text)
+    tmp.replace(args.out)
     if done:
         print(text)
 

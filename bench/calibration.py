@@ -8,6 +8,11 @@ the same windows against the same reference. Rows run in the order given and are
 --resume, so the table can be built over several invocations. Writes bench/results/calibration.md.
 
     python bench/calibration.py --text ../shared/data/wikitext-2-raw/wiki.test.raw
+
+Bias correction needs linears with biases (Qwen2's q/k/v), so its rows run only when named:
+
+    python bench/calibration.py --text ../shared/data/wikitext-2-raw/wiki.test.raw --model QWEN.gguf \
+        --bits 3 --rows rtn "rtn + bias correction" --runs runs/bench-bias --out bench/results/bias_correction.md
 """
 
 from __future__ import annotations
@@ -35,20 +40,24 @@ from uniform import commit, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTOROUND_PYTHON = CACHE_DIR / "autoround-venv" / "bin" / "python"
-# (name, extra `mixq quantize` flags) in the order they run; "autoround" rows run AutoRound instead.
+# (name, extra `mixq quantize` flags) in the order they run and are listed; "autoround" rows run AutoRound instead.
 ROWS = [
-    ("autoround", []),
-    ("block", ["--method", "block"]),
-    ("block (sym grid)", ["--method", "block", "--sym"]),
-    ("gptq", ["--method", "gptq"]),
     ("rtn", ["--method", "rtn"]),
-    ("block + norm tuning", ["--method", "block", "--norm-tuning"]),
-    ("gptq + norm tuning", ["--method", "gptq", "--norm-tuning"]),
-    ("block (start rtn)", ["--method", "block", "--init", "rtn"]),
     ("rtn + norm tuning", ["--method", "rtn", "--norm-tuning"]),
+    ("gptq", ["--method", "gptq"]),
+    ("gptq + norm tuning", ["--method", "gptq", "--norm-tuning"]),
     ("adaquant", ["--method", "adaquant"]),
     ("adaquant + norm tuning", ["--method", "adaquant", "--norm-tuning"]),
+    ("block", ["--method", "block"]),
+    ("block + norm tuning", ["--method", "block", "--norm-tuning"]),
+    ("block (sym grid)", ["--method", "block", "--sym"]),
+    ("block (start rtn)", ["--method", "block", "--init", "rtn"]),
     ("block (local targets)", ["--method", "block", "--target", "local"]),
+    ("block (fp32 steps)", ["--method", "block", "--fp32-steps"]),
+    # Only where the linears have biases (Qwen2's q/k/v): `--rows rtn "rtn + bias correction" ...`
+    ("rtn + bias correction", ["--method", "rtn", "--bias-correction"]),
+    ("gptq + bias correction", ["--method", "gptq", "--bias-correction"]),
+    ("autoround", []),
 ]
 
 
@@ -71,7 +80,7 @@ def autoround_inputs(model: str, calib: WindowSpec, work: Path) -> tuple[Path, P
     return hf_dir, ids_file
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", type=Path, required=True, help="evaluation text (WikiText-2 test)")
     parser.add_argument("--model", default="smollm2-135m")
@@ -80,22 +89,29 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--calib-windows", type=int, default=64)
+    parser.add_argument("--calib-text", type=Path, help="calibration text (default: samples from the model, seed 0)")
     parser.add_argument("--autoround-iters", type=int, default=25)
     parser.add_argument("--autoround-batch", type=int, default=8)
-    parser.add_argument("--rows", nargs="+", help="names of rows to run (default all, in order)")
+    parser.add_argument("--autoround-fp32", action="store_true",
+                        help="tune AutoRound in fp32 (default: its own default on a CPU, bf16 autocast)")
+    parser.add_argument("--rows", nargs="+", help="names of rows to run (default: all but the bias-correction rows, in order)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-calibration")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "calibration.md")
     parser.add_argument("--resume", action="store_true", help="reuse finished rows in --runs")
     parser.add_argument("--report-only", action="store_true", help="write the table from finished rows only")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     start = time.perf_counter()
     args.runs.mkdir(parents=True, exist_ok=True)
-    calib = WindowSpec(args.calib_windows, 512, None, 0)
+    calib = WindowSpec(args.calib_windows, 512, args.calib_text, 0)
     eval_spec = WindowSpec(args.windows, args.seq_len, args.text)
-    rows_wanted = [r for r in ROWS if args.rows is None or r[0] in args.rows]
+    rows_wanted = [r for r in ROWS if (r[0] in args.rows if args.rows else "bias" not in r[0])]
     args.resume = args.resume or args.report_only
-    results, commands = [], []
+    results, commands, quantized = [], [], []
     for name, flags in rows_wanted:
         for bits in args.bits:
             slug = f"int{bits}-g{args.group_size}-" + name.replace(" ", "-").replace("(", "").replace(")", "").replace("+-", "")
@@ -107,7 +123,8 @@ def main() -> None:
                 row, cmd = autoround_row(args, bits, calib, out, eval_spec)
             else:
                 cmd = ["mixq", "quantize", args.model, "--bits", str(bits), "--group-size", str(args.group_size),
-                       *flags, "--calib-windows", str(args.calib_windows), "--eval-text", str(args.text),
+                       *flags, "--calib-windows", str(args.calib_windows),
+                       *(["--calib-text", str(args.calib_text)] if args.calib_text else []), "--eval-text", str(args.text),
                        "--eval-windows", str(args.windows), "--eval-len", str(args.seq_len), "--out", str(out),
                        "--overwrite"]
                 done = out / INFO_FILE
@@ -121,7 +138,9 @@ def main() -> None:
                        r["kl_p99"], r["top1"], r["ppl"], info["quantize_seconds"]]
             commands.append(shlex.join(cmd))
             results.append(row)
-            write_table(args, results, commands, calib, start)
+            if name != "autoround":
+                quantized = list(info["output_errors"])
+            write_table(args, results, commands, calib, start, quantized)
 
 
 def autoround_row(args, bits: int, calib: WindowSpec, out: Path, eval_spec: WindowSpec) -> tuple[list, list[str]]:
@@ -129,7 +148,7 @@ def autoround_row(args, bits: int, calib: WindowSpec, out: Path, eval_spec: Wind
     weights = out.with_suffix(".safetensors")
     cmd = [str(AUTOROUND_PYTHON), "bench/autoround_run.py", "--model", str(hf_dir), "--calib", str(ids_file),
            "--bits", str(bits), "--group-size", str(args.group_size), "--iters", str(args.autoround_iters),
-           "--batch-size", str(args.autoround_batch), "--out", str(weights)]
+           "--batch-size", str(args.autoround_batch), "--out", str(weights), *([] if args.autoround_fp32 else ["--amp"])]
     meta_file, report_file = weights.with_suffix(".json"), out.with_suffix(".eval.json")
     if not (args.resume and report_file.exists()):
         print("$", shlex.join(cmd), flush=True)
@@ -148,29 +167,43 @@ def autoround_row(args, bits: int, calib: WindowSpec, out: Path, eval_spec: Wind
                                                bpw=8 * sum(nb for _, _, nb in plan.values()) / n_weights)))
     meta, r = json.loads(meta_file.read_text()), json.loads(report_file.read_text())
     row = [f"int{bits} g{args.group_size} sym", f"AutoRound {meta['auto_round_version']} ({meta['iters']} iters, "
-           f"batch {meta['batch_size']})", r["bpw"], r["kl_mean"], r["kl_p99"], r["top1"], r["ppl"],
-           meta["seconds_total"]]
+           f"batch {meta['batch_size']}{', bf16 amp' if meta['amp'] else ''})", r["bpw"], r["kl_mean"], r["kl_p99"], r["top1"], r["ppl"],
+           meta["seconds_quantize"]]
     return row, cmd
 
 
-def write_table(args, results: list, commands: list[str], calib: WindowSpec, start: float) -> None:
-    headers = ["grid", "method", "bpw (whole model)", "KL mean", "KL p99", "top-1", "ppl", "wall s"]
-    text = f"""# Layer-wise calibration on SmolLM2-135M: mixq's methods against Intel AutoRound
+def reproduce(args) -> str:
+    """The flags that shape the table's rows (not --rows, --resume or --report-only)."""
+    flags = ["--text", str(args.text)]
+    for flag in ("model", "bits", "group_size", "windows", "calib_windows", "calib_text"):
+        value, default = getattr(args, flag), build_parser().get_default(flag)
+        if value != default:
+            flags += [f"--{flag.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
+    return shlex.join(flags)
 
-Command: `python bench/calibration.py --text {args.text}` ({(time.perf_counter() - start) / 60:.0f} min in this
-invocation; rows of earlier invocations reused with --resume)
+
+def write_table(args, results: list, commands: list[str], calib: WindowSpec, start: float, quantized: list[str]) -> None:
+    headers = ["grid", "method", "bpw (whole model)", "KL mean", "KL p99", "top-1", "ppl", "wall s"]
+    n_blocks = len({n.split(".")[2] for n in quantized if n.split(".")[1:2] == ["layers"]})
+    text = f"""# Layer-wise calibration on {args.model}: mixq's methods against Intel AutoRound
+
+Command: `python bench/calibration.py {reproduce(args)}` ({(time.perf_counter() - start) / 60:.0f} min in
+this invocation; rows of earlier invocations reused with --resume)
 
 Machine: {machine()}; mixq at commit {commit()}
 
-- Quantized: all 210 linears of the 30 blocks, int{'/int'.join(map(str, args.bits))}, group {args.group_size}
-  (576 = 9 x 64); the tied embedding/output matrix is kept at 16 bits and the norms at fp32 for this table.
+- Quantized: all {len(quantized)} linears of the {n_blocks} blocks, int{'/int'.join(map(str, args.bits))}, group {args.group_size};
+  the embedding and output matrices are kept at 16 bits and the norms at fp32 for this table.
   bpw counts the whole model (payload; mixq rows: the whole file).
-- Calibration, the same for every row: {calib.describe()} (mixq's data-free default); AutoRound is given
-  exactly these token ids.
+- Calibration, the same for every row: {calib.describe()}{"" if args.calib_text else " (mixq's data-free default)"};
+  AutoRound is given exactly these token ids.
 - Evaluation: the first {args.windows} windows of {args.seq_len} tokens of `{args.text.name}`; KL(reference || quantized)
   per token, its mean and 99th percentile, top-1 agreement with the reference, perplexity.
 - mixq grids are asymmetric (b-bit zero points); AutoRound's default grid is symmetric (levels -2^(b-1)..2^(b-1)-1).
-- wall s: mixq's quantize time (calibration forward passes included); AutoRound's whole run in its script.
+- Learned rounding trains with its matmuls in bf16 (autocast) in both tools: mixq's default, and AutoRound's
+  default on a CPU (`amp`); the `fp32 steps` row trains mixq in float32.
+- wall s: mixq's quantize time and AutoRound's `quantize()` call, both with their calibration forward passes
+  and without loading the model.
 
 {markdown_table(headers, results)}
 
