@@ -53,7 +53,7 @@ ROWS = [
     ("block (sym grid)", ["--method", "block", "--sym"]),
     ("block (start rtn)", ["--method", "block", "--init", "rtn"]),
     ("block (local targets)", ["--method", "block", "--target", "local"]),
-    ("block (fp32 steps)", ["--method", "block", "--fp32-steps"]),
+    ("block (fp32 training)", ["--method", "block", "--fp32-training"]),
     # Only where the linears have biases (Qwen2's q/k/v): `--rows rtn "rtn + bias correction" ...`
     ("rtn + bias correction", ["--method", "rtn", "--bias-correction"]),
     ("gptq + bias correction", ["--method", "gptq", "--bias-correction"]),
@@ -201,7 +201,7 @@ Machine: {machine()}; mixq at commit {commit()}
   per token, its mean and 99th percentile, top-1 agreement with the reference, perplexity.
 - mixq grids are asymmetric (b-bit zero points); AutoRound's default grid is symmetric (levels -2^(b-1)..2^(b-1)-1).
 - Learned rounding trains with its matmuls in bf16 (autocast) in both tools: mixq's default, and AutoRound's
-  default on a CPU (`amp`); the `fp32 steps` row trains mixq in float32.
+  default on a CPU (`amp`); the `fp32 training` row trains mixq in float32.
 - wall s: mixq's quantize time and AutoRound's `quantize()` call, both with their calibration forward passes
   and without loading the model.
 

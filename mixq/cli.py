@@ -72,8 +72,8 @@ def _add_method_settings(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target", choices=("fp", "local"), default="fp", help="block and norm tuning: match the "
                    "full-precision model's block outputs (fp, default) or the fp block on quantized inputs (local)")
     g.add_argument("--norm-tuning", action="store_true", help="train each block's norm weights on its output")
-    g.add_argument("--fp32-steps", action="store_true", help="block and norm tuning: train in float32 "
-                   "(default: the steps' matmuls in bfloat16, 2.3x faster)")
+    g.add_argument("--fp32-training", action="store_true", help="block and norm tuning: matmuls in float32 "
+                   "(default: bfloat16 in their training and forward passes, 2.3-3x faster)")
     g.add_argument("--bias-correction", action="store_true", help="biases absorb their layer's mean output error")
 
 
@@ -210,7 +210,7 @@ def _reconstruct_settings(args: argparse.Namespace):
 
     return ReconstructSettings(steps=args.block_steps, batch_windows=args.block_batch, target=args.target,
                                norm_tuning=args.norm_tuning, bias_correction=args.bias_correction, seed=args.seed,
-                               bf16_steps=not args.fp32_steps)
+                               bf16=not args.fp32_training)
 
 
 def _profile_settings(args: argparse.Namespace):

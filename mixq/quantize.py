@@ -26,7 +26,7 @@ from mixq.formats import QTensor, parse_format
 from mixq.methods import BLOCK_METHODS, MethodSettings, get_method, output_error
 from mixq.models import LoadedModel
 from mixq.options import Option
-from mixq.reconstruct import ReconstructSettings, reconstruct_block
+from mixq.reconstruct import ReconstructSettings, passes, reconstruct_block
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,11 @@ def quantize_model(
     for b in progress:
         block, linears = loaded.blocks()[b], loaded.block_linears(b)
         groups = loaded.block_groups(b)
-        targets = capture.run_block(block, fp_inputs) if fp_inputs is not None else None
         trained_here = [n for n in linears if n in plan and plan[n].method in BLOCK_METHODS]
-        if trained_here or reconstruct.norm_tuning:
-            targets = targets if targets is not None else capture.run_block(block, inputs)
+        with passes(block, reconstruct):  # the full-precision stream only feeds reconstruction
+            targets = capture.run_block(block, fp_inputs) if fp_inputs is not None else None
+            if targets is None and (trained_here or reconstruct.norm_tuning):
+                targets = capture.run_block(block, inputs)
             fp_weights = {n: linears[n].weight.detach().float().clone() for n in trained_here}
         block_stats: dict[str, capture.LayerStats] = {}
         # A block trained jointly afterwards captures all its statistics in one pass: the training

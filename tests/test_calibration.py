@@ -71,9 +71,9 @@ def quantize_tiny(tiny_llama_dir, text_file, option: Option, reconstruct: Recons
     return loaded, reference, result, windows
 
 
-@pytest.mark.parametrize("bf16_steps", [True, False])
-def test_block_reconstruction_lowers_every_block_loss_and_is_deterministic(tiny_llama_dir, text_file, bf16_steps):
-    settings = ReconstructSettings(steps=20, batch_windows=2, bf16_steps=bf16_steps)
+@pytest.mark.parametrize("bf16", [True, False])
+def test_block_reconstruction_lowers_every_block_loss_and_is_deterministic(tiny_llama_dir, text_file, bf16):
+    settings = ReconstructSettings(steps=20, batch_windows=2, bf16=bf16)
     _, _, first, _ = quantize_tiny(tiny_llama_dir, text_file, Option("int3-g32", "block"), settings)
     assert len(first.block_losses) == 2
     assert all(after <= before for before, after in first.block_losses)

@@ -46,7 +46,8 @@ class LearnedRounding(nn.Module):
         self.register_buffer("offset", expand(start.offset.float()) if start.offset is not None else torch.zeros(()))
         codes = start.codes.float()
         unrounded = torch.where(self.scale != 0, (W.float() + self.offset) / self.scale, 0) + self.zero
-        self.register_buffer("base", codes + (unrounded - codes).clamp(-0.49, 0.49))
+        # Stored relative to the zero point: every step then costs a few elementwise passes fewer.
+        self.register_buffer("base_above_zero", codes + (unrounded - codes).clamp(-0.49, 0.49) - self.zero)
         self.v = nn.Parameter(torch.zeros_like(codes))
         self.learn_scale = learn_scale and isinstance(fmt, IntFormat)
         self.log_m = nn.Parameter(torch.zeros_like(start.scale.float()), requires_grad=self.learn_scale)
@@ -54,16 +55,18 @@ class LearnedRounding(nn.Module):
     def _expand(self, per_group: torch.Tensor) -> torch.Tensor:
         return per_group.repeat_interleave(self.glen, dim=1)[:, : self.cols]
 
-    def _codes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self._expand(self.log_m.exp())
-        u = (self.base - self.zero) / m + self.zero + self.v
+    def _codes(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Codes (straight-through rounded) and the expanded scale multiplier (None: not learned)."""
+        m = self._expand(self.log_m.exp()) if self.learn_scale else None
+        u = (self.base_above_zero if m is None else self.base_above_zero / m) + self.zero + self.v
         rounded = u + (u.round() - u).detach()  # straight-through: round forward, identity backward
         return rounded.clamp(0, self.qmax), m
 
     def forward(self) -> torch.Tensor:
         """The dequantized weight (rows, cols), differentiable in v and the scale multipliers."""
         codes, m = self._codes()
-        return self.scale * m * (codes - self.zero) - self.offset
+        w = (self.scale if m is None else self.scale * m) * (codes - self.zero)
+        return w - self.offset if self.offset.dim() else w
 
     @torch.no_grad()
     def clamp_(self) -> None:
