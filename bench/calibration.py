@@ -51,6 +51,7 @@ ROWS = [
     ("block", ["--method", "block"]),
     ("block + norm tuning", ["--method", "block", "--norm-tuning"]),
     ("block (sym grid)", ["--method", "block", "--sym"]),
+    ("block (25 steps)", ["--method", "block", "--block-steps", "25"]),
     ("block (start rtn)", ["--method", "block", "--init", "rtn"]),
     ("block (local targets)", ["--method", "block", "--target", "local"]),
     ("block (fp32 training)", ["--method", "block", "--fp32-training"]),
@@ -134,8 +135,9 @@ def main() -> None:
                 info = json.loads(done.read_text())
                 r = info["evaluations"][eval_spec.describe()]
                 grid = "sym" if "--sym" in flags else "asym"
+                wall = f"{info['quantize_seconds']:.1f}" + ("*" if info.get("threads", 2) < 2 else "")
                 row = [f"int{bits} g{args.group_size} {grid}", f"mixq {name}", info["storage"]["bpw"], r["kl_mean"],
-                       r["kl_p99"], r["top1"], r["ppl"], info["quantize_seconds"]]
+                       r["kl_p99"], r["top1"], r["ppl"], wall]
             commands.append(shlex.join(cmd))
             results.append(row)
             if name != "autoround":
@@ -203,7 +205,8 @@ Machine: {machine()}; mixq at commit {commit()}
 - Learned rounding trains with its matmuls in bf16 (autocast) in both tools: mixq's default, and AutoRound's
   default on a CPU (`amp`); the `fp32 training` row trains mixq in float32.
 - wall s: mixq's quantize time and AutoRound's `quantize()` call, both with their calibration forward passes
-  and without loading the model.
+  and without loading the model; all on both cores alone, except rows marked * (one thread, while another
+  benchmark ran on the other core: not comparable with the others).
 
 {markdown_table(headers, results)}
 

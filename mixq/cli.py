@@ -304,6 +304,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    import torch
+
     from mixq.atomic import atomic_dir, check_output_dir
     from mixq.data import WindowSpec, load_windows
     from mixq.export import native
@@ -362,6 +364,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     info.update(
         model=loaded.spec, method_settings=vars(settings), reconstruct_settings=vars(reconstruct),
         block_losses=result.block_losses, calibration=calib.describe(), quantize_seconds=seconds,
+        threads=torch.get_num_threads(),
         plan={name: opt.name for name, opt in result.options.items()}, output_errors=result.output_errors,
         evaluations={},
     )
