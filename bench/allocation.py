@@ -26,6 +26,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from mixq.cli import HELD_OUT_SEED
+from mixq.atomic import atomic_write_text
 from mixq.data import WindowSpec, load_windows
 from mixq.evaluate import evaluate, reference_logprobs
 from mixq.export import native
@@ -219,9 +220,7 @@ mixq's measured KL / the uniform plan's, per budget and estimator (target <= 0.7
         kept = args.out.read_text().split(f"\n{heading}\n")[0].rstrip("\n")
         text = f"{kept}\n\n{text}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".partial")
-    tmp.write_text(text)
-    tmp.replace(args.out)
+    atomic_write_text(args.out, text)
     if done:
         print(text)
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from mixq.atomic import atomic_write_text
 from mixq.data import CACHE_DIR, WindowSpec, load_windows
 from mixq.evaluate import evaluate
 from mixq.export.native import INFO_FILE, storage_plan
@@ -216,7 +217,7 @@ Each row was made by:
 ```
 """
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    atomic_write_text(args.out, text)
     print(text, flush=True)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from mixq.atomic import atomic_write_text
 from mixq.data import WindowSpec, load_windows
 from mixq.evaluate import evaluate
 from mixq.export.native import INFO_FILE, KEPT_FORMATS, kept_format, storage_plan
@@ -120,7 +121,7 @@ Each row was made by:
 ```
 """
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    atomic_write_text(args.out, text)
     print(text)
 
 
