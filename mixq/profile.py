@@ -392,12 +392,12 @@ def learned_gains(
                         for n in names:
                             q = get_method(method)(originals[n], stats[n].H, fmt, ms)
                             linears[n].weight.data.copy_(q.dequantize())
-                        after = mse(capture.run_block(block, inputs), targets)
-                    else:
+                        ratio = mse(capture.run_block(block, inputs), targets) / max(base, 1e-30)
+                    else:  # before and after measured alike (in the reconstruction's precision)
                         run = {n.removeprefix(prefix): (originals[n], starts[n]) for n in names}
-                        after = reconstruct_block(block, run, inputs, targets, settings.reconstruct,
-                                                  ms.learn_scale).loss_after
-                    ratios.setdefault((method, f), []).append(after / max(base, 1e-30))
+                        r = reconstruct_block(block, run, inputs, targets, settings.reconstruct, ms.learn_scale)
+                        ratio = r.loss_after / max(r.loss_before, 1e-30)
+                    ratios.setdefault((method, f), []).append(ratio)
                     for n in names:
                         linears[n].weight.data.copy_(starts[n].dequantize())
                     progress.update()
