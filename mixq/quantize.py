@@ -108,7 +108,7 @@ def quantize_model(
             targets = capture.run_block(block, fp_inputs) if fp_inputs is not None else None
             if targets is None and (trained_here or reconstruct.norm_tuning):
                 targets = capture.run_block(block, inputs)
-            fp_weights = {n: linears[n].weight.detach().float().clone() for n in trained_here}
+        fp_weights = {n: linears[n].weight.detach().float().clone() for n in trained_here}
         block_stats: dict[str, capture.LayerStats] = {}
         # A block trained jointly afterwards captures all its statistics in one pass: the training
         # sees the interactions that a capture after each group would.
