@@ -1,29 +1,28 @@
-"""Run calibration windows through a model one transformer block at a time.
+"""What calibration teaches about each matrix's inputs, one block at a time, through the runner.
 
-Only one block's activations live in memory: `block_inputs` stops the forward pass at block 0
-and keeps what reaches it; `collect_stats` runs one block over those inputs while hooks
-accumulate each linear input's H = sum x^T x; `run_block` runs the block again (after its
-weights were quantized, when quantizing sequentially) to produce the next block's inputs.
+`collect_stats` runs one block over its input batches while a MatmulWatcher accumulates, for each
+plannable matrix, H = sum x^T x of the rows it multiplies: for an expert's matrix only the tokens
+routed to that expert. `iter_stats` walks the whole model so that one block's activations and
+statistics live in memory at a time.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from mixq.models import LoadedModel
+from mixq.models.layout import MatmulCall, MatmulWatcher, TensorRef
+from mixq.runner import BlockRunner, StopForward
 
 STATS_DTYPE = torch.float64  # H accumulates many fp32 outer-product sums; keep the running sum exact-ish
 
 
 @dataclass
 class LayerStats:
-    """What calibration taught us about one linear layer's inputs."""
+    """What calibration taught us about one matrix's inputs."""
 
     H: torch.Tensor  # (cols, cols): sum over tokens of x^T x, float64
     n_tokens: int = 0
@@ -45,126 +44,111 @@ class LayerStats:
         return (self.x_sum / max(self.n_tokens, 1)).float()
 
 
-@dataclass
-class BlockInputs:
-    """The hidden states entering a block, in calibration batches, and the other forward kwargs."""
+def collect_stats(runner: BlockRunner, b: int, weights: dict[str, torch.Tensor], stages: Sequence[Sequence[str]],
+                  batches: list[torch.Tensor]) -> dict[str, LayerStats]:
+    """LayerStats of the matrices in `stages` of block `b`, run with `weights` on `batches`.
 
-    batches: list[torch.Tensor]
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-class _StopForward(Exception):
-    """Ends a forward pass early once what is needed was recorded (private: nothing else raises it)."""
-
-
-def block_inputs(loaded: LoadedModel, windows: torch.Tensor, batch_size: int) -> BlockInputs:
-    """Hidden states entering block 0 for every calibration window, batched."""
-    blocks = loaded.blocks()
-    first = blocks[0]
-    recorded = BlockInputs(batches=[])
-
-    class Catcher(nn.Module):
-        def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-            recorded.batches.append(hidden_states.detach())
-            # Rotary embeddings, positions and masks are the same for every batch of equal length.
-            recorded.kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
-            raise _StopForward
-
-    blocks[0] = Catcher()
-    try:
-        with torch.no_grad():
-            for batch in windows.split(batch_size):
-                try:
-                    loaded.model(batch, use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        blocks[0] = first
-    return recorded
-
-
-def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    """The block's outputs for every input batch (empty if a hook stopped the forward early)."""
-    outs = []
-    with torch.no_grad():
-        for x in inputs.batches:
-            try:
-                y = block(x, **inputs.kwargs)
-            except _StopForward:
-                continue
-            outs.append(y[0] if isinstance(y, tuple) else y)
-    return outs
-
-
-@contextlib.contextmanager
-def record_inputs(linears: dict[str, nn.Linear], stop_after: str | None = None) -> Iterator[dict[str, LayerStats]]:
-    """Accumulate LayerStats of each given linear's input while the block runs.
-
-    With `stop_after`, the forward pass ends once that linear has seen its input: nothing after
-    it in the block is needed for these statistics.
+    Matrices of one stage share one input, hence one H (experts: each its routed tokens). The
+    pass ends early once a later matrix (not an expert's) is reached: nothing after is needed.
     """
-    stats = {name: LayerStats.empty(lin.in_features) for name, lin in linears.items()}
+    loaded = runner.loaded
+    refs = loaded.block_tensors(b)
+    prefix = loaded.layout.block_prefix(b)
+    wanted = [refs[n] for stage in stages for n in stage]
+    leaders = {stage[0] for stage in stages}
+    by_matrix = {(r.param.removeprefix(prefix), r.expert): r for r in wanted if r.expert is not None or r.name in leaders}
+    position = {r.param.removeprefix(prefix): i for i, r in enumerate(refs.values())}
+    last = max(position[r.param.removeprefix(prefix)] for r in wanted)
+    stacks = {r.param.removeprefix(prefix) for r in refs.values() if r.expert is not None}
+    stats = {r.name: LayerStats.empty(r.shape[1]) for r in by_matrix.values()}
 
-    def hook(name: str, x: torch.Tensor) -> None:
-        stats[name].add(x)
-        if name == stop_after:
-            raise _StopForward
+    def report(call: MatmulCall) -> None:
+        ref = by_matrix.get((call.param, call.expert))
+        if ref is not None:
+            stats[ref.name].add(call.x)
+        elif position.get(call.param, -1) > last and call.param not in stacks:
+            raise StopForward
 
-    handles = [
-        lin.register_forward_pre_hook(lambda _m, args, name=name: hook(name, args[0]))
-        for name, lin in linears.items()
-    ]
-    try:
-        yield stats
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def collect_stats(
-    block: nn.Module, linears: dict[str, nn.Linear], groups: Sequence[Sequence[str]], inputs: BlockInputs
-) -> dict[str, LayerStats]:
-    """LayerStats for the named linears of one block; linears in one group share one input and one H."""
-    leaders = {group[0]: linears[group[0]] for group in groups}
-    with record_inputs(leaders, stop_after=groups[-1][0]) as stats:
-        run_block(block, inputs)
-    return {name: stats[group[0]] for group in groups for name in group}
+    with MatmulWatcher(weights, report):
+        runner.run(b, weights, batches)
+    out: dict[str, LayerStats] = {}
+    for stage in stages:
+        for name in stage:
+            out[name] = stats[name] if name in stats else stats[stage[0]]
+    price_rare_experts(out, [refs[n] for stage in stages for n in stage])
+    return out
 
 
-def head_stats(loaded: LoadedModel, inputs: BlockInputs) -> LayerStats:
+def price_rare_experts(stats: dict[str, LayerStats], refs: list[TensorRef]) -> None:
+    """Experts that saw fewer tokens than their input width have an H too poor to trust: each takes
+    the stack's mean H per token for the tokens it lacks, so its options are priced as if it had
+    seen that many average tokens (conservative: an unseen expert is not free to round badly)."""
+    stacks: dict[str, list[TensorRef]] = {}
+    for r in refs:
+        if r.expert is not None:
+            stacks.setdefault(r.param, []).append(r)
+    for members in stacks.values():
+        total = sum(stats[r.name].n_tokens for r in members)
+        if total == 0:
+            mean = torch.eye(members[0].shape[1], dtype=STATS_DTYPE) * 1e-6
+        else:
+            mean = sum(stats[r.name].H for r in members) / total
+        for r in members:
+            lacking = r.shape[1] - stats[r.name].n_tokens
+            if lacking > 0:
+                stats[r.name].H = stats[r.name].H + lacking * mean
+
+
+def rare_experts(stats: dict[str, LayerStats], refs: dict[str, TensorRef]) -> dict[str, int]:
+    """Expert matrices that saw fewer tokens than their input width: name -> tokens seen."""
+    return {n: s.n_tokens for n, s in stats.items() if refs[n].expert is not None and s.n_tokens < refs[n].shape[1]}
+
+
+def head_stats(runner: BlockRunner, batches: list[torch.Tensor]) -> LayerStats:
     """LayerStats of the output layer's input: the final norm of the last block's outputs."""
-    norm = loaded.model.get_submodule(loaded.arch.final_norm)
-    stats = LayerStats.empty(inputs.batches[0].shape[-1])
+    from torch.func import functional_call
+
+    loaded = runner.loaded
+    norm = loaded.model.get_submodule(loaded.layout.final_norm)
+    params = {n: loaded.residents[f"{loaded.layout.final_norm}.{n}"] for n, _ in norm.named_parameters()}
+    stats = LayerStats.empty(batches[0].shape[-1])
     with torch.no_grad():
-        for x in inputs.batches:
-            stats.add(norm(x))
+        for x in batches:
+            stats.add(functional_call(norm, params, (x,), strict=False))
     return stats
 
 
 def embedding_stats(loaded: LoadedModel, windows: torch.Tensor) -> LayerStats:
     """Stand-in statistics of an input embedding: a lookup's output error is sum_t ||dE[t]||^2 over
     the tokens t read, taken here as every row read equally often (H = tokens / vocab * I)."""
-    vocab, dim = loaded.model.get_submodule(loaded.arch.embedding).weight.shape
+    vocab, dim = loaded.residents[f"{loaded.layout.embedding}.weight"].shape
     n_tokens = windows.numel()
     return LayerStats(torch.eye(dim, dtype=STATS_DTYPE) * (n_tokens / vocab), n_tokens)
 
 
-def iter_stats(loaded: LoadedModel, windows: torch.Tensor, batch_size: int) -> Iterator[dict[str, LayerStats]]:
-    """LayerStats of every plannable tensor with the model's own (unquantized) weights: an untied
+def iter_stats(loaded: LoadedModel, windows: torch.Tensor,
+               batch_size: int) -> Iterator[tuple[dict[str, LayerStats], dict[str, torch.Tensor]]]:
+    """(LayerStats, float32 matrix) of every plannable tensor with the model's own weights: an untied
     input embedding first, then one block at a time, the output matrix last, so a consumer holds
-    one block's statistics at once."""
+    one block's weights and statistics at once."""
     from tqdm.auto import tqdm
 
+    runner = BlockRunner(loaded)
+    layout = loaded.layout
     if not loaded.tied_embedding:
-        yield {loaded.arch.embedding: embedding_stats(loaded, windows)}
-    inputs = block_inputs(loaded, windows, batch_size)
-    for b in tqdm(range(len(loaded.blocks())), desc="capturing statistics", unit="block"):
-        block = loaded.blocks()[b]
-        yield collect_stats(block, loaded.block_linears(b), loaded.block_groups(b), inputs)
-        inputs.batches = run_block(block, inputs)
-    yield {loaded.head_name: head_stats(loaded, inputs)}
+        yield ({layout.embedding: embedding_stats(loaded, windows)},
+               {layout.embedding: loaded.residents[f"{layout.embedding}.weight"]})
+    batches = runner.embed(windows, batch_size)
+    for b in tqdm(range(loaded.n_blocks), desc="capturing statistics", unit="block"):
+        weights = loaded.block_weights(b)
+        refs, prefix = loaded.block_tensors(b), layout.block_prefix(b)
+        stats = collect_stats(runner, b, weights, loaded.block_stages(b), batches)
+        yield stats, {n: refs[n].view(weights, prefix) for n in stats}
+        batches = runner.run(b, weights, batches)
+    yield ({loaded.head_name: head_stats(runner, batches)},
+           {loaded.head_name: loaded.residents[f"{layout.head}.weight"]})
 
 
 def capture_all(loaded: LoadedModel, windows: torch.Tensor, batch_size: int) -> dict[str, LayerStats]:
     """LayerStats of every plannable tensor, with the model's own (unquantized) weights."""
-    return {name: s for block in iter_stats(loaded, windows, batch_size) for name, s in block.items()}
+    return {name: s for stats, _ in iter_stats(loaded, windows, batch_size) for name, s in stats.items()}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import sys
@@ -48,6 +47,11 @@ def _text_file(value: str) -> Path:
     return Path(value)
 
 
+def _add_memory(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--in-memory", action="store_true", help="keep every block's weights in memory once read "
+                   "(faster on models that fit; default: read each block from the file when it is needed)")
+
+
 def _add_calibration(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--calib-text", type=_text_file, help="calibration text file (default: text sampled "
@@ -89,7 +93,8 @@ def _add_profile_settings(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-keep", action="store_true", help="do not allow keeping a tensor at 16 bits")
     g.add_argument("--space", type=Path, help="JSON file with the option space (keys: bits, group_sizes, "
                    "methods, symmetric, keep_16bit); flags override it")
-    g.add_argument("--tie", default="none", help="none, or fused: q/k/v and gate/up of a block share one option")
+    g.add_argument("--tie", default="none", help="none; fused: matrices of a block that read one input share "
+                   "one option (q/k/v, gate/up, all experts of a stack); experts: only each stack's experts do")
     g.add_argument("--fisher-windows", type=int, default=8, help="calibration windows with a backward pass (default 8)")
     g.add_argument("--measure", type=_str_list, default=(),
                    help="formats whose end-to-end KL is measured per tensor to calibrate the error model "
@@ -134,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL["windows"])
     q.add_argument("--eval-len", type=int, default=DEFAULT_EVAL["seq_len"])
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_memory(q)
     _add_calibration(q)
     _add_method_settings(q)
     _add_profile_settings(q)
@@ -147,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"the model, seed {EVAL_SEED})")
     e.add_argument("--windows", type=int, default=DEFAULT_EVAL["windows"], help="non-overlapping windows (default 40)")
     e.add_argument("--seq-len", type=int, default=DEFAULT_EVAL["seq_len"], help="tokens per window (default 512)")
+    _add_memory(e)
     e.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("profile", help="measure every tensor in every option (bytes, errors)",
@@ -155,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help=model_help)
     p.add_argument("--out", type=Path, required=True, help="profile file to write (e.g. runs/smol.profile)")
     p.add_argument("--sym", action="store_true", help="symmetric grids")
+    _add_memory(p)
     _add_calibration(p)
     _add_method_settings(p)
     _add_profile_settings(p)
@@ -250,7 +258,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
     settings = _profile_settings(args)
     check_output_dir(args.out, overwrite=True)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, in_memory=args.in_memory)
     profile = _run_profile(loaded, args, settings)
     profile.save(args.out)
     s = profile.info["seconds"]
@@ -332,7 +340,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         budget = Budget.parse(args.budget) if args.budget else None
         profile_settings = None if args.profile else _profile_settings(args)
         profile = Profile.load(args.profile) if args.profile else None
-        loaded = load_model(args.model)
+        loaded = load_model(args.model, in_memory=args.in_memory)
         if profile is None:
             if budget is not None:
                 _check_feasible(loaded, budget, profile_settings)  # before minutes of profiling
@@ -351,35 +359,33 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         # validates the format (bits, group size) before loading anything
         fmt = parse_format(args.format) if args.format else IntFormat(args.bits, args.group_size, symmetric=args.sym)
         get_method(args.method)
-        loaded = load_model(args.model)
+        loaded = load_model(args.model, in_memory=args.in_memory)
         options = uniform_plan(loaded, Option(fmt.name, args.method))
         info.update(settings={"format": fmt.name, "method": args.method})
         description = f"{fmt.name} {args.method}"
 
     windows = load_windows(loaded, calib, first=False)
-    reference = copy.deepcopy(loaded.model) if args.eval_text else None
     start = time.perf_counter()
     result = quantize_model(loaded, windows, options, settings, reconstruct=reconstruct)
     seconds = time.perf_counter() - start
     info.update(
         model=loaded.spec, method_settings=vars(settings), reconstruct_settings=vars(reconstruct),
         block_losses=result.block_losses, calibration=calib.describe(), quantize_seconds=seconds,
-        threads=torch.get_num_threads(),
+        threads=torch.get_num_threads(), rare_experts=result.rare_experts,
         plan={name: opt.name for name, opt in result.options.items()}, output_errors=result.output_errors,
         evaluations={},
     )
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-        storage = native.save(tmp, loaded, result.tensors, info)
+        storage = native.save(tmp, loaded, result, info)
         if planned and not args.profile:
             profile.save(tmp / PROFILE_FILE)  # reusable: mixq plan DIR/mixq.profile, --profile
         in_gguf = planned and profile.info.get("container") == "gguf"
         if args.budget and not in_gguf and storage.file_bytes > budget.total_bytes(storage.n_weights):
             raise MixqError(f"internal error: {storage.file_bytes:,} bytes exceed the budget {budget}")
-        if reference is not None:
+        if args.eval_text:
             # Evaluate exactly what was written, so `mixq eval` reproduces these numbers.
-            native.apply_weights(loaded, native.load_weights(tmp))
             spec = WindowSpec(args.eval_windows, args.eval_len, args.eval_text)
-            report = _evaluate(loaded, reference, spec)
+            report = _evaluate(loaded, native.NativeSource(tmp), spec)
             info = native.read_info(tmp)
             info["evaluations"][spec.describe()] = report
             native.write_info(tmp, info)
@@ -394,7 +400,7 @@ def _check_feasible(loaded, budget, settings) -> None:
     from mixq.plan import budget_infeasible
     from mixq.profile import smallest_file
 
-    n_weights = sum(p.numel() for p in loaded.model.parameters())
+    n_weights = loaded.n_weights
     smallest = smallest_file(loaded, settings.space)
     if smallest > budget.total_bytes(n_weights):
         raise budget_infeasible(budget, smallest, n_weights)
@@ -406,26 +412,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from mixq.models import load_model
 
     info = native.read_info(args.dir)
-    weights = native.load_weights(args.dir)
-    loaded = load_model(info["model"])
-    reference = copy.deepcopy(loaded.model)
-    native.apply_weights(loaded, weights)
+    quantized = native.NativeSource(args.dir)
+    loaded = load_model(info["model"], in_memory=args.in_memory)
     spec = WindowSpec(args.windows, args.seq_len, args.text, seed=EVAL_SEED)
-    report = _evaluate(loaded, reference, spec)
+    report = _evaluate(loaded, quantized, spec)
     info["evaluations"][spec.describe()] = report
     native.write_info(args.dir, info)
     _print_quality(args.dir, info["storage"]["bpw"], info["quantize_seconds"], report, info.get("plan_summary"))
 
 
-def _evaluate(loaded, reference, spec) -> dict:
-    """Evaluate `loaded.model` against `reference`; sampled windows come from the reference."""
+def _evaluate(loaded, quantized, spec) -> dict:
+    """Evaluate the weights of `quantized` against the model's own; sampled windows come from the model."""
     from mixq.data import load_windows
     from mixq.evaluate import evaluate
-    from mixq.models import LoadedModel
 
-    source = LoadedModel(loaded.spec, reference, loaded.tokenizer, loaded.arch)
-    windows = load_windows(source, spec, first=True)
-    return evaluate(loaded.model, windows, reference=reference).as_dict()
+    windows = load_windows(loaded, spec, first=True)
+    return evaluate(loaded, windows, quantized).as_dict()
 
 
 def _print_quality(path: Path, bpw: float, quantize_seconds: float, report: dict, plan: dict | None) -> None:

@@ -87,7 +87,9 @@ def sample_windows(loaded: LoadedModel, n: int, seq_len: int, seed: int, batch_s
     cache = CACHE_DIR / "samples" / f"{_model_key(loaded)}-s{seed}-{n}x{seq_len}.safetensors"
     if cache.is_file():
         return load_file(cache)["ids"]
-    model, tok = loaded.model, loaded.tokenizer
+    from mixq.models import materialize
+
+    model, tok = materialize(loaded), loaded.tokenizer
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     torch.manual_seed(seed)
     out = []
@@ -117,9 +119,8 @@ def sample_windows(loaded: LoadedModel, n: int, seq_len: int, seed: int, batch_s
 
 def _model_key(loaded: LoadedModel) -> str:
     """A content hash of the model: its embedding and first block's weights."""
-    h = hashlib.sha256(loaded.arch.family.encode())
-    tensors = [loaded.model.get_submodule(loaded.arch.embedding).weight]
-    tensors += [lin.weight for lin in loaded.block_linears(0).values()]
+    h = hashlib.sha256(loaded.config.model_type.encode())
+    tensors = [loaded.residents[f"{loaded.layout.embedding}.weight"], *loaded.block_weights(0).values()]
     for t in tensors:
         h.update(t.detach().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

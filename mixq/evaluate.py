@@ -16,6 +16,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mixq.models import LoadedModel
+from mixq.models.source import WeightSource
+from mixq.runner import BlockRunner
+
 
 @dataclass(frozen=True)
 class Report:
@@ -31,41 +35,59 @@ class Report:
         return asdict(self)
 
 
-def next_token_logprobs(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """(B, T-1, V) log-probabilities of the token after each position but the last."""
-    return F.log_softmax(model(batch, use_cache=False).logits[:, :-1].float(), dim=-1)
+def residents_of(loaded: LoadedModel, source: WeightSource) -> dict[str, torch.Tensor]:
+    """The parameters outside the blocks as `source` has them (a tied head shares the embedding's)."""
+    layout = loaded.layout
+    out = {n: loaded.read(n, source) for n in loaded.residents if not (loaded.tied_embedding and
+                                                                       n == f"{layout.head}.weight")}
+    if loaded.tied_embedding:
+        out[f"{layout.head}.weight"] = out[f"{layout.embedding}.weight"]
+    return out
 
 
-def reference_logprobs(reference: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
-    """The reference's log-probabilities per batch, to compare many models without recomputing them
-    (fp32: about 4 GB for 40 windows of 512 tokens and a 49k vocabulary)."""
-    with torch.no_grad():
-        return [next_token_logprobs(reference, b) for b in tqdm(windows.split(batch_size), desc="reference", unit="batch")]
+def final_hidden(runner: BlockRunner, windows: torch.Tensor, batch_size: int, source: WeightSource | None,
+                 residents: dict[str, torch.Tensor], desc: str) -> list[torch.Tensor]:
+    """Hidden states leaving the last block for every batch of windows, one block in memory at a time."""
+    loaded = runner.loaded
+    batches = runner.embed(windows, batch_size, residents)
+    for b in tqdm(range(loaded.n_blocks), desc=desc, unit="block"):
+        batches = runner.run(b, loaded.block_weights(b, source), batches)
+    return batches
 
 
 def evaluate(
-    model: torch.nn.Module,
+    loaded: LoadedModel,
     windows: torch.Tensor,
-    reference: torch.nn.Module | list[torch.Tensor] | None = None,
+    quantized: WeightSource | None = None,
     batch_size: int = 4,
-    desc: str = "evaluating",
 ) -> Report:
-    """Perplexity of `model` on `windows` (n, seq_len); KL and top-1 against `reference` if given,
-    either a model or its `reference_logprobs` on the same windows and batch size."""
+    """Perplexity on `windows` (n, seq_len) of the model with the weights of `quantized` (default: its
+    own); with `quantized`, also KL and top-1 against the model's own weights, the reference.
+
+    Both models stream through the runner block by block; the head runs over chunks of tokens.
+    """
     start = time.perf_counter()
+    runner = BlockRunner(loaded)
+    model_residents = residents_of(loaded, quantized) if quantized is not None else loaded.residents
+    hidden = final_hidden(runner, windows, batch_size, quantized, model_residents,
+                          "evaluating" if quantized is not None else "reference")
+    reference = final_hidden(runner, windows, batch_size, None, loaded.residents, "reference") \
+        if quantized is not None else None
     nll_sum, n_tokens, agree = 0.0, 0, 0
     kls: list[torch.Tensor] = []
     with torch.no_grad():
-        for i, batch in enumerate(tqdm(windows.split(batch_size), desc=desc, unit="batch")):
-            targets = batch[:, 1:]  # (B, T-1)
-            logp = next_token_logprobs(model, batch)  # (B, T-1, V)
-            nll_sum += -logp.gather(-1, targets.unsqueeze(-1)).double().sum().item()
+        for i, batch in enumerate(windows.split(batch_size)):
+            h = hidden[i][:, :-1].reshape(-1, hidden[i].shape[-1])  # the last position predicts nothing here
+            targets = batch[:, 1:].reshape(-1)
+            for s in runner.token_chunks(h.unsqueeze(0)):
+                logp = F.log_softmax(runner.logits(h[s], model_residents), dim=-1)
+                nll_sum += -logp.gather(-1, targets[s].unsqueeze(-1)).double().sum().item()
+                if reference is not None:
+                    r = reference[i][:, :-1].reshape(-1, h.shape[-1])[s]
+                    ref = F.log_softmax(runner.logits(r, loaded.residents), dim=-1)
+                    kls.append((ref.exp() * (ref - logp)).sum(-1).double())
+                    agree += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
             n_tokens += targets.numel()
-            if reference is not None:
-                ref = reference[i] if isinstance(reference, list) else next_token_logprobs(reference, batch)
-                kls.append((ref.exp() * (ref - logp)).sum(-1).flatten().double())
-                agree += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
-            del logp
     n, seq_len = windows.shape
     fields: dict = {}
     if reference is not None:

@@ -29,12 +29,13 @@ from mixq import capture
 from mixq.errors import MixqError
 from mixq.export import gguf as gguf_export
 from mixq.export.native import header_bound, kept_nbytes
-from mixq.formats import parse_format
+from mixq.formats import QTensor, parse_format
 from mixq.formats.integer import IntFormat
 from mixq.methods import BLOCK_METHODS, MethodSettings, get_method, output_error, quantize_many
 from mixq.models import LoadedModel, source_gguf
 from mixq.options import KEEP_OPTION, Option, OptionSpace
 from mixq.reconstruct import ReconstructSettings, mse, reconstruct_block
+from mixq.runner import BlockRunner
 
 LEARNED = ("adaquant", *sorted(BLOCK_METHODS))  # measured on a few blocks, predicted for the rest
 
@@ -139,23 +140,26 @@ def calibrate(raw: np.ndarray, measured: np.ndarray, kinds: list[str]) -> np.nda
         return np.where(np.isfinite(raw), np.exp(log_alpha)[:, None] * np.power(raw, beta), np.inf)
 
 
-def tensor_kind(loaded: LoadedModel, name: str) -> str:
-    if name == loaded.head_name:
-        return "head"
-    return name.split(".", len(loaded.arch.blocks.split(".")) + 1)[-1]
+TIE_RULES = ("none", "fused", "experts")
 
 
 def tie_groups(loaded: LoadedModel, tensors: list[str], tie: str) -> list[list[int]]:
-    """Groups of tensor indices that share one option: none, or the fused projections of each block."""
+    """Groups of tensor indices that share one option: none; fused: the matrices of each block that
+    read one input (q/k/v, gate/up; an expert stack's experts); experts: only each stack's experts
+    (what engines without per-expert kernels need)."""
+    if tie not in TIE_RULES:
+        raise MixqError(f"unknown tie rule {tie!r}: {', '.join(TIE_RULES)}")
     if tie == "none":
         return [[t] for t in range(len(tensors))]
-    if tie != "fused":
-        raise MixqError(f"unknown tie rule {tie!r}: none or fused")
     index = {n: t for t, n in enumerate(tensors)}
+    refs = loaded.plannable()
     groups = []
-    for b in range(len(loaded.blocks())):
-        for group in loaded.block_groups(b):  # q/k/v and gate/up share their input, hence their kernel
-            groups.append([index[n] for n in group])
+    for b in range(loaded.n_blocks):
+        for stage in loaded.block_stages(b):
+            if tie == "fused" or refs[stage[0]].expert is not None:
+                groups.append([index[n] for n in stage])
+            else:
+                groups += [[index[n]] for n in stage]
     groups += [[index[name]] for name in loaded.rounded_only()]
     return groups
 
@@ -205,7 +209,7 @@ class OptionTable:
         # embedding has no H, so error compensation through H would be one-sided.
         head_options = [Option(o.format, "rtn") for o in space_options if not o.is_keep]
         options = list(dict.fromkeys([*space_options, *head_options, KEEP_OPTION]))
-        shapes = [tuple(plannable[t].weight.shape) for t in tensors]
+        shapes = [plannable[t].shape for t in tensors]
         allowed = np.array([[o in space_options and o.fits(shape) for o in options] for shape in shapes])
         for name in loaded.rounded_only():
             t = tensors.index(name)
@@ -221,7 +225,7 @@ class OptionTable:
 def fixed_bytes(loaded: LoadedModel, tensors: list[str]) -> int:
     """Bytes of every parameter no plan decides on (norms), at its storage width."""
     planned = {f"{n}.weight" for n in tensors}
-    return sum(kept_nbytes(p) for n, p in loaded.model.named_parameters() if n not in planned)
+    return sum(kept_nbytes(shape) for n, shape in loaded.stored_tensors().items() if n not in planned)
 
 
 def container(loaded: LoadedModel, space: OptionSpace) -> str:
@@ -233,8 +237,7 @@ def container(loaded: LoadedModel, space: OptionSpace) -> str:
 def overhead_bytes(loaded: LoadedModel, tensors: list[str], space: OptionSpace) -> int:
     """Bytes of the file beyond every parameter's data (a bound that holds for any plan)."""
     if container(loaded, space) == "gguf":
-        params = [n for n, _ in loaded.model.named_parameters()]
-        return gguf_export.overhead_bound(source_gguf(loaded.spec), params)
+        return gguf_export.overhead_bound(source_gguf(loaded.spec), list(loaded.parameters()))
     return header_bound(loaded, tensors)
 
 
@@ -266,23 +269,24 @@ def build_profile(
     timings["fisher"] = time.perf_counter() - t0
 
     T, O = len(tensors), len(options)
-    block_depth = len(loaded.arch.blocks.split("."))
-    block_of = {name: int(name.split(".")[block_depth]) for name in loaded.quantizable()}
+    block_of = {name: b for b in range(loaded.n_blocks) for name in loaded.block_tensors(b)}
     measured_tensor = [block_of.get(name, 0) % settings.measure_every == 0 for name in tensors]
     errors = {k: np.full((T, O), np.inf) for k in ("hessian", "fisher")}
     # Per tensor and measured format, the better method's result: the one a plan would pick.
-    to_measure: dict[tuple[int, str], tuple[int, float, torch.Tensor]] = {}
+    to_measure: dict[tuple[int, str], tuple[int, float, tuple[torch.Tensor, QTensor]]] = {}
     index = {name: t for t, name in enumerate(tensors)}
     importance: dict[str, np.ndarray] = {}
+    rare: dict[str, int] = {}
     timings["capture"] = timings["quantize"] = 0.0
     t0 = time.perf_counter()
     progress = tqdm(total=T, desc="profiling tensors", unit="tensor")
-    for block_stats in capture.iter_stats(loaded, calib, settings.batch_size):  # one block's H at a time
+    for block_stats, matrices in capture.iter_stats(loaded, calib, settings.batch_size):  # one block at a time
         t1 = time.perf_counter()
         timings["capture"] += t1 - t0
+        rare.update(capture.rare_experts(block_stats, plannable))
         for name, layer_stats in block_stats.items():
             t = index[name]
-            W_full = plannable[name].weight.detach().float()
+            W_full = matrices[name]
             H = layer_stats.H
             importance[name] = torch.diag(H).float().numpy()
             # Rows are independent in every format and method: a random share of them, scaled up,
@@ -311,7 +315,7 @@ def build_profile(
                     if measured_tensor[t] and options[o].format in measure_fmts and options[o].method not in LEARNED and (
                         key not in to_measure or errors["hessian"][t, o] < to_measure[key][1]
                     ):
-                        to_measure[key] = (o, errors["hessian"][t, o], W_full.index_copy(0, rows, W_hat))
+                        to_measure[key] = (o, errors["hessian"][t, o], (rows, q))
             progress.update()
         del block_stats
         t0 = time.perf_counter()
@@ -327,26 +331,26 @@ def build_profile(
             for table_ in errors.values():
                 table_[:, o] *= gains[(option.method, near)]
     timings["gains"] = time.perf_counter() - t0
-    chosen = {(t, o): W_hat for (t, _), (o, _, W_hat) in to_measure.items()}
+    chosen = {(t, o): quantized for (t, _), (o, _, quantized) in to_measure.items()}
     t0 = time.perf_counter()
     measured = np.full((T, O), np.nan)
     for (t, o), kl in measure_kl(loaded, held_out, tensors, chosen, settings.batch_size).items():
-        measured[t, o] = kl * plannable[tensors[t]].weight.shape[0] / len(sample_rows(
-            plannable[tensors[t]].weight.shape[0], settings.row_fraction, seed=t))
+        rows = plannable[tensors[t]].shape[0]
+        measured[t, o] = kl * rows / len(sample_rows(rows, settings.row_fraction, seed=t))
     timings["measure"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
 
-    params = dict(loaded.model.named_parameters())
     return Profile(
-        model=loaded.spec, tensors=tensors, kinds=[tensor_kind(loaded, n) for n in tensors],
-        shapes=[tuple(plannable[n].weight.shape) for n in tensors], options=names, nbytes=table.nbytes,
+        model=loaded.spec, tensors=tensors, kinds=[plannable[n].kind for n in tensors],
+        shapes=[plannable[n].shape for n in tensors], options=names, nbytes=table.nbytes,
         errors=errors, measured=measured, fixed_bytes=fixed_bytes(loaded, tensors), header_bytes=overhead_bytes(loaded, tensors, settings.space),
-        n_weights=sum(p.numel() for p in params.values()),
+        n_weights=loaded.n_weights,
         tie_groups=tie_groups(loaded, tensors, settings.tie),
         info=dict(calibration_windows=list(calib.shape), held_out_windows=list(held_out.shape),
                   fisher_windows=min(settings.fisher_windows, len(calib)), seconds=timings,
                   container=container(loaded, settings.space), row_fraction=settings.row_fraction,
-                  learned_gains={f"{m}:{f}": g for (m, f), g in gains.items()}),
+                  learned_gains={f"{m}:{f}": g for (m, f), g in gains.items()},
+                  rare_experts=rare, expert_tokens=expert_tokens(loaded, tensors, importance)),
         importance=importance,
     )
 
@@ -356,75 +360,124 @@ def bits_per_weight(fmt: str) -> float:
     return 8 * parse_format(fmt).nbytes((rows, cols)) / (rows * cols)
 
 
+def expert_tokens(loaded: LoadedModel, tensors: list[str], importance: dict[str, np.ndarray]) -> dict[str, float]:
+    """Routing frequency of each expert on the calibration text: the share of tokens its first matrix
+    saw (tr H / the stack's total), by tensor name. It enters the predicted loss through H already:
+    an expert's error is summed over the tokens routed to it, so rarely used experts cost less."""
+    refs = loaded.plannable()
+    totals: dict[str, float] = {}
+    for n in tensors:
+        if refs[n].expert is not None:
+            totals[refs[n].param] = totals.get(refs[n].param, 0.0) + float(importance[n].sum())
+    return {n: float(importance[n].sum()) / max(totals[refs[n].param], 1e-30)
+            for n in tensors if refs[n].expert is not None}
+
+
 def learned_gains(
     loaded: LoadedModel, calib: torch.Tensor, formats: list[str], methods: list[str], settings: ProfileSettings
 ) -> dict[tuple[str, str], float]:
     """(learned method, format) -> the block output error after the method divided by that of its start.
 
-    Measured on `gain_blocks` evenly spaced blocks, each quantized alone with every linear in one
+    Measured on `gain_blocks` evenly spaced blocks, each quantized alone with every matrix in one
     format, on the unquantized model's inputs; the median over blocks. The profile multiplies a
     learned option's start errors by this ratio (the nearest measured format's, by bits per weight).
     """
-    n_blocks = len(loaded.blocks())
+    n_blocks = loaded.n_blocks
     chosen = sorted({(i + 1) * n_blocks // (settings.gain_blocks + 1) for i in range(settings.gain_blocks)})
     ms = settings.method_settings
     ratios: dict[tuple[str, str], list[float]] = {}
-    inputs = capture.block_inputs(loaded, calib, settings.batch_size)
+    runner = BlockRunner(loaded)
+    batches = runner.embed(calib, settings.batch_size)
     progress = tqdm(total=len(chosen) * len(formats) * len(methods), desc="measuring learned-rounding gains",
                     unit="run")
     for b in range(max(chosen) + 1):
-        block = loaded.blocks()[b]
+        weights = loaded.block_weights(b)
         if b in chosen:
-            linears = loaded.block_linears(b)
-            prefix = f"{loaded.arch.blocks}.{b}."
-            targets = capture.run_block(block, inputs)
-            stats = capture.collect_stats(block, linears, loaded.block_groups(b), inputs)
-            originals = {n: lin.weight.detach().float().clone() for n, lin in linears.items()}
+            refs, prefix = loaded.block_tensors(b), loaded.layout.block_prefix(b)
+            targets = runner.run(b, weights, batches)
+            stats = capture.collect_stats(runner, b, weights, loaded.block_stages(b), batches)
+            originals = {n: r.view(weights, prefix).clone() for n, r in refs.items()}
             for f in formats:
                 fmt = parse_format(f)
-                names = [n for n in linears if fmt.fits(tuple(originals[n].shape))]
+                names = [n for n in refs if fmt.fits(refs[n].shape)]
                 starts = {n: get_method(ms.init)(originals[n], stats[n].H, fmt, ms) for n in names}
+                trial = {k: v.clone() for k, v in weights.items()}
                 for n in names:
-                    linears[n].weight.data.copy_(starts[n].dequantize())
-                base = mse(capture.run_block(block, inputs), targets)
+                    refs[n].view(trial, prefix).copy_(starts[n].dequantize())
+                base = mse(runner.run(b, trial, batches), targets)
                 for method in methods:
                     if method == "adaquant":
+                        adjusted = {k: v.clone() for k, v in trial.items()}
                         for n in names:
                             q = get_method(method)(originals[n], stats[n].H, fmt, ms)
-                            linears[n].weight.data.copy_(q.dequantize())
-                        ratio = mse(capture.run_block(block, inputs), targets) / max(base, 1e-30)
+                            refs[n].view(adjusted, prefix).copy_(q.dequantize())
+                        ratio = mse(runner.run(b, adjusted, batches), targets) / max(base, 1e-30)
                     else:  # before and after measured alike (in the reconstruction's precision)
-                        run = {n.removeprefix(prefix): (originals[n], starts[n]) for n in names}
-                        r = reconstruct_block(block, run, inputs, targets, settings.reconstruct, ms.learn_scale)
+                        run = {n: (originals[n], starts[n]) for n in names}
+                        r = reconstruct_block(runner, b, {k: v.clone() for k, v in trial.items()}, run, batches,
+                                              targets, settings.reconstruct, ms.learn_scale)
                         ratio = r.loss_after / max(r.loss_before, 1e-30)
                     ratios.setdefault((method, f), []).append(ratio)
-                    for n in names:
-                        linears[n].weight.data.copy_(starts[n].dequantize())
                     progress.update()
-                for n in names:
-                    linears[n].weight.data.copy_(originals[n])
-        inputs.batches = capture.run_block(block, inputs)
+        batches = runner.run(b, weights, batches)
     progress.close()
     return {k: float(np.median(v)) for k, v in ratios.items()}
 
 
 def fisher_diagonal(loaded: LoadedModel, windows: torch.Tensor, tensors: list[str]) -> dict[str, torch.Tensor]:
-    """Sum over windows of the squared gradient of the window's mean next-token loss, per weight."""
-    model = loaded.model
-    weights = {n: model.get_submodule(n).weight for n in tensors}
-    fisher = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
-    for w in weights.values():
-        w.requires_grad_(True)
-    try:
-        for window in tqdm(windows, desc="Fisher (backward passes)", unit="window"):
-            ids = window.unsqueeze(0)
-            loss = model(ids, labels=ids, use_cache=False).loss
-            grads = torch.autograd.grad(loss, list(weights.values()))
-            for n, g in zip(weights, grads):
-                fisher[n] += g.float() ** 2
-    finally:
-        for w in weights.values():
-            w.requires_grad_(False)
+    """Sum over windows of the squared gradient of the window's mean next-token loss, per matrix.
+
+    Block by block, one block's weights in memory at a time: a forward pass keeps each block's
+    input per window; the backward pass walks the blocks from the last, recomputing each one with
+    gradients, and carries the gradient of its input to the block before. The embedding's share
+    comes from the gradient reaching block 0 (for a tied matrix it adds to the head's).
+    """
+    runner = BlockRunner(loaded)
+    refs = loaded.plannable()
+    layout = loaded.layout
+    wanted = set(tensors)
+    fisher = {n: torch.zeros(refs[n].shape) for n in tensors}
+    inputs: list[list[torch.Tensor]] = []  # inputs[b][w]: window w entering block b
+    x = runner.embed(windows, 1)
+    for b in tqdm(range(loaded.n_blocks), desc="Fisher (forward)", unit="block"):
+        inputs.append(x)
+        x = runner.run(b, loaded.block_weights(b), x)
+    grads = []
+    residents = dict(loaded.residents)
+    head_key, embedding_key = f"{layout.head}.weight", f"{layout.embedding}.weight"
+    residents[head_key] = residents[head_key].detach().requires_grad_(True)
+    if loaded.tied_embedding:
+        residents[embedding_key] = residents[head_key]
+    for ids, h in zip(windows.split(1), x):
+        h = h.detach().requires_grad_(True)
+        logits = runner.logits(h[:, :-1], residents)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        g_h, g_head = torch.autograd.grad(loss, [h, residents[head_key]])
+        grads.append(g_h)
+        if loaded.head_name in wanted:
+            fisher[loaded.head_name] += g_head ** 2
+    for b in tqdm(reversed(range(loaded.n_blocks)), total=loaded.n_blocks, desc="Fisher (backward)", unit="block"):
+        weights = {k: v.requires_grad_(True) for k, v in loaded.block_weights(b).items()}
+        block_refs = [r for r in loaded.block_tensors(b).values() if r.name in wanted]
+        prefix = layout.block_prefix(b)
+        for w in range(len(grads)):
+            x_in = inputs[b][w].detach().requires_grad_(True)
+            y = runner.call(b, weights, x_in)
+            g_x, *g_w = torch.autograd.grad(y, [x_in, *weights.values()], grads[w], allow_unused=True)
+            by_name = dict(zip(weights, g_w))
+            for r in block_refs:
+                g = by_name[r.param.removeprefix(prefix)]
+                if g is not None:
+                    fisher[r.name] += r.view({r.param.removeprefix(prefix): g}, prefix).float() ** 2
+            grads[w] = g_x
+        inputs[b] = []
+    # The embedding's role as a lookup: from the gradient reaching block 0. A tied matrix adds it to
+    # its head role's squares (the cross term of the two roles is dropped).
+    if layout.embedding in wanted or loaded.tied_embedding and loaded.head_name in wanted:
+        residents[embedding_key] = residents[embedding_key].detach().requires_grad_(True)
+        for ids, g in zip(windows.split(1), grads):
+            h0 = runner.embed_with_grad(ids, residents)
+            fisher[layout.embedding] += torch.autograd.grad(h0, residents[embedding_key], g)[0] ** 2
     return fisher
 
 
@@ -440,52 +493,70 @@ def measure_kl(
     loaded: LoadedModel,
     windows: torch.Tensor,
     tensors: list[str],
-    items: dict[tuple[int, int], torch.Tensor],
+    items: dict[tuple[int, int], tuple[torch.Tensor, QTensor]],
     batch_size: int,
 ) -> dict[tuple[int, int], float]:
-    """Mean KL(reference || model) on `windows` with only tensor t replaced by items[(t, o)].
+    """Mean KL(reference || model) on `windows` with only tensor t replaced: items[(t, o)] holds the
+    rows replaced and their QTensor.
 
-    The reference's block inputs and log-probabilities are computed once; each measurement
-    reruns only the blocks from the replaced tensor's block to the output.
+    The reference's hidden states and log-probabilities are computed once. The points of one block
+    then run together: each replaces its matrix in that block, and all of them go through the rest
+    of the model in one sweep, so each later block is read once per starting block.
     """
-    model, blocks = loaded.model, loaded.blocks()
-    block_of = {n: b for b in range(len(blocks)) for n in loaded.block_linears(b)}
-    inputs = capture.block_inputs(loaded, windows, batch_size)
-    hidden = []  # hidden[b]: the batches entering block b
-    for block in blocks:
-        hidden.append(inputs.batches)
-        inputs = capture.BlockInputs(capture.run_block(block, inputs), inputs.kwargs)
-    hidden.append(inputs.batches)
-    head, norm = model.get_submodule(loaded.arch.head), model.get_submodule(loaded.arch.final_norm)
+    runner = BlockRunner(loaded)
+    refs = loaded.plannable()
+    layout = loaded.layout
+    block_of = {n: b for b in range(loaded.n_blocks) for n in loaded.block_tensors(b)}
+    hidden = [runner.embed(windows, batch_size)]  # hidden[b]: the batches entering block b
+    for b in tqdm(range(loaded.n_blocks), desc="reference for KL", unit="block"):
+        hidden.append(runner.run(b, loaded.block_weights(b), hidden[-1]))
+    reference = [runner.log_probs(h) for h in hidden[-1]]
+    n_tokens = sum(r.shape[0] * r.shape[1] for r in reference)
 
-    def log_probs(start: int | None) -> list[torch.Tensor]:
-        """Log-probabilities with blocks from `start` on rerun (None: the whole model, embedding included)."""
-        out = []
-        with torch.no_grad():
-            if start is None:
-                for batch in windows.split(batch_size):
-                    out.append(F.log_softmax(model(batch, use_cache=False).logits.float(), dim=-1))
-                return out
-            for x in hidden[start]:
-                for block in blocks[start:]:
-                    y = block(x, **inputs.kwargs)
-                    x = y[0] if isinstance(y, tuple) else y
-                out.append(F.log_softmax(head(norm(x)).float(), dim=-1))
-        return out
+    def replaced(W: torch.Tensor, item: tuple[torch.Tensor, QTensor]) -> torch.Tensor:
+        rows, q = item
+        return W.detach().float().index_copy(0, rows, q.dequantize())
 
-    reference = log_probs(len(blocks))
+    def kl_of(final: list[torch.Tensor], residents: dict[str, torch.Tensor] | None = None) -> float:
+        kl = sum((ref.exp() * (ref - runner.log_probs(h, residents))).sum().item() for ref, h in zip(reference, final))
+        return max(kl, 0.0) / n_tokens
+
+    by_start: dict[int, list[tuple[int, int]]] = {}
+    for (t, o) in items:
+        by_start.setdefault(block_of.get(tensors[t], -1), []).append((t, o))
     result = {}
-    for (t, o), W_hat in tqdm(items.items(), desc="measuring KL per tensor", unit="point"):
+    progress = tqdm(total=len(items), desc="measuring KL per tensor", unit="point")
+    for (t, o) in by_start.pop(-1, []):  # the embedding and the head: outside the blocks
         name = tensors[t]
-        weight = model.get_submodule(name).weight
-        original = weight.detach().clone()
-        weight.data.copy_(W_hat)
-        try:
-            # The embedding (tied or not) feeds block 0: rerun everything for it.
-            start = None if name == loaded.arch.embedding else block_of.get(name, len(blocks))
-            quantized = log_probs(start)
-        finally:
-            weight.data.copy_(original)
-        kl = sum((ref.exp() * (ref - q)).sum().item() for ref, q in zip(reference, quantized))
-        result[(t, o)] = max(kl, 0.0) / sum(r.shape[0] * r.shape[1] for r in reference)
+        residents = dict(loaded.residents)
+        key = f"{name}.weight"
+        residents[key] = replaced(residents[key], items[(t, o)])
+        if loaded.tied_embedding:
+            residents[f"{layout.head}.weight"] = residents[f"{layout.embedding}.weight"] = residents[key]
+        if name == layout.embedding:  # block 0 reads it: rerun everything
+            final = runner.embed(windows, batch_size, residents)
+            for b in range(loaded.n_blocks):
+                final = runner.run(b, loaded.block_weights(b), final)
+        else:
+            final = hidden[-1]
+        result[(t, o)] = kl_of(final, residents)
+        progress.update()
+    for start in sorted(by_start):
+        points = by_start[start]
+        weights = loaded.block_weights(start)
+        prefix = layout.block_prefix(start)
+        streams = []
+        for (t, o) in points:
+            ref = refs[tensors[t]]
+            trial = dict(weights)
+            trial[ref.param.removeprefix(prefix)] = weights[ref.param.removeprefix(prefix)].clone()
+            ref.view(trial, prefix).copy_(replaced(ref.view(weights, prefix), items[(t, o)]))
+            streams.append(runner.run(start, trial, hidden[start]))
+        for b in range(start + 1, loaded.n_blocks):
+            later = loaded.block_weights(b)
+            streams = [runner.run(b, later, x) for x in streams]
+        for point, final in zip(points, streams):
+            result[point] = kl_of(final)
+            progress.update()
+    progress.close()
     return result

@@ -1,9 +1,10 @@
 """Apply a plan (tensor -> option) to a model, sequentially, block by block (as in GPTQ).
 
-For each block: capture the H of one input group of linears (q/k/v, then o, then gate/up, then
-down) on inputs that already passed through the quantized earlier blocks and groups, quantize
-that group, and move on; finally recompute the block's outputs with its quantized weights to feed
-the next block. With `true_sequential=False` one pass captures every group of a block at once.
+For each block, read its weights, capture the H of one stage of matrices that share an input
+(q/k/v, then o, then gate/up or every expert's gate/up, then down) on inputs that already passed
+through the quantized earlier blocks and stages, quantize that stage in the block's weights, and
+move on; finally run the block with its quantized weights to feed the next block. The model's
+own weights are never changed: the result is the QTensors (and any norms or biases that moved). With `true_sequential=False` one pass captures every group of a block at once.
 The output matrix (the embedding, when tied) comes last, with the H of its input.
 
 Tensors whose option's method is `block` start from their per-layer start (GPTQ by default); once
@@ -25,8 +26,10 @@ from mixq.errors import MixqError
 from mixq.formats import QTensor, parse_format
 from mixq.methods import BLOCK_METHODS, MethodSettings, get_method, output_error
 from mixq.models import LoadedModel
+from mixq.models.layout import TensorRef
 from mixq.options import Option
 from mixq.reconstruct import ReconstructSettings, passes, reconstruct_block
+from mixq.runner import BlockRunner
 
 log = logging.getLogger(__name__)
 
@@ -39,45 +42,50 @@ class QuantizedModel:
     options: dict[str, Option] = field(default_factory=dict)
     output_errors: dict[str, float] = field(default_factory=dict)  # tr(dW H dW^T) per tensor
     block_losses: list[tuple[float, float]] = field(default_factory=list)  # reconstruction: before, after
+    changed: dict[str, torch.Tensor] = field(default_factory=dict)  # other parameters changed (norms, biases)
+    rare_experts: dict[str, int] = field(default_factory=dict)  # experts that saw few tokens: tokens seen
 
-    def quantize_tensor(self, name: str, module: torch.nn.Module, option: Option, stats: capture.LayerStats,
-                        settings: MethodSettings, correct_bias: bool = False) -> None:
-        """Quantize one module's weight with its option and write the dequantized values back into it.
-
-        With `correct_bias`, a bias absorbs the layer's mean output error on the calibration inputs.
-        """
+    def quantize_tensor(self, name: str, weight: torch.Tensor, option: Option, stats: capture.LayerStats,
+                        settings: MethodSettings, bias: torch.Tensor | None = None) -> None:
+        """Quantize one matrix with its option and write the dequantized values back into it (a view
+        of its parameter). With `bias`, the bias absorbs the layer's mean output error (bias correction)."""
         self.options[name] = option
         if option.is_keep:
             return
-        weight = module.weight
-        W = weight.detach().float()
+        W = weight.detach().float().clone()
         q = get_method(option.method)(W, stats.H, parse_format(option.format), settings)
         W_hat = q.dequantize()
         self.tensors[name] = q
         self.output_errors[name] = output_error(W, W_hat, stats.H)
-        bias = getattr(module, "bias", None)
-        if correct_bias and bias is not None and stats.x_sum is not None:
-            bias.data += ((W - W_hat) @ stats.x_mean).to(bias.dtype)
-        weight.data.copy_(W_hat.to(weight.dtype))  # W may share this storage: last
+        if bias is not None and stats.x_sum is not None:
+            bias += ((W - W_hat) @ stats.x_mean).to(bias.dtype)
+        weight.copy_(W_hat.to(weight.dtype))
 
 
 def uniform_plan(loaded: LoadedModel, option: Option) -> dict[str, Option]:
-    """Every linear of the transformer blocks gets the same option (the output matrix is kept).
+    """Every matrix of the transformer blocks gets the same option (the output matrix is kept).
 
     Where the format does not fit a tensor's rows, its fallback does (ggml types, as llama.cpp does).
     """
     Option.parse(option.name)
     plan = {}
-    for name, linear in loaded.quantizable().items():
+    for name, ref in loaded.quantizable().items():
         fmt = parse_format(option.format)
-        shape = tuple(linear.weight.shape)
-        if not fmt.fits(shape):
+        if not fmt.fits(ref.shape):
             fallback = getattr(fmt, "fallback", None)
-            if fallback is None or not parse_format(fallback).fits(shape):
-                raise MixqError(f"{option.format} does not fit {name} {shape} and has no fallback that does")
+            if fallback is None or not parse_format(fallback).fits(ref.shape):
+                raise MixqError(f"{option.format} does not fit {name} {ref.shape} and has no fallback that does")
             fmt = parse_format(fallback)
         plan[name] = Option(fmt.name, option.method)
     return plan
+
+
+def bias_of(ref: TensorRef, weights: dict[str, torch.Tensor], prefix: str) -> torch.Tensor | None:
+    """The bias added to a linear's output (expert stacks: that expert's row of the bias stack)."""
+    param = ref.param.removeprefix(prefix)
+    name = param.removesuffix(".weight") + ".bias" if ref.expert is None else param + "_bias"
+    bias = weights.get(name)
+    return None if bias is None else (bias if ref.expert is None else bias[ref.expert])
 
 
 def quantize_model(
@@ -89,56 +97,65 @@ def quantize_model(
     true_sequential: bool = True,
     reconstruct: ReconstructSettings = ReconstructSettings(),
 ) -> QuantizedModel:
-    """Quantize `loaded.model` in place (its weights become the dequantized ones)."""
+    """Quantize every planned tensor, block by block, through the runner; nothing of the model changes."""
     result = QuantizedModel()
+    runner = BlockRunner(loaded)
     trained = reconstruct.norm_tuning or any(o.method in BLOCK_METHODS for o in plan.values())
     fp_stream = trained and reconstruct.target == "fp"
-    fp_inputs = capture.block_inputs(loaded, windows, batch_size) if fp_stream else None
-    embedding = loaded.arch.embedding
+    fp_batches = runner.embed(windows, batch_size) if fp_stream else None
+    residents = dict(loaded.residents)
+    embedding = loaded.layout.embedding
     if not loaded.tied_embedding and embedding in plan:  # first: block 0 then reads quantized embeddings
-        result.quantize_tensor(embedding, loaded.model.get_submodule(embedding), plan[embedding],
+        residents[f"{embedding}.weight"] = residents[f"{embedding}.weight"].clone()
+        result.quantize_tensor(embedding, residents[f"{embedding}.weight"], plan[embedding],
                                capture.embedding_stats(loaded, windows), settings)
-    inputs = capture.block_inputs(loaded, windows, batch_size)
-    progress = tqdm(range(len(loaded.blocks())), desc="quantizing blocks", unit="block")
+    batches = runner.embed(windows, batch_size, residents)
+    progress = tqdm(range(loaded.n_blocks), desc="quantizing blocks", unit="block")
     for b in progress:
-        block, linears = loaded.blocks()[b], loaded.block_linears(b)
-        groups = loaded.block_groups(b)
-        trained_here = [n for n in linears if n in plan and plan[n].method in BLOCK_METHODS]
-        with passes(block, reconstruct):  # the full-precision stream only feeds reconstruction
-            targets = capture.run_block(block, fp_inputs) if fp_inputs is not None else None
-            if targets is None and (trained_here or reconstruct.norm_tuning):
-                targets = capture.run_block(block, inputs)
-        fp_weights = {n: linears[n].weight.detach().float().clone() for n in trained_here}
+        refs, prefix = loaded.block_tensors(b), loaded.layout.block_prefix(b)
+        weights = loaded.block_weights(b)
+        original = {n: w.clone() for n, w in weights.items()}
+        trained_here = [n for n in refs if n in plan and plan[n].method in BLOCK_METHODS]
+        targets = None
+        if trained_here or reconstruct.norm_tuning:
+            with passes(reconstruct):  # the full-precision stream only feeds reconstruction
+                targets = runner.run(b, weights, fp_batches if fp_batches is not None else batches)
+        fp_weights = {n: refs[n].view(weights, prefix).detach().float().clone() for n in trained_here}
         block_stats: dict[str, capture.LayerStats] = {}
         # A block trained jointly afterwards captures all its statistics in one pass: the training
         # sees the interactions that a capture after each group would.
+        stages = loaded.block_stages(b)
         sequential = true_sequential and not trained_here
-        for stage in [[g] for g in groups] if sequential else [groups]:
+        for stage in [[s] for s in stages] if sequential else [stages]:
             if not any(name in plan and not plan[name].is_keep for group in stage for name in group):
                 continue
-            stats = capture.collect_stats(block, linears, stage, inputs)
+            stats = capture.collect_stats(runner, b, weights, stage, batches)
+            result.rare_experts.update(capture.rare_experts(stats, refs))
             for name, layer_stats in stats.items():
                 if name in plan:
-                    result.quantize_tensor(name, linears[name], plan[name], layer_stats, settings,
-                                           reconstruct.bias_correction)
+                    bias = bias_of(refs[name], weights, prefix) if reconstruct.bias_correction else None
+                    result.quantize_tensor(name, refs[name].view(weights, prefix), plan[name], layer_stats,
+                                           settings, bias)
                     block_stats[name] = layer_stats
         if trained_here or reconstruct.norm_tuning:
-            prefix = f"{loaded.arch.blocks}.{b}."
-            starts = {n.removeprefix(prefix): (fp_weights[n], result.tensors[n]) for n in trained_here}
-            r = reconstruct_block(block, starts, inputs, targets, reconstruct, settings.learn_scale)
-            for rel, q in r.tensors.items():
-                result.tensors[prefix + rel] = q
-                result.output_errors[prefix + rel] = output_error(fp_weights[prefix + rel], q.dequantize(),
-                                                                  block_stats[prefix + rel].H)
+            starts = {n: (fp_weights[n], result.tensors[n]) for n in trained_here}
+            r = reconstruct_block(runner, b, weights, starts, batches, targets, reconstruct, settings.learn_scale)
+            for name, q in r.tensors.items():
+                result.tensors[name] = q
+                result.output_errors[name] = output_error(fp_weights[name], q.dequantize(), block_stats[name].H)
             result.block_losses.append((r.loss_before, r.loss_after))
             progress.set_postfix_str(f"block {b} output MSE {r.loss_before:.3g} -> {r.loss_after:.3g}")
-            inputs.batches = r.outputs
+            batches = r.outputs
         else:
-            inputs.batches = capture.run_block(block, inputs)
-        if fp_inputs is not None:
-            fp_inputs.batches = targets
+            batches = runner.run(b, weights, batches)
+        quantized_params = {refs[n].param for n in result.tensors if n in refs}
+        for n, w in weights.items():  # norms (norm tuning) and biases (bias correction) that moved
+            if prefix + n not in quantized_params and not torch.equal(w, original[n]):
+                result.changed[prefix + n] = w
+        if fp_batches is not None:
+            fp_batches = targets
     head = loaded.head_name
     if head in plan:
-        result.quantize_tensor(head, loaded.model.get_submodule(head), plan[head],
-                               capture.head_stats(loaded, inputs), settings)
+        weight = residents[f"{head}.weight"].clone()
+        result.quantize_tensor(head, weight, plan[head], capture.head_stats(runner, batches), settings)
     return result

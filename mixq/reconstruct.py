@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mixq.capture import BlockInputs, run_block
 from mixq.formats import QTensor
 from mixq.methods.rounding import LearnedRounding, sign_descent
+from mixq.models.layout import TensorRef
+from mixq.runner import BlockRunner
 
 TARGETS = ("fp", "local")
 
@@ -57,20 +58,19 @@ class BlockResult:
     outputs: list[torch.Tensor]  # the block's outputs on the inputs, as it is left: the next block's inputs
 
 
-def norm_weights(block: nn.Module) -> dict[str, nn.Parameter]:
-    """The block's norm scales: 1-d weights of modules that are not linear layers."""
-    return {
-        f"{name}.weight": module.weight
+def norm_weights(block: nn.Module) -> list[str]:
+    """Names (inside the block) of the block's norm scales: 1-d weights of modules that are not linear layers."""
+    return [
+        f"{name}.weight"
         for name, module in block.named_modules()
         if not isinstance(module, nn.Linear) and isinstance(getattr(module, "weight", None), nn.Parameter)
         and module.weight.dim() == 1
-    }
+    ]
 
 
-def passes(block: nn.Module, settings: ReconstructSettings) -> contextlib.AbstractContextManager:
-    """The precision of the block's forward passes: bfloat16 matmuls under autocast, or as stored."""
-    device = next(block.parameters()).device.type
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=settings.bf16)
+def passes(settings: ReconstructSettings) -> contextlib.AbstractContextManager:
+    """The precision of the block's forward passes: bfloat16 matmuls under autocast, or float32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16)
 
 
 def mse(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
@@ -78,40 +78,59 @@ def mse(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
     return sum(float((y - t).square().sum()) for y, t in zip(outputs, targets)) / sum(t.numel() for t in targets)
 
 
+def with_matrices(weights: dict[str, torch.Tensor], matrices: dict[TensorRef, torch.Tensor],
+                  prefix: str) -> dict[str, torch.Tensor]:
+    """`weights` with some matrices replaced, out of place (autograd flows into the new ones): a
+    linear's weight is replaced whole, an expert stack is restacked with the given experts' matrices."""
+    out = dict(weights)
+    by_param: dict[str, dict[int | None, torch.Tensor]] = {}
+    for ref, W in matrices.items():
+        by_param.setdefault(ref.param.removeprefix(prefix), {})[ref.expert] = W.T if ref.transposed else W
+    for param, slices in by_param.items():
+        if None in slices:
+            out[param] = slices[None]
+        else:
+            out[param] = torch.stack([slices.get(e, weights[param][e]) for e in range(weights[param].shape[0])])
+    return out
+
+
 def reconstruct_block(
-    block: nn.Module,
-    starts: dict[str, tuple[torch.Tensor, QTensor]],  # linear name in the block -> (fp weight, start)
-    inputs: BlockInputs,
+    runner: BlockRunner,
+    b: int,
+    weights: dict[str, torch.Tensor],  # the block's parameters, quantized to the starts; updated in place
+    starts: dict[str, tuple[torch.Tensor, QTensor]],  # tensor name -> (fp matrix, start)
+    batches: list[torch.Tensor],
     targets: list[torch.Tensor],
     settings: ReconstructSettings,
     learn_scale: bool = True,
 ) -> BlockResult:
-    """Train the block's learned rounding (and norms) against the targets; write the result into the block."""
+    """Train the block's learned rounding (and norms) against the targets; write the result into `weights`."""
+    loaded = runner.loaded
+    refs, prefix = loaded.block_tensors(b), loaded.layout.block_prefix(b)
     roundings = {name: LearnedRounding(W, q, learn_scale) for name, (W, q) in starts.items()}
-    norms = norm_weights(block) if settings.norm_tuning else {}
-    norm_start = {name: p.detach().clone() for name, p in norms.items()}
-    norm_change = {name: nn.Parameter(torch.zeros_like(p)) for name, p in norms.items()}
+    norms = norm_weights(loaded.blocks()[b]) if settings.norm_tuning else []
+    norm_start = {name: weights[name].clone() for name in norms}
+    norm_change = {name: nn.Parameter(torch.zeros_like(weights[name])) for name in norms}
 
-    def weights() -> dict[str, torch.Tensor]:
-        out = {f"{name}.weight": r() for name, r in roundings.items()}
+    def trained_weights() -> dict[str, torch.Tensor]:
+        out = with_matrices(weights, {refs[name]: r() for name, r in roundings.items()}, prefix)
         out.update({name: norm_start[name] * (1 + norm_change[name]) for name in norms})
         return out
 
-    with passes(block, settings):
-        start_outputs = run_block(block, inputs)
+    with passes(settings):
+        start_outputs = runner.run(b, weights, batches)
     before = mse(start_outputs, targets)
     if not roundings and not norms:
         return BlockResult(before, before, {}, start_outputs)
-    x_all, y_all = torch.cat(inputs.batches), torch.cat(targets)
+    x_all, y_all = torch.cat(batches), torch.cat(targets)
     gen = torch.Generator().manual_seed(settings.seed)
     order = torch.cat([torch.randperm(len(x_all), generator=gen) for _ in range(
         settings.steps * settings.batch_windows // len(x_all) + 1)])
 
     def step_loss(i: int) -> torch.Tensor:
         idx = order[i * settings.batch_windows : (i + 1) * settings.batch_windows]
-        with passes(block, settings):
-            y = torch.func.functional_call(block, weights(), (x_all[idx],), inputs.kwargs)
-        y = y[0] if isinstance(y, tuple) else y
+        with passes(settings):
+            y = runner.call(b, trained_weights(), x_all[idx])
         return (y.float() - y_all[idx]).square().mean()
 
     def clamp() -> None:
@@ -123,20 +142,20 @@ def reconstruct_block(
     sign_descent(groups, step_loss, settings.steps, clamp)
 
     tensors = {name: r.to_qtensor() for name, r in roundings.items()}
-    params = dict(block.named_parameters())
+    saved = {name: refs[name].view(weights, prefix).clone() for name in tensors}
     with torch.no_grad():
         for name, q in tensors.items():
-            params[f"{name}.weight"].copy_(q.dequantize())
+            refs[name].view(weights, prefix).copy_(q.dequantize())
         for name in norms:
-            params[name].copy_(norm_start[name] * (1 + norm_change[name]))
-    with passes(block, settings):
-        outputs = run_block(block, inputs)
+            weights[name].copy_(norm_start[name] * (1 + norm_change[name]))
+    with passes(settings):
+        outputs = runner.run(b, weights, batches)
     after = mse(outputs, targets)
     if after < before:
         return BlockResult(before, after, tensors, outputs)
     with torch.no_grad():  # training did not help on the whole calibration set: back to the start
-        for name, (_, q) in starts.items():
-            params[f"{name}.weight"].copy_(q.dequantize())
+        for name, W in saved.items():
+            refs[name].view(weights, prefix).copy_(W)
         for name in norms:
-            params[name].copy_(norm_start[name])
+            weights[name].copy_(norm_start[name])
     return BlockResult(before, before, {}, start_outputs)

@@ -22,7 +22,8 @@ from mixq.export import native
 from mixq.export.gguf import export_gguf
 from mixq.export.llama_cpp import read_saved_log_probs, tools_dir
 from mixq.formats import parse_format
-from mixq.models import load_model
+from mixq.models import load_model, materialize
+from mixq.quantize import QuantizedModel
 
 pytestmark = pytest.mark.slow
 TEXT = Path(__file__).parent / "data" / "prose.txt"
@@ -36,21 +37,20 @@ def exported(tmp_path_factory):
     loaded = load_model("smollm2-135m")
     wide = itertools.cycle(["q8_0", "q5_1", "q5_0", "q4_1", "q4_0"])
     k_quants = itertools.cycle(["q6_k", "q5_k", "q4_k", "q3_k", "q2_k"])
-    tensors = {}
-    for name, module in loaded.plannable().items():
-        W = module.weight.detach().float()
+    result = QuantizedModel()
+    for name, ref in loaded.plannable().items():
+        W = loaded.read(ref.param)
         fmt = parse_format(next(k_quants) if W.shape[1] % 256 == 0 else next(wide))
-        tensors[name] = fmt.fit(W, torch.ones(W.shape[1]), clip_grid=4)
+        result.tensors[name] = fmt.fit(W, torch.ones(W.shape[1]), clip_grid=4)
     run = tmp / "run"
     run.mkdir()
-    native.save(run, loaded, tensors, {"model": loaded.spec})
+    native.save(run, loaded, result, {"model": loaded.spec})
     counts = export_gguf(run, tmp / "mix.gguf")
-    native.apply_weights(loaded, native.load_weights(run))
-    return loaded, tmp / "mix.gguf", counts
+    return loaded, tmp / "mix.gguf", counts, run
 
 
 def test_every_type_is_written_and_metadata_is_kept(exported):
-    loaded, path, counts = exported
+    loaded, path, counts, _ = exported
     assert {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "F32"} <= set(counts)
     ours, source = GGUFReader(path), GGUFReader(loaded_source(loaded))
     for key, field in source.fields.items():
@@ -89,9 +89,9 @@ def llama_cpp_vs_torch(gguf: Path, model: torch.nn.Module, tmp: Path) -> tuple[f
 
 
 def test_llama_cpp_agrees_with_mixq(exported, tmp_path):
-    loaded, path, _ = exported
-    kl, top1, ppl = llama_cpp_vs_torch(path, loaded.model, tmp_path)
-    source_kl, _, source_ppl = llama_cpp_vs_torch(loaded_source(loaded), load_model(loaded.spec).model, tmp_path)
+    loaded, path, _, run = exported
+    kl, top1, ppl = llama_cpp_vs_torch(path, materialize(loaded, native.NativeSource(run)), tmp_path)
+    source_kl, _, source_ppl = llama_cpp_vs_torch(loaded_source(loaded), materialize(loaded), tmp_path)
     assert kl <= min(1.5 * source_kl, 0.03), (kl, source_kl)
     assert top1 >= 0.93
     assert ppl < 3 * source_ppl, (ppl, source_ppl)  # sane: low-bit types cost some, not everything

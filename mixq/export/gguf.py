@@ -33,7 +33,7 @@ from mixq.export import native
 from mixq.formats import parse_format
 from mixq.formats.ggml import GGMLFormat
 from mixq.models import source_gguf
-from mixq.models.architectures import architecture
+from mixq.models.architectures import family
 
 SKIPPED_FIELDS = ("GGUF.", "general.architecture", "general.file_type")
 ALIGNMENT_SLACK = 31  # bytes of padding a tensor's data may need to start on a 32-byte boundary
@@ -78,7 +78,7 @@ def export_gguf(model_dir: Path, out: Path, overwrite: bool = False) -> dict[str
     reader = _read(source)
     entries, stored = native.load_stored(model_dir)
     arch_name = str(reader.fields["general.architecture"].contents())
-    arch = architecture(arch_name)
+    arch = family(arch_name)
     name_map = name_map_of(reader)
     heads = int(reader.fields[f"{arch_name}.attention.head_count"].contents())
     kv_field = reader.fields.get(f"{arch_name}.attention.head_count_kv")

@@ -1,6 +1,7 @@
 """mixq's own on-disk layout: one safetensors file plus a JSON of settings and metrics.
 
-    DIR/model.safetensors   every parameter of the model, once (a tied embedding is written once)
+    DIR/model.safetensors   every parameter of the model, once (a tied embedding is written once);
+                            an expert stack as its experts' (out, in) matrices STACK.E.weight
     DIR/mixq.json           source model, settings, calibration, plan, storage, metrics
 
 In model.safetensors a quantized weight `NAME` (rows, cols) is stored as
@@ -8,9 +9,10 @@ In model.safetensors a quantized weight `NAME` (rows, cols) is stored as
     NAME.scales   fp16    (rows, n_groups)
     NAME.qzeros   uint8   zero points, `bits` each, packed like the codes (asymmetric formats only)
 and dequantizes as scale * (code - zero) (formats/integer.py). Every other parameter is kept at
-16 bits: matrices as fp16, vectors (norms, biases) as fp32. The header's `__metadata__` holds
-`mixq.tensors`: a JSON object {NAME: {"format": ..., "shape": [...]}} for every parameter, where
-the format is a registered format name or "f16"/"f32" for kept tensors.
+16 bits: matrices as fp16, vectors (norms, biases) as fp32. The header's `__metadata__` holds one
+key, `mixq`: a JSON object {"layout": "2", "tensors": {NAME: {"format": ..., "shape": [...]}}}, where
+the format is a registered format name or "f16"/"f32" for kept tensors; an expert's matrix also
+names its stack, its index and whether the stack stores it transposed (x @ W, as gpt-oss does).
 """
 
 from __future__ import annotations
@@ -29,10 +31,14 @@ from mixq.atomic import atomic_write_text
 from mixq.errors import MixqError
 from mixq.formats import QTensor, parse_format
 from mixq.models import LoadedModel
+from mixq.models.source import WeightSource
 
 WEIGHTS_FILE = "model.safetensors"
 INFO_FILE = "mixq.json"
-LAYOUT_VERSION = "1"
+LAYOUT_VERSION = "2"
+# One metadata key: safetensors writes several in an order that varies between runs, and the same
+# command must give the same bytes.
+METADATA_KEY = "mixq"
 KEPT_FORMATS = {"f16": torch.float16, "f32": torch.float32}
 
 
@@ -54,24 +60,24 @@ class Storage:
         )
 
 
-def kept_format(param: torch.Tensor) -> str:
+def kept_format(ndim: int) -> str:
     """Storage of a tensor that is not quantized: 16-bit matrices, fp32 vectors."""
-    return "f16" if param.dim() >= 2 else "f32"
+    return "f16" if ndim >= 2 else "f32"
 
 
-def kept_nbytes(param: torch.Tensor) -> int:
-    return param.numel() * KEPT_FORMATS[kept_format(param)].itemsize
+def kept_nbytes(shape: tuple[int, ...]) -> int:
+    return torch.Size(shape).numel() * KEPT_FORMATS[kept_format(len(shape))].itemsize
 
 
 def storage_plan(loaded: LoadedModel, formats: dict[str, str]) -> dict[str, tuple[str, tuple[int, ...], int]]:
-    """name -> (format, shape, bytes) for every parameter, given formats of the quantized weights."""
+    """name -> (format, shape, bytes) for every stored tensor, given formats of the quantized ones."""
     out = {}
-    for name, p in loaded.model.named_parameters():  # tied parameters appear once
-        shape = tuple(p.shape)
+    for name, shape in loaded.stored_tensors().items():  # tied parameters appear once
         if name in formats:
             out[name] = (formats[name], shape, parse_format(formats[name]).nbytes(shape))
         else:
-            out[name] = (kept_format(p), shape, kept_nbytes(p))
+            fmt = kept_format(len(shape))
+            out[name] = (fmt, shape, torch.Size(shape).numel() * KEPT_FORMATS[fmt].itemsize)
     return out
 
 
@@ -84,36 +90,56 @@ def header_bound(loaded: LoadedModel, planned: list[str]) -> int:
     longest_format = "x" * 24
     planned_params = {f"{n}.weight" for n in planned}
     keys, tensors_meta = [], {}
-    for name, p in loaded.model.named_parameters():
+    for name, shape in loaded.stored_tensors().items():
         keys += [f"{name}.{part}" for part in ("qweight", "scales", "qzeros")] if name in planned_params else [name]
-        tensors_meta[name] = {"format": longest_format, "shape": list(p.shape)}
-    metadata = {"mixq.layout": LAYOUT_VERSION, "mixq.tensors": json.dumps(tensors_meta)}
+        tensors_meta[name] = {"format": longest_format, "shape": list(shape), "stack": name, "expert": 1 << 20,
+                              "transposed": False}
+    metadata = {METADATA_KEY: json.dumps({"layout": LAYOUT_VERSION, "tensors": tensors_meta})}
     entry = len('"":{"dtype":"F16","shape":[,],"data_offsets":[,]},') + 4 * 20
     return 8 + len(json.dumps({"__metadata__": metadata})) + sum(len(k) + entry for k in keys) + 16
 
 
-def save(out_dir: Path, loaded: LoadedModel, tensors: dict[str, QTensor], info: dict[str, Any]) -> Storage:
-    """Write DIR/model.safetensors and DIR/mixq.json; `tensors` maps linear names to QTensors."""
-    quantized = {f"{name}.weight": q for name, q in tensors.items()}
+def save(out_dir: Path, loaded: LoadedModel, result, info: dict[str, Any]) -> Storage:
+    """Write DIR/model.safetensors and DIR/mixq.json from a QuantizedModel: its QTensors, the
+    parameters it changed, and every other parameter as the model has it, read one at a time."""
+    quantized = {f"{name}.weight": q for name, q in result.tensors.items()}
     plan = storage_plan(loaded, {name: q.format.name for name, q in quantized.items()})
+    stacks = {f"{t.name}.weight": t for t in loaded.quantizable().values() if t.expert is not None}
+    params = loaded.parameters()
     data: dict[str, torch.Tensor] = {}
-    params = dict(loaded.model.named_parameters())
-    for name, (fmt, _shape, _nbytes) in plan.items():
+    entries: dict[str, dict[str, Any]] = {}
+    stack_values: dict[str, torch.Tensor] = {}
+
+    def value(name: str) -> torch.Tensor:
+        if name in result.changed:
+            return result.changed[name]
+        if name in loaded.residents:
+            return loaded.residents[name]
+        return loaded.read(name)
+
+    for name, (fmt, shape, _nbytes) in plan.items():
+        entries[name] = {"format": fmt, "shape": list(shape)}
+        ref = stacks.get(name)
+        if ref is not None:
+            entries[name].update(stack=ref.param, expert=ref.expert, transposed=ref.transposed)
         if name in quantized:
             for part, t in quantized[name].format.pack(quantized[name]).items():
                 data[f"{name}.{part}"] = t.contiguous()
+            continue
+        if ref is not None:
+            if ref.param not in stack_values:
+                stack_values = {ref.param: value(ref.param)}  # one stack at a time
+            t = ref.view(stack_values)
         else:
-            data[name] = params[name].detach().to(KEPT_FORMATS[fmt]).contiguous()
-    metadata = {
-        "mixq.layout": LAYOUT_VERSION,
-        "mixq.tensors": json.dumps({n: {"format": f, "shape": list(s)} for n, (f, s, _) in plan.items()}),
-    }
+            t = value(name)
+        data[name] = t.detach().to(KEPT_FORMATS[fmt]).contiguous()
+    metadata = {METADATA_KEY: json.dumps({"layout": LAYOUT_VERSION, "tensors": entries})}
     path = Path(out_dir) / WEIGHTS_FILE
     save_file(data, path, metadata=metadata)
     storage = Storage(
         payload_bytes=sum(nb for _, _, nb in plan.values()),
         file_bytes=path.stat().st_size,
-        n_weights=sum(p.numel() for p in params.values()),
+        n_weights=sum(torch.Size(s).numel() for s in params.values()),
     )
     info = {**info, "storage": storage.as_dict()}
     write_info(Path(out_dir), info)
@@ -142,14 +168,15 @@ def header_bytes(path: Path) -> int:
 
 
 def load_stored(out_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
-    """The `mixq.tensors` entries of a saved model and every stored tensor, as written."""
+    """The tensor entries of a saved model's metadata and every stored tensor, as written."""
     path = Path(out_dir) / WEIGHTS_FILE
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("mixq.layout") != LAYOUT_VERSION:
+            header = json.loads(meta.get(METADATA_KEY, "{}"))
+            if header.get("layout") != LAYOUT_VERSION:
                 raise MixqError(f"{path} is not a mixq layout {LAYOUT_VERSION} file")
-            entries = json.loads(meta["mixq.tensors"])
+            entries = header["tensors"]
             stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open has no items())
     except MixqError:
         raise
@@ -163,29 +190,30 @@ def stored_parts(stored: dict[str, torch.Tensor], name: str) -> dict[str, torch.
     return {k[len(name) + 1 :]: v for k, v in stored.items() if k.startswith(name + ".")}
 
 
-def load_weights(out_dir: Path) -> dict[str, torch.Tensor]:
-    """Every parameter of a saved model, dequantized to fp32, by parameter name."""
-    entries, stored = load_stored(out_dir)
-    out = {}
-    for name, entry in entries.items():
+class NativeSource(WeightSource):
+    """The parameters of a saved model, dequantized to float32 one at a time (expert stacks restacked
+    from their experts' matrices): the weights `mixq eval` runs."""
+
+    def __init__(self, out_dir: Path):
+        self._entries, self._stored = load_stored(out_dir)
+        self._experts: dict[str, list[str]] = {}
+        for name, entry in self._entries.items():
+            if "stack" in entry:
+                self._experts.setdefault(entry["stack"], []).append(name)
+        self.names = (set(self._entries) - {n for ns in self._experts.values() for n in ns}) | set(self._experts)
+
+    def _matrix(self, name: str) -> torch.Tensor:
+        entry = self._entries[name]
         fmt, shape = entry["format"], tuple(entry["shape"])
         if fmt in KEPT_FORMATS:
-            out[name] = stored[name].float()
-        else:
-            out[name] = parse_format(fmt).unpack(stored_parts(stored, name), shape).dequantize()
-    return out
+            return self._stored[name].float()
+        return parse_format(fmt).unpack(stored_parts(self._stored, name), shape).dequantize()
 
-
-def apply_weights(loaded: LoadedModel, weights: dict[str, torch.Tensor]) -> None:
-    """Replace the model's parameters by saved ones, checking that every parameter is covered once."""
-    params = dict(loaded.model.named_parameters())
-    missing, extra = set(params) - set(weights), set(weights) - set(params)
-    if missing or extra:
-        raise MixqError(
-            f"saved weights do not match the model: {len(missing)} missing, {len(extra)} unexpected "
-            f"(e.g. {sorted(missing | extra)[:3]})"
-        )
-    for name, w in weights.items():
-        if w.shape != params[name].shape:
-            raise MixqError(f"saved {name} has shape {tuple(w.shape)}, the model {tuple(params[name].shape)}")
-        params[name].data.copy_(w)
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._experts:
+            if name not in self._entries:
+                raise KeyError(name)
+            return self._matrix(name)
+        members = sorted(self._experts[name], key=lambda n: self._entries[n]["expert"])
+        mats = [self._matrix(n) for n in members]
+        return torch.stack([m.T if self._entries[n]["transposed"] else m for n, m in zip(members, mats)])

@@ -1,13 +1,18 @@
 """Load a model: a Hugging Face directory, a GGUF file, a named embedded default, or `hf:owner/name`.
 
-Every model is loaded in fp32 as the reference; a GGUF file's dequantized weights are its reference.
+Nothing loads the whole model. The model is a skeleton built from its config with its parameters
+on the meta device; what lies outside the blocks (embedding, final norm, head) is read once in
+float32, and each block's parameters are read from the memory-mapped file when a stage needs
+that block (`block_weights`), as a dict of float32 tensors the runner calls the block with, and
+dropped after. `in_memory=True` keeps every block read once (faster when the model fits).
+A GGUF file's dequantized weights are its reference.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +20,10 @@ import torch
 from torch import nn
 
 from mixq.errors import MixqError
-from mixq.models.architectures import Architecture, architecture
+from mixq.models.architectures import Family, family
 from mixq.models.embedded import EMBEDDED, resolve_embedded
+from mixq.models.layout import Layout, TensorRef, find_blocks, find_final_norm, module_name
+from mixq.models.source import GGUFSource, SafetensorsSource, WeightSource
 
 log = logging.getLogger(__name__)
 
@@ -26,63 +33,153 @@ HUB_PREFIX = "hf:"
 @dataclass
 class LoadedModel:
     spec: str  # what the user named: resolvable again by `load_model`
-    model: nn.Module
+    model: nn.Module  # the skeleton: parameters on the meta device, buffers real
     tokenizer: Any
-    arch: Architecture
-
-    def blocks(self) -> nn.ModuleList:
-        return self.model.get_submodule(self.arch.blocks)
-
-    def block_linears(self, index: int) -> dict[str, nn.Linear]:
-        """The quantizable linears of block `index`, by full name, in forward order."""
-        block = self.blocks()[index]
-        prefix = f"{self.arch.blocks}.{index}"
-        return {
-            f"{prefix}.{name}": block.get_submodule(name)
-            for group in self.arch.input_groups
-            for name in group
-        }
-
-    def block_groups(self, index: int) -> list[list[str]]:
-        """Full names of block `index`'s linears, grouped by shared input, in forward order."""
-        prefix = f"{self.arch.blocks}.{index}"
-        return [[f"{prefix}.{name}" for name in group] for group in self.arch.input_groups]
-
-    def quantizable(self) -> dict[str, nn.Linear]:
-        """Every linear of the transformer blocks, by full name."""
-        out: dict[str, nn.Linear] = {}
-        for i in range(len(self.blocks())):
-            out.update(self.block_linears(i))
-        return out
+    family: Family
+    source: WeightSource
+    layout: Layout
+    residents: dict[str, torch.Tensor]  # every parameter outside the blocks, float32
+    in_memory: bool = False
+    _cache: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
-    def head_name(self) -> str:
-        """The output matrix as a plannable tensor: named after the embedding when the two are tied."""
-        return self.arch.embedding if self.tied_embedding else self.arch.head
+    def config(self):
+        return self.model.config
 
-    def plannable(self) -> dict[str, nn.Module]:
-        """Every tensor a plan decides on: the block linears, the input embedding when it is not tied,
-        and the output (tied: embedding) matrix last."""
-        return {**self.quantizable(), **{n: self.model.get_submodule(n) for n in self.rounded_only()}}
+    @property
+    def n_blocks(self) -> int:
+        return len(self.layout.block_layouts)
 
-    def rounded_only(self) -> list[str]:
-        """Plannable tensors only ever rounded (rtn): an untied input embedding (a lookup, no H) and
-        the output matrix (whose tied second role as the embedding has no H either)."""
-        return ([] if self.tied_embedding else [self.arch.embedding]) + [self.head_name]
+    def blocks(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.layout.blocks)
+
+    def block_tensors(self, b: int) -> dict[str, TensorRef]:
+        """The plannable matrices of block `b`, by name, in forward order."""
+        return {t.name: t for t in self.layout.block_layouts[b].tensors}
+
+    def block_stages(self, b: int) -> list[list[str]]:
+        """Block `b`'s matrices grouped by shared input (one H), in forward order."""
+        return [list(s) for s in self.layout.block_layouts[b].stages]
+
+    def quantizable(self) -> dict[str, TensorRef]:
+        """Every plannable matrix of the blocks, by name."""
+        return {n: t for b in range(self.n_blocks) for n, t in self.block_tensors(b).items()}
 
     @property
     def tied_embedding(self) -> bool:
         """True when the output layer reuses the token embedding (quantizing one changes both)."""
-        head = self.model.get_submodule(self.arch.head).weight
-        return head is self.model.get_submodule(self.arch.embedding).weight
+        return self.layout.tied
+
+    @property
+    def head_name(self) -> str:
+        """The output matrix as a plannable tensor: named after the embedding when the two are tied."""
+        return self.layout.embedding if self.tied_embedding else self.layout.head
+
+    def rounded_only(self) -> list[str]:
+        """Plannable tensors only ever rounded (rtn): an untied input embedding (a lookup, no H) and
+        the output matrix (whose tied second role as the embedding has no H either)."""
+        return ([] if self.tied_embedding else [self.layout.embedding]) + [self.head_name]
+
+    def plannable(self) -> dict[str, TensorRef]:
+        """Every tensor a plan decides on: the block matrices, the input embedding when it is not tied,
+        and the output (tied: embedding) matrix last."""
+        out = dict(self.quantizable())
+        for name in self.rounded_only():
+            shape = tuple(self.residents[f"{name}.weight"].shape)
+            out[name] = TensorRef(name, f"{name}.weight", "head" if name == self.head_name else "embedding", shape)
+        return out
+
+    def parameters(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every parameter, tied ones once."""
+        return {n: tuple(p.shape) for n, p in self.model.named_parameters()}
+
+    @property
+    def n_weights(self) -> int:
+        return sum(int(torch.Size(s).numel()) for s in self.parameters().values())
+
+    def stored_tensors(self) -> dict[str, tuple[int, ...]]:
+        """What an output file stores, by name: every parameter, but each expert stack as its experts'
+        (out, in) matrices `STACK.E.weight`, since each expert takes its own format."""
+        stacks = {t.param: t for t in self.quantizable().values() if t.expert is not None}
+        out: dict[str, tuple[int, ...]] = {}
+        for name, shape in self.parameters().items():
+            if name in stacks:
+                ref = stacks[name]
+                base = ref.name.rsplit(".", 1)[0]
+                out.update({f"{base}.{e}.weight": ref.shape for e in range(shape[0])})
+            else:
+                out[name] = shape
+        return out
+
+    def read(self, name: str, source: WeightSource | None = None) -> torch.Tensor:
+        """One parameter as float32, from `source` (default: the model's own), checked."""
+        source = source or self.source
+        shape = tuple(self.model.get_parameter(name).shape) if name not in self.residents else None
+        try:
+            t = source.get(name)
+        except KeyError:
+            raise MixqError(f"{self.spec}: no tensor {name} in its weights") from None
+        t = t.to(torch.float32, copy=True)  # a copy: the source may hand out views of the mapped file
+        if shape is not None:
+            if t.numel() != torch.Size(shape).numel():
+                raise MixqError(f"{self.spec}: {name} holds {t.numel()} values, the config wants {shape}")
+            t = t.reshape(shape)
+        if not torch.isfinite(t).all():
+            raise MixqError(f"model {self.spec} has NaN or infinite values in {name}")
+        return t.contiguous()
+
+    def block_weights(self, b: int, source: WeightSource | None = None) -> dict[str, torch.Tensor]:
+        """Block `b`'s parameters (names inside the block) as float32 tensors the caller may modify."""
+        if source is None and b in self._cache:
+            return {k: v.clone() for k, v in self._cache[b].items()}
+        prefix = self.layout.block_prefix(b)
+        weights = {n: self.read(prefix + n, source) for n, _ in self.blocks()[b].named_parameters()}
+        if source is None and self.in_memory:
+            self._cache[b] = {k: v.clone() for k, v in weights.items()}
+        return weights
 
 
-def load_model(spec: str) -> LoadedModel:
-    """Resolve `spec` and load model and tokenizer, with one clear error for anything wrong."""
+def skeleton(config) -> nn.Module:
+    """The model built from its config with parameters on the meta device (buffers real). Attention
+    through SDPA where the family has it (softcapped attention, sinks: eager)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    error = None
+    for attention in ("sdpa", "eager"):
+        try:
+            with init_empty_weights(include_buffers=False):
+                return AutoModelForCausalLM.from_config(config, attn_implementation=attention).eval()
+        except ValueError as e:
+            error = e
+    raise MixqError(f"model type {config.model_type!r} is not a causal language model transformers can build: "
+                    f"{error}")
+
+
+def materialize(loaded: LoadedModel, source: WeightSource | None = None) -> nn.Module:
+    """A complete float32 transformers model of `loaded` with the weights of `source` (default: its
+    own): the one place the whole model is held, for sampling the data-free calibration text with a
+    KV cache (done once and cached on disk) and for checks against transformers itself."""
+    model = skeleton(loaded.config)
+    state = {n: loaded.read(n, source) for n in loaded.residents} if source is not None else dict(loaded.residents)
+    if loaded.tied_embedding:
+        state[f"{loaded.layout.head}.weight"] = state[f"{loaded.layout.embedding}.weight"]
+    for b in range(loaded.n_blocks):
+        prefix = loaded.layout.block_prefix(b)
+        state.update({prefix + n: w for n, w in loaded.block_weights(b, source).items()})
+    model.load_state_dict(state, strict=False, assign=True)
+    if loaded.tied_embedding:
+        model.get_submodule(loaded.layout.head).weight = model.get_submodule(loaded.layout.embedding).weight
+    return model.eval().requires_grad_(False)
+
+
+def _resolve(spec: str) -> tuple[str, Path | str, str | None]:
+    """(canonical spec, location for transformers, GGUF file name or None)."""
     if spec in EMBEDDED:
-        return _load_gguf(resolve_embedded(spec), spec)
+        path = resolve_embedded(spec)
+        return spec, path.parent, path.name
     if spec.startswith(HUB_PREFIX):
-        return _load_hf(spec[len(HUB_PREFIX):], spec)
+        return spec, spec[len(HUB_PREFIX):], None
     path = Path(spec)
     if not path.exists():
         known = ", ".join(sorted(EMBEDDED))
@@ -93,9 +190,9 @@ def load_model(spec: str) -> LoadedModel:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise MixqError(f"{path} is not a Hugging Face model directory (no config.json)")
-        return _load_hf(str(path), str(path.resolve()))
+        return str(path.resolve()), path, None
     if path.suffix == ".gguf":
-        return _load_gguf(path, str(path.resolve()))
+        return str(path.resolve()), path.parent, path.name
     raise MixqError(f"{path}: expected a .gguf file or a model directory")
 
 
@@ -108,48 +205,71 @@ def source_gguf(spec: str) -> Path | None:
     return path if path.suffix == ".gguf" and path.is_file() else None
 
 
-def _load_gguf(path: Path, spec: str) -> LoadedModel:
+def load_model(spec: str, in_memory: bool = False) -> LoadedModel:
+    """Resolve `spec` and load its skeleton, tokenizer and resident weights, with one clear error for
+    anything wrong."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    spec, location, gguf_file = _resolve(spec)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if gguf_file:
+        _check_gguf(Path(location) / gguf_file)
+    try:
+        config = AutoConfig.from_pretrained(str(location), **kwargs)
+    except Exception as e:
+        raise MixqError(f"cannot read the model config of {spec}: {e}") from None
+    fam = family(config.model_type)
+    if not fam.tested:
+        log.warning("model type %s is not among those mixq is tested on; trying it", config.model_type)
+    # The eager expert loop indexes each expert's matrix, which is how mixq sees routed tokens.
+    config._experts_implementation = "eager"
+    model = skeleton(config)
+    model.eval().requires_grad_(False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(location), **kwargs)
+    except Exception as e:
+        raise MixqError(f"cannot load the tokenizer of {spec}: {e}") from None
+    if gguf_file:
+        source: WeightSource = GGUFSource(Path(location) / gguf_file, model, config.model_type)
+    elif spec.startswith(HUB_PREFIX):
+        from huggingface_hub import snapshot_download
+
+        source = SafetensorsSource(Path(snapshot_download(str(location), allow_patterns=["*.json", "*.safetensors"])))
+    else:
+        source = SafetensorsSource(Path(location))
+
+    text_config = config.get_text_config()
+    blocks = find_blocks(model, text_config.num_hidden_layers)
+    embedding = module_name(model, model.get_input_embeddings(), "input embedding")
+    head = module_name(model, model.get_output_embeddings(), "output layer")
+    tied = bool(getattr(text_config, "tie_word_embeddings", False)) and f"{head}.weight" not in source
+    if tied:  # one parameter in the skeleton too, so that it is counted and stored once
+        model.get_submodule(head).weight = model.get_submodule(embedding).weight
+    layout = Layout(blocks, embedding, find_final_norm(model, blocks), head, tied, ())
+    block_params = f"{blocks}."
+    loaded = LoadedModel(spec, model, tokenizer, fam, source, layout, {}, in_memory)
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        if name.startswith(block_params) or (tied and name == f"{head}.weight"):
+            continue
+        loaded.residents[name] = loaded.read(name)
+    if tied:
+        loaded.residents[f"{head}.weight"] = loaded.residents[f"{embedding}.weight"]
+    from mixq.runner import discover_block_layouts
+
+    loaded.layout = Layout(blocks, embedding, layout.final_norm, head, tied, discover_block_layouts(loaded))
+    log.info("loaded %s (%s, %d blocks)", spec, config.model_type, loaded.n_blocks)
+    return loaded
+
+
+def _check_gguf(path: Path) -> None:
+    """Refuse a GGUF file the gguf package cannot parse, before transformers tries."""
     import gguf
 
     try:
         reader = gguf.GGUFReader(str(path))
-        field = reader.fields["general.architecture"]
-        model_type = bytes(field.parts[field.data[0]]).decode()
+        reader.fields["general.architecture"].contents()
     except Exception as e:  # the gguf package raises many kinds on corrupt input
         raise MixqError(f"cannot read GGUF file {path}: {e}") from None
-    arch = architecture(model_type)
-    return _from_pretrained(str(path.parent), spec, arch, gguf_file=path.name)
-
-
-def _load_hf(location: str, spec: str) -> LoadedModel:
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(location)
-    except Exception as e:
-        raise MixqError(f"cannot read the model config of {location}: {e}") from None
-    arch = architecture(config.model_type)
-    return _from_pretrained(location, spec, arch)
-
-
-def _from_pretrained(location: str, spec: str, arch: Architecture, **kwargs: Any) -> LoadedModel:
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    transformers.logging.set_verbosity_error()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=torch.float32, attn_implementation="sdpa", **kwargs
-        )
-    except MixqError:
-        raise
-    except Exception as e:
-        raise MixqError(f"cannot load model {spec}: {e}") from None
-    model.eval().requires_grad_(False)
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise MixqError(f"model {spec} has NaN or infinite values in {name}")
-    log.info("loaded %s (%s, %d blocks)", spec, arch.family, len(model.get_submodule(arch.blocks)))
-    return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, arch=arch)

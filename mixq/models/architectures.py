@@ -1,51 +1,42 @@
-"""Per-architecture adapters: where the blocks are and which linears each block holds.
+"""What the block runner cannot discover from a model's module tree, per model type.
 
-No graph tracing: a family is described by the path to its list of blocks and its linears,
-grouped by the input they share (q/k/v read the same normed hidden state, so one H serves all
-three). Groups are listed in forward order, which sequential quantization follows.
+Everything else (where the blocks are, which matrices a block multiplies by, in what order and on
+which inputs, expert stacks and their orientation, rotary embeddings, masks, the head's soft-cap)
+is found by looking at the skeleton or by watching one block run (models/layout.py, runner.py).
+A model type not listed here is attempted all the same; what it lacks is named in the error.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mixq.errors import MixqError
-
 
 @dataclass(frozen=True)
-class Architecture:
-    family: str
-    blocks: str  # attribute path to the nn.ModuleList of transformer blocks
-    input_groups: tuple[tuple[str, ...], ...]  # linear names inside a block, by shared input
-    embedding: str
-    final_norm: str
-    head: str
-    gguf_permutes_qk: bool  # llama.cpp's converter reorders q/k rows for its rotary embedding
+class Family:
+    model_type: str
+    gguf_permutes_qk: bool = False  # llama.cpp's converter reorders q/k rows for its rotary embedding
+    # Kinds (names inside a block) left at 16 bits by default: routers decide which experts run, and
+    # a small error there moves whole tokens to other experts; shared experts see every token.
+    kept: tuple[str, ...] = ()
+
+    @property
+    def tested(self) -> bool:
+        return self.model_type in FAMILIES
 
 
-_LLAMA_LIKE = dict(
-    blocks="model.layers",
-    input_groups=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    ),
-    embedding="model.embed_tokens",
-    final_norm="model.norm",
-    head="lm_head",
-)
+_DENSE = ("mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "granite")
+_SHARED_EXPERT = ("mlp.gate", "mlp.shared_expert_gate", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj",
+                  "mlp.shared_expert.down_proj")
 
-ARCHITECTURES: dict[str, Architecture] = {
-    name: Architecture(family=name, gguf_permutes_qk=name != "qwen2", **_LLAMA_LIKE)
-    for name in ("llama", "qwen2", "mistral")
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", gguf_permutes_qk=True),
+    **{name: Family(name, gguf_permutes_qk=name == "mistral") for name in _DENSE},
+    "qwen2_moe": Family("qwen2_moe", kept=_SHARED_EXPERT),
+    "qwen3_moe": Family("qwen3_moe", kept=("mlp.gate",)),
+    "mixtral": Family("mixtral", kept=("mlp.gate",)),
+    "gpt_oss": Family("gpt_oss", kept=("mlp.router",)),
 }
 
 
-def architecture(model_type: str) -> Architecture:
-    try:
-        return ARCHITECTURES[model_type]
-    except KeyError:
-        raise MixqError(
-            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
-        ) from None
+def family(model_type: str) -> Family:
+    return FAMILIES.get(model_type, Family(model_type))

@@ -1,0 +1,128 @@
+"""Where a model's weights are read from, one tensor at a time, never the whole model at once.
+
+A source maps Hugging Face parameter names to tensors read on demand from memory-mapped files:
+- `SafetensorsSource`: a Hugging Face directory (one `model.safetensors` or shards with an index);
+  tensors come back in their stored dtype (bf16 stays bf16 until a stage computes with it);
+- `GGUFSource`: a GGUF file; each tensor is dequantized alone (float32) and passed through
+  transformers' own per-architecture processor (q/k row order, Gemma's norm offset), so the
+  values equal what `from_pretrained(gguf_file=...)` would give.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mixq.errors import MixqError
+
+
+class WeightSource:
+    """Tensors by parameter name; `names` lists every tensor the source holds."""
+
+    names: set[str]
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+
+class SafetensorsSource(WeightSource):
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        directory = Path(directory)
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise MixqError(f"cannot read {index}: {e}") from None
+            files = sorted(set(weight_map.values()))
+        elif (directory / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        elif any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+            raise MixqError(f"{directory} holds only pickled weights (*.bin), which mixq never loads; convert "
+                            "them to safetensors first (model.save_pretrained(dir, safe_serialization=True))")
+        else:
+            raise MixqError(f"{directory} holds no model.safetensors")
+        self._files = {}
+        self._where: dict[str, str] = {}
+        for file in files:
+            try:
+                handle = safe_open(str(directory / file), framework="pt")
+            except Exception as e:
+                raise MixqError(f"cannot read {directory / file}: {e}") from None
+            self._files[file] = handle
+            for key in handle.keys():  # noqa: SIM118 (safe_open has no items())
+                self._where[key] = file
+        self.names = set(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            self.get(name)
+            return True
+        except KeyError:
+            return False
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self._where:
+            return self._files[self._where[name]].get_tensor(name)
+        renamed = name.replace(".mlp.", ".block_sparse_moe.")  # Mixtral's checkpoint name of its MoE
+        if renamed in self._where:
+            return self._files[self._where[renamed]].get_tensor(renamed)
+        return self._stack(name)
+
+    def _stack(self, name: str) -> torch.Tensor:
+        """An expert stack transformers fuses at load from a checkpoint that lists experts as linears
+        (Qwen-MoE: experts.E.{gate,up,down}_proj; Mixtral: block_sparse_moe.experts.E.{w1,w3,w2})."""
+        prefix, _, kind = name.rpartition(".")
+        for path, parts in ((prefix, {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}),
+                            (prefix.replace(".mlp.", ".block_sparse_moe."), {"gate_up_proj": ("w1", "w3"),
+                                                                             "down_proj": ("w2",)})):
+            keys = parts.get(kind, ())
+            if keys and f"{path}.0.{keys[0]}.weight" in self._where:
+                experts = []
+                while f"{path}.{len(experts)}.{keys[0]}.weight" in self._where:
+                    e = len(experts)
+                    experts.append(torch.cat([self.get(f"{path}.{e}.{k}.weight") for k in keys]))
+                return torch.stack(experts)
+        raise KeyError(name)
+
+
+class GGUFSource(WeightSource):
+    def __init__(self, path: Path, skeleton: torch.nn.Module, model_type: str):
+        import gguf
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            TensorProcessor,
+            get_gguf_hf_weights_map,
+            load_gguf_checkpoint,
+        )
+
+        try:
+            self._reader = gguf.GGUFReader(str(path))
+        except Exception as e:  # the gguf package raises many kinds on corrupt input
+            raise MixqError(f"cannot read GGUF file {path}: {e}") from None
+        config = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+        arch = str(self._reader.fields["general.architecture"].contents())
+        self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
+        to_hf = get_gguf_hf_weights_map(skeleton, self._processor, model_type=model_type)
+        self._tensors = {to_hf[t.name]: t for t in self._reader.tensors if t.name in to_hf}
+        self._to_hf = to_hf
+        self.names = set(self._tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        import gguf
+
+        t = self._tensors[name]
+        weights = gguf.quants.dequantize(t.data, t.tensor_type)
+        scratch: dict = {"tensors": {}}
+        result = self._processor.process(weights=weights, name=t.name, tensor_key_mapping=self._to_hf,
+                                         parsed_parameters=scratch)
+        out = scratch["tensors"].get(name)  # processors that merge tensors (MoE experts) leave them here
+        return out if out is not None else torch.from_numpy(np.ascontiguousarray(result.weights))

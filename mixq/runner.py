@@ -1,0 +1,184 @@
+"""THE block runner: the one place that knows how a model's blocks and head are called.
+
+Every stage (capture, profile, quantize, reconstruct, evaluate) calls blocks through `BlockRunner`:
+- `embed`: the hidden states entering block 0, as the model itself computes them (scaled
+  embeddings, multipliers), by running the model with every block replaced by a recorder;
+- `kwargs`: what each block is called with besides its hidden states, recorded the same way per
+  batch shape, so every block gets its own: its attention mask (sliding window or global), the
+  rotary embeddings of its layer type, position ids; no cache;
+- `call` / `run`: one block on given hidden states with a given dict of its parameters (the skeleton
+  holds none: `torch.func.functional_call`);
+- `logits` / `log_probs`: the head: final norm, output matrix (tied or not), logit scaling and
+  soft-capping, over chunks of tokens so a 262k vocabulary never makes a (batch, seq, vocab) tensor
+  larger than `CHUNK_BYTES`.
+Computation is float32 on the CPU; reconstruction's passes add bfloat16 autocast around `call`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from mixq.models import LoadedModel
+from mixq.models.layout import BlockLayout, MatmulCall, MatmulWatcher, block_layout, expert_stacks
+
+CHUNK_BYTES = 1 << 28  # largest block of float32 logits made at once (256 MiB)
+SKIPPED_KWARGS = ("cache", "past_key_values", "past_key_value", "use_cache")
+PROBE_SHAPE = (8, 64)  # tokens a block is probed with: enough that every expert stack is routed some
+
+
+class StopForward(Exception):
+    """Ends a forward pass early once what is needed was recorded."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for block `index`: records what reaches it and passes the hidden states on."""
+
+    def __init__(self, index: int, sink, last: bool):
+        super().__init__()
+        self.index, self.sink, self.last = index, sink, last
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.sink(self.index, hidden_states, kwargs)
+        if self.last:
+            raise StopForward
+        return hidden_states
+
+
+def block_output(y: Any) -> torch.Tensor:
+    return y[0] if isinstance(y, tuple) else y
+
+
+class BlockRunner:
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self._kwargs: dict[tuple[int, int], list[dict[str, Any]]] = {}
+
+    # -- entering the blocks ------------------------------------------------------------------
+    def _record(self, ids: torch.Tensor, residents: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Run the model with recorders for blocks: block 0's input, and every block's kwargs."""
+        blocks = self.loaded.blocks()
+        originals = list(blocks)
+        kwargs: list[dict[str, Any]] = [{} for _ in originals]
+        first: list[torch.Tensor] = []
+
+        def sink(i: int, h: torch.Tensor, kw: dict[str, Any]) -> None:
+            if i == 0:
+                first.append(h)
+            kwargs[i] = {k: v for k, v in kw.items() if k not in SKIPPED_KWARGS}
+
+        for i in range(len(originals)):
+            blocks[i] = _Recorder(i, sink, last=i == len(originals) - 1)
+        try:
+            functional_call(self.loaded.model, residents or self.loaded.residents, (ids,), {"use_cache": False},
+                            strict=False, tie_weights=False)
+        except StopForward:
+            pass
+        finally:
+            for i, m in enumerate(originals):
+                blocks[i] = m
+        self._kwargs[tuple(ids.shape)] = kwargs
+        return first[0]
+
+    def embed(self, windows: torch.Tensor, batch_size: int,
+              residents: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Hidden states entering block 0 for every window, in batches (with `residents`: another
+        embedding, e.g. a quantized one)."""
+        with torch.no_grad():
+            return [self._record(batch, residents) for batch in windows.split(batch_size)]
+
+    def embed_with_grad(self, ids: torch.Tensor, residents: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Block 0's input with autograd through the embedding (for the Fisher pass)."""
+        return self._record(ids, residents)
+
+    def kwargs(self, b: int, x: torch.Tensor) -> dict[str, Any]:
+        shape = tuple(x.shape[:2])
+        if shape not in self._kwargs:
+            with torch.no_grad():
+                self._record(torch.zeros(shape, dtype=torch.int64))
+        return self._kwargs[shape][b]
+
+    # -- blocks -----------------------------------------------------------------------------------
+    def call(self, b: int, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Block `b` with parameters `weights` (names inside the block) on hidden states `x`."""
+        block = self.loaded.blocks()[b]
+        return block_output(functional_call(block, weights, (x,), self.kwargs(b, x), strict=False))
+
+    def run(self, b: int, weights: dict[str, torch.Tensor], batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Block `b`'s outputs for every batch (batches a watcher stopped early are left out)."""
+        outs = []
+        with torch.no_grad():
+            for x in batches:
+                try:
+                    outs.append(self.call(b, weights, x))
+                except StopForward:
+                    continue
+        return outs
+
+    # -- the head ---------------------------------------------------------------------------------
+    def logits(self, h: torch.Tensor, residents: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits of hidden states leaving the last block: final norm, output matrix, scaling, soft-cap."""
+        r = residents or self.loaded.residents
+        layout, config = self.loaded.layout, self.loaded.config.get_text_config()
+        norm = self.loaded.model.get_submodule(layout.final_norm)
+        params = {n: r[f"{layout.final_norm}.{n}"] for n, _ in norm.named_parameters()}
+        x = functional_call(norm, params, (h,), strict=False)
+        logits = F.linear(x, r[f"{layout.head}.weight"], r.get(f"{layout.head}.bias")).float()
+        if getattr(config, "logits_scaling", None):  # granite divides its logits
+            logits = logits / config.logits_scaling
+        cap = getattr(config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def token_chunks(self, h: torch.Tensor) -> Iterator[slice]:
+        """Slices of the flattened tokens of `h` whose logits stay under CHUNK_BYTES."""
+        vocab = self.loaded.residents[f"{self.loaded.layout.head}.weight"].shape[0]
+        n = h.shape[0] * h.shape[1]
+        step = max(1, CHUNK_BYTES // (4 * vocab))
+        for start in range(0, n, step):
+            yield slice(start, min(n, start + step))
+
+    def log_probs(self, h: torch.Tensor, residents: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, T, V) float32 log-probabilities of hidden states leaving the last block."""
+        flat = h.reshape(-1, h.shape[-1])
+        out = torch.cat([F.log_softmax(self.logits(flat[s], residents), dim=-1) for s in self.token_chunks(h)])
+        return out.reshape(*h.shape[:2], -1)
+
+
+def discover_block_layouts(loaded: LoadedModel) -> tuple[BlockLayout, ...]:
+    """Each block's plannable matrices and stages, by watching one run of a block of each structure
+    on random weights (shapes, orientation and which inputs they share do not depend on values)."""
+    runner = BlockRunner(loaded)
+    config = loaded.config.get_text_config()
+    n_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    hidden = loaded.residents[f"{loaded.layout.embedding}.weight"].shape[1]
+    seq = min(PROBE_SHAPE[1], getattr(config, "max_position_embeddings", PROBE_SHAPE[1]) or PROBE_SHAPE[1])
+    gen = torch.Generator().manual_seed(0)
+    layouts: dict[tuple, BlockLayout] = {}
+    out = []
+    for b, block in enumerate(loaded.blocks()):
+        shapes = {n: tuple(p.shape) for n, p in block.named_parameters()}
+        signature = (type(block).__name__, tuple(shapes.items()), getattr(block, "attention_type", None))
+        if signature not in layouts:
+            weights = {n: torch.randn(s, generator=gen) * (0.02 if len(s) > 1 else 1.0) for n, s in shapes.items()}
+            calls: list[MatmulCall] = []
+            x = torch.randn(PROBE_SHAPE[0], seq, hidden, generator=gen)
+            with torch.no_grad(), MatmulWatcher(weights, calls.append):
+                runner.call(b, weights, x)
+            layouts[signature] = block_layout("", calls, shapes, loaded.family.kept, expert_stacks(block, n_experts))
+        out.append(_prefixed(layouts[signature], loaded.layout.block_prefix(b)))
+    return tuple(out)
+
+
+def _prefixed(layout: BlockLayout, prefix: str) -> BlockLayout:
+    from dataclasses import replace
+
+    tensors = tuple(replace(t, name=prefix + t.name, param=prefix + t.param) for t in layout.tensors)
+    stages = tuple(tuple(prefix + n for n in s) for s in layout.stages)
+    return BlockLayout(tensors, stages)

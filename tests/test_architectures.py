@@ -1,0 +1,187 @@
+"""Every supported family end to end on a tiny random model (bf16 safetensors), through the runner.
+
+Checked against transformers itself: the runner's logits equal the model's own forward, each
+matrix's captured H equals x^T x of the inputs transformers feeds it (experts: the tokens its
+router sends them), and a quantized model saved and reloaded evaluates the same.
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import FAMILY_CONFIGS, MOE
+
+from mixq import capture
+from mixq.cli import main
+from mixq.evaluate import final_hidden
+from mixq.export import native
+from mixq.models import load_model, materialize
+from mixq.runner import BlockRunner
+
+FAMILIES = list(FAMILY_CONFIGS)
+
+
+def windows_of(loaded, n=3, seq=32, seed=0):
+    return torch.randint(4, loaded.config.vocab_size, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runner_logits_equal_transformers(tiny_models, family):
+    loaded = load_model(str(tiny_models(family)))
+    windows = windows_of(loaded)
+    runner = BlockRunner(loaded)
+    hidden = final_hidden(runner, windows, 2, None, loaded.residents, "test")
+    ours = torch.cat([runner.logits(h) for h in hidden])
+    with torch.no_grad():
+        theirs = materialize(loaded)(windows, use_cache=False).logits.float()
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
+
+
+def direct_hessians(loaded, windows):
+    """x^T x of every plannable matrix's inputs from one plain transformers forward pass, in float64:
+    nn.Linear inputs by forward pre-hooks; an expert's inputs are the tokens its router picked
+    (gate/up) and, for down, recomputed from those tokens with the expert's own module."""
+    model = materialize(loaded)
+    H: dict[str, torch.Tensor] = {}
+
+    def add(name, x):
+        x = x.reshape(-1, x.shape[-1]).double()
+        H[name] = H.get(name, 0) + x.T @ x
+
+    handles = []
+    for name, ref in loaded.quantizable().items():
+        if ref.expert is None:
+            module = model.get_submodule(name)
+            handles.append(module.register_forward_pre_hook(lambda _m, args, n=name: add(n, args[0])))
+    stacks = {ref.param.rsplit(".", 1)[0] for ref in loaded.quantizable().values() if ref.expert is not None}
+    for path in stacks:
+        experts = model.get_submodule(path)
+
+        def routed(module, args, path=path):
+            x, index = args[0], args[1]
+            for e in range(index.max().item() + 1):
+                tokens = (index == e).any(-1)
+                if tokens.any():
+                    add(f"{path}.gate_up_proj.{e}", x[tokens])
+                    one = torch.zeros_like(index[tokens][:, :1]) + e  # every token to expert e alone
+                    inner = []
+                    hook = module.register_forward_pre_hook(lambda *_: None)
+                    hook.remove()
+                    orig = torch.nn.functional.linear
+                    down = module.down_proj[e]
+
+                    def spy(inp, w, b=None):
+                        if w.data_ptr() == down.data_ptr():
+                            inner.append(inp)
+                        return orig(inp, w, b)
+
+                    with torch.no_grad(), _Patched(spy, down, inner):
+                        module.forward.__wrapped__(module, x[tokens], one, torch.ones_like(one, dtype=x.dtype)) \
+                            if hasattr(module.forward, "__wrapped__") else None
+                    for t in inner:
+                        add(f"{path}.down_proj.{e}", t)
+
+        handles.append(experts.register_forward_pre_hook(routed))
+    with torch.no_grad():
+        model(windows, use_cache=False)
+    for h in handles:
+        h.remove()
+    return H
+
+
+class _Patched(torch.overrides.TorchFunctionMode):
+    """Records the left operand of every multiplication by one expert's down matrix."""
+
+    def __init__(self, _spy, down, sink):
+        super().__init__()
+        self.down, self.sink = down, sink
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.nn.functional.linear, torch.matmul, torch.Tensor.matmul) and len(args) >= 2:
+            w = args[1]
+            if isinstance(w, torch.Tensor) and w.data_ptr() == self.down.data_ptr() and w.shape == self.down.shape:
+                self.sink.append(args[0])
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_captured_H_equals_direct_forward(tiny_models, family):
+    loaded = load_model(str(tiny_models(family)))
+    windows = windows_of(loaded, n=4, seq=32)
+    expected = direct_hessians(loaded, windows)
+    runner = BlockRunner(loaded)
+    batches = runner.embed(windows, 3)
+    assert len(batches) == 2  # batches of 3 and 1 windows
+    checked = 0
+    for b in range(loaded.n_blocks):
+        weights = loaded.block_weights(b)
+        for stage in loaded.block_stages(b):  # one stage at a time, as sequential quantization does
+            stats = capture.collect_stats(runner, b, weights, [stage], batches)
+            for name in stage:
+                if name not in expected:
+                    assert loaded.quantizable()[name].expert is not None  # an expert no token reached
+                    continue
+                scale = expected[name].abs().max().item()
+                got = stats[name].H
+                ref = loaded.quantizable()[name]
+                if ref.expert is not None and stats[name].n_tokens < ref.shape[1]:  # rare expert: priced up
+                    assert (torch.diag(got) >= torch.diag(expected[name]) - 1e-6 * scale).all()
+                    continue
+                torch.testing.assert_close(got, expected[name], rtol=1e-4, atol=1e-5 * scale)
+                checked += 1
+        batches = runner.run(b, weights, batches)
+    assert checked >= 2 * 4  # attention matrices of both blocks at least
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantize_eval_reload(tiny_models, text_file, tmp_path, capsys, family):
+    model = tiny_models(family)
+    calib = ["--calib-text", text_file, "--calib-windows", 8, "--calib-len", 64]
+    evaluation = ["--eval-text", text_file, "--eval-windows", 4, "--eval-len", 64]
+    reports = {}
+    for bits in (4, 8):
+        out = tmp_path / f"int{bits}"
+        code = main([str(a) for a in ("quantize", model, "--bits", bits, "--group-size", 32, "--method", "gptq",
+                                      *calib, *evaluation, "--out", out)])
+        assert code == 0, capsys.readouterr().err
+        info = json.loads((out / native.INFO_FILE).read_text())
+        (reports[bits],) = info["evaluations"].values()
+        assert len(info["plan"]) == len(load_model(str(model)).quantizable())
+    assert reports[8]["kl_mean"] < 2e-3 and reports[8]["top1"] > 0.97 and reports[4]["kl_mean"] > 0
+    code = main([str(a) for a in ("eval", tmp_path / "int4", "--text", text_file, "--windows", 4, "--seq-len", 64)])
+    assert code == 0
+    (again,) = json.loads((tmp_path / "int4" / native.INFO_FILE).read_text())["evaluations"].values()
+    for key in ("ppl", "kl_mean", "top1"):
+        assert again[key] == pytest.approx(reports[4][key], rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen3_moe"])
+def test_streamed_and_in_memory_give_identical_bytes(tiny_models, text_file, tmp_path, capsys, family):
+    args = ["quantize", tiny_models(family), "--bits", 3, "--group-size", 32, "--calib-text", text_file,
+            "--calib-windows", 8, "--calib-len", 64]
+    assert main([str(a) for a in (*args, "--out", tmp_path / "streamed")]) == 0
+    assert main([str(a) for a in (*args, "--in-memory", "--out", tmp_path / "memory")]) == 0
+    a = (tmp_path / "streamed" / native.WEIGHTS_FILE).read_bytes()
+    assert a == (tmp_path / "memory" / native.WEIGHTS_FILE).read_bytes()
+
+
+@pytest.mark.parametrize("family", ["phi3", "qwen3_moe", "gpt_oss"])
+def test_budget_plan_with_experts_as_options(tiny_models, text_file, tmp_path, capsys, family):
+    out = tmp_path / "plan"
+    code = main([str(a) for a in ("quantize", tiny_models(family), "--budget", "7bpw", "--bits-options", "3,4,8",
+                                  "--group-sizes", 32, "--fisher-windows", 2, "--calib-text", text_file,
+                                  "--calib-windows", 8, "--calib-len", 64, "--held-out-len", 64, "--out", out)])
+    assert code == 0, capsys.readouterr().err
+    info = json.loads((out / native.INFO_FILE).read_text())
+    assert info["storage"]["bpw"] <= 7
+    from mixq.profile import Profile
+
+    profile = Profile.load(out / "mixq.profile")
+    experts = [n for n in profile.tensors if ".experts." in n]
+    assert bool(experts) == (family in MOE)
+    if experts:  # routing shares of one stack sum to one
+        shares = profile.info["expert_tokens"]
+        stack = [n for n in experts if "layers.0.mlp.experts.gate_up_proj" in n]
+        assert sum(shares[n] for n in stack) == pytest.approx(1.0)
+        assert len({info["plan"][n] for n in experts}) >= 1
