@@ -28,7 +28,7 @@ from scipy.stats import spearmanr
 from mixq.cli import HELD_OUT_SEED
 from mixq.atomic import atomic_write_text
 from mixq.data import WindowSpec, load_windows
-from mixq.evaluate import evaluate, reference_logprobs
+from mixq.evaluate import evaluate, reference_hidden
 from mixq.export import native
 from mixq.methods import MethodSettings
 from mixq.models import LoadedModel, load_model
@@ -104,12 +104,11 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
 
-    loaded = load_model(args.model)
-    original = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    loaded = load_model(args.model, in_memory=True)
     # The first windows of the default calibration sample (64 x 512, seed 0), shared with `mixq quantize`.
     calib = load_windows(loaded, WindowSpec(max(64, args.calib_windows), 512, None, 0))[: args.calib_windows]
     windows = load_windows(loaded, WindowSpec(args.windows, args.seq_len, args.text), first=True)
-    reference = reference_logprobs(loaded.model, windows)
+    reference = reference_hidden(loaded, windows)
 
     if args.profile.exists():
         profile, profile_seconds = Profile.load(args.profile), None
@@ -153,17 +152,14 @@ def main() -> None:
                 plan = plan_for_budget(without_learned, budget, estimator)
                 candidates[f"mixq {estimator} (no {'/'.join(learned_methods)})"] = (plan, time.perf_counter() - t0)
         for label, (plan, plan_seconds) in candidates.items():
-            for n, p in loaded.model.named_parameters():
-                p.data.copy_(original[n])
             options = {t: Option.parse(o) for t, o in plan.options.items()}
             t0 = time.perf_counter()
             result = quantize_model(loaded, calib, options, MethodSettings())
             quantize_seconds = time.perf_counter() - t0
             with tempfile.TemporaryDirectory() as tmp:
-                storage = native.save(Path(tmp), loaded, result.tensors, {"model": loaded.spec})
-                native.apply_weights(loaded, native.load_weights(Path(tmp)))
+                storage = native.save(Path(tmp), loaded, result, {"model": loaded.spec})
+                report = evaluate(loaded, windows, native.NativeSource(Path(tmp)), reference=reference)
             assert storage.file_bytes <= budget.total_bytes(storage.n_weights), (label, storage.file_bytes)
-            report = evaluate(loaded.model, windows, reference=reference)
             pred = plan_from_options(profile, plan.options, REFERENCE_MODEL, "").predicted_loss
             predicted.append(pred)
             measured.append(report.kl_mean)

@@ -26,14 +26,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from mixq.atomic import atomic_write_text
 from mixq.data import CACHE_DIR, WindowSpec, load_windows
 from mixq.evaluate import evaluate
 from mixq.export.native import INFO_FILE, storage_plan
-from mixq.models import load_model
+from mixq.models import load_model, materialize
+from mixq.models.source import WeightSource
 from mixq.report import markdown_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -72,14 +72,25 @@ def autoround_inputs(model: str, calib: WindowSpec, work: Path) -> tuple[Path, P
 
     loaded = load_model(model)
     save_file({"ids": load_windows(loaded, calib, first=False).contiguous()}, ids_file)
-    config = copy.deepcopy(loaded.model.config)
+    config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):  # a GGUF-loaded model refuses save_pretrained
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(loaded.model.state_dict(), strict=True)
+    plain.load_state_dict(materialize(loaded).state_dict(), strict=True)
     plain.save_pretrained(hf_dir)
     loaded.tokenizer.save_pretrained(hf_dir)
     return hf_dir, ids_file
+
+
+class AutoRoundSource(WeightSource):
+    """The model's own weights with AutoRound's dequantized matrices in place of its linears'."""
+
+    def __init__(self, loaded, tensors: dict):
+        self._loaded, self._tensors = loaded, tensors
+        self.names = loaded.source.names | set(tensors)
+
+    def get(self, name: str):
+        return self._tensors[name] if name in self._tensors else self._loaded.source.get(name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,15 +168,11 @@ def autoround_row(args, bits: int, calib: WindowSpec, out: Path, eval_spec: Wind
         print("$", shlex.join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
         loaded = load_model(args.model)
-        reference = copy.deepcopy(loaded.model)
         tensors = load_file(weights)
-        params = dict(loaded.model.named_parameters())
-        for name, w in tensors.items():
-            params[name].data.copy_(w)
-        rep = evaluate(loaded.model, load_windows(loaded, eval_spec, first=True), reference=reference)
+        rep = evaluate(loaded, load_windows(loaded, eval_spec, first=True), AutoRoundSource(loaded, tensors))
         # Stored as mixq would store AutoRound's grid: symmetric int, fp16 scales, no zero points.
         plan = storage_plan(loaded, {n: f"int{bits}-g{args.group_size}-sym" for n in tensors})
-        n_weights = sum(p.numel() for p in params.values())
+        n_weights = loaded.n_weights
         report_file.write_text(json.dumps(dict(kl_mean=rep.kl_mean, kl_p99=rep.kl_p99, top1=rep.top1, ppl=rep.ppl,
                                                bpw=8 * sum(nb for _, _, nb in plan.values()) / n_weights)))
     meta, r = json.loads(meta_file.read_text()), json.loads(report_file.read_text())

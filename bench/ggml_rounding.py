@@ -65,7 +65,7 @@ def main() -> None:
 
     linears = loaded.quantizable()
     name_map = name_map_of(GGUFReader(source))
-    heads = {"q_proj": loaded.model.config.num_attention_heads, "k_proj": loaded.model.config.num_key_value_heads}
+    heads = {"q_proj": loaded.config.num_attention_heads, "k_proj": loaded.config.num_key_value_heads}
     llama: dict[tuple[str, bool], dict[str, torch.Tensor]] = {}  # (type, imatrix) -> tensor -> W_hat
     for name in GGML_FORMATS:
         for with_imatrix in (False, True):
@@ -80,9 +80,9 @@ def main() -> None:
                 t = by_name[name_map.get_name(f"{tensor}.weight", try_suffixes=(".weight",))]
                 if t.tensor_type.name.lower() != name:
                     continue  # llama.cpp fell back to another type for these rows
-                W_hat = dequantize(t.data, t.tensor_type).reshape(linear.weight.shape)
+                W_hat = dequantize(t.data, t.tensor_type).reshape(linear.shape)
                 kind = tensor.rsplit(".", 1)[-1]
-                if loaded.arch.gguf_permutes_qk and kind in heads:  # back to Hugging Face's row order
+                if loaded.family.gguf_permutes_qk and kind in heads:  # back to Hugging Face's row order
                     W_hat = permute_rows(W_hat, heads[kind], inverse=True)
                 got[tensor] = torch.from_numpy(np.ascontiguousarray(W_hat, dtype=np.float32))
             llama[(name, with_imatrix)] = got
@@ -91,7 +91,7 @@ def main() -> None:
     stats = capture.capture_all(loaded, calib, batch_size=8)
     settings = MethodSettings()
     for tensor, linear in linears.items():
-        W, H = linear.weight.detach().float(), stats[tensor].H
+        W, H = loaded.read(linear.param), stats[tensor].H
         fits = [n for n in GGML_FORMATS if tensor in llama[(n, False)]]
         for method in ("rtn", "gptq"):
             for n, q in zip(fits, quantize_many(method, W, H, [GGML_FORMATS[n] for n in fits], settings)):

@@ -10,11 +10,11 @@ Writes bench/results/uniform.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import shlex
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -24,8 +24,10 @@ import torch
 from mixq.atomic import atomic_write_text
 from mixq.data import WindowSpec, load_windows
 from mixq.evaluate import evaluate
-from mixq.export.native import INFO_FILE, KEPT_FORMATS, kept_format, storage_plan
+from mixq.export import native
+from mixq.export.native import INFO_FILE, storage_plan
 from mixq.models import load_model
+from mixq.quantize import QuantizedModel
 from mixq.report import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,14 +53,11 @@ def reference_row(model: str, text: Path, n_windows: int, seq_len: int) -> list:
     """The unquantized model stored at 16 bits, measured against its fp32 self."""
     loaded = load_model(model)
     plan = storage_plan(loaded, {})
-    bpw = 8 * sum(nb for _, _, nb in plan.values()) / sum(p.numel() for p in loaded.model.parameters())
+    bpw = 8 * sum(nb for _, _, nb in plan.values()) / loaded.n_weights
     windows = load_windows(loaded, WindowSpec(n_windows, seq_len, text), first=True)
-    fp32 = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
-    reference = loaded.model
-    stored = copy.deepcopy(reference)
-    for name, p in stored.named_parameters():  # rounded to the width mixq keeps them at
-        p.data.copy_(fp32[name].to(KEPT_FORMATS[kept_format(p)]).float())
-    r = evaluate(stored, windows, reference=reference)
+    with tempfile.TemporaryDirectory() as tmp:  # every parameter at the width mixq keeps it at
+        native.save(Path(tmp), loaded, QuantizedModel(), {"model": loaded.spec})
+        r = evaluate(loaded, windows, native.NativeSource(Path(tmp)))
     return ["16-bit (none)", "-", bpw, r.ppl, r.kl_mean, r.kl_p99, r.top1, 0.0]
 
 

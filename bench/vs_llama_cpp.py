@@ -193,6 +193,7 @@ def mixq_files(args, work: Path, binp: Path, source: Path, start: float) -> None
     from mixq.options import Option, OptionSpace
     from mixq.plan import Budget, plan_for_budget
     from mixq.profile import Profile, ProfileSettings, build_profile
+    from mixq.quantize import QuantizedModel
     import torch
     from tqdm.auto import tqdm
 
@@ -219,16 +220,16 @@ def mixq_files(args, work: Path, binp: Path, source: Path, start: float) -> None
             plan = plan_for_budget(profile, Budget(sizes[kind], "bytes"), "hessian+kl")
             t0 = time.time()
             plannable = loaded.plannable()
-            tensors = {}
+            result = QuantizedModel()
             for name, option in tqdm(plan.options.items(), desc=f"mixq {kind}", unit="tensor"):
                 option = Option.parse(option)
                 if not option.is_keep:
-                    W = plannable[name].weight.detach().float()
-                    tensors[name] = parse_format(option.format).fit(
+                    W = loaded.read(plannable[name].param)
+                    result.tensors[name] = parse_format(option.format).fit(
                         W, torch.from_numpy(profile.importance[name]), *settings.clip())
             run_dir = work / f"mixq-{kind}.run"
             run_dir.mkdir(exist_ok=True)
-            native.save(run_dir, loaded, tensors, dict(model=loaded.spec, predicted_loss=plan.predicted_loss))
+            native.save(run_dir, loaded, result, dict(model=loaded.spec, predicted_loss=plan.predicted_loss))
             export_gguf(run_dir, work / "partial.gguf", overwrite=True)
             os.replace(work / "partial.gguf", out)
             (work / "logs" / f"{out.name}.seconds").write_text(f"{time.time() - t0:.0f}")

@@ -35,16 +35,6 @@ class Report:
         return asdict(self)
 
 
-def residents_of(loaded: LoadedModel, source: WeightSource) -> dict[str, torch.Tensor]:
-    """The parameters outside the blocks as `source` has them (a tied head shares the embedding's)."""
-    layout = loaded.layout
-    out = {n: loaded.read(n, source) for n in loaded.residents if not (loaded.tied_embedding and
-                                                                       n == f"{layout.head}.weight")}
-    if loaded.tied_embedding:
-        out[f"{layout.head}.weight"] = out[f"{layout.embedding}.weight"]
-    return out
-
-
 def final_hidden(runner: BlockRunner, windows: torch.Tensor, batch_size: int, source: WeightSource | None,
                  residents: dict[str, torch.Tensor], desc: str) -> list[torch.Tensor]:
     """Hidden states leaving the last block for every batch of windows, one block in memory at a time."""
@@ -55,24 +45,32 @@ def final_hidden(runner: BlockRunner, windows: torch.Tensor, batch_size: int, so
     return batches
 
 
+def reference_hidden(loaded: LoadedModel, windows: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
+    """The reference's last hidden states on `windows`: pass them to `evaluate` to compare many models
+    without rerunning it (small: windows x seq_len x hidden floats, not x vocab)."""
+    return final_hidden(BlockRunner(loaded), windows, batch_size, None, loaded.residents, "reference")
+
+
 def evaluate(
     loaded: LoadedModel,
     windows: torch.Tensor,
     quantized: WeightSource | None = None,
     batch_size: int = 4,
+    reference: list[torch.Tensor] | None = None,
 ) -> Report:
     """Perplexity on `windows` (n, seq_len) of the model with the weights of `quantized` (default: its
-    own); with `quantized`, also KL and top-1 against the model's own weights, the reference.
+    own); with `quantized`, also KL and top-1 against the model's own weights, the reference (its
+    `reference_hidden`, computed here unless given).
 
     Both models stream through the runner block by block; the head runs over chunks of tokens.
     """
     start = time.perf_counter()
     runner = BlockRunner(loaded)
-    model_residents = residents_of(loaded, quantized) if quantized is not None else loaded.residents
+    model_residents = loaded.residents_from(quantized)
     hidden = final_hidden(runner, windows, batch_size, quantized, model_residents,
                           "evaluating" if quantized is not None else "reference")
-    reference = final_hidden(runner, windows, batch_size, None, loaded.residents, "reference") \
-        if quantized is not None else None
+    if quantized is not None and reference is None:
+        reference = reference_hidden(loaded, windows, batch_size)
     nll_sum, n_tokens, agree = 0.0, 0, 0
     kls: list[torch.Tensor] = []
     with torch.no_grad():
@@ -82,7 +80,7 @@ def evaluate(
             for s in runner.token_chunks(h.unsqueeze(0)):
                 logp = F.log_softmax(runner.logits(h[s], model_residents), dim=-1)
                 nll_sum += -logp.gather(-1, targets[s].unsqueeze(-1)).double().sum().item()
-                if reference is not None:
+                if quantized is not None:
                     r = reference[i][:, :-1].reshape(-1, h.shape[-1])[s]
                     ref = F.log_softmax(runner.logits(r, loaded.residents), dim=-1)
                     kls.append((ref.exp() * (ref - logp)).sum(-1).double())
@@ -90,7 +88,7 @@ def evaluate(
             n_tokens += targets.numel()
     n, seq_len = windows.shape
     fields: dict = {}
-    if reference is not None:
+    if quantized is not None:
         kl = torch.cat(kls).clamp(min=0)  # tiny negatives are fp32 rounding
         fields = dict(kl_mean=kl.mean().item(), kl_p99=torch.quantile(kl, 0.99).item(), top1=agree / n_tokens)
     return Report(

@@ -98,7 +98,7 @@ def test_llama_cpp_agrees_with_mixq(exported, tmp_path):
 
 
 def test_generates_text(exported):
-    _, path, _ = exported
+    _, path, _, _ = exported
     out = subprocess.run(
         [str(tools_dir() / "llama-completion"), "-m", str(path), "-p", "The capital of France is", "-n", "8",
          "--temp", "0", "-t", "2", "-no-cnv"],

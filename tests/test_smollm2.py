@@ -12,30 +12,34 @@ from mixq.formats.integer import IntFormat
 from mixq.methods import MethodSettings, output_error
 from mixq.methods.gptq import quantize_gptq
 from mixq.methods.rtn import quantize_rtn
+from mixq.runner import BlockRunner
 
 pytestmark = pytest.mark.slow
 
 
 def test_model_structure(smollm2):
-    assert smollm2.arch.family == "llama"
+    assert smollm2.config.model_type == "llama"
     assert len(smollm2.quantizable()) == 210  # 30 blocks x 7 linears
     assert smollm2.tied_embedding  # quantizing the embedding would change the output layer too
+    assert smollm2.block_stages(0) == [[f"model.layers.0.{n}" for n in group] for group in (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))]
 
 
 def test_gptq_has_lower_layer_error_than_rtn(smollm2):
     windows = sample_windows(smollm2, n=8, seq_len=256, seed=0)
-    inputs = capture.block_inputs(smollm2, windows, batch_size=4)
+    runner = BlockRunner(smollm2)
+    batches = runner.embed(windows, 4)
     for b in (0, 1):
-        block, linears = smollm2.blocks()[b], smollm2.block_linears(b)
-        groups = smollm2.block_groups(b)
-        stats = capture.collect_stats(block, linears, groups, inputs)
-        for name, lin in linears.items():
-            W, H = lin.weight.detach(), stats[name].H
+        weights = smollm2.block_weights(b)
+        stats = capture.collect_stats(runner, b, weights, smollm2.block_stages(b), batches)
+        for name, ref in smollm2.block_tensors(b).items():
+            W, H = ref.view(weights, smollm2.layout.block_prefix(b)), stats[name].H
             for fmt in (IntFormat(3, 128), IntFormat(4, 128)):
                 rtn = output_error(W, quantize_rtn(W, H, fmt, MethodSettings()).dequantize(), H)
                 gptq = output_error(W, quantize_gptq(W, H, fmt, MethodSettings()).dequantize(), H)
                 assert gptq < 0.8 * rtn, (name, fmt.name, gptq, rtn)
-        inputs.batches = capture.run_block(block, inputs)
+        batches = runner.run(b, weights, batches)
 
 
 def test_quantize_and_eval_cli(tmp_path, capsys):

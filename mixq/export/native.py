@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from mixq.atomic import atomic_write_text
 from mixq.errors import MixqError
-from mixq.formats import QTensor, parse_format
+from mixq.formats import parse_format
 from mixq.models import LoadedModel
 from mixq.models.source import WeightSource
 
@@ -194,6 +194,8 @@ class NativeSource(WeightSource):
     """The parameters of a saved model, dequantized to float32 one at a time (expert stacks restacked
     from their experts' matrices): the weights `mixq eval` runs."""
 
+    fresh = True
+
     def __init__(self, out_dir: Path):
         self._entries, self._stored = load_stored(out_dir)
         self._experts: dict[str, list[str]] = {}
@@ -206,7 +208,7 @@ class NativeSource(WeightSource):
         entry = self._entries[name]
         fmt, shape = entry["format"], tuple(entry["shape"])
         if fmt in KEPT_FORMATS:
-            return self._stored[name].float()
+            return self._stored[name].to(torch.float32, copy=True)
         return parse_format(fmt).unpack(stored_parts(self._stored, name), shape).dequantize()
 
     def get(self, name: str) -> torch.Tensor:

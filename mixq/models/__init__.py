@@ -23,7 +23,7 @@ from mixq.errors import MixqError
 from mixq.models.architectures import Family, family
 from mixq.models.embedded import EMBEDDED, resolve_embedded
 from mixq.models.layout import Layout, TensorRef, find_blocks, find_final_norm, module_name
-from mixq.models.source import GGUFSource, SafetensorsSource, WeightSource
+from mixq.models.source import GGUFSource, SafetensorsSource, WeightSource, gguf_metadata_parsed_once
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,8 @@ class LoadedModel:
             t = source.get(name)
         except KeyError:
             raise MixqError(f"{self.spec}: no tensor {name} in its weights") from None
-        t = t.to(torch.float32, copy=True)  # a copy: the source may hand out views of the mapped file
+        # A copy unless the source made new memory: a view of the mapped file must not be written to.
+        t = t.float() if source.fresh else t.to(torch.float32, copy=True)
         if shape is not None:
             if t.numel() != torch.Size(shape).numel():
                 raise MixqError(f"{self.spec}: {name} holds {t.numel()} values, the config wants {shape}")
@@ -127,6 +128,16 @@ class LoadedModel:
         if not torch.isfinite(t).all():
             raise MixqError(f"model {self.spec} has NaN or infinite values in {name}")
         return t.contiguous()
+
+    def residents_from(self, source: WeightSource | None) -> dict[str, torch.Tensor]:
+        """The parameters outside the blocks as `source` has them (a tied head shares the embedding's)."""
+        if source is None:
+            return dict(self.residents)
+        head = f"{self.layout.head}.weight"
+        out = {n: self.read(n, source) for n in self.residents if not (self.tied_embedding and n == head)}
+        if self.tied_embedding:
+            out[head] = out[f"{self.layout.embedding}.weight"]
+        return out
 
     def block_weights(self, b: int, source: WeightSource | None = None) -> dict[str, torch.Tensor]:
         """Block `b`'s parameters (names inside the block) as float32 tensors the caller may modify."""
@@ -161,9 +172,7 @@ def materialize(loaded: LoadedModel, source: WeightSource | None = None) -> nn.M
     own): the one place the whole model is held, for sampling the data-free calibration text with a
     KV cache (done once and cached on disk) and for checks against transformers itself."""
     model = skeleton(loaded.config)
-    state = {n: loaded.read(n, source) for n in loaded.residents} if source is not None else dict(loaded.residents)
-    if loaded.tied_embedding:
-        state[f"{loaded.layout.head}.weight"] = state[f"{loaded.layout.embedding}.weight"]
+    state = loaded.residents_from(source)
     for b in range(loaded.n_blocks):
         prefix = loaded.layout.block_prefix(b)
         state.update({prefix + n: w for n, w in loaded.block_weights(b, source).items()})
@@ -209,14 +218,19 @@ def load_model(spec: str, in_memory: bool = False) -> LoadedModel:
     """Resolve `spec` and load its skeleton, tokenizer and resident weights, with one clear error for
     anything wrong."""
     import transformers
-    from transformers import AutoConfig, AutoTokenizer
 
     transformers.logging.set_verbosity_error()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     spec, location, gguf_file = _resolve(spec)
+    reader = _read_gguf(Path(location) / gguf_file) if gguf_file else None
+    with gguf_metadata_parsed_once():
+        return _load(spec, location, gguf_file, reader, in_memory)
+
+
+def _load(spec: str, location: Path | str, gguf_file: str | None, reader, in_memory: bool) -> LoadedModel:
+    from transformers import AutoConfig, AutoTokenizer
+
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    if gguf_file:
-        _check_gguf(Path(location) / gguf_file)
     try:
         config = AutoConfig.from_pretrained(str(location), **kwargs)
     except Exception as e:
@@ -233,7 +247,7 @@ def load_model(spec: str, in_memory: bool = False) -> LoadedModel:
     except Exception as e:
         raise MixqError(f"cannot load the tokenizer of {spec}: {e}") from None
     if gguf_file:
-        source: WeightSource = GGUFSource(Path(location) / gguf_file, model, config.model_type)
+        source: WeightSource = GGUFSource(Path(location) / gguf_file, reader, model, config.model_type)
     elif spec.startswith(HUB_PREFIX):
         from huggingface_hub import snapshot_download
 
@@ -264,8 +278,8 @@ def load_model(spec: str, in_memory: bool = False) -> LoadedModel:
     return loaded
 
 
-def _check_gguf(path: Path) -> None:
-    """Refuse a GGUF file the gguf package cannot parse, before transformers tries."""
+def _read_gguf(path: Path):
+    """The GGUF file's reader, or one clear error if the gguf package cannot parse it."""
     import gguf
 
     try:
@@ -273,3 +287,4 @@ def _check_gguf(path: Path) -> None:
         reader.fields["general.architecture"].contents()
     except Exception as e:  # the gguf package raises many kinds on corrupt input
         raise MixqError(f"cannot read GGUF file {path}: {e}") from None
+    return reader

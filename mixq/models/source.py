@@ -10,7 +10,10 @@ A source maps Hugging Face parameter names to tensors read on demand from memory
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +22,36 @@ import torch
 from mixq.errors import MixqError
 
 
+@contextlib.contextmanager
+def gguf_metadata_parsed_once() -> Iterator[None]:
+    """Within the block, transformers parses a GGUF file's metadata once, not once per config,
+    tokenizer and tensor map (each parse reads every vocabulary entry in Python: ~20 s each for a
+    152k vocabulary). transformers imports its parser at each call, so patching the module suffices."""
+    import transformers.modeling_gguf_pytorch_utils as utils
+
+    original = utils.load_gguf_checkpoint
+    cache: dict[str, dict] = {}
+
+    def parse(path, return_tensors=False, **kwargs):
+        if return_tensors:
+            return original(path, return_tensors=return_tensors, **kwargs)
+        key = str(path)
+        if key not in cache:
+            cache[key] = original(path, return_tensors=False, **kwargs)
+        return copy.deepcopy(cache[key])
+
+    utils.load_gguf_checkpoint = parse
+    try:
+        yield
+    finally:
+        utils.load_gguf_checkpoint = original
+
+
 class WeightSource:
     """Tensors by parameter name; `names` lists every tensor the source holds."""
 
     names: set[str]
+    fresh = False  # True when `get` returns new memory (else it may be a view of a mapped file)
 
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
@@ -94,21 +123,32 @@ class SafetensorsSource(WeightSource):
         raise KeyError(name)
 
 
-class GGUFSource(WeightSource):
-    def __init__(self, path: Path, skeleton: torch.nn.Module, model_type: str):
-        import gguf
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS,
-            TensorProcessor,
-            get_gguf_hf_weights_map,
-            load_gguf_checkpoint,
-        )
+DEQUANTIZE_ROWS = 2048  # rows dequantized at once: gguf-py's temporaries are several times their output
 
-        try:
-            self._reader = gguf.GGUFReader(str(path))
-        except Exception as e:  # the gguf package raises many kinds on corrupt input
-            raise MixqError(f"cannot read GGUF file {path}: {e}") from None
-        config = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+
+def dequantize_rows(data: np.ndarray, qtype) -> np.ndarray:
+    """gguf-py's dequantization, a slice of rows at a time into one float32 array."""
+    import gguf
+
+    if data.ndim != 2 or data.shape[0] <= DEQUANTIZE_ROWS:
+        return gguf.quants.dequantize(data, qtype)
+    first = gguf.quants.dequantize(data[:DEQUANTIZE_ROWS], qtype)
+    out = np.empty((data.shape[0], first.shape[1]), dtype=np.float32)
+    out[:DEQUANTIZE_ROWS] = first
+    for start in range(DEQUANTIZE_ROWS, data.shape[0], DEQUANTIZE_ROWS):
+        out[start : start + DEQUANTIZE_ROWS] = gguf.quants.dequantize(data[start : start + DEQUANTIZE_ROWS], qtype)
+    return out
+
+
+class GGUFSource(WeightSource):
+    fresh = True
+
+    def __init__(self, path: Path, reader, skeleton: torch.nn.Module, model_type: str):
+        import transformers.modeling_gguf_pytorch_utils as utils
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+        self._reader = reader
+        config = utils.load_gguf_checkpoint(str(path), return_tensors=False)["config"]
         arch = str(self._reader.fields["general.architecture"].contents())
         self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
         to_hf = get_gguf_hf_weights_map(skeleton, self._processor, model_type=model_type)
@@ -117,10 +157,8 @@ class GGUFSource(WeightSource):
         self.names = set(self._tensors)
 
     def get(self, name: str) -> torch.Tensor:
-        import gguf
-
         t = self._tensors[name]
-        weights = gguf.quants.dequantize(t.data, t.tensor_type)
+        weights = dequantize_rows(t.data, t.tensor_type)
         scratch: dict = {"tensors": {}}
         result = self._processor.process(weights=weights, name=t.name, tensor_key_mapping=self._to_hf,
                                          parsed_parameters=scratch)
