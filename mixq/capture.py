@@ -121,7 +121,7 @@ def head_stats(runner: BlockRunner, batches: list[torch.Tensor]) -> LayerStats:
 def embedding_stats(loaded: LoadedModel, windows: torch.Tensor) -> LayerStats:
     """Stand-in statistics of an input embedding: a lookup's output error is sum_t ||dE[t]||^2 over
     the tokens t read, taken here as every row read equally often (H = tokens / vocab * I)."""
-    vocab, dim = loaded.residents[f"{loaded.layout.embedding}.weight"].shape
+    vocab, dim = loaded.model.get_parameter(loaded.embedding_key).shape
     n_tokens = windows.numel()
     return LayerStats(torch.eye(dim, dtype=STATS_DTYPE) * (n_tokens / vocab), n_tokens)
 
@@ -137,7 +137,7 @@ def iter_stats(loaded: LoadedModel, windows: torch.Tensor,
     layout = loaded.layout
     if not loaded.tied_embedding:
         yield ({layout.embedding: embedding_stats(loaded, windows)},
-               {layout.embedding: loaded.residents[f"{layout.embedding}.weight"]})
+               {layout.embedding: loaded.embedding()})
     batches = runner.embed(windows, batch_size)
     for b in tqdm(range(loaded.n_blocks), desc="capturing statistics", unit="block"):
         weights = loaded.block_weights(b)

@@ -120,7 +120,7 @@ def sample_windows(loaded: LoadedModel, n: int, seq_len: int, seed: int, batch_s
 def _model_key(loaded: LoadedModel) -> str:
     """A content hash of the model: its embedding and first block's weights."""
     h = hashlib.sha256(loaded.config.model_type.encode())
-    tensors = [loaded.residents[f"{loaded.layout.embedding}.weight"], *loaded.block_weights(0).values()]
+    tensors = [loaded.embedding(), *loaded.block_weights(0).values()]
     for t in tensors:
         h.update(t.detach().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

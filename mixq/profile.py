@@ -474,7 +474,7 @@ def fisher_diagonal(loaded: LoadedModel, windows: torch.Tensor, tensors: list[st
     # The embedding's role as a lookup: from the gradient reaching block 0. A tied matrix adds it to
     # its head role's squares (the cross term of the two roles is dropped).
     if layout.embedding in wanted or loaded.tied_embedding and loaded.head_name in wanted:
-        residents[embedding_key] = residents[embedding_key].detach().requires_grad_(True)
+        residents[embedding_key] = loaded.embedding().requires_grad_(True)
         for ids, g in zip(windows.split(1), grads):
             h0 = runner.embed_with_grad(ids, residents)
             fisher[layout.embedding] += torch.autograd.grad(h0, residents[embedding_key], g)[0] ** 2
@@ -530,7 +530,7 @@ def measure_kl(
         name = tensors[t]
         residents = dict(loaded.residents)
         key = f"{name}.weight"
-        residents[key] = replaced(residents[key], items[(t, o)])
+        residents[key] = replaced(residents[key] if key in residents else loaded.embedding(), items[(t, o)])
         if loaded.tied_embedding:
             residents[f"{layout.head}.weight"] = residents[f"{layout.embedding}.weight"] = residents[key]
         if name == layout.embedding:  # block 0 reads it: rerun everything

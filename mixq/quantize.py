@@ -106,7 +106,7 @@ def quantize_model(
     residents = dict(loaded.residents)
     embedding = loaded.layout.embedding
     if not loaded.tied_embedding and embedding in plan:  # first: block 0 then reads quantized embeddings
-        residents[f"{embedding}.weight"] = residents[f"{embedding}.weight"].clone()
+        residents[f"{embedding}.weight"] = loaded.embedding()
         result.quantize_tensor(embedding, residents[f"{embedding}.weight"], plan[embedding],
                                capture.embedding_stats(loaded, windows), settings)
     batches = runner.embed(windows, batch_size, residents)

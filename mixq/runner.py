@@ -25,9 +25,10 @@ from torch import nn
 from torch.func import functional_call
 
 from mixq.models import LoadedModel
+from mixq.models.source import WeightSource
 from mixq.models.layout import BlockLayout, MatmulCall, MatmulWatcher, block_layout, expert_stacks
 
-CHUNK_BYTES = 1 << 28  # largest block of float32 logits made at once (256 MiB)
+CHUNK_BYTES = 1 << 26  # largest block of float32 logits made at once (64 MiB)
 SKIPPED_KWARGS = ("cache", "past_key_values", "past_key_value", "use_cache")
 PROBE_SHAPE = (8, 64)  # tokens a block is probed with: enough that every expert stack is routed some
 
@@ -60,8 +61,10 @@ class BlockRunner:
         self._kwargs: dict[tuple[int, int], list[dict[str, Any]]] = {}
 
     # -- entering the blocks ------------------------------------------------------------------
-    def _record(self, ids: torch.Tensor, residents: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Run the model with recorders for blocks: block 0's input, and every block's kwargs."""
+    def _record(self, ids: torch.Tensor | None, residents: dict[str, torch.Tensor] | None = None,
+                embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the model with recorders for blocks on token ids (or given embeddings): block 0's
+        input, and every block's kwargs."""
         blocks = self.loaded.blocks()
         originals = list(blocks)
         kwargs: list[dict[str, Any]] = [{} for _ in originals]
@@ -75,20 +78,26 @@ class BlockRunner:
         for i in range(len(originals)):
             blocks[i] = _Recorder(i, sink, last=i == len(originals) - 1)
         try:
-            functional_call(self.loaded.model, residents or self.loaded.residents, (ids,), {"use_cache": False},
+            inputs = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
+            functional_call(self.loaded.model, residents or self.loaded.residents, (), {**inputs, "use_cache": False},
                             strict=False, tie_weights=False)
         except StopForward:
             pass
         finally:
             for i, m in enumerate(originals):
                 blocks[i] = m
-        self._kwargs[tuple(ids.shape)] = kwargs
+        self._kwargs[tuple((ids if embeds is None else embeds).shape[:2])] = kwargs
         return first[0]
 
-    def embed(self, windows: torch.Tensor, batch_size: int,
-              residents: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Hidden states entering block 0 for every window, in batches (with `residents`: another
-        embedding, e.g. a quantized one)."""
+    def embed(self, windows: torch.Tensor, batch_size: int, residents: dict[str, torch.Tensor] | None = None,
+              source: WeightSource | None = None) -> list[torch.Tensor]:
+        """Hidden states entering block 0 for every window, in batches. The embedding is that of
+        `residents` when they hold one (e.g. a quantized one), else read from `source` (default:
+        the model's own) for this call only."""
+        residents = dict(residents or self.loaded.residents)
+        key = self.loaded.embedding_key
+        if key not in residents:
+            residents[key] = self.loaded.embedding(source)
         with torch.no_grad():
             return [self._record(batch, residents) for batch in windows.split(batch_size)]
 
@@ -99,8 +108,9 @@ class BlockRunner:
     def kwargs(self, b: int, x: torch.Tensor) -> dict[str, Any]:
         shape = tuple(x.shape[:2])
         if shape not in self._kwargs:
+            # Masks and positions do not depend on the tokens: zeros given as embeddings (no table read).
             with torch.no_grad():
-                self._record(torch.zeros(shape, dtype=torch.int64))
+                self._record(None, embeds=torch.zeros(*shape, self.loaded.hidden_size))
         return self._kwargs[shape][b]
 
     # -- blocks -----------------------------------------------------------------------------------
@@ -157,7 +167,7 @@ def discover_block_layouts(loaded: LoadedModel) -> tuple[BlockLayout, ...]:
     runner = BlockRunner(loaded)
     config = loaded.config.get_text_config()
     n_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
-    hidden = loaded.residents[f"{loaded.layout.embedding}.weight"].shape[1]
+    hidden = loaded.hidden_size
     seq = min(PROBE_SHAPE[1], getattr(config, "max_position_embeddings", PROBE_SHAPE[1]) or PROBE_SHAPE[1])
     gen = torch.Generator().manual_seed(0)
     layouts: dict[tuple, BlockLayout] = {}

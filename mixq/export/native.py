@@ -113,9 +113,7 @@ def save(out_dir: Path, loaded: LoadedModel, result, info: dict[str, Any]) -> St
     def value(name: str) -> torch.Tensor:
         if name in result.changed:
             return result.changed[name]
-        if name in loaded.residents:
-            return loaded.residents[name]
-        return loaded.read(name)
+        return loaded.residents[name] if name in loaded.residents else loaded.read(name)
 
     for name, (fmt, shape, _nbytes) in plan.items():
         entries[name] = {"format": fmt, "shape": list(shape)}

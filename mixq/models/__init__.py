@@ -38,7 +38,7 @@ class LoadedModel:
     family: Family
     source: WeightSource
     layout: Layout
-    residents: dict[str, torch.Tensor]  # every parameter outside the blocks, float32
+    residents: dict[str, torch.Tensor]  # parameters outside the blocks, float32 (an untied embedding: read on use)
     in_memory: bool = False
     _cache: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
@@ -80,12 +80,26 @@ class LoadedModel:
         the output matrix (whose tied second role as the embedding has no H either)."""
         return ([] if self.tied_embedding else [self.layout.embedding]) + [self.head_name]
 
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_parameter(self.embedding_key).shape[1]
+
+    @property
+    def embedding_key(self) -> str:
+        return f"{self.layout.embedding}.weight"
+
+    def embedding(self, source: WeightSource | None = None) -> torch.Tensor:
+        """The input embedding matrix (float32): resident when tied to the head, else read now."""
+        if self.tied_embedding and source is None:
+            return self.residents[self.embedding_key]
+        return self.read(self.embedding_key, source)
+
     def plannable(self) -> dict[str, TensorRef]:
         """Every tensor a plan decides on: the block matrices, the input embedding when it is not tied,
         and the output (tied: embedding) matrix last."""
         out = dict(self.quantizable())
         for name in self.rounded_only():
-            shape = tuple(self.residents[f"{name}.weight"].shape)
+            shape = tuple(self.model.get_parameter(f"{name}.weight").shape)
             out[name] = TensorRef(name, f"{name}.weight", "head" if name == self.head_name else "embedding", shape)
         return out
 
@@ -114,7 +128,7 @@ class LoadedModel:
     def read(self, name: str, source: WeightSource | None = None) -> torch.Tensor:
         """One parameter as float32, from `source` (default: the model's own), checked."""
         source = source or self.source
-        shape = tuple(self.model.get_parameter(name).shape) if name not in self.residents else None
+        shape = tuple(self.model.get_parameter(name).shape)
         try:
             t = source.get(name)
         except KeyError:
@@ -125,7 +139,7 @@ class LoadedModel:
             if t.numel() != torch.Size(shape).numel():
                 raise MixqError(f"{self.spec}: {name} holds {t.numel()} values, the config wants {shape}")
             t = t.reshape(shape)
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             raise MixqError(f"model {self.spec} has NaN or infinite values in {name}")
         return t.contiguous()
 
@@ -136,7 +150,7 @@ class LoadedModel:
         head = f"{self.layout.head}.weight"
         out = {n: self.read(n, source) for n in self.residents if not (self.tied_embedding and n == head)}
         if self.tied_embedding:
-            out[head] = out[f"{self.layout.embedding}.weight"]
+            out[head] = out[self.embedding_key]
         return out
 
     def block_weights(self, b: int, source: WeightSource | None = None) -> dict[str, torch.Tensor]:
@@ -173,6 +187,7 @@ def materialize(loaded: LoadedModel, source: WeightSource | None = None) -> nn.M
     KV cache (done once and cached on disk) and for checks against transformers itself."""
     model = skeleton(loaded.config)
     state = loaded.residents_from(source)
+    state[loaded.embedding_key] = loaded.embedding(source)
     for b in range(loaded.n_blocks):
         prefix = loaded.layout.block_prefix(b)
         state.update({prefix + n: w for n, w in loaded.block_weights(b, source).items()})
@@ -180,6 +195,13 @@ def materialize(loaded: LoadedModel, source: WeightSource | None = None) -> nn.M
     if loaded.tied_embedding:
         model.get_submodule(loaded.layout.head).weight = model.get_submodule(loaded.layout.embedding).weight
     return model.eval().requires_grad_(False)
+
+
+def all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """No NaN or infinity in `t`, checked a slice at a time (a whole-tensor isfinite makes float-sized
+    temporaries: 1.6 GB for a 152k x 1536 head)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def _resolve(spec: str) -> tuple[str, Path | str, str | None]:
@@ -266,7 +288,8 @@ def _load(spec: str, location: Path | str, gguf_file: str | None, reader, in_mem
     block_params = f"{blocks}."
     loaded = LoadedModel(spec, model, tokenizer, fam, source, layout, {}, in_memory)
     for name, _ in model.named_parameters(remove_duplicate=False):
-        if name.startswith(block_params) or (tied and name == f"{head}.weight"):
+        # An untied embedding is only read to embed windows: it is read then, not kept.
+        if name.startswith(block_params) or name == f"{head if tied else embedding}.weight":
             continue
         loaded.residents[name] = loaded.read(name)
     if tied:
