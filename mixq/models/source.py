@@ -151,7 +151,12 @@ class GGUFSource(WeightSource):
         arch = str(reader.fields["general.architecture"].contents())
         self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
         to_hf = get_gguf_hf_weights_map(skeleton, self._processor, model_type=model_type)
-        self._tensors = {to_hf[t.name]: t for t in reader.tensors if t.name in to_hf}
+        self._tensors: dict[str, list] = {}  # several GGUF tensors may make one (experts' gate and up)
+        for t in reader.tensors:
+            # Expert stacks are mapped without their ".weight" (as transformers' processors look them up).
+            hf = to_hf.get(t.name) or to_hf.get(t.name.removesuffix(".weight"))
+            if hf is not None:
+                self._tensors.setdefault(hf, []).append(t)
         # Only the tensors are read from here on; the parsed metadata (for a 152k vocabulary about
         # 0.5 GB of small arrays) is left to the garbage collector.
         reader.fields.clear()
@@ -159,10 +164,14 @@ class GGUFSource(WeightSource):
         self.names = set(self._tensors)
 
     def get(self, name: str) -> torch.Tensor:
-        t = self._tensors[name]
-        weights = dequantize_rows(t.data, t.tensor_type)
         scratch: dict = {"tensors": {}}
-        result = self._processor.process(weights=weights, name=t.name, tensor_key_mapping=self._to_hf,
-                                         parsed_parameters=scratch)
+        for t in self._tensors[name]:
+            result = self._processor.process(weights=dequantize_rows(t.data, t.tensor_type), name=t.name,
+                                             tensor_key_mapping=self._to_hf, parsed_parameters=scratch)
         out = scratch["tensors"].get(name)  # processors that merge tensors (MoE experts) leave them here
-        return out if out is not None else torch.from_numpy(np.ascontiguousarray(result.weights))
+        if out is not None:
+            return out
+        weights = result.weights
+        if not (weights.flags.owndata and weights.flags.writeable and weights.flags.c_contiguous):
+            weights = np.array(weights)  # an F32 tensor comes back as the read-only mapped file itself
+        return torch.from_numpy(weights)
