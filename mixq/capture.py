@@ -15,7 +15,7 @@ import torch
 
 from mixq.models import LoadedModel
 from mixq.models.layout import MatmulCall, MatmulWatcher, TensorRef
-from mixq.runner import BlockRunner, StopForward
+from mixq.runner import BlockRunner, StopForward, release_memory
 
 STATS_DTYPE = torch.float64  # H accumulates many fp32 outer-product sums; keep the running sum exact-ish
 
@@ -145,6 +145,8 @@ def iter_stats(loaded: LoadedModel, windows: torch.Tensor,
         stats = collect_stats(runner, b, weights, loaded.block_stages(b), batches)
         yield stats, {n: refs[n].view(weights, prefix) for n in stats}
         batches = runner.run(b, weights, batches)
+        del weights, stats
+        release_memory()
     yield ({loaded.head_name: head_stats(runner, batches)},
            {loaded.head_name: loaded.residents[f"{layout.head}.weight"]})
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from mixq.models import LoadedModel
 from mixq.models.source import WeightSource
-from mixq.runner import BlockRunner
+from mixq.runner import BlockRunner, release_memory
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ def final_hidden(runner: BlockRunner, windows: torch.Tensor, batch_size: int, so
     batches = runner.embed(windows, batch_size, residents)
     for b in tqdm(range(loaded.n_blocks), desc=desc, unit="block"):
         batches = runner.run(b, loaded.block_weights(b, source), batches)
+        release_memory()
     return batches
 
 

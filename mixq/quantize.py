@@ -29,7 +29,7 @@ from mixq.models import LoadedModel
 from mixq.models.layout import TensorRef
 from mixq.options import Option
 from mixq.reconstruct import ReconstructSettings, passes, reconstruct_block
-from mixq.runner import BlockRunner
+from mixq.runner import BlockRunner, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,8 @@ def quantize_model(
                 result.changed[prefix + n] = w
         if fp_batches is not None:
             fp_batches = targets
+        del weights, original
+        release_memory()
     head = loaded.head_name
     if head in plan:
         weight = residents[f"{head}.weight"].clone()

@@ -28,7 +28,7 @@ from mixq.models import LoadedModel
 from mixq.models.source import WeightSource
 from mixq.models.layout import BlockLayout, MatmulCall, MatmulWatcher, block_layout, expert_stacks
 
-CHUNK_BYTES = 1 << 26  # largest block of float32 logits made at once (64 MiB)
+CHUNK_BYTES = 1 << 25  # largest block of float32 logits made at once (32 MiB; a KL makes several)
 SKIPPED_KWARGS = ("cache", "past_key_values", "past_key_value", "use_cache")
 PROBE_SHAPE = (8, 64)  # tokens a block is probed with: enough that every expert stack is routed some
 
@@ -49,6 +49,27 @@ class _Recorder(nn.Module):
         if self.last:
             raise StopForward
         return hidden_states
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and a block's temporaries,
+    freed but kept, would add up across blocks to far more than one block's worth)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
 
 
 def block_output(y: Any) -> torch.Tensor:
