@@ -92,6 +92,21 @@ def test_fused_tie_groups(tiny_llama_dir, tiny_profile):
         tie_groups(loaded, tiny_profile.tensors, "pairs")
 
 
+@pytest.mark.parametrize("rule", ["experts", "fused"])
+def test_expert_tie_groups(tiny_models, rule):
+    from mixq.profile import tie_groups
+
+    loaded = load_model(str(tiny_models("qwen3_moe")))
+    tensors = list(loaded.plannable())
+    groups = [[tensors[t] for t in g] for g in tie_groups(loaded, tensors, rule)]
+    stacks = [g for g in groups if ".experts." in g[0]]
+    assert len(stacks) == 2 * 2 and all(len(g) == 4 for g in stacks)  # 2 blocks x (gate/up, down) x 4 experts
+    assert all(len({n.rsplit(".", 1)[0] for n in g}) == 1 for g in stacks)  # one stack per group
+    attention = [g for g in groups if "self_attn" in g[0]]
+    assert len(attention) == (2 * 2 if rule == "fused" else 2 * 4)  # q/k/v tied only by the fused rule
+    assert sorted(n for g in groups for n in g) == sorted(tensors)
+
+
 def test_measure_every_and_no_fisher(tiny_llama_dir, text_file):
     """--measure-every 2 measures block 0 (and the head) only; --fisher-windows 0 leaves no fisher estimator."""
     loaded = load_model(str(tiny_llama_dir))

@@ -84,6 +84,9 @@ def export_gguf(model_dir: Path, out: Path, overwrite: bool = False) -> dict[str
     kv_field = reader.fields.get(f"{arch_name}.attention.head_count_kv")
     kv_heads = int(kv_field.contents()) if kv_field is not None else heads
 
+    if any("stack" in entry for entry in entries.values()):
+        raise MixqError("exporting a mixture of experts to GGUF is not implemented: llama.cpp stores each layer's "
+                        "experts as one tensor of one type, mixq each expert in its own format")
     ours: dict[str, str] = {}  # GGUF tensor name -> parameter name
     for name in entries:
         gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
