@@ -90,6 +90,15 @@ def test_truncated_gguf(tmp_path, capsys):
     assert_refused(capsys, tmp_path, "quantize", cut, match="cannot read GGUF")
 
 
+def test_architecture_that_cannot_work(tmp_path, capsys):
+    """GPT-2 multiplies through Conv1D (addmm), which mixq does not quantize: one clear error."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    model_dir = tmp_path / "gpt2"
+    AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(model_dir)
+    assert_refused(capsys, tmp_path, "quantize", model_dir, match="multiplies by no matrix mixq can quantize")
+
+
 def test_unsupported_architecture(tmp_path, capsys):
     from transformers import GPT2Config
 
