@@ -49,7 +49,7 @@ def collect_stats(runner: BlockRunner, b: int, weights: dict[str, torch.Tensor],
     """LayerStats of the matrices in `stages` of block `b`, run with `weights` on `batches`.
 
     Matrices of one stage share one input, hence one H (experts: each its routed tokens). The
-    pass ends early once a later matrix (not an expert's) is reached: nothing after is needed.
+    pass ends as soon as the last of these inputs has been seen.
     """
     loaded = runner.loaded
     refs = loaded.block_tensors(b)
@@ -62,10 +62,16 @@ def collect_stats(runner: BlockRunner, b: int, weights: dict[str, torch.Tensor],
     stacks = {r.param.removeprefix(prefix) for r in refs.values() if r.expert is not None}
     stats = {r.name: LayerStats.empty(r.shape[1]) for r in by_matrix.values()}
 
+    # Matrices of one stage share their input: once the last stage's first matrix has it, nothing
+    # after is needed. An expert stage is seen expert by expert, so it runs until a later matrix.
+    final = stages[-1][0] if refs[stages[-1][0]].expert is None else None
+
     def report(call: MatmulCall) -> None:
         ref = by_matrix.get((call.param, call.expert))
         if ref is not None:
             stats[ref.name].add(call.x)
+            if ref.name == final:
+                raise StopForward
         elif position.get(call.param, -1) > last and call.param not in stacks:
             raise StopForward
 

@@ -86,6 +86,8 @@ def evaluate(
                     ref = F.log_softmax(runner.logits(r, loaded.residents), dim=-1)
                     kls.append((ref.exp() * (ref - logp)).sum(-1).double())
                     agree += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
+                del logp
+                release_memory()  # a chunk's logits are freed in an order that fragments the heap
             n_tokens += targets.numel()
     n, seq_len = windows.shape
     fields: dict = {}
