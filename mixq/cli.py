@@ -107,6 +107,14 @@ def _add_profile_settings(p: argparse.ArgumentParser) -> None:
     g.add_argument("--held-out-len", type=int, default=512)
 
 
+def _add_job_settings(p: argparse.ArgumentParser) -> None:
+    """What `quantize` and `profile` share: memory, calibration, methods, option space."""
+    _add_memory(p)
+    _add_calibration(p)
+    _add_method_settings(p)
+    _add_profile_settings(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mixq", description="Fit a neural network to a budget with the least loss of quality."
@@ -139,10 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL["windows"])
     q.add_argument("--eval-len", type=int, default=DEFAULT_EVAL["seq_len"])
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    _add_memory(q)
-    _add_calibration(q)
-    _add_method_settings(q)
-    _add_profile_settings(q)
+    _add_job_settings(q)
     q.set_defaults(run=cmd_quantize)
 
     e = sub.add_parser("eval", help="measure a quantized model against its reference",
@@ -162,10 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help=model_help)
     p.add_argument("--out", type=Path, required=True, help="profile file to write (e.g. runs/smol.profile)")
     p.add_argument("--sym", action="store_true", help="symmetric grids")
-    _add_memory(p)
-    _add_calibration(p)
-    _add_method_settings(p)
-    _add_profile_settings(p)
+    _add_job_settings(p)
     p.set_defaults(run=cmd_profile)
 
     pl = sub.add_parser("plan", help="choose options for a budget, or print the whole frontier",
