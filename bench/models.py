@@ -172,7 +172,7 @@ def write(args, rows, interpreter_mib: float, start) -> None:
     text = f"""# Models in: memory, time and quality through the block runner
 
 - Command: `python bench/models.py --text {args.text} --models {args.models}`
-- Commit: {commit()}
+- Made at commit {commit()}
 - Machine: {machine()}, torch threads as set by default
 - Reference: each model's own weights (the shipped GGUF files dequantized: SmolLM2's Q4_1 and
   Qwen2.5-Coder-1.5B-Instruct's Q4_K_M; tiny random models in bf16 safetensors).
