@@ -71,11 +71,12 @@ def child_mixq(model: str, calib: dict, eval_text: str, eval_windows: int, eval_
     rss_loaded = peak_rss_mib()
     windows = load_windows(loaded, WindowSpec(calib["windows"], calib["seq_len"], Path(calib["text"]), 0), first=False)
     plan = uniform_plan(loaded, Option(IntFormat(4, 128).name, "gptq"))
-    start = time.perf_counter()
-    result = quantize_model(loaded, windows, plan)
-    quantize_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        result = quantize_model(loaded, windows, plan, spool=Path(tmp) / "spool")  # as `mixq quantize` does
+        quantize_s = time.perf_counter() - start
         storage = native.save(Path(tmp), loaded, result, {"model": loaded.spec})
+        del result
         eval_ids = load_windows(loaded, WindowSpec(eval_windows, eval_len, Path(eval_text)), first=True)
         report = evaluate(loaded, eval_ids, native.NativeSource(Path(tmp)))
     return dict(load_s=load_s, rss_after_load_mib=rss_loaded, peak_rss_mib=peak_rss_mib(),
@@ -181,8 +182,9 @@ def write(args, rows, interpreter_mib: float, start) -> None:
 - mixq: int4-g128 GPTQ on every block matrix, calibration {args.calib_windows} x 512 tokens at random
   offsets in the second half of the text (tiny models: 16 x 128 of a word text), then KL to the
   reference on the first {args.eval_windows} x 512 tokens of the text (tiny: 4 x 128), both streamed
-  one block at a time. Peak RSS is the child process's ru_maxrss over load, quantization, save and evaluation;
-  it counts the pages of the mapped model file that were touched. A process that only imports
+  one block at a time, finished blocks spooled to disk as `mixq quantize` does. Peak RSS is the child
+  process's ru_maxrss over load, quantization, save and evaluation (it would count mapped file pages
+  too; mixq releases those after reading each tensor). A process that only imports
   torch, transformers and mixq peaks at {interpreter_mib:.0f} MiB; "peak / fp32" is left out where
   that dominates (models under 100 MiB in float32).
 

@@ -17,26 +17,28 @@ from mixq.models import LoadedModel
 from mixq.models.layout import MatmulCall, MatmulWatcher, TensorRef
 from mixq.runner import BlockRunner, StopForward, release_memory
 
-STATS_DTYPE = torch.float64  # H accumulates many fp32 outer-product sums; keep the running sum exact-ish
+# H sums x^T x in float32 in place: a batch adds a few thousand products per entry and a run a few
+# dozen batches, far inside float32's precision, and a float64 H (or a per-batch temporary) of an
+# 8960-wide down_proj would add 320-640 MB to the peak. The mean input sums in float64 (it is small).
+STATS_DTYPE = torch.float32
 
 
 @dataclass
 class LayerStats:
     """What calibration taught us about one matrix's inputs."""
 
-    H: torch.Tensor  # (cols, cols): sum over tokens of x^T x, float64
+    H: torch.Tensor  # (cols, cols): sum over tokens of x^T x, float32
     n_tokens: int = 0
-    x_sum: torch.Tensor | None = None  # (cols,): sum over tokens of x (None for stand-in statistics)
+    x_sum: torch.Tensor | None = None  # (cols,): sum over tokens of x, float64 (None for stand-in statistics)
 
     @classmethod
     def empty(cls, cols: int) -> LayerStats:
-        return cls(torch.zeros(cols, cols, dtype=STATS_DTYPE), 0, torch.zeros(cols, dtype=STATS_DTYPE))
+        return cls(torch.zeros(cols, cols, dtype=STATS_DTYPE), 0, torch.zeros(cols, dtype=torch.float64))
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, cols)
-        # Each batch's sum in fp32 (fast), the running sum in float64 (no drift across batches).
-        self.H += (x.T @ x).to(STATS_DTYPE)
-        self.x_sum += x.sum(dim=0, dtype=STATS_DTYPE)
+        self.H.addmm_(x.T, x)
+        self.x_sum += x.sum(dim=0, dtype=torch.float64)
         self.n_tokens += x.shape[0]
 
     @property
@@ -154,7 +156,7 @@ def iter_stats(loaded: LoadedModel, windows: torch.Tensor,
         del weights, stats
         release_memory()
     yield ({loaded.head_name: head_stats(runner, batches)},
-           {loaded.head_name: loaded.residents[f"{layout.head}.weight"]})
+           {loaded.head_name: loaded.head()})
 
 
 def capture_all(loaded: LoadedModel, windows: torch.Tensor, batch_size: int) -> dict[str, LayerStats]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -367,18 +368,21 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         description = f"{fmt.name} {args.method}"
 
     windows = load_windows(loaded, calib, first=False)
-    start = time.perf_counter()
-    result = quantize_model(loaded, windows, options, settings, reconstruct=reconstruct)
-    seconds = time.perf_counter() - start
-    info.update(
-        model=loaded.spec, method_settings=vars(settings), reconstruct_settings=vars(reconstruct),
-        block_losses=result.block_losses, calibration=calib.describe(), quantize_seconds=seconds,
-        threads=torch.get_num_threads(), rare_experts=result.rare_experts,
-        plan={name: opt.name for name, opt in result.options.items()}, output_errors=result.output_errors,
-        evaluations={},
-    )
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+        start = time.perf_counter()
+        # Finished blocks' tensors wait in the output's scratch directory, not in memory.
+        result = quantize_model(loaded, windows, options, settings, reconstruct=reconstruct, spool=tmp / "spool")
+        seconds = time.perf_counter() - start
+        info.update(
+            model=loaded.spec, method_settings=vars(settings), reconstruct_settings=vars(reconstruct),
+            block_losses=result.block_losses, calibration=calib.describe(), quantize_seconds=seconds,
+            threads=torch.get_num_threads(), rare_experts=result.rare_experts,
+            plan={name: opt.name for name, opt in result.options.items()}, output_errors=result.output_errors,
+            evaluations={},
+        )
         storage = native.save(tmp, loaded, result, info)
+        del result
+        shutil.rmtree(tmp / "spool", ignore_errors=True)
         if planned and not args.profile:
             profile.save(tmp / PROFILE_FILE)  # reusable: mixq plan DIR/mixq.profile, --profile
         in_gguf = planned and profile.info.get("container") == "gguf"

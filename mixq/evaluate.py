@@ -83,7 +83,7 @@ def evaluate(
                 nll_sum += -logp.gather(-1, targets[s].unsqueeze(-1)).double().sum().item()
                 if quantized is not None:
                     r = reference[i][:, :-1].reshape(-1, h.shape[-1])[s]
-                    ref = F.log_softmax(runner.logits(r, loaded.residents), dim=-1)
+                    ref = F.log_softmax(runner.logits(r), dim=-1)
                     kls.append((ref.exp() * (ref - logp)).sum(-1).double())
                     agree += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
                 del logp

@@ -443,7 +443,7 @@ def fisher_diagonal(loaded: LoadedModel, windows: torch.Tensor, tensors: list[st
         inputs.append(x)
         x = runner.run(b, loaded.block_weights(b), x)
     grads = []
-    residents = dict(loaded.residents)
+    residents = dict(runner.head())
     head_key, embedding_key = f"{layout.head}.weight", f"{layout.embedding}.weight"
     residents[head_key] = residents[head_key].detach().requires_grad_(True)
     if loaded.tied_embedding:
@@ -474,7 +474,7 @@ def fisher_diagonal(loaded: LoadedModel, windows: torch.Tensor, tensors: list[st
     # The embedding's role as a lookup: from the gradient reaching block 0. A tied matrix adds it to
     # its head role's squares (the cross term of the two roles is dropped).
     if layout.embedding in wanted or loaded.tied_embedding and loaded.head_name in wanted:
-        residents[embedding_key] = loaded.embedding().requires_grad_(True)
+        residents[embedding_key] = loaded.embedding().detach().requires_grad_(True)
         for ids, g in zip(windows.split(1), grads):
             h0 = runner.embed_with_grad(ids, residents)
             fisher[layout.embedding] += torch.autograd.grad(h0, residents[embedding_key], g)[0] ** 2
@@ -528,7 +528,7 @@ def measure_kl(
     progress = tqdm(total=len(items), desc="measuring KL per tensor", unit="point")
     for (t, o) in by_start.pop(-1, []):  # the embedding and the head: outside the blocks
         name = tensors[t]
-        residents = dict(loaded.residents)
+        residents = dict(runner.head())
         key = f"{name}.weight"
         residents[key] = replaced(residents[key] if key in residents else loaded.embedding(), items[(t, o)])
         if loaded.tied_embedding:

@@ -16,14 +16,18 @@ the default targets, are carried along as a second stream of hidden states.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from mixq import capture
 from mixq.errors import MixqError
-from mixq.formats import QTensor, parse_format
+from mixq.formats import Format, QTensor, parse_format
 from mixq.methods import BLOCK_METHODS, MethodSettings, get_method, output_error
 from mixq.models import LoadedModel
 from mixq.models.layout import TensorRef
@@ -34,11 +38,73 @@ from mixq.runner import BlockRunner, release_memory
 log = logging.getLogger(__name__)
 
 
+class QuantizedTensors(Mapping[str, QTensor]):
+    """Finished QTensors by name. With a `spool` directory, `spill` writes the ones held, packed as
+    they will be stored, to a file there, and reading one unpacks it again: a run then holds one
+    block's tensors, not the model's (a 1.5B model's codes alone are over 1 GB)."""
+
+    def __init__(self, spool: Path | None = None):
+        self.spool = spool
+        self._held: dict[str, QTensor] = {}
+        self._spilled: dict[str, tuple[Path, Format, tuple[int, int]]] = {}
+        self._spilled_parts: dict[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]] = {}
+        self._names: dict[str, None] = {}  # insertion order
+
+    def __setitem__(self, name: str, q: QTensor) -> None:
+        self._spilled.pop(name, None)
+        self._held[name] = q
+        self._names[name] = None
+
+    def __getitem__(self, name: str) -> QTensor:
+        if name in self._held:
+            return self._held[name]
+        path, fmt, shape = self._spilled[name]
+        return fmt.unpack(self._read(path, name), shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def format(self, name: str) -> Format:
+        return self._held[name].format if name in self._held else self._spilled[name][1]
+
+    def packed(self, name: str) -> dict[str, torch.Tensor]:
+        """The stored tensors of `name`, by part (`qweight`, `scales`, ...)."""
+        if name in self._held:
+            return self._held[name].format.pack(self._held[name])
+        return self._read(self._spilled[name][0], name)
+
+    def parts(self, name: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """dtype and shape of each stored tensor of `name`, by part."""
+        if name in self._held:
+            return {part: (t.dtype, tuple(t.shape)) for part, t in self.packed(name).items()}
+        return self._spilled_parts[name]
+
+    def spill(self) -> None:
+        if self.spool is None or not self._held:
+            return
+        self.spool.mkdir(parents=True, exist_ok=True)
+        path = self.spool / f"{len(set(p for p, _, _ in self._spilled.values())):05d}.safetensors"
+        packs = {n: q.format.pack(q) for n, q in self._held.items()}
+        save_file({f"{n}.{part}": t.contiguous() for n, pack in packs.items() for part, t in pack.items()}, str(path))
+        for n, q in self._held.items():
+            self._spilled[n] = (path, q.format, q.shape)
+            self._spilled_parts[n] = {part: (t.dtype, tuple(t.shape)) for part, t in packs[n].items()}
+        self._held.clear()
+
+    @staticmethod
+    def _read(path: Path, name: str) -> dict[str, torch.Tensor]:
+        with safe_open(str(path), framework="pt") as f:
+            return {k[len(name) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(name + ".")}  # noqa: SIM118
+
+
 @dataclass
 class QuantizedModel:
     """The quantized tensors of a model (by tensor name) and their layer errors."""
 
-    tensors: dict[str, QTensor] = field(default_factory=dict)
+    tensors: QuantizedTensors = field(default_factory=QuantizedTensors)
     options: dict[str, Option] = field(default_factory=dict)
     output_errors: dict[str, float] = field(default_factory=dict)  # tr(dW H dW^T) per tensor
     block_losses: list[tuple[float, float]] = field(default_factory=list)  # reconstruction: before, after
@@ -52,7 +118,7 @@ class QuantizedModel:
         self.options[name] = option
         if option.is_keep:
             return
-        W = weight.detach().float().clone()
+        W = weight.detach().float()  # methods do not write to W; `weight` changes only at the end
         q = get_method(option.method)(W, stats.H, parse_format(option.format), settings)
         W_hat = q.dequantize()
         self.tensors[name] = q
@@ -96,9 +162,11 @@ def quantize_model(
     batch_size: int = 8,
     true_sequential: bool = True,
     reconstruct: ReconstructSettings = ReconstructSettings(),
+    spool: Path | None = None,
 ) -> QuantizedModel:
-    """Quantize every planned tensor, block by block, through the runner; nothing of the model changes."""
-    result = QuantizedModel()
+    """Quantize every planned tensor, block by block, through the runner; nothing of the model changes.
+    With `spool`, each finished block's tensors wait in a file there (QuantizedTensors)."""
+    result = QuantizedModel(QuantizedTensors(spool))
     runner = BlockRunner(loaded)
     trained = reconstruct.norm_tuning or any(o.method in BLOCK_METHODS for o in plan.values())
     fp_stream = trained and reconstruct.target == "fp"
@@ -110,11 +178,16 @@ def quantize_model(
         result.quantize_tensor(embedding, residents[f"{embedding}.weight"], plan[embedding],
                                capture.embedding_stats(loaded, windows), settings)
     batches = runner.embed(windows, batch_size, residents)
+    del residents  # a quantized untied embedding was needed only to embed the windows
     progress = tqdm(range(loaded.n_blocks), desc="quantizing blocks", unit="block")
     for b in progress:
         refs, prefix = loaded.block_tensors(b), loaded.layout.block_prefix(b)
         weights = loaded.block_weights(b)
-        original = {n: w.clone() for n, w in weights.items()}
+        # Only norm tuning and bias correction change parameters other than the planned matrices.
+        matrices = {r.param.removeprefix(prefix) for r in refs.values()}
+        movable = [n for n in weights if n not in matrices] if reconstruct.norm_tuning or \
+            reconstruct.bias_correction else []
+        original = {n: weights[n].clone() for n in movable}
         trained_here = [n for n in refs if n in plan and plan[n].method in BLOCK_METHODS]
         targets = None
         if trained_here or reconstruct.norm_tuning:
@@ -130,6 +203,7 @@ def quantize_model(
             if not any(name in plan and not plan[name].is_keep for group in stage for name in group):
                 continue
             stats = capture.collect_stats(runner, b, weights, stage, batches)
+            release_memory()  # the pass's activations, before the quantizer's large temporaries
             result.rare_experts.update(capture.rare_experts(stats, refs))
             for name, layer_stats in stats.items():
                 if name in plan:
@@ -149,15 +223,18 @@ def quantize_model(
         else:
             batches = runner.run(b, weights, batches)
         quantized_params = {refs[n].param for n in result.tensors if n in refs}
-        for n, w in weights.items():  # norms (norm tuning) and biases (bias correction) that moved
-            if prefix + n not in quantized_params and not torch.equal(w, original[n]):
-                result.changed[prefix + n] = w
+        for n in movable:  # norms (norm tuning) and biases (bias correction) that moved
+            if prefix + n not in quantized_params and not torch.equal(weights[n], original[n]):
+                result.changed[prefix + n] = weights[n]
         if fp_batches is not None:
             fp_batches = targets
         del weights, original
+        result.tensors.spill()
         release_memory()
     head = loaded.head_name
     if head in plan:
-        weight = residents[f"{head}.weight"].clone()
+        # A tied head is the resident embedding, which must stay as it is; an untied one is read anew.
+        weight = loaded.head().clone() if loaded.tied_embedding else loaded.head()
         result.quantize_tensor(head, weight, plan[head], capture.head_stats(runner, batches), settings)
+    result.tensors.spill()
     return result

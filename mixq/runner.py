@@ -87,6 +87,14 @@ class BlockRunner:
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
         self._kwargs: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        self._head: dict[str, torch.Tensor] | None = None  # the model's own head, read at first use
+
+    def head(self) -> dict[str, torch.Tensor]:
+        """The model's own parameters that `logits` reads (final norm, output matrix), read once per
+        runner: a stage that never makes logits never holds an untied output matrix."""
+        if self._head is None:
+            self._head = self.loaded.residents_from(None)
+        return self._head
 
     # -- entering the blocks ------------------------------------------------------------------
     def _record(self, ids: torch.Tensor | None, residents: dict[str, torch.Tensor] | None = None,
@@ -160,8 +168,9 @@ class BlockRunner:
 
     # -- the head ---------------------------------------------------------------------------------
     def logits(self, h: torch.Tensor, residents: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Logits of hidden states leaving the last block: final norm, output matrix, scaling, soft-cap."""
-        r = residents or self.loaded.residents
+        """Logits of hidden states leaving the last block: final norm, output matrix, scaling, soft-cap,
+        with the parameters in `residents` (default: the model's own)."""
+        r = residents or self.head()
         layout, config = self.loaded.layout, self.loaded.config.get_text_config()
         norm = self.loaded.model.get_submodule(layout.final_norm)
         params = {n: r[f"{layout.final_norm}.{n}"] for n, _ in norm.named_parameters()}
@@ -176,7 +185,7 @@ class BlockRunner:
 
     def token_chunks(self, h: torch.Tensor) -> Iterator[slice]:
         """Slices of the flattened tokens of `h` whose logits stay under CHUNK_BYTES."""
-        vocab = self.loaded.residents[f"{self.loaded.layout.head}.weight"].shape[0]
+        vocab = self.loaded.model.get_parameter(f"{self.loaded.layout.head}.weight").shape[0]
         n = h.shape[0] * h.shape[1]
         step = max(1, CHUNK_BYTES // (4 * vocab))
         for start in range(0, n, step):

@@ -54,3 +54,20 @@ def test_other_llama_family_architectures(model_type, text_file, tmp_path):
     biases = [n for n in native.NativeSource(tmp_path).names if n.endswith(".bias")]
     assert (len(biases) == 6) == (model_type == "qwen2")  # q/k/v biases of 2 blocks
     assert storage.file_bytes == (tmp_path / native.WEIGHTS_FILE).stat().st_size
+
+
+def test_spooled_tensors_save_the_same_bytes(tiny_llama_dir, text_file, tmp_path):
+    """Tensors spilled to disk block by block (what the CLI does) read back and save as held ones do."""
+    loaded = load_model(str(tiny_llama_dir))
+    windows = load_windows(loaded, WindowSpec(8, 64, text_file), first=False)
+    plan = uniform_plan(loaded, Option("q4_k", "gptq"))
+    held = quantize_model(loaded, windows, plan)
+    spooled = quantize_model(loaded, windows, plan, spool=tmp_path / "spool")
+    assert len(list((tmp_path / "spool").iterdir())) == loaded.n_blocks  # one file per block
+    assert list(spooled.tensors) == list(held.tensors)
+    for name in held.tensors:
+        assert torch.equal(spooled.tensors[name].dequantize(), held.tensors[name].dequantize())
+    for result, out in ((held, tmp_path / "held"), (spooled, tmp_path / "spooled")):
+        out.mkdir()
+        native.save(out, loaded, result, {"model": loaded.spec})
+    assert (tmp_path / "held" / native.WEIGHTS_FILE).read_bytes() == (tmp_path / "spooled" / native.WEIGHTS_FILE).read_bytes()

@@ -16,7 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from gguf import (
     MODEL_ARCH_NAMES,
     GGMLQuantizationType,
@@ -76,7 +75,8 @@ def export_gguf(model_dir: Path, out: Path, overwrite: bool = False) -> dict[str
             "(convert it with llama.cpp's convert_hf_to_gguf.py, then quantize that file with mixq)"
         )
     reader = _read(source)
-    entries, stored = native.load_stored(model_dir)
+    stored = native.StoredModel(model_dir)
+    entries = stored.entries
     arch_name = str(reader.fields["general.architecture"].contents())
     arch = family(arch_name)
     name_map = name_map_of(reader)
@@ -131,18 +131,18 @@ def _copy_field(writer: GGUFWriter, key: str, field) -> None:
     writer.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
 
 
-def _tensor_data(name: str, entry: dict, stored: dict[str, torch.Tensor]):
+def _tensor_data(name: str, entry: dict, stored: native.StoredModel):
     fmt_name, shape = entry["format"], tuple(entry["shape"])
     if fmt_name in native.KEPT_FORMATS:
         dtype = GGMLQuantizationType.F16 if fmt_name == "f16" else GGMLQuantizationType.F32
-        return stored[name].numpy(), dtype
+        return stored.tensor(name).numpy(), dtype
     fmt = parse_format(fmt_name)
     if not isinstance(fmt, GGMLFormat):
         raise MixqError(
             f"{name} is stored as {fmt_name}, which llama.cpp cannot read; quantize with --formats gguf "
             "(ggml types only) to export to GGUF"
         )
-    blocks = native.stored_parts(stored, name)["blocks"].numpy()
+    blocks = stored.parts(name)["blocks"].numpy()
     return blocks.reshape(shape[0], -1), fmt.ggml_type
 
 

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from mixq.atomic import atomic_write_text
 from mixq.errors import MixqError
+from mixq.export.safetensors_writer import write_safetensors
 from mixq.formats import parse_format
 from mixq.models import LoadedModel
 from mixq.models.source import WeightSource
@@ -101,39 +101,50 @@ def header_bound(loaded: LoadedModel, planned: list[str]) -> int:
 
 def save(out_dir: Path, loaded: LoadedModel, result, info: dict[str, Any]) -> Storage:
     """Write DIR/model.safetensors and DIR/mixq.json from a QuantizedModel: its QTensors, the
-    parameters it changed, and every other parameter as the model has it, read one at a time."""
-    quantized = {f"{name}.weight": q for name, q in result.tensors.items()}
-    plan = storage_plan(loaded, {name: q.format.name for name, q in quantized.items()})
+    parameters it changed, and every other parameter as the model has it, one tensor at a time."""
+    quantized = {f"{name}.weight": name for name in result.tensors}
+    plan = storage_plan(loaded, {param: result.tensors.format(name).name for param, name in quantized.items()})
     stacks = {f"{t.name}.weight": t for t in loaded.quantizable().values() if t.expert is not None}
     params = loaded.parameters()
-    data: dict[str, torch.Tensor] = {}
     entries: dict[str, dict[str, Any]] = {}
-    stack_values: dict[str, torch.Tensor] = {}
-
-    def value(name: str) -> torch.Tensor:
-        if name in result.changed:
-            return result.changed[name]
-        return loaded.residents[name] if name in loaded.residents else loaded.read(name)
-
+    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    stored_as: dict[str, tuple[str, str | None]] = {}  # stored tensor -> (parameter, part)
     for name, (fmt, shape, _nbytes) in plan.items():
         entries[name] = {"format": fmt, "shape": list(shape)}
         ref = stacks.get(name)
         if ref is not None:
             entries[name].update(stack=ref.param, expert=ref.expert, transposed=ref.transposed)
         if name in quantized:
-            for part, t in quantized[name].format.pack(quantized[name]).items():
-                data[f"{name}.{part}"] = t.contiguous()
-            continue
-        if ref is not None:
-            if ref.param not in stack_values:
-                stack_values = {ref.param: value(ref.param)}  # one stack at a time
-            t = ref.view(stack_values)
+            for part, spec in result.tensors.parts(quantized[name]).items():
+                specs[f"{name}.{part}"], stored_as[f"{name}.{part}"] = spec, (name, part)
         else:
-            t = value(name)
-        data[name] = t.detach().to(KEPT_FORMATS[fmt]).contiguous()
+            specs[name], stored_as[name] = (KEPT_FORMATS[fmt], shape), (name, None)
+
+    cache: dict[str, Any] = {}  # the last parameter or expert stack read: its parts come in turn
+
+    def value(name: str) -> torch.Tensor:
+        if name in result.changed:
+            return result.changed[name]
+        return loaded.residents[name] if name in loaded.residents else loaded.read(name)
+
+    def tensor_of(key: str) -> torch.Tensor:
+        name, part = stored_as[key]
+        if part is not None:
+            if cache.get("name") != name:
+                cache.clear()
+                cache.update(name=name, parts=result.tensors.packed(quantized[name]))
+            return cache["parts"][part]
+        ref = stacks.get(name)
+        if ref is None:
+            return value(name).detach().to(specs[key][0])
+        if cache.get("name") != ref.param:
+            cache.clear()
+            cache.update(name=ref.param, stack={ref.param: value(ref.param)})
+        return ref.view(cache["stack"]).detach().to(specs[key][0])
+
     metadata = {METADATA_KEY: json.dumps({"layout": LAYOUT_VERSION, "tensors": entries})}
     path = Path(out_dir) / WEIGHTS_FILE
-    save_file(data, path, metadata=metadata)
+    write_safetensors(path, specs, tensor_of, metadata)
     storage = Storage(
         payload_bytes=sum(nb for _, _, nb in plan.values()),
         file_bytes=path.stat().st_size,
@@ -165,27 +176,36 @@ def header_bytes(path: Path) -> int:
     return 8 + n
 
 
-def load_stored(out_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
-    """The tensor entries of a saved model's metadata and every stored tensor, as written."""
-    path = Path(out_dir) / WEIGHTS_FILE
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            header = json.loads(meta.get(METADATA_KEY, "{}"))
-            if header.get("layout") != LAYOUT_VERSION:
-                raise MixqError(f"{path} is not a mixq layout {LAYOUT_VERSION} file")
-            entries = header["tensors"]
-            stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open has no items())
-    except MixqError:
-        raise
-    except Exception as e:
-        raise MixqError(f"cannot read {path}: {e}") from None
-    return entries, stored
+class StoredModel:
+    """A saved model's tensor entries (from its header) and its stored tensors, read one parameter
+    at a time from the file (mapped only while they are in use)."""
 
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / WEIGHTS_FILE
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                header = json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
+                self.keys = list(f.keys())
+        except Exception as e:
+            raise MixqError(f"cannot read {self.path}: {e}") from None
+        if header.get("layout") != LAYOUT_VERSION:
+            raise MixqError(f"{self.path} is not a mixq layout {LAYOUT_VERSION} file")
+        self.entries: dict[str, dict[str, Any]] = header["tensors"]
 
-def stored_parts(stored: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
-    """The stored tensors of one quantized parameter, by part (`qweight`, `scales`, `blocks`, ...)."""
-    return {k[len(name) + 1 :]: v for k, v in stored.items() if k.startswith(name + ".")}
+    def parts(self, name: str) -> dict[str, torch.Tensor]:
+        """The stored tensors of one quantized parameter, by part (`qweight`, `scales`, `blocks`, ...)."""
+        return self._read([k for k in self.keys if k.startswith(name + ".")], len(name) + 1)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A parameter stored whole (a kept one)."""
+        return self._read([name], 0)[name]
+
+    def _read(self, keys: list[str], cut: int) -> dict[str, torch.Tensor]:
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                return {k[cut:]: f.get_tensor(k) for k in keys}
+        except Exception as e:
+            raise MixqError(f"cannot read {self.path}: {e}") from None
 
 
 class NativeSource(WeightSource):
@@ -195,7 +215,8 @@ class NativeSource(WeightSource):
     fresh = True
 
     def __init__(self, out_dir: Path):
-        self._entries, self._stored = load_stored(out_dir)
+        self._stored = StoredModel(out_dir)
+        self._entries = self._stored.entries
         self._experts: dict[str, list[str]] = {}
         for name, entry in self._entries.items():
             if "stack" in entry:
@@ -206,8 +227,8 @@ class NativeSource(WeightSource):
         entry = self._entries[name]
         fmt, shape = entry["format"], tuple(entry["shape"])
         if fmt in KEPT_FORMATS:
-            return self._stored[name].to(torch.float32, copy=True)
-        return parse_format(fmt).unpack(stored_parts(self._stored, name), shape).dequantize()
+            return self._stored.tensor(name).to(torch.float32, copy=True)
+        return parse_format(fmt).unpack(self._stored.parts(name), shape).dequantize()
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self._experts:

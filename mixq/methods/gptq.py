@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mixq.errors import MixqError
 from mixq.formats import Format, QTensor
 from mixq.formats.integer import decode, encode
 from mixq.methods import MethodSettings, register_batched, register_method
@@ -29,6 +30,32 @@ GPTQ_PRECISION = torch.float32  # the column loop; the Cholesky factorisations r
 @register_method("gptq")
 def quantize_gptq(W: torch.Tensor, H: torch.Tensor, fmt: Format, settings: MethodSettings) -> QTensor:
     return quantize_gptq_many(W, H, [fmt], settings)[0]
+
+
+def permuted_float64(H: torch.Tensor, perm: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """H[perm][:, perm] as a new float64 matrix, made a slice of rows at a time (no temporary of
+    H's full size: for an 8960-wide down_proj each is 320-640 MB)."""
+    out = torch.empty(H.shape, dtype=torch.float64)
+    for start in range(0, len(perm), rows):
+        out[start : start + rows] = H.index_select(0, perm[start : start + rows]).index_select(1, perm)
+    return out
+
+
+def inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor of H^-1 (float32) from a float64 H that it overwrites: LAPACK's
+    factorisations run in place, so a 8960-wide H costs one float64 copy, not four."""
+    from scipy.linalg import lapack
+
+    a = H.numpy().T  # H is symmetric: its transpose is the same matrix in LAPACK's column order
+    for step, (routine, kwargs) in enumerate(((lapack.dpotrf, {"overwrite_a": 1, "clean": 0}),
+                                              (lapack.dpotri, {"overwrite_c": 1}),
+                                              (lapack.dpotrf, {"overwrite_a": 1, "clean": 1}))):
+        a, info = routine(a, lower=0, **kwargs)
+        if info != 0:
+            raise MixqError(f"GPTQ: the damped H is not positive definite (LAPACK step {step}, info {info}); "
+                            "raise the damping")
+    out = torch.empty(H.shape, dtype=GPTQ_PRECISION)
+    return out.copy_(torch.from_numpy(a))
 
 
 def chooses_grid_first(fmt: Format) -> bool:
@@ -50,13 +77,13 @@ def quantize_gptq_many(
     n_groups, k = fmts[0].n_groups(cols), len(fmts)
     copies = [slice(j * rows, (j + 1) * rows) for j in range(k)]
     qmax = torch.tensor([f.qmax for f in fmts], dtype=GPTQ_PRECISION).repeat_interleave(rows)  # (k*rows,)
-    H = H.to(torch.float64).clone()
-    W = W.to(GPTQ_PRECISION).clone()
+    W = W.to(GPTQ_PRECISION, copy=True)
 
-    dead = torch.diag(H) == 0  # inputs that were always zero: their weights do not matter
-    H[dead, dead] = 1
+    diag = torch.diag(H).double()
+    dead = diag == 0  # inputs that were always zero: their weights do not matter
+    diag[dead] = 1
     W[:, dead] = 0
-    importance = torch.diag(H).to(GPTQ_PRECISION)
+    importance = diag.to(GPTQ_PRECISION)
 
     scale, zero, offset = (torch.zeros(k * rows, n_groups) for _ in range(3))
     ready = torch.zeros(k, n_groups, dtype=torch.bool)
@@ -70,13 +97,13 @@ def quantize_gptq_many(
             ready[j] = True
         grids.append(grid)
 
-    perm = torch.argsort(torch.diag(H), descending=True) if settings.act_order else torch.arange(cols)
+    perm = torch.argsort(diag, descending=True) if settings.act_order else torch.arange(cols)
     inv_perm = torch.argsort(perm)
-    W, H = W.repeat(k, 1)[:, perm], H[perm][:, perm]  # (k*rows, cols)
-
-    H += settings.damp * torch.diag(H).mean() * torch.eye(cols, dtype=H.dtype)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    Hinv = Hinv.to(GPTQ_PRECISION)
+    W = W.repeat(k, 1)[:, perm]  # (k*rows, cols), columns in visiting order
+    H = permuted_float64(H, perm)  # factorised in place: this one copy is GPTQ's peak
+    H.diagonal().copy_(diag[perm] + settings.damp * diag.mean())
+    Hinv = inverse_cholesky(H)
+    del H
 
     group_of = perm // glen  # (cols,) group of each visited position
     Q = torch.zeros(k * rows, cols)

@@ -38,7 +38,7 @@ class LoadedModel:
     family: Family
     source: WeightSource
     layout: Layout
-    residents: dict[str, torch.Tensor]  # parameters outside the blocks, float32 (an untied embedding: read on use)
+    residents: dict[str, torch.Tensor]  # parameters outside the blocks, float32 (untied embedding, head: read on use)
     in_memory: bool = False
     _cache: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
@@ -94,6 +94,13 @@ class LoadedModel:
             return self.residents[self.embedding_key]
         return self.read(self.embedding_key, source)
 
+    def head(self, source: WeightSource | None = None) -> torch.Tensor:
+        """The output matrix (float32): the embedding when tied, else read now (an untied head is
+        as large as the embedding, so it is held only by the stage that runs it)."""
+        if self.tied_embedding:
+            return self.embedding(source)
+        return self.read(f"{self.layout.head}.weight", source)
+
     def plannable(self) -> dict[str, TensorRef]:
         """Every tensor a plan decides on: the block matrices, the input embedding when it is not tied,
         and the output (tied: embedding) matrix last."""
@@ -144,13 +151,14 @@ class LoadedModel:
         return t.contiguous()
 
     def residents_from(self, source: WeightSource | None) -> dict[str, torch.Tensor]:
-        """The parameters outside the blocks as `source` has them (a tied head shares the embedding's)."""
-        if source is None:
-            return dict(self.residents)
+        """The parameters outside the blocks as `source` (default: the model's own) has them, with the
+        output matrix (a tied head shares the embedding's): what the runner's `logits` reads."""
         head = f"{self.layout.head}.weight"
-        out = {n: self.read(n, source) for n in self.residents if not (self.tied_embedding and n == head)}
-        if self.tied_embedding:
-            out[head] = out[self.embedding_key]
+        if source is None:
+            out = dict(self.residents)
+        else:
+            out = {n: self.read(n, source) for n in self.residents if not (self.tied_embedding and n == head)}
+        out[head] = out[self.embedding_key] if self.tied_embedding else self.head(source)
         return out
 
     def block_weights(self, b: int, source: WeightSource | None = None) -> dict[str, torch.Tensor]:
@@ -287,16 +295,19 @@ def _load(spec: str, location: Path | str, gguf_file: str | None, reader, in_mem
     layout = Layout(blocks, embedding, find_final_norm(model, blocks), head, tied, ())
     block_params = f"{blocks}."
     loaded = LoadedModel(spec, model, tokenizer, fam, source, layout, {}, in_memory)
+    # An untied embedding is read only to embed windows, an untied head only to make logits: each
+    # is read then, not kept.
+    read_on_use = {f"{head}.weight"} | (set() if tied else {f"{embedding}.weight"})
     for name, _ in model.named_parameters(remove_duplicate=False):
-        # An untied embedding is only read to embed windows: it is read then, not kept.
-        if name.startswith(block_params) or name == f"{head if tied else embedding}.weight":
+        if name.startswith(block_params) or name in read_on_use:
             continue
         loaded.residents[name] = loaded.read(name)
     if tied:
         loaded.residents[f"{head}.weight"] = loaded.residents[f"{embedding}.weight"]
-    from mixq.runner import discover_block_layouts
+    from mixq.runner import discover_block_layouts, release_memory
 
     loaded.layout = Layout(blocks, embedding, layout.final_norm, head, tied, discover_block_layouts(loaded))
+    release_memory()  # parsing metadata and probing a block leave ~0.2 GB of freed heap behind
     log.info("loaded %s (%s, %d blocks)", spec, config.model_type, loaded.n_blocks)
     return loaded
 

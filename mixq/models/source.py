@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import mmap
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from mixq.errors import MixqError
 
@@ -62,8 +64,6 @@ class WeightSource:
 
 class SafetensorsSource(WeightSource):
     def __init__(self, directory: Path):
-        from safetensors import safe_open
-
         directory = Path(directory)
         index = directory / "model.safetensors.index.json"
         if index.is_file():
@@ -79,16 +79,14 @@ class SafetensorsSource(WeightSource):
                             "them to safetensors first (model.save_pretrained(dir, safe_serialization=True))")
         else:
             raise MixqError(f"{directory} holds no model.safetensors")
-        self._files = {}
-        self._where: dict[str, str] = {}
+        self._where: dict[str, Path] = {}
         for file in files:
             try:
-                handle = safe_open(str(directory / file), framework="pt")
+                with safe_open(str(directory / file), framework="pt") as handle:
+                    keys = handle.keys()
             except Exception as e:
                 raise MixqError(f"cannot read {directory / file}: {e}") from None
-            self._files[file] = handle
-            for key in handle.keys():  # noqa: SIM118 (safe_open has no items())
-                self._where[key] = file
+            self._where.update({key: directory / file for key in keys})
         self.names = set(self._where)
 
     def __contains__(self, name: str) -> bool:
@@ -99,11 +97,14 @@ class SafetensorsSource(WeightSource):
             return False
 
     def get(self, name: str) -> torch.Tensor:
-        if name in self._where:
-            return self._files[self._where[name]].get_tensor(name)
         renamed = name.replace(".mlp.", ".block_sparse_moe.")  # Mixtral's checkpoint name of its MoE
-        if renamed in self._where:
-            return self._files[self._where[renamed]].get_tensor(renamed)
+        for key in (name, renamed):
+            if key in self._where:
+                # A view of the file, mapped while the view lives: the file is opened per tensor so
+                # that pages read once do not stay resident (a handle kept open keeps every page it
+                # touched, the whole model by the end of a run).
+                with safe_open(str(self._where[key]), framework="pt") as f:
+                    return f.get_tensor(key)
         return self._stack(name)
 
     def _stack(self, name: str) -> torch.Tensor:
@@ -140,6 +141,17 @@ def dequantize_rows(data: np.ndarray, qtype) -> np.ndarray:
     return out
 
 
+def _drop_pages(t) -> None:
+    """Let the kernel drop the mapped file pages of a GGUF tensor just dequantized: they stay in
+    the page cache but leave this process's resident set, which would otherwise grow to the whole
+    file over a run."""
+    mapping = getattr(t.data.base, "_mmap", None)
+    if mapping is None:
+        return
+    start = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+    mapping.madvise(mmap.MADV_DONTNEED, start, t.data_offset + int(t.n_bytes) - start)
+
+
 class GGUFSource(WeightSource):
     fresh = True
 
@@ -169,9 +181,11 @@ class GGUFSource(WeightSource):
             result = self._processor.process(weights=dequantize_rows(t.data, t.tensor_type), name=t.name,
                                              tensor_key_mapping=self._to_hf, parsed_parameters=scratch)
         out = scratch["tensors"].get(name)  # processors that merge tensors (MoE experts) leave them here
-        if out is not None:
-            return out
-        weights = result.weights
-        if not (weights.flags.owndata and weights.flags.writeable and weights.flags.c_contiguous):
-            weights = np.array(weights)  # an F32 tensor comes back as the read-only mapped file itself
-        return torch.from_numpy(weights)
+        if out is None:
+            weights = result.weights
+            if not (weights.flags.owndata and weights.flags.writeable and weights.flags.c_contiguous):
+                weights = np.array(weights)  # an F32 tensor comes back as the read-only mapped file itself
+            out = torch.from_numpy(weights)
+        for t in self._tensors[name]:
+            _drop_pages(t)
+        return out
