@@ -28,7 +28,6 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from mixq.atomic import atomic_write_text
 from mixq.data import CACHE_DIR, WindowSpec, load_windows
 from mixq.evaluate import evaluate
 from mixq.export.native import INFO_FILE, storage_plan
@@ -37,7 +36,7 @@ from mixq.models.source import WeightSource
 from mixq.report import markdown_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uniform import commit, machine  # noqa: E402
+from uniform import commit, machine, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTOROUND_PYTHON = CACHE_DIR / "autoround-venv" / "bin" / "python"
@@ -217,15 +216,8 @@ Machine: {machine()}; mixq at commit {commit()}
   benchmark ran on the other core: not comparable with the others).
 
 {markdown_table(headers, results)}
-
-Each row was made by:
-```
-{chr(10).join(commands)}
-```
 """
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, text)
-    print(text, flush=True)
+    write_result(args.out, text, commands)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,14 @@ CONFIGS = [(bits, "128", method) for bits in (2, 3, 4) for method in ("rtn", "gp
 CONFIGS += [(8, "channel", method) for method in ("rtn", "gptq")]
 
 
+def write_result(out: Path, text: str, commands: list[str]) -> None:
+    """Write a result table with the command of each of its rows, atomically, and show it."""
+    text += "\nEach row was made by:\n```\n" + "\n".join(commands) + "\n```\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, text)
+    print(text, flush=True)
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -113,15 +121,8 @@ Machine: {machine()}; mixq at commit {commit()}
 - Asymmetric grids, fp16 scales, b-bit zero points; clipping search on; GPTQ with act-order, damp 0.01, true-sequential.
 
 {table}
-
-Each row was made by:
-```
-{chr(10).join(commands)}
-```
 """
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, text)
-    print(text)
+    write_result(args.out, text, commands)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 `collect_stats` runs one block over its input batches while a MatmulWatcher accumulates, for each
 plannable matrix, H = sum x^T x of the rows it multiplies: for an expert's matrix only the tokens
-routed to that expert. `iter_stats` walks the whole model so that one block's activations and
-statistics live in memory at a time.
+routed to that expert; `stats_and_outputs` does the same in the pass that also makes the block's
+outputs. `iter_stats` walks the whole model so that one block's activations and statistics live in
+memory at a time, one pass per block.
 """
 
 from __future__ import annotations
@@ -53,6 +54,17 @@ def collect_stats(runner: BlockRunner, b: int, weights: dict[str, torch.Tensor],
     Matrices of one stage share one input, hence one H (experts: each its routed tokens). The
     pass ends as soon as the last of these inputs has been seen.
     """
+    return _watched_pass(runner, b, weights, stages, batches, stop_early=True)[0]
+
+
+def stats_and_outputs(runner: BlockRunner, b: int, weights: dict[str, torch.Tensor],
+                      batches: list[torch.Tensor]) -> tuple[dict[str, LayerStats], list[torch.Tensor]]:
+    """LayerStats of every matrix of block `b` and the block's outputs, from one pass."""
+    return _watched_pass(runner, b, weights, runner.loaded.block_stages(b), batches, stop_early=False)
+
+
+def _watched_pass(runner: BlockRunner, b: int, weights: dict[str, torch.Tensor], stages: Sequence[Sequence[str]],
+                  batches: list[torch.Tensor], stop_early: bool) -> tuple[dict[str, LayerStats], list[torch.Tensor]]:
     loaded = runner.loaded
     refs = loaded.block_tensors(b)
     prefix = loaded.layout.block_prefix(b)
@@ -72,19 +84,19 @@ def collect_stats(runner: BlockRunner, b: int, weights: dict[str, torch.Tensor],
         ref = by_matrix.get((call.param, call.expert))
         if ref is not None:
             stats[ref.name].add(call.x)
-            if ref.name == final:
+            if stop_early and ref.name == final:
                 raise StopForward
-        elif position.get(call.param, -1) > last and call.param not in stacks:
+        elif stop_early and position.get(call.param, -1) > last and call.param not in stacks:
             raise StopForward
 
     with MatmulWatcher(weights, report):
-        runner.run(b, weights, batches)
+        outputs = runner.run(b, weights, batches)
     out: dict[str, LayerStats] = {}
     for stage in stages:
         for name in stage:
             out[name] = stats[name] if name in stats else stats[stage[0]]
     price_rare_experts(out, [refs[n] for stage in stages for n in stage])
-    return out
+    return out, outputs
 
 
 def price_rare_experts(stats: dict[str, LayerStats], refs: list[TensorRef]) -> None:
@@ -150,9 +162,8 @@ def iter_stats(loaded: LoadedModel, windows: torch.Tensor,
     for b in tqdm(range(loaded.n_blocks), desc="capturing statistics", unit="block"):
         weights = loaded.block_weights(b)
         refs, prefix = loaded.block_tensors(b), layout.block_prefix(b)
-        stats = collect_stats(runner, b, weights, loaded.block_stages(b), batches)
+        stats, batches = stats_and_outputs(runner, b, weights, batches)
         yield stats, {n: refs[n].view(weights, prefix) for n in stats}
-        batches = runner.run(b, weights, batches)
         del weights, stats
         release_memory()
     yield ({loaded.head_name: head_stats(runner, batches)},

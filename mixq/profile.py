@@ -394,8 +394,7 @@ def learned_gains(
         weights = loaded.block_weights(b)
         if b in chosen:
             refs, prefix = loaded.block_tensors(b), loaded.layout.block_prefix(b)
-            targets = runner.run(b, weights, batches)
-            stats = capture.collect_stats(runner, b, weights, loaded.block_stages(b), batches)
+            stats, targets = capture.stats_and_outputs(runner, b, weights, batches)
             originals = {n: r.view(weights, prefix).clone() for n, r in refs.items()}
             for f in formats:
                 fmt = parse_format(f)
@@ -419,7 +418,7 @@ def learned_gains(
                         ratio = r.loss_after / max(r.loss_before, 1e-30)
                     ratios.setdefault((method, f), []).append(ratio)
                     progress.update()
-        batches = runner.run(b, weights, batches)
+        batches = targets if b in chosen else runner.run(b, weights, batches)
     progress.close()
     return {k: float(np.median(v)) for k, v in ratios.items()}
 

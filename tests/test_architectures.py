@@ -96,6 +96,26 @@ class DownSpy(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen3_moe"])
+def test_one_pass_gives_the_stats_and_outputs_of_two(tiny_models, family):
+    """The profile's single pass per block: the H of every stage and the block's outputs, as the
+    stage-by-stage capture and a separate run give them."""
+    loaded = load_model(str(tiny_models(family)))
+    runner = BlockRunner(loaded)
+    batches = runner.embed(windows_of(loaded, n=4, seq=32), 3)
+    for b in range(loaded.n_blocks):
+        weights = loaded.block_weights(b)
+        stats, outputs = capture.stats_and_outputs(runner, b, weights, batches)
+        expected = runner.run(b, weights, batches)
+        assert len(outputs) == len(expected) and all(torch.equal(o, e) for o, e in zip(outputs, expected))
+        for stage in loaded.block_stages(b):
+            alone = capture.collect_stats(runner, b, weights, [stage], batches)
+            for name in stage:
+                assert stats[name].n_tokens == alone[name].n_tokens
+                assert torch.equal(stats[name].H, alone[name].H), name
+        batches = outputs
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_captured_H_equals_direct_forward(tiny_models, family):
     loaded = load_model(str(tiny_models(family)))
