@@ -52,8 +52,9 @@ def machine() -> str:
 def commit() -> str:
     """The checked-out commit, with a mark when the work tree differs from it."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    # The result tables themselves are left out: a benchmark rewrites its own as rows come in.
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
+                           cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return head + (" (with uncommitted changes)" if dirty else "")
 
 
