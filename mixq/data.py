@@ -82,31 +82,14 @@ def tokenize_file(tokenizer, path: Path) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
-SAMPLING_DTYPE = torch.bfloat16
-KV_CACHE_BYTES = 1 << 30  # the largest key/value cache one batch of samples may fill
-
-
-def sampling_batch(loaded: LoadedModel, seq_len: int) -> int:
-    """Sequences decoded together: as many as keep the KV cache under KV_CACHE_BYTES. Decoding reads
-    every weight once per step whatever the batch, so a larger batch costs little more per step."""
-    config = loaded.config.get_text_config()
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    per_sequence = 2 * config.num_hidden_layers * kv_heads * head_dim * seq_len * SAMPLING_DTYPE.itemsize
-    return max(1, min(256, KV_CACHE_BYTES // per_sequence))
-
-
-def sample_windows(loaded: LoadedModel, n: int, seq_len: int, seed: int) -> torch.Tensor:
-    """Sequences sampled from the model (temperature 1, no truncation), cached on disk. Decoding runs
-    in bfloat16 (the machine's fast matmul path; the samples are text, not a reference) with the KV
-    cache, in batches as large as the cache allows."""
-    cache = CACHE_DIR / "samples" / f"{_model_key(loaded)}-s{seed}-{n}x{seq_len}-bf16.safetensors"
+def sample_windows(loaded: LoadedModel, n: int, seq_len: int, seed: int, batch_size: int = 16) -> torch.Tensor:
+    """Sequences sampled from the model (temperature 1, no truncation), cached on disk."""
+    cache = CACHE_DIR / "samples" / f"{_model_key(loaded)}-s{seed}-{n}x{seq_len}.safetensors"
     if cache.is_file():
         return load_file(cache)["ids"]
     from mixq.models import materialize
 
-    model, tok = materialize(loaded, dtype=SAMPLING_DTYPE), loaded.tokenizer
-    batch_size = sampling_batch(loaded, seq_len)
+    model, tok = materialize(loaded), loaded.tokenizer
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     torch.manual_seed(seed)
     out = []
