@@ -49,9 +49,11 @@ class QuantizedTensors(Mapping[str, QTensor]):
         self._spilled: dict[str, tuple[Path, Format, tuple[int, int]]] = {}
         self._spilled_parts: dict[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]] = {}
         self._names: dict[str, None] = {}  # insertion order
+        self._files = 0
 
     def __setitem__(self, name: str, q: QTensor) -> None:
         self._spilled.pop(name, None)
+        self._spilled_parts.pop(name, None)
         self._held[name] = q
         self._names[name] = None
 
@@ -86,7 +88,8 @@ class QuantizedTensors(Mapping[str, QTensor]):
         if self.spool is None or not self._held:
             return
         self.spool.mkdir(parents=True, exist_ok=True)
-        path = self.spool / f"{len(set(p for p, _, _ in self._spilled.values())):05d}.safetensors"
+        path = self.spool / f"{self._files:05d}.safetensors"
+        self._files += 1
         packs = {n: q.format.pack(q) for n, q in self._held.items()}
         save_file({f"{n}.{part}": t.contiguous() for n, pack in packs.items() for part, t in pack.items()}, str(path))
         for n, q in self._held.items():
