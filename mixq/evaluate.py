@@ -39,7 +39,7 @@ def final_hidden(runner: BlockRunner, windows: torch.Tensor, batch_size: int, so
                  residents: dict[str, torch.Tensor], desc: str) -> list[torch.Tensor]:
     """Hidden states leaving the last block for every batch of windows, one block in memory at a time."""
     loaded = runner.loaded
-    batches = runner.embed(windows, batch_size, residents)
+    batches = runner.embed(windows, batch_size, residents, source)
     for b in tqdm(range(loaded.n_blocks), desc=desc, unit="block"):
         batches = runner.run(b, loaded.block_weights(b, source), batches)
         release_memory()
@@ -50,6 +50,49 @@ def reference_hidden(loaded: LoadedModel, windows: torch.Tensor, batch_size: int
     """The reference's last hidden states on `windows`: pass them to `evaluate` to compare many models
     without rerunning it (small: windows x seq_len x hidden floats, not x vocab)."""
     return final_hidden(BlockRunner(loaded), windows, batch_size, None, loaded.residents, "reference")
+
+
+class VocabStream:
+    """Per-token statistics of log-softmax(logits) from logits that arrive a slice of the vocabulary
+    at a time (an online log-sum-exp), so that no output matrix and no (tokens, vocabulary) array is
+    ever held whole: the normaliser, the argmax, the target's logit and, for a KL, the expectation
+    under these logits of their difference to another model's."""
+
+    def __init__(self, targets: torch.Tensor):
+        n = targets.numel()
+        self.targets = targets
+        self.max = torch.full((n,), -math.inf)
+        self.sum = torch.zeros(n, dtype=torch.float64)  # sum exp(logit - max)
+        self.cross = torch.zeros(n, dtype=torch.float64)  # sum exp(logit - max) * (logit - other)
+        self.argmax = torch.zeros(n, dtype=torch.long)
+        self.target_logit = torch.zeros(n)
+
+    def add(self, tokens: slice, vocab: slice, logits: torch.Tensor, other: torch.Tensor | None = None) -> None:
+        """Take in `logits` (tokens, vocabulary slice) and optionally the other model's on the same."""
+        old = self.max[tokens]
+        top, where = logits.max(-1)
+        new = torch.maximum(old, top)
+        weight = torch.exp(logits - new[:, None])
+        rescale = torch.exp((old - new).double())
+        self.sum[tokens] = self.sum[tokens] * rescale + weight.sum(-1, dtype=torch.float64)
+        if other is not None:
+            self.cross[tokens] = self.cross[tokens] * rescale + (weight * (logits - other)).sum(-1, dtype=torch.float64)
+        self.argmax[tokens] = torch.where(top > old, where + vocab.start, self.argmax[tokens])  # ties: first
+        self.max[tokens] = new
+        at = self.targets[tokens] - vocab.start
+        inside = (at >= 0) & (at < logits.shape[1])
+        self.target_logit[tokens][inside] = logits[inside, at[inside]]
+
+    def log_normaliser(self) -> torch.Tensor:
+        return self.max.double() + self.sum.log()
+
+    def nll(self) -> torch.Tensor:
+        """Negative log-likelihood of each target (float64)."""
+        return self.log_normaliser() - self.target_logit.double()
+
+    def kl_to(self, other: VocabStream) -> torch.Tensor:
+        """KL(these || other) per token, when `add` was given the other's logits."""
+        return self.cross / self.sum - self.log_normaliser() + other.log_normaliser()
 
 
 def evaluate(
@@ -63,37 +106,44 @@ def evaluate(
     own); with `quantized`, also KL and top-1 against the model's own weights, the reference (its
     `reference_hidden`, computed here unless given).
 
-    Both models stream through the runner block by block; the head runs over chunks of tokens.
+    Both models stream through the runner block by block; the head streams over slices of the
+    vocabulary (each model's output matrix read a slice at a time) and chunks of tokens.
     """
     start = time.perf_counter()
     runner = BlockRunner(loaded)
-    model_residents = loaded.residents_from(quantized)
-    hidden = final_hidden(runner, windows, batch_size, quantized, model_residents,
+    small = loaded.residents_from(quantized, matrices=False)  # norms and biases; the embedding is read on use
+    hidden = final_hidden(runner, windows, batch_size, quantized, small,
                           "evaluating" if quantized is not None else "reference")
     if quantized is not None and reference is None:
         reference = reference_hidden(loaded, windows, batch_size)
-    nll_sum, n_tokens, agree = 0.0, 0, 0
-    kls: list[torch.Tensor] = []
+    width = loaded.hidden_size
+    targets = windows[:, 1:].reshape(-1)  # the last position predicts nothing here
+
+    def normed(batches: list[torch.Tensor], residents: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([runner.normed(h[:, :-1].reshape(-1, width), residents) for h in batches])
+
+    x = normed(hidden, small)
+    del hidden
+    model = VocabStream(targets)
+    x_ref = normed(reference, loaded.residents) if quantized is not None else None
+    ref = VocabStream(targets) if quantized is not None else None
+    ref_slices = runner.head_slices() if ref is not None else None
     with torch.no_grad():
-        for i, batch in enumerate(windows.split(batch_size)):
-            h = hidden[i][:, :-1].reshape(-1, hidden[i].shape[-1])  # the last position predicts nothing here
-            targets = batch[:, 1:].reshape(-1)
-            for s in runner.token_chunks(h.unsqueeze(0)):
-                logp = F.log_softmax(runner.logits(h[s], model_residents), dim=-1)
-                nll_sum += -logp.gather(-1, targets[s].unsqueeze(-1)).double().sum().item()
-                if quantized is not None:
-                    r = reference[i][:, :-1].reshape(-1, h.shape[-1])[s]
-                    ref = F.log_softmax(runner.logits(r), dim=-1)
-                    kls.append((ref.exp() * (ref - logp)).sum(-1).double())
-                    agree += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
-                del logp
-                release_memory()  # a chunk's logits are freed in an order that fragments the heap
-            n_tokens += targets.numel()
+        for rows, W, b in runner.head_slices(quantized, small):
+            W_ref, b_ref = next(ref_slices)[1:] if ref_slices is not None else (None, None)
+            for s in runner.token_chunks(x.unsqueeze(0), rows.stop - rows.start):
+                logits = runner.scaled(F.linear(x[s], W, b).float())
+                model.add(s, rows, logits)
+                if ref is not None:
+                    ref.add(s, rows, runner.scaled(F.linear(x_ref[s], W_ref, b_ref).float()), other=logits)
+            del W, W_ref
+            release_memory()
     n, seq_len = windows.shape
     fields: dict = {}
-    if quantized is not None:
-        kl = torch.cat(kls).clamp(min=0)  # tiny negatives are fp32 rounding
-        fields = dict(kl_mean=kl.mean().item(), kl_p99=torch.quantile(kl, 0.99).item(), top1=agree / n_tokens)
-    return Report(
-        n_windows=n, seq_len=seq_len, ppl=math.exp(nll_sum / n_tokens), seconds=time.perf_counter() - start, **fields
-    )
+    if ref is not None:
+        kl = ref.kl_to(model).clamp(min=0)  # tiny negatives are rounding
+        fields = dict(kl_mean=kl.mean().item(), kl_p99=torch.quantile(kl, 0.99).item(),
+                      top1=(ref.argmax == model.argmax).double().mean().item())
+    return Report(n_windows=n, seq_len=seq_len, ppl=math.exp(model.nll().mean().item()),
+                  seconds=time.perf_counter() - start, **fields)

@@ -33,7 +33,7 @@ from mixq.models import LoadedModel
 from mixq.models.layout import TensorRef
 from mixq.options import Option
 from mixq.reconstruct import ReconstructSettings, passes, reconstruct_block
-from mixq.runner import BlockRunner, release_memory
+from mixq.runner import BlockRunner, release_memory, windows_per_batch
 
 log = logging.getLogger(__name__)
 
@@ -162,15 +162,17 @@ def quantize_model(
     windows: torch.Tensor,
     plan: dict[str, Option],
     settings: MethodSettings = MethodSettings(),
-    batch_size: int = 8,
+    batch_size: int | None = None,
     true_sequential: bool = True,
     reconstruct: ReconstructSettings = ReconstructSettings(),
     spool: Path | None = None,
 ) -> QuantizedModel:
     """Quantize every planned tensor, block by block, through the runner; nothing of the model changes.
-    With `spool`, each finished block's tensors wait in a file there (QuantizedTensors)."""
+    With `spool`, each finished block's tensors wait in a file there (QuantizedTensors). Batches hold
+    `batch_size` windows (default: as many as `windows_per_batch` allows)."""
     result = QuantizedModel(QuantizedTensors(spool))
     runner = BlockRunner(loaded)
+    batch_size = batch_size or windows_per_batch(loaded, windows.shape[1])
     trained = reconstruct.norm_tuning or any(o.method in BLOCK_METHODS for o in plan.values())
     fp_stream = trained and reconstruct.target == "fp"
     fp_batches = runner.embed(windows, batch_size) if fp_stream else None

@@ -10,7 +10,8 @@ Every stage (capture, profile, quantize, reconstruct, evaluate) calls blocks thr
   holds none: `torch.func.functional_call`);
 - `logits` / `log_probs`: the head: final norm, output matrix (tied or not), logit scaling and
   soft-capping, over chunks of tokens so a 262k vocabulary never makes a (batch, seq, vocab) tensor
-  larger than `CHUNK_BYTES`.
+  larger than `CHUNK_BYTES`; `head_slices` reads the output matrix a slice of vocabulary rows at a
+  time, for stages that stream the head instead of holding it (evaluation).
 Computation is float32 on the CPU; reconstruction's passes add bfloat16 autocast around `call`.
 """
 
@@ -24,13 +25,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from mixq.memory import release_memory  # noqa: F401  (the stages call it between blocks)
 from mixq.models import LoadedModel
 from mixq.models.source import WeightSource
 from mixq.models.layout import BlockLayout, MatmulCall, MatmulWatcher, block_layout, expert_stacks
 
 CHUNK_BYTES = 1 << 25  # largest block of float32 logits made at once (32 MiB; a KL makes several)
+ACTIVATION_BYTES = 1 << 26  # widest activation of a batch, float32 (see `windows_per_batch`)
 SKIPPED_KWARGS = ("cache", "past_key_values", "past_key_value", "use_cache")
 PROBE_SHAPE = (8, 64)  # tokens a block is probed with: enough that every expert stack is routed some
+
+
+def windows_per_batch(loaded: LoadedModel, seq_len: int) -> int:
+    """Windows per batch so that the widest matrix input of a block (an MLP's intermediate) takes at
+    most ACTIVATION_BYTES in float32: a forward keeps a few such tensors alive at once, which would
+    otherwise outweigh the block itself on wide models (Qwen2.5-1.5B's 8960 at 8 x 512 tokens: 147 MB each)."""
+    widest = max(t.shape[1] for b in loaded.layout.block_layouts for t in b.tensors)
+    return max(1, ACTIVATION_BYTES // (4 * widest * seq_len))
 
 
 class StopForward(Exception):
@@ -49,34 +60,6 @@ class _Recorder(nn.Module):
         if self.last:
             raise StopForward
         return hidden_states
-
-
-def release_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and a block's temporaries,
-    freed but kept, would add up across blocks to far more than one block's worth)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _libc():
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-M_MMAP_THRESHOLD = -3
-if _LIBC is not None and hasattr(_LIBC, "mallopt"):
-    # Tensors of 64 MiB and more get their own mapping, returned to the OS when freed: glibc would
-    # otherwise raise this threshold after the first large free and serve later large tensors from
-    # a heap that fragments. Smaller ones (activations, logits chunks) stay on the heap, which
-    # `release_memory` trims: mapping each of those afresh costs ~15% of quantization time.
-    _LIBC.mallopt(M_MMAP_THRESHOLD, 64 << 20)
 
 
 def block_output(y: Any) -> torch.Tensor:
@@ -129,13 +112,25 @@ class BlockRunner:
               source: WeightSource | None = None) -> list[torch.Tensor]:
         """Hidden states entering block 0 for every window, in batches. The embedding is that of
         `residents` when they hold one (e.g. a quantized one), else read from `source` (default:
-        the model's own) for this call only."""
+        the model's own) for this call only, and then only the rows of the tokens present."""
         residents = dict(residents or self.loaded.residents)
-        key = self.loaded.embedding_key
-        if key not in residents:
-            residents[key] = self.loaded.embedding(source)
         with torch.no_grad():
-            return [self._record(batch, residents) for batch in windows.split(batch_size)]
+            if self.loaded.embedding_key in residents:
+                return [self._record(batch, residents) for batch in windows.split(batch_size)]
+            used, compact = torch.unique(windows, return_inverse=True)
+            embeds = self._embedding_module(compact, self.loaded.embedding_rows(used, source))
+            return [self._record(None, residents, e) for e in embeds.split(batch_size)]
+
+    def _embedding_module(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """The model's own embedding module (scaling included) on `ids` indexing rows of `table`; the
+        model's forward then takes these as its input embeddings, as it would have made them."""
+        module = self.loaded.model.get_submodule(self.loaded.layout.embedding)
+        padding = getattr(module, "padding_idx", None)
+        module.padding_idx = None  # checked against the table's rows; it only matters to gradients
+        try:
+            return functional_call(module, {"weight": table}, (ids,))
+        finally:
+            module.padding_idx = padding
 
     def embed_with_grad(self, ids: torch.Tensor, residents: dict[str, torch.Tensor]) -> torch.Tensor:
         """Block 0's input with autograd through the embedding (for the Fisher pass)."""
@@ -167,15 +162,17 @@ class BlockRunner:
         return outs
 
     # -- the head ---------------------------------------------------------------------------------
-    def logits(self, h: torch.Tensor, residents: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Logits of hidden states leaving the last block: final norm, output matrix, scaling, soft-cap,
-        with the parameters in `residents` (default: the model's own)."""
-        r = residents or self.head()
-        layout, config = self.loaded.layout, self.loaded.config.get_text_config()
-        norm = self.loaded.model.get_submodule(layout.final_norm)
-        params = {n: r[f"{layout.final_norm}.{n}"] for n, _ in norm.named_parameters()}
-        x = functional_call(norm, params, (h,), strict=False)
-        logits = F.linear(x, r[f"{layout.head}.weight"], r.get(f"{layout.head}.bias")).float()
+    def normed(self, h: torch.Tensor, residents: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The final norm of hidden states leaving the last block, with the parameters in `residents`
+        (default: the model's own)."""
+        r = residents if residents is not None else self.loaded.residents
+        norm = self.loaded.model.get_submodule(self.loaded.layout.final_norm)
+        params = {n: r[f"{self.loaded.layout.final_norm}.{n}"] for n, _ in norm.named_parameters()}
+        return functional_call(norm, params, (h,), strict=False)
+
+    def scaled(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's own logit scaling and soft-capping, on float32 logits of the output matrix."""
+        config = self.loaded.config.get_text_config()
         if getattr(config, "logits_scaling", None):  # granite divides its logits
             logits = logits / config.logits_scaling
         cap = getattr(config, "final_logit_softcapping", None)
@@ -183,11 +180,29 @@ class BlockRunner:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def token_chunks(self, h: torch.Tensor) -> Iterator[slice]:
-        """Slices of the flattened tokens of `h` whose logits stay under CHUNK_BYTES."""
-        vocab = self.loaded.model.get_parameter(f"{self.loaded.layout.head}.weight").shape[0]
+    def logits(self, h: torch.Tensor, residents: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits of hidden states leaving the last block: final norm, output matrix, scaling, soft-cap,
+        with the parameters in `residents` (default: the model's own)."""
+        r = residents or self.head()
+        head = self.loaded.layout.head
+        return self.scaled(F.linear(self.normed(h, r), r[f"{head}.weight"], r.get(f"{head}.bias")).float())
+
+    def head_slices(self, source: WeightSource | None = None,
+                    residents: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None]]:
+        """(vocabulary slice, its rows of the output matrix, its bias or None) from `source` (default: the
+        model's own), each slice read alone (`LoadedModel.row_slices`). The bias is taken from
+        `residents` (default: the model's own)."""
+        head = f"{self.loaded.layout.head}.weight"
+        bias = (residents if residents is not None else self.loaded.residents).get(f"{self.loaded.layout.head}.bias")
+        for rows in self.loaded.row_slices(head):
+            yield rows, self.loaded.head_rows(rows, source), None if bias is None else bias[rows]
+
+    def token_chunks(self, h: torch.Tensor, width: int | None = None) -> Iterator[slice]:
+        """Slices of the flattened tokens of `h` whose logits (over `width` outputs, default the whole
+        vocabulary) stay under CHUNK_BYTES."""
+        width = width or self.loaded.vocab_size
         n = h.shape[0] * h.shape[1]
-        step = max(1, CHUNK_BYTES // (4 * vocab))
+        step = max(1, CHUNK_BYTES // (4 * width))
         for start in range(0, n, step):
             yield slice(start, min(n, start + step))
 

@@ -46,6 +46,18 @@ def test_pack_unpack_round_trip_and_exact_bytes(fmt, shape, seed):
     back = fmt.unpack(packed, shape)
     assert torch.equal(back.codes, q.codes)
     assert torch.equal(back.dequantize(), q.dequantize())
+    start = seed % shape[0]
+    rows = slice(start, start + 1 + seed % (shape[0] - start))
+    part = fmt.unpack(packed, shape, rows)  # a slice of rows, read without unpacking the others
+    assert torch.equal(part.dequantize(), q.dequantize()[rows])
+
+
+@given(bits=st.integers(1, 8), codes=st.lists(st.integers(0, 255), min_size=1, max_size=200), data=st.data())
+def test_bitpack_unpacks_any_run_of_codes(bits, codes, data):
+    t = torch.tensor([c % (2**bits) for c in codes], dtype=torch.uint8)
+    first = data.draw(st.integers(0, len(codes) - 1))
+    n = data.draw(st.integers(0, len(codes) - first))
+    assert torch.equal(unpack_bits(pack_bits(t, bits), bits, n, first), t[first : first + n])
 
 
 @given(bits=st.integers(1, 8), codes=st.lists(st.integers(0, 255), max_size=200))

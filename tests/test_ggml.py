@@ -48,6 +48,9 @@ def test_bytes_match_ggml_and_round_trip(name, rows, n_blocks, seed, scale, zero
     back = fmt.unpack({"blocks": packed}, tuple(W.shape))
     assert torch.equal(back.codes, q.codes) and torch.equal(back.dequantize(), q.dequantize())
     assert torch.equal(fmt.pack(back)["blocks"], packed)
+    rows_read = slice(seed % rows, rows)
+    assert torch.equal(fmt.unpack({"blocks": packed}, tuple(W.shape), rows_read).dequantize(),
+                       q.dequantize()[rows_read])
     if zero_block:
         assert (q.dequantize()[0, : fmt.block] == 0).all()
 

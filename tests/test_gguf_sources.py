@@ -65,6 +65,11 @@ def test_gguf_weights_equal_the_hugging_face_ones(converted, family):
             torch.testing.assert_close(a[name], c[name], rtol=0, atol=0, msg=name)
     for name in theirs.residents:
         torch.testing.assert_close(ours.residents[name], theirs.residents[name], rtol=0, atol=0)
+    rows = slice(7, 300)  # the output matrix read a slice of rows at a time
+    assert torch.equal(ours.head_rows(rows), ours.head()[rows])
+    assert torch.equal(ours.head_rows(rows), theirs.head_rows(rows))
+    q_proj = "model.layers.0.self_attn.q_proj.weight"  # rows reordered by transformers' processor: read whole
+    assert torch.equal(ours.read(q_proj, rows=slice(16, 40)), theirs.read(q_proj)[16:40])
 
 
 @pytest.mark.parametrize("family", list(GGUF_FAMILIES))

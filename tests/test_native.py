@@ -39,6 +39,10 @@ def test_save_load_round_trip(tiny_llama_dir, text_file, tmp_path):
     saved = native.NativeSource(tmp_path)
     for name, q in result.tensors.items():
         assert torch.equal(saved.get(f"{name}.weight"), q.dequantize())
+        assert torch.equal(saved.rows(f"{name}.weight", slice(3, 11)), q.dequantize()[3:11])  # read alone
+    embedding = loaded.embedding_key  # kept in f16
+    assert torch.equal(saved.rows(embedding, slice(5, 9)), saved.get(embedding)[5:9])
+    assert torch.equal(loaded.read(embedding, rows=slice(5, 9)), loaded.read(embedding)[5:9])  # safetensors
     norm = "model.layers.0.input_layernorm.weight"
     assert torch.equal(saved.get(norm), loaded.read(norm))  # vectors stay fp32
     assert saved.names == set(loaded.parameters())

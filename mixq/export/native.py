@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,24 +128,30 @@ def save(out_dir: Path, loaded: LoadedModel, result, info: dict[str, Any]) -> St
             return result.changed[name]
         return loaded.residents[name] if name in loaded.residents else loaded.read(name)
 
-    def tensor_of(key: str) -> torch.Tensor:
+    def pieces_of(key: str) -> Iterator[torch.Tensor]:
         name, part = stored_as[key]
+        dtype = specs[key][0]
         if part is not None:
             if cache.get("name") != name:
                 cache.clear()
                 cache.update(name=name, parts=result.tensors.packed(quantized[name]))
-            return cache["parts"][part]
+            yield cache["parts"][part]
+            return
         ref = stacks.get(name)
-        if ref is None:
-            return value(name).detach().to(specs[key][0])
-        if cache.get("name") != ref.param:
-            cache.clear()
-            cache.update(name=ref.param, stack={ref.param: value(ref.param)})
-        return ref.view(cache["stack"]).detach().to(specs[key][0])
+        if ref is not None:
+            if cache.get("name") != ref.param:
+                cache.clear()
+                cache.update(name=ref.param, stack={ref.param: value(ref.param)})
+            yield ref.view(cache["stack"]).detach().to(dtype)
+        elif name in result.changed or name in loaded.residents or len(params[name]) < 2:
+            yield value(name).detach().to(dtype)
+        else:  # a kept matrix read from the source a slice of rows at a time (an embedding: ~1 GB in float32)
+            for rows in loaded.row_slices(name):
+                yield loaded.read(name, rows=rows).to(dtype)
 
     metadata = {METADATA_KEY: json.dumps({"layout": LAYOUT_VERSION, "tensors": entries})}
     path = Path(out_dir) / WEIGHTS_FILE
-    write_safetensors(path, specs, tensor_of, metadata)
+    write_safetensors(path, specs, pieces_of, metadata)
     storage = Storage(
         payload_bytes=sum(nb for _, _, nb in plan.values()),
         file_bytes=path.stat().st_size,
@@ -196,14 +203,14 @@ class StoredModel:
         """The stored tensors of one quantized parameter, by part (`qweight`, `scales`, `blocks`, ...)."""
         return self._read([k for k in self.keys if k.startswith(name + ".")], len(name) + 1)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """A parameter stored whole (a kept one)."""
-        return self._read([name], 0)[name]
+    def tensor(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """A parameter stored whole (a kept one), or its rows `rows`."""
+        return self._read([name], 0, rows)[name]
 
-    def _read(self, keys: list[str], cut: int) -> dict[str, torch.Tensor]:
+    def _read(self, keys: list[str], cut: int, rows: slice | None = None) -> dict[str, torch.Tensor]:
         try:
             with safe_open(str(self.path), framework="pt") as f:
-                return {k[cut:]: f.get_tensor(k) for k in keys}
+                return {k[cut:]: f.get_tensor(k) if rows is None else f.get_slice(k)[rows] for k in keys}
         except Exception as e:
             raise MixqError(f"cannot read {self.path}: {e}") from None
 
@@ -223,12 +230,17 @@ class NativeSource(WeightSource):
                 self._experts.setdefault(entry["stack"], []).append(name)
         self.names = (set(self._entries) - {n for ns in self._experts.values() for n in ns}) | set(self._experts)
 
-    def _matrix(self, name: str) -> torch.Tensor:
+    def _matrix(self, name: str, rows: slice | None = None) -> torch.Tensor:
         entry = self._entries[name]
         fmt, shape = entry["format"], tuple(entry["shape"])
         if fmt in KEPT_FORMATS:
-            return self._stored.tensor(name).to(torch.float32, copy=True)
-        return parse_format(fmt).unpack(self._stored.parts(name), shape).dequantize()
+            return self._stored.tensor(name, rows).to(torch.float32, copy=True)
+        return parse_format(fmt).unpack(self._stored.parts(name), shape, rows).dequantize()
+
+    def rows(self, name: str, rows: slice) -> torch.Tensor:
+        if name in self._experts or name not in self._entries:
+            return super().rows(name, rows)
+        return self._matrix(name, rows)
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self._experts:

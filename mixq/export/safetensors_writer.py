@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -27,9 +27,10 @@ WRITE_RANK = {dtype: rank for rank, dtype in enumerate(DTYPE_NAMES)}
 
 
 def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                      tensor_of: Callable[[str], torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write `path` holding a tensor per name of `specs` (dtype, shape), each made by `tensor_of(name)`
-    when its turn comes."""
+                      pieces_of: Callable[[str], Iterable[torch.Tensor]], metadata: dict[str, str]) -> None:
+    """Write `path` holding a tensor per name of `specs` (dtype, shape), each made by `pieces_of(name)`
+    when its turn comes: the tensor whole, or in consecutive slices along its first dimension (so
+    that not even one tensor need be held whole)."""
     order = sorted(specs, key=lambda n: (WRITE_RANK[specs[n][0]], n))
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
@@ -44,7 +45,13 @@ def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int,
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
         for name in order:
-            t = tensor_of(name)
-            if (t.dtype, tuple(t.shape)) != (specs[name][0], tuple(specs[name][1])):
-                raise MixqError(f"internal error: {name} is {t.dtype} {tuple(t.shape)}, announced as {specs[name]}")
-            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+            dtype, shape = specs[name][0], tuple(specs[name][1])
+            rows = 0
+            for t in pieces_of(name):
+                whole = t.dim() == len(shape) == 0
+                if t.dtype != dtype or (not whole and tuple(t.shape[1:]) != shape[1:]):
+                    raise MixqError(f"internal error: {name} is {t.dtype} {tuple(t.shape)}, announced as {specs[name]}")
+                rows += 1 if whole else t.shape[0]
+                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+            if rows != (shape[0] if shape else 1):
+                raise MixqError(f"internal error: {name} came in {rows} rows, announced as {specs[name]}")

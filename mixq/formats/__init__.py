@@ -35,7 +35,10 @@ class Format(Protocol):
 
     def pack(self, q: QTensor) -> dict[str, torch.Tensor]: ...
 
-    def unpack(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> QTensor: ...
+    def unpack(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int], rows: slice | None = None) -> QTensor:
+        """The QTensor of stored `tensors` of a (rows, cols) matrix; with `rows` (a slice, step 1), only
+        those rows, read from the stored tensors without unpacking the rest."""
+        ...
 
 
 @dataclass

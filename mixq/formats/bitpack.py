@@ -23,11 +23,15 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
 
 
-def unpack_bits(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
-    """Inverse of `pack_bits`: the first `n_codes` codes as a flat uint8 tensor."""
+def unpack_bits(packed: torch.Tensor, bits: int, n_codes: int, first: int = 0) -> torch.Tensor:
+    """Inverse of `pack_bits`: codes `first` .. `first + n_codes` as a flat uint8 tensor (only their
+    bytes are unpacked, so a slice of rows costs its own size)."""
     p = packed.reshape(-1).numpy()
     if bits == 8:
-        return torch.from_numpy(p[:n_codes].copy())
-    planes = np.unpackbits(p, bitorder="little", count=n_codes * bits).reshape(n_codes, bits)
+        return torch.from_numpy(p[first : first + n_codes].copy())
+    start, lead = divmod(first * bits, 8)
+    n_bits = lead + n_codes * bits
+    stream = np.unpackbits(p[start : start + (n_bits + 7) // 8], bitorder="little", count=n_bits)[lead:]
+    planes = stream.reshape(n_codes, bits)
     weights = (1 << np.arange(bits, dtype=np.uint16)).astype(np.uint8)
     return torch.from_numpy((planes * weights).sum(axis=1, dtype=np.uint8))

@@ -231,11 +231,14 @@ class GGMLFormat:
         assert data.shape == (n, self.type_size)
         return {"blocks": torch.from_numpy(np.ascontiguousarray(data).reshape(rows, -1))}
 
-    def unpack(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> QTensor:
+    def unpack(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int], rows: slice | None = None) -> QTensor:
         self._check(shape)
-        rows, cols = shape
+        blocks = tensors["blocks"].reshape(shape[0], -1)
+        if rows is not None:
+            blocks = blocks[rows]
+        rows, cols = blocks.shape[0], shape[1]
         n = rows * cols // self.block
-        data = tensors["blocks"].numpy().reshape(n, self.type_size)
+        data = blocks.numpy().reshape(n, self.type_size)
         codes, params = _LAYOUTS[self.name][1](self, data)
         return params.to_qtensor(self, torch.from_numpy(codes.reshape(rows, cols).astype(np.uint8)), rows)
 

@@ -185,14 +185,17 @@ class IntFormat:
             out["qzeros"] = pack_bits(q.zero, self.bits)
         return out
 
-    def unpack(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> QTensor:
-        rows, cols = shape
-        codes = unpack_bits(tensors["qweight"], self.bits, rows * cols).view(rows, cols)
-        scale = tensors["scales"].float()
+    def unpack(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int], rows: slice | None = None) -> QTensor:
+        n_rows, cols = shape
+        rows = slice(*rows.indices(n_rows)) if rows is not None else slice(0, n_rows)
+        taken = rows.stop - rows.start
+        codes = unpack_bits(tensors["qweight"], self.bits, taken * cols, rows.start * cols).view(taken, cols)
+        scale = tensors["scales"][rows].float()
         if self.symmetric:
             zero = torch.full_like(scale, 2.0 ** (self.bits - 1))
         else:
-            zero = unpack_bits(tensors["qzeros"], self.bits, scale.numel()).view_as(scale).float()
+            n_groups = scale.shape[1]
+            zero = unpack_bits(tensors["qzeros"], self.bits, scale.numel(), rows.start * n_groups).view_as(scale).float()
         return QTensor(self, codes, scale, zero)
 
 

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from mixq.errors import MixqError
 from mixq.formats import Format, QTensor
 from mixq.formats.integer import decode, encode
+from mixq.memory import release_tail
 from mixq.methods import MethodSettings, register_batched, register_method
 
 GPTQ_PRECISION = torch.float32  # the column loop; the Cholesky factorisations run in float64
@@ -43,7 +45,9 @@ def permuted_float64(H: torch.Tensor, perm: torch.Tensor, rows: int = 1024) -> t
 
 def inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
     """The upper Cholesky factor of H^-1 (float32) from a float64 H that it overwrites: LAPACK's
-    factorisations run in place, so a 8960-wide H costs one float64 copy, not four."""
+    factorisations run in place and the float32 result is written over the first half of H's own
+    memory (the second half given back to the system), so a 8960-wide H costs one float64 copy at
+    the factorisation and one float32 matrix after."""
     from scipy.linalg import lapack
 
     a = H.numpy().T  # H is symmetric: its transpose is the same matrix in LAPACK's column order
@@ -54,8 +58,24 @@ def inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
         if info != 0:
             raise MixqError(f"GPTQ: the damped H is not positive definite (LAPACK step {step}, info {info}); "
                             "raise the damping")
-    out = torch.empty(H.shape, dtype=GPTQ_PRECISION)
-    return out.copy_(torch.from_numpy(a))
+    assert np.shares_memory(a, H.numpy()), "LAPACK did not factorise in place"
+    return _narrowed_in_place(H).T  # H's rows now hold the factor's columns (U^T, lower, clean)
+
+
+def _narrowed_in_place(M: torch.Tensor) -> torch.Tensor:
+    """M (float64, n x n, contiguous) as float32 in the first half of its own memory. Rows are
+    converted in runs [s, 2s): a run's float32 bytes end where its float64 rows begin, so nothing is
+    overwritten before it is read. The pages of the second half are returned to the system."""
+    n = M.shape[0]
+    out = M.view(-1).view(torch.float32)[: n * n].view(n, n)
+    out[0].copy_(M[0].clone())  # row 0 overlaps itself
+    start = 1
+    while start < n:
+        stop = min(n, 2 * start)
+        out[start:stop].copy_(M[start:stop])
+        start = stop
+    release_tail(M, n * n * 4)
+    return out
 
 
 def chooses_grid_first(fmt: Format) -> bool:
@@ -99,11 +119,11 @@ def quantize_gptq_many(
 
     perm = torch.argsort(diag, descending=True) if settings.act_order else torch.arange(cols)
     inv_perm = torch.argsort(perm)
-    W = W.repeat(k, 1)[:, perm]  # (k*rows, cols), columns in visiting order
     H = permuted_float64(H, perm)  # factorised in place: this one copy is GPTQ's peak
     H.diagonal().copy_(diag[perm] + settings.damp * diag.mean())
-    Hinv = inverse_cholesky(H)
+    Hinv = inverse_cholesky(H)  # a view over H's memory
     del H
+    W = W.repeat(k, 1)[:, perm]  # (k*rows, cols), columns in visiting order
 
     group_of = perm // glen  # (cols,) group of each visited position
     Q = torch.zeros(k * rows, cols)
@@ -112,7 +132,7 @@ def quantize_gptq_many(
         i2 = min(i1 + B, cols)
         W1 = W[:, i1:i2].clone()  # (k*rows, i2-i1)
         Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        Hinv1 = Hinv[i1:i2, i1:i2].contiguous()
         for i in range(i2 - i1):
             g = int(group_of[i1 + i])
             if not ready[:, g].all():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from mixq.models.source import GGUFSource, SafetensorsSource, WeightSource, gguf
 log = logging.getLogger(__name__)
 
 HUB_PREFIX = "hf:"
+SLICE_BYTES = 1 << 26  # float32 bytes of a matrix read at once by `row_slices`
 
 
 @dataclass
@@ -101,6 +103,38 @@ class LoadedModel:
             return self.embedding(source)
         return self.read(f"{self.layout.head}.weight", source)
 
+    def row_slices(self, name: str) -> Iterator[slice]:
+        """Consecutive slices of the rows of parameter `name`, each at most SLICE_BYTES in float32:
+        how a matrix too large to hold twice (an embedding, an output matrix) is read."""
+        rows, cols = self.model.get_parameter(name).shape[:2]
+        step = max(1, SLICE_BYTES // (4 * cols))
+        for start in range(0, rows, step):
+            yield slice(start, min(rows, start + step))
+
+    def embedding_rows(self, ids: torch.Tensor, source: WeightSource | None = None) -> torch.Tensor:
+        """Rows `ids` (sorted, distinct) of the input embedding (float32), from `source` (default: the
+        model's own), read a slice of the vocabulary at a time."""
+        if self.tied_embedding and source is None:
+            return self.residents[self.embedding_key][ids]
+        out = torch.empty(len(ids), self.hidden_size)
+        for rows in self.row_slices(self.embedding_key):
+            lo, hi = torch.searchsorted(ids, torch.tensor([rows.start, rows.stop])).tolist()
+            if hi > lo:
+                out[lo:hi] = self.read(self.embedding_key, source, rows)[ids[lo:hi] - rows.start]
+        return out
+
+    def head_rows(self, rows: slice, source: WeightSource | None = None) -> torch.Tensor:
+        """Rows `rows` of the output matrix (float32), read alone: what streams the head over the
+        vocabulary without holding it whole."""
+        if self.tied_embedding and source is None:
+            return self.residents[self.embedding_key][rows]
+        return self.read(self.embedding_key if self.tied_embedding else f"{self.layout.head}.weight", source, rows)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the output matrix."""
+        return self.model.get_parameter(f"{self.layout.head}.weight").shape[0]
+
     def plannable(self) -> dict[str, TensorRef]:
         """Every tensor a plan decides on: the block matrices, the input embedding when it is not tied,
         and the output (tied: embedding) matrix last."""
@@ -132,32 +166,35 @@ class LoadedModel:
                 out[name] = shape
         return out
 
-    def read(self, name: str, source: WeightSource | None = None) -> torch.Tensor:
-        """One parameter as float32, from `source` (default: the model's own), checked."""
+    def read(self, name: str, source: WeightSource | None = None, rows: slice | None = None) -> torch.Tensor:
+        """One parameter as float32, from `source` (default: the model's own), checked; with `rows`
+        (a slice, step 1), only those rows of a matrix."""
         source = source or self.source
         shape = tuple(self.model.get_parameter(name).shape)
+        if rows is not None:
+            shape = (len(range(*rows.indices(shape[0]))), *shape[1:])
         try:
-            t = source.get(name)
+            t = source.get(name) if rows is None else source.rows(name, rows)
         except KeyError:
             raise MixqError(f"{self.spec}: no tensor {name} in its weights") from None
         # A copy unless the source made new memory: a view of the mapped file must not be written to.
         t = t.float() if source.fresh else t.to(torch.float32, copy=True)
-        if shape is not None:
-            if t.numel() != torch.Size(shape).numel():
-                raise MixqError(f"{self.spec}: {name} holds {t.numel()} values, the config wants {shape}")
-            t = t.reshape(shape)
+        if t.numel() != torch.Size(shape).numel():
+            raise MixqError(f"{self.spec}: {name} holds {t.numel()} values, the config wants {shape}")
+        t = t.reshape(shape)
         if not all_finite(t):
             raise MixqError(f"model {self.spec} has NaN or infinite values in {name}")
         return t.contiguous()
 
-    def residents_from(self, source: WeightSource | None) -> dict[str, torch.Tensor]:
+    def residents_from(self, source: WeightSource | None, matrices: bool = True) -> dict[str, torch.Tensor]:
         """The parameters outside the blocks as `source` (default: the model's own) has them, with the
-        output matrix (a tied head shares the embedding's): what the runner's `logits` reads."""
+        output matrix (a tied head shares the embedding's): what the runner's `logits` reads. Without
+        `matrices`, only the small ones (norms, biases), neither embedding nor output matrix."""
         head = f"{self.layout.head}.weight"
-        if source is None:
-            out = dict(self.residents)
-        else:
-            out = {n: self.read(n, source) for n in self.residents if not (self.tied_embedding and n == head)}
+        names = [n for n in self.residents if n != head and (matrices or n != self.embedding_key)]
+        out = dict(self.residents) if source is None else {n: self.read(n, source) for n in names}
+        if not matrices:
+            return {n: out[n] for n in names}
         out[head] = out[self.embedding_key] if self.tied_embedding else self.head(source)
         return out
 

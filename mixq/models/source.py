@@ -58,6 +58,11 @@ class WeightSource:
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def rows(self, name: str, rows: slice) -> torch.Tensor:
+        """Rows `rows` (a slice, step 1) of a matrix. Sources that can read a slice alone override
+        this; here the whole matrix is read."""
+        return self.get(name)[rows]
+
     def __contains__(self, name: str) -> bool:
         return name in self.names
 
@@ -97,6 +102,12 @@ class SafetensorsSource(WeightSource):
             return False
 
     def get(self, name: str) -> torch.Tensor:
+        return self._read(name, None)
+
+    def rows(self, name: str, rows: slice) -> torch.Tensor:
+        return self._read(name, rows)
+
+    def _read(self, name: str, rows: slice | None) -> torch.Tensor:
         renamed = name.replace(".mlp.", ".block_sparse_moe.")  # Mixtral's checkpoint name of its MoE
         for key in (name, renamed):
             if key in self._where:
@@ -104,8 +115,9 @@ class SafetensorsSource(WeightSource):
                 # that pages read once do not stay resident (a handle kept open keeps every page it
                 # touched, the whole model by the end of a run).
                 with safe_open(str(self._where[key]), framework="pt") as f:
-                    return f.get_tensor(key)
-        return self._stack(name)
+                    return f.get_tensor(key) if rows is None else f.get_slice(key)[rows]
+        stack = self._stack(name)
+        return stack if rows is None else stack[rows]
 
     def _stack(self, name: str) -> torch.Tensor:
         """An expert stack transformers fuses at load from a checkpoint that lists experts as linears
@@ -124,6 +136,7 @@ class SafetensorsSource(WeightSource):
         raise KeyError(name)
 
 
+ROW_READABLE = ("token_embd.weight", "output.weight")  # GGUF tensors read a slice of rows at a time
 DEQUANTIZE_ROWS = 2048  # rows dequantized at once: gguf-py's temporaries are several times their output
 
 
@@ -176,9 +189,22 @@ class GGUFSource(WeightSource):
         self.names = set(self._tensors)
 
     def get(self, name: str) -> torch.Tensor:
+        return self._read(name, None)
+
+    def rows(self, name: str, rows: slice) -> torch.Tensor:
+        """Only the rows' blocks are dequantized for the token embedding and the output matrix (no
+        architecture's processor changes their rows); any other tensor is read whole (processors
+        reorder q/k rows by head, merge experts)."""
+        parts = self._tensors[name]
+        if len(parts) == 1 and parts[0].name in ROW_READABLE:
+            return self._read(name, rows)
+        return self.get(name)[rows]
+
+    def _read(self, name: str, rows: slice | None) -> torch.Tensor:
         scratch: dict = {"tensors": {}}
         for t in self._tensors[name]:
-            result = self._processor.process(weights=dequantize_rows(t.data, t.tensor_type), name=t.name,
+            data = t.data if rows is None else t.data[rows]
+            result = self._processor.process(weights=dequantize_rows(data, t.tensor_type), name=t.name,
                                              tensor_key_mapping=self._to_hf, parsed_parameters=scratch)
         out = scratch["tensors"].get(name)  # processors that merge tensors (MoE experts) leave them here
         if out is None:
