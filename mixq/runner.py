@@ -37,11 +37,15 @@ PROBE_SHAPE = (8, 64)  # tokens a block is probed with: enough that every expert
 
 
 def windows_per_batch(loaded: LoadedModel, seq_len: int) -> int:
-    """Windows per batch so that the widest matrix input of a block (an MLP's intermediate) takes at
-    most ACTIVATION_BYTES in float32: a forward keeps a few such tensors alive at once, which would
-    otherwise outweigh the block itself on wide models (Qwen2.5-1.5B's 8960 at 8 x 512 tokens: 147 MB each)."""
+    """Windows per batch so that a block's widest activation, its widest matrix input (an MLP's
+    intermediate) or its attention scores (heads x seq_len^2, where the attention is not fused),
+    takes at most ACTIVATION_BYTES in float32: a forward keeps a few such tensors alive at once,
+    which would otherwise outweigh the block itself (Qwen2.5-1.5B's 8960-wide intermediate at 8 x
+    512 tokens: 147 MB each)."""
     widest = max(t.shape[1] for b in loaded.layout.block_layouts for t in b.tensors)
-    return max(1, ACTIVATION_BYTES // (4 * widest * seq_len))
+    heads = getattr(loaded.config.get_text_config(), "num_attention_heads", 0) or 0
+    per_window = 4 * seq_len * max(widest, heads * seq_len)
+    return max(1, ACTIVATION_BYTES // per_window)
 
 
 class StopForward(Exception):
