@@ -82,39 +82,51 @@ def tokenize_file(tokenizer, path: Path) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def sample_windows(loaded: LoadedModel, n: int, seq_len: int, seed: int, batch_size: int = 16) -> torch.Tensor:
-    """Sequences sampled from the model (temperature 1, no truncation), cached on disk."""
-    cache = CACHE_DIR / "samples" / f"{_model_key(loaded)}-s{seed}-{n}x{seq_len}.safetensors"
+SAMPLER = "cdf1"  # names how samples are drawn: part of the cache key, so a new sampler never reads old samples
+
+
+def sample_windows(loaded: LoadedModel, n: int, seq_len: int, seed: int, batch_size: int = 64) -> torch.Tensor:
+    """Sequences sampled from the model (temperature 1, no truncation), cached on disk.
+
+    Decoding is memory-bound (each step reads every weight for one token per sequence), so the
+    sequences are decoded together in large batches with a KV cache, and tokens are drawn by
+    inverting each row's cumulative distribution (one uniform number per row; the exponential
+    draws of `torch.multinomial` cost more than the model's forward at this batch).
+    """
+    cache = CACHE_DIR / "samples" / f"{_model_key(loaded)}-{SAMPLER}-s{seed}-{n}x{seq_len}.safetensors"
     if cache.is_file():
         return load_file(cache)["ids"]
+    from transformers import DynamicCache
+
     from mixq.models import materialize
 
     model, tok = materialize(loaded), loaded.tokenizer
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    torch.manual_seed(seed)
-    out = []
+    gen = torch.Generator().manual_seed(seed)
+    windows = torch.full((n, seq_len), bos, dtype=torch.int64)
+    progress = tqdm(total=n * (seq_len - 1), desc="sampling calibration text", unit="token", unit_scale=True)
     with torch.no_grad():
-        for start in tqdm(range(0, n, batch_size), desc="sampling calibration text", unit="batch"):
-            b = min(batch_size, n - start)
-            prompt = torch.full((b, 1), bos, dtype=torch.int64)
-            ids = model.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=seq_len - 1,
-                min_new_tokens=seq_len - 1,  # no early stop at end-of-text
-                pad_token_id=bos,
-            )
-            out.append(ids[:, :seq_len])
-    windows = torch.cat(out)
+        for start in range(0, n, batch_size):
+            ids = windows[start : start + batch_size]
+            past = DynamicCache()
+            for pos in range(1, seq_len):
+                logits = model(ids[:, pos - 1 : pos], past_key_values=past, use_cache=True).logits[:, -1]
+                ids[:, pos] = draw(logits, gen)
+                progress.update(len(ids))
+    progress.close()
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".partial")
-    save_file({"ids": windows.contiguous()}, tmp)
+    save_file({"ids": windows}, tmp)
     os.replace(tmp, cache)
     return windows
+
+
+def draw(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One token per row of `logits` (rows, vocab), drawn from softmax(logits) by inverting its
+    cumulative distribution (float64) at a uniform number from `gen`."""
+    cdf = torch.softmax(logits.double(), dim=-1).cumsum(dim=-1)
+    u = torch.rand(len(cdf), 1, dtype=torch.float64, generator=gen) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
 
 
 def _model_key(loaded: LoadedModel) -> str:
