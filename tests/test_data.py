@@ -21,7 +21,7 @@ def test_sampled_windows_equal_decoding_without_a_cache(tiny_llama_dir, tmp_path
     same random numbers; the result is cached on disk and read back."""
     monkeypatch.setattr(data, "CACHE_DIR", tmp_path)
     loaded = load_model(str(tiny_llama_dir))
-    windows = sample_windows(loaded, n=5, seq_len=12, seed=3, batch_size=2)
+    windows = sample_windows(loaded, n=5, seq_len=12, seed=3, batch_size=2, dtype=torch.float32)
     model, bos = materialize(loaded), loaded.tokenizer.bos_token_id
     gen = torch.Generator().manual_seed(3)
     expected = torch.full((5, 12), bos)
@@ -37,4 +37,4 @@ def test_sampled_windows_equal_decoding_without_a_cache(tiny_llama_dir, tmp_path
         raise AssertionError("sampled again instead of reading the cache")
 
     monkeypatch.setattr("mixq.models.materialize", no_model)
-    assert torch.equal(sample_windows(loaded, n=5, seq_len=12, seed=3, batch_size=2), windows)
+    assert torch.equal(sample_windows(loaded, n=5, seq_len=12, seed=3, batch_size=2, dtype=torch.float32), windows)

@@ -226,16 +226,17 @@ def skeleton(config) -> nn.Module:
                     f"{error}")
 
 
-def materialize(loaded: LoadedModel, source: WeightSource | None = None) -> nn.Module:
-    """A complete float32 transformers model of `loaded` with the weights of `source` (default: its
-    own): the one place the whole model is held, for sampling the data-free calibration text with a
-    KV cache (done once and cached on disk) and for checks against transformers itself."""
+def materialize(loaded: LoadedModel, source: WeightSource | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A complete transformers model of `loaded` in `dtype` with the weights of `source` (default:
+    its own): the one place the whole model is held, for sampling the data-free calibration text
+    with a KV cache (done once and cached on disk) and for checks against transformers itself. Each
+    block is cast as it is read, so no float32 copy of the whole model is made for another dtype."""
     model = skeleton(loaded.config)
-    state = loaded.residents_from(source)
-    state[loaded.embedding_key] = loaded.embedding(source)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in loaded.residents_from(source).items()}
+    state[loaded.embedding_key] = loaded.embedding(source).to(dtype)
     for b in range(loaded.n_blocks):
         prefix = loaded.layout.block_prefix(b)
-        state.update({prefix + n: w for n, w in loaded.block_weights(b, source).items()})
+        state.update({prefix + n: w.to(dtype) for n, w in loaded.block_weights(b, source).items()})
     model.load_state_dict(state, strict=False, assign=True)
     if loaded.tied_embedding:
         model.get_submodule(loaded.layout.head).weight = model.get_submodule(loaded.layout.embedding).weight
