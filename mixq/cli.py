@@ -80,6 +80,8 @@ def _add_method_settings(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fp32-training", action="store_true", help="block and norm tuning: matmuls in float32 "
                    "(default: bfloat16 in their training and forward passes, 2.3-3x faster)")
     g.add_argument("--bias-correction", action="store_true", help="biases absorb their layer's mean output error")
+    g.add_argument("--fp32-passes", action="store_true", help="the passes over the calibration windows that "
+                   "capture each layer's inputs, in float32 (default: bfloat16 matmuls, float32 statistics)")
 
 
 def _add_profile_settings(p: argparse.ArgumentParser) -> None:
@@ -371,10 +373,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
         start = time.perf_counter()
         # Finished blocks' tensors wait in the output's scratch directory, not in memory.
-        result = quantize_model(loaded, windows, options, settings, reconstruct=reconstruct, spool=tmp / "spool")
+        result = quantize_model(loaded, windows, options, settings, reconstruct=reconstruct, spool=tmp / "spool",
+                                matmul_dtype=torch.float32 if args.fp32_passes else torch.bfloat16)
         seconds = time.perf_counter() - start
         info.update(
             model=loaded.spec, method_settings=vars(settings), reconstruct_settings=vars(reconstruct),
+            passes="float32" if args.fp32_passes else "bfloat16 matmuls",
             block_losses=result.block_losses, calibration=calib.describe(), quantize_seconds=seconds,
             threads=torch.get_num_threads(), rare_experts=result.rare_experts,
             plan={name: opt.name for name, opt in result.options.items()}, output_errors=result.output_errors,

@@ -166,12 +166,14 @@ def quantize_model(
     true_sequential: bool = True,
     reconstruct: ReconstructSettings = ReconstructSettings(),
     spool: Path | None = None,
+    matmul_dtype: torch.dtype = torch.bfloat16,
 ) -> QuantizedModel:
     """Quantize every planned tensor, block by block, through the runner; nothing of the model changes.
     With `spool`, each finished block's tensors wait in a file there (QuantizedTensors). Batches hold
-    `batch_size` windows (default: as many as `windows_per_batch` allows)."""
+    `batch_size` windows (default: as many as `windows_per_batch` allows). The blocks' passes run
+    their matmuls in `matmul_dtype`; statistics are accumulated in float32 either way."""
     result = QuantizedModel(QuantizedTensors(spool))
-    runner = BlockRunner(loaded)
+    runner = BlockRunner(loaded, matmul_dtype)
     batch_size = batch_size or windows_per_batch(loaded, windows.shape[1])
     trained = reconstruct.norm_tuning or any(o.method in BLOCK_METHODS for o in plan.values())
     fp_stream = trained and reconstruct.target == "fp"

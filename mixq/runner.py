@@ -12,7 +12,8 @@ Every stage (capture, profile, quantize, reconstruct, evaluate) calls blocks thr
   soft-capping, over chunks of tokens so a 262k vocabulary never makes a (batch, seq, vocab) tensor
   larger than `CHUNK_BYTES`; `head_slices` reads the output matrix a slice of vocabulary rows at a
   time, for stages that stream the head instead of holding it (evaluation).
-Computation is float32 on the CPU; reconstruction's passes add bfloat16 autocast around `call`.
+Blocks compute in float32, or with their matmuls in bfloat16 (`matmul_dtype`, autocast: the
+residual stream, norms and what the watchers see stay float32).
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ def block_output(y: Any) -> torch.Tensor:
 
 
 class BlockRunner:
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, matmul_dtype: torch.dtype = torch.float32):
         self.loaded = loaded
+        self.matmul_dtype = matmul_dtype
         self._kwargs: dict[tuple[int, int], list[dict[str, Any]]] = {}
         self._head: dict[str, torch.Tensor] | None = None  # the model's own head, read at first use
 
@@ -152,7 +154,8 @@ class BlockRunner:
     def call(self, b: int, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Block `b` with parameters `weights` (names inside the block) on hidden states `x`."""
         block = self.loaded.blocks()[b]
-        return block_output(functional_call(block, weights, (x,), self.kwargs(b, x), strict=False))
+        with torch.autocast(x.device.type, dtype=self.matmul_dtype, enabled=self.matmul_dtype != torch.float32):
+            return block_output(functional_call(block, weights, (x,), self.kwargs(b, x), strict=False))
 
     def run(self, b: int, weights: dict[str, torch.Tensor], batches: list[torch.Tensor]) -> list[torch.Tensor]:
         """Block `b`'s outputs for every batch (batches a watcher stopped early are left out)."""
