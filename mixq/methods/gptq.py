@@ -125,7 +125,8 @@ def quantize_gptq_many(
     del H
     W = W.repeat(k, 1)[:, perm]  # (k*rows, cols), columns in visiting order
 
-    group_of = perm // glen  # (cols,) group of each visited position
+    group_of = (perm // glen).tolist()  # group of each visited position
+    fitted = {g for g in range(n_groups) if ready[:, g].all()}
     Q = torch.zeros(k * rows, cols)
     B = settings.block_size
     for i1 in range(0, cols, B):
@@ -133,9 +134,10 @@ def quantize_gptq_many(
         W1 = W[:, i1:i2].clone()  # (k*rows, i2-i1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2].contiguous()
+        pivots = Hinv1.diagonal().tolist()
         for i in range(i2 - i1):
-            g = int(group_of[i1 + i])
-            if not ready[:, g].all():
+            g = group_of[i1 + i]
+            if g not in fitted:
                 W[:, i1:i2] = W1  # let the group see its compensated weights
                 group_cols = slice(g * glen, min((g + 1) * glen, cols))
                 pos = inv_perm[group_cols]  # where the group's columns sit in the visiting order
@@ -145,10 +147,11 @@ def quantize_gptq_many(
                     if one.offset is not None:
                         offset[copies[j], g] = one.offset[:, 0]
                 ready[:, g] = True
+                fitted.add(g)
             w = W1[:, i]  # (k*rows,)
             q = encode(w, scale[:, g], zero[:, g], qmax, offset[:, g])
             Q[:, i1 + i] = q
-            err = (w - decode(q, scale[:, g], zero[:, g], offset[:, g])) / Hinv1[i, i]
+            err = (w - decode(q, scale[:, g], zero[:, g], offset[:, g])) / pivots[i]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
