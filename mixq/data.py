@@ -106,6 +106,7 @@ def sample_windows(loaded: LoadedModel, n: int, seq_len: int, seed: int, batch_s
     model.set_attn_implementation(decode.ATTENTION)
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     gen = torch.Generator().manual_seed(seed)
+    cache_kwarg = decode.cache_argument(model)
     windows = torch.full((n, seq_len), bos, dtype=torch.int64)
     progress = tqdm(total=n * (seq_len - 1), desc="sampling calibration text", unit="token", unit_scale=True)
     with torch.no_grad():
@@ -113,7 +114,7 @@ def sample_windows(loaded: LoadedModel, n: int, seq_len: int, seed: int, batch_s
             ids = windows[start : start + batch_size]
             past = decode.preallocated_cache(loaded.n_blocks, seq_len)
             for pos in range(1, seq_len):
-                logits = model(ids[:, pos - 1 : pos], past_key_values=past, use_cache=True).logits[:, -1]
+                logits = model(ids[:, pos - 1 : pos], use_cache=True, **{cache_kwarg: past}).logits[:, -1]
                 ids[:, pos] = draw(logits, gen)
                 progress.update(len(ids))
     progress.close()

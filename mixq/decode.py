@@ -11,6 +11,8 @@ key head.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.cache_utils import Cache, DynamicLayer
@@ -54,6 +56,12 @@ class PreallocatedLayer(DynamicLayer):
 
 def preallocated_cache(n_layers: int, capacity: int) -> Cache:
     return Cache(layers=[PreallocatedLayer(capacity) for _ in range(n_layers)])
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name under which the model's forward takes its KV cache: transformers 5.2x renamed
+    `past_key_values` to `cache` (the old name still works there, with a deprecation warning)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def one_token_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None,

@@ -17,8 +17,8 @@ def test_cached_decoding_equals_the_full_forward(tiny_models, family):
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         model.set_attn_implementation(decode.ATTENTION)
-        past = decode.preallocated_cache(loaded.n_blocks, seq)
-        steps = [model(ids[:, p : p + 1], past_key_values=past, use_cache=True).logits[:, -1] for p in range(seq)]
+        cache = {decode.cache_argument(model): decode.preallocated_cache(loaded.n_blocks, seq)}
+        steps = [model(ids[:, p : p + 1], use_cache=True, **cache).logits[:, -1] for p in range(seq)]
     torch.testing.assert_close(torch.stack(steps, 1), full, rtol=1e-4, atol=1e-4 * full.abs().max().item())
 
 
