@@ -146,14 +146,14 @@ def embedding_stats(loaded: LoadedModel, windows: torch.Tensor) -> LayerStats:
     return LayerStats(torch.eye(dim, dtype=STATS_DTYPE) * (n_tokens / vocab), n_tokens)
 
 
-def iter_stats(loaded: LoadedModel, windows: torch.Tensor,
-               batch_size: int) -> Iterator[tuple[dict[str, LayerStats], dict[str, torch.Tensor]]]:
+def iter_stats(loaded: LoadedModel, windows: torch.Tensor, batch_size: int,
+               matmul_dtype: torch.dtype = torch.float32) -> Iterator[tuple[dict[str, LayerStats], dict[str, torch.Tensor]]]:
     """(LayerStats, float32 matrix) of every plannable tensor with the model's own weights: an untied
     input embedding first, then one block at a time, the output matrix last, so a consumer holds
-    one block's weights and statistics at once."""
+    one block's weights and statistics at once. The blocks' matmuls run in `matmul_dtype`."""
     from tqdm.auto import tqdm
 
-    runner = BlockRunner(loaded)
+    runner = BlockRunner(loaded, matmul_dtype)
     layout = loaded.layout
     if not loaded.tied_embedding:
         yield ({layout.embedding: embedding_stats(loaded, windows)},

@@ -81,7 +81,8 @@ def _add_method_settings(p: argparse.ArgumentParser) -> None:
                    "(default: bfloat16 in their training and forward passes, 2.3-3x faster)")
     g.add_argument("--bias-correction", action="store_true", help="biases absorb their layer's mean output error")
     g.add_argument("--fp32-passes", action="store_true", help="the passes over the calibration windows that "
-                   "capture each layer's inputs, in float32 (default: bfloat16 matmuls, float32 statistics)")
+                   "capture each layer's inputs (quantize and profile), in float32 (default: bfloat16 matmuls, "
+                   "float32 statistics)")
 
 
 def _add_profile_settings(p: argparse.ArgumentParser) -> None:
@@ -229,6 +230,8 @@ def _reconstruct_settings(args: argparse.Namespace):
 def _profile_settings(args: argparse.Namespace):
     import dataclasses
 
+    import torch
+
     from mixq.options import OptionSpace
     from mixq.profile import ProfileSettings
 
@@ -239,7 +242,8 @@ def _profile_settings(args: argparse.Namespace):
     space.options()  # validates bits, group sizes and methods before any long work
     return ProfileSettings(space=space, method_settings=_method_settings(args), fisher_windows=args.fisher_windows,
                            measure=tuple(args.measure), tie=args.tie, measure_every=args.measure_every,
-                           row_fraction=args.row_fraction, reconstruct=_reconstruct_settings(args))
+                           row_fraction=args.row_fraction, reconstruct=_reconstruct_settings(args),
+                           capture_dtype=torch.float32 if args.fp32_passes else torch.bfloat16)
 
 
 def _calibration(args: argparse.Namespace):

@@ -3,7 +3,7 @@ a one-token attention, for sampling the data-free calibration text.
 
 transformers' own decoding spends most of a step elsewhere on CPU: `DynamicCache` concatenates
 the whole cache at every token, and the CPU kernel of scaled_dot_product_attention is slow for a
-single query (both measured in bench/results/speed.md). Here each layer's keys and values live in
+single query (bench/results/speed.md times both loops). Here each layer's keys and values live in
 buffers sized for the whole sequence, the keys stored transposed so that `q @ k^T` reads them in
 place, and attention for one query is two batched products per group of query heads sharing a
 key head.

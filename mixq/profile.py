@@ -176,6 +176,7 @@ class ProfileSettings:
     row_fraction: float = 1.0  # errors (and measured KL) from this share of each tensor's rows, scaled up
     reconstruct: ReconstructSettings = ReconstructSettings()  # the `block` method's settings
     gain_blocks: int = 2  # blocks on which the learned-rounding methods' gains are measured
+    capture_dtype: torch.dtype = torch.bfloat16  # matmuls of the statistics passes (sums in float32)
 
 
 def measure_formats(space: OptionSpace) -> tuple[str, ...]:
@@ -280,7 +281,7 @@ def build_profile(
     timings["capture"] = timings["quantize"] = 0.0
     t0 = time.perf_counter()
     progress = tqdm(total=T, desc="profiling tensors", unit="tensor")
-    for block_stats, matrices in capture.iter_stats(loaded, calib, settings.batch_size):  # one block at a time
+    for block_stats, matrices in capture.iter_stats(loaded, calib, settings.batch_size, settings.capture_dtype):  # one block at a time
         t1 = time.perf_counter()
         timings["capture"] += t1 - t0
         rare.update(capture.rare_experts(block_stats, plannable))
@@ -488,37 +489,92 @@ def sample_rows(n_rows: int, fraction: float, seed: int) -> torch.Tensor:
     return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))[:keep].sort().values
 
 
+class KLToReference:
+    """Mean KL(reference || model) over every token of some windows, from the reference's hidden
+    states leaving the last block (`final`, per batch).
+
+    Where the logits are linear in the final norm's output z = (n W^T + b) / c (no soft-capping) and
+    the model keeps the reference's head, per token
+        KL = sum_i p_i log p_i - (n . e + p . b) / c + logsumexp(z),   e = sum_i p_i W_i,
+    with p the reference's probabilities: the first term, e and p . b are computed once, so a point
+    costs one product with the output matrix and a logsumexp, never a pass over (tokens, vocabulary)
+    probabilities (which cost 4x more). The per-token terms are summed in float64: KL is a small
+    difference of terms near the logits' size. Otherwise both sides' log-probabilities are
+    computed, a chunk of tokens at a time.
+    """
+
+    def __init__(self, runner: BlockRunner, final: list[torch.Tensor]):
+        self.runner, self.final = runner, final
+        self.n_tokens = sum(h.shape[0] * h.shape[1] for h in final)
+        linear = not getattr(runner.loaded.config.get_text_config(), "final_logit_softcapping", None)
+        self.terms = [self._reference_terms(h) for h in final] if linear else None
+
+    def _reference_terms(self, h: torch.Tensor) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
+        """Per chunk of tokens: (the chunk, sum_i p_i log p_i - (p . b) / c, e), float64."""
+        head = self.runner.head()
+        W = head[f"{self.runner.loaded.layout.head}.weight"].float()
+        bias = head.get(f"{self.runner.loaded.layout.head}.bias")
+        flat = h.reshape(-1, h.shape[-1])
+        terms = []
+        for s in self.runner.token_chunks(h):
+            log_p = F.log_softmax(self.runner.logits(flat[s]), dim=-1)
+            p = log_p.exp()
+            constant = (p * log_p).sum(-1, dtype=torch.float64)
+            if bias is not None:
+                constant -= self.runner.scaled((p @ bias.float()).double())
+            terms.append((s, constant, (p @ W).double()))
+        return terms
+
+    def __call__(self, final: list[torch.Tensor], residents: dict[str, torch.Tensor] | None = None) -> float:
+        """The mean KL of a model whose last block left `final`, its head in `residents` (default:
+        the reference's own)."""
+        runner = self.runner
+        total = 0.0
+        with torch.no_grad():
+            if self.terms is not None and residents is None:
+                for h, terms in zip(final, self.terms):
+                    flat = h.reshape(-1, h.shape[-1])
+                    for s, constant, expected in terms:
+                        n = runner.normed(flat[s], runner.head())
+                        lse = torch.logsumexp(runner.projected(n), dim=-1).double()
+                        total += (constant - runner.scaled((n.double() * expected).sum(-1)) + lse).sum().item()
+            else:
+                for ref, h in zip(self.final, final):
+                    ref_flat, flat = ref.reshape(-1, ref.shape[-1]), h.reshape(-1, h.shape[-1])
+                    for s in runner.token_chunks(h):
+                        log_p = F.log_softmax(runner.logits(ref_flat[s]), dim=-1)
+                        log_q = F.log_softmax(runner.logits(flat[s], residents), dim=-1)
+                        total += (log_p.exp() * (log_p - log_q)).sum(dtype=torch.float64).item()
+        return max(total, 0.0) / self.n_tokens
+
+
 def measure_kl(
     loaded: LoadedModel,
     windows: torch.Tensor,
     tensors: list[str],
     items: dict[tuple[int, int], tuple[torch.Tensor, QTensor]],
     batch_size: int,
+    matmul_dtype: torch.dtype = torch.float32,
 ) -> dict[tuple[int, int], float]:
     """Mean KL(reference || model) on `windows` with only tensor t replaced: items[(t, o)] holds the
     rows replaced and their QTensor.
 
-    The reference's hidden states and log-probabilities are computed once. The points of one block
+    The reference's hidden states and its terms of the KL are computed once. The points of one block
     then run together: each replaces its matrix in that block, and all of them go through the rest
     of the model in one sweep, so each later block is read once per starting block.
     """
-    runner = BlockRunner(loaded)
+    runner = BlockRunner(loaded, matmul_dtype)
     refs = loaded.plannable()
     layout = loaded.layout
     block_of = {n: b for b in range(loaded.n_blocks) for n in loaded.block_tensors(b)}
     hidden = [runner.embed(windows, batch_size)]  # hidden[b]: the batches entering block b
     for b in tqdm(range(loaded.n_blocks), desc="reference for KL", unit="block"):
         hidden.append(runner.run(b, loaded.block_weights(b), hidden[-1]))
-    reference = [runner.log_probs(h) for h in hidden[-1]]
-    n_tokens = sum(r.shape[0] * r.shape[1] for r in reference)
+    kl_of = KLToReference(runner, hidden[-1])
 
     def replaced(W: torch.Tensor, item: tuple[torch.Tensor, QTensor]) -> torch.Tensor:
         rows, q = item
         return W.detach().float().index_copy(0, rows, q.dequantize())
-
-    def kl_of(final: list[torch.Tensor], residents: dict[str, torch.Tensor] | None = None) -> float:
-        kl = sum((ref.exp() * (ref - runner.log_probs(h, residents))).sum().item() for ref, h in zip(reference, final))
-        return max(kl, 0.0) / n_tokens
 
     by_start: dict[int, list[tuple[int, int]]] = {}
     for (t, o) in items:

@@ -8,7 +8,7 @@ Every stage (capture, profile, quantize, reconstruct, evaluate) calls blocks thr
   rotary embeddings of its layer type, position ids; no cache;
 - `call` / `run`: one block on given hidden states with a given dict of its parameters (the skeleton
   holds none: `torch.func.functional_call`);
-- `logits` / `log_probs`: the head: final norm, output matrix (tied or not), logit scaling and
+- `logits`: the head: final norm, output matrix (tied or not), logit scaling and
   soft-capping, over chunks of tokens so a 262k vocabulary never makes a (batch, seq, vocab) tensor
   larger than `CHUNK_BYTES`; `head_slices` reads the output matrix a slice of vocabulary rows at a
   time, for stages that stream the head instead of holding it (evaluation).
@@ -191,8 +191,13 @@ class BlockRunner:
         """Logits of hidden states leaving the last block: final norm, output matrix, scaling, soft-cap,
         with the parameters in `residents` (default: the model's own)."""
         r = residents or self.head()
+        return self.projected(self.normed(h, r), r)
+
+    def projected(self, normed: torch.Tensor, residents: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits of the final norm's output: output matrix, scaling, soft-cap."""
+        r = residents or self.head()
         head = self.loaded.layout.head
-        return self.scaled(F.linear(self.normed(h, r), r[f"{head}.weight"], r.get(f"{head}.bias")).float())
+        return self.scaled(F.linear(normed, r[f"{head}.weight"], r.get(f"{head}.bias")).float())
 
     def head_slices(self, source: WeightSource | None = None,
                     residents: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None]]:
@@ -212,12 +217,6 @@ class BlockRunner:
         step = max(1, CHUNK_BYTES // (4 * width))
         for start in range(0, n, step):
             yield slice(start, min(n, start + step))
-
-    def log_probs(self, h: torch.Tensor, residents: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """(B, T, V) float32 log-probabilities of hidden states leaving the last block."""
-        flat = h.reshape(-1, h.shape[-1])
-        out = torch.cat([F.log_softmax(self.logits(flat[s], residents), dim=-1) for s in self.token_chunks(h)])
-        return out.reshape(*h.shape[:2], -1)
 
 
 def discover_block_layouts(loaded: LoadedModel) -> tuple[BlockLayout, ...]:

@@ -164,3 +164,33 @@ def test_row_fraction_estimates_the_whole(tiny_llama_dir, text_file):
     assert 0.5 < np.median(ratio) < 2.0 and not np.allclose(ratio, 1.0)
     assert set(half.importance) == set(half.tensors) and half.importance["lm_head" if "lm_head" in half.tensors
                                                                           else "model.embed_tokens"].ndim == 1
+
+
+@pytest.mark.parametrize("family", ["llama", "granite", "gemma2"])
+def test_kl_to_reference_equals_its_definition(tiny_models, family):
+    """The KL the profile measures, from precomputed reference terms (linear heads: llama tied,
+    granite with its logit scaling and here a head bias) or from both sides' log-probabilities
+    (gemma2's soft-capped logits), equals sum p (log p - log q) over every token."""
+    import torch
+    import torch.nn.functional as F
+
+    from mixq.profile import KLToReference
+    from mixq.runner import BlockRunner
+
+    loaded = load_model(str(tiny_models(family)))
+    runner = BlockRunner(loaded)
+    gen = torch.Generator().manual_seed(0)
+    if family == "granite":
+        loaded.config.get_text_config().logits_scaling = 0.5
+        head = loaded.layout.head
+        runner._head = {**runner.head(), f"{head}.bias": torch.randn(loaded.vocab_size, generator=gen)}
+    reference = [torch.randn(2, 7, loaded.hidden_size, generator=gen) for _ in range(2)]
+    model = [h + torch.randn(h.shape, generator=gen) for h in reference]
+    kl = KLToReference(runner, reference)
+    assert (kl.terms is None) == (family == "gemma2")
+    log_p = [F.log_softmax(runner.logits(h).double(), -1) for h in reference]  # float64: the ground truth
+    log_q = [F.log_softmax(runner.logits(h).double(), -1) for h in model]
+    expected = sum((p.exp() * (p - q)).sum().item() for p, q in zip(log_p, log_q)) / 28
+    assert expected > 1e-3
+    assert kl(model) == pytest.approx(expected, rel=1e-4)  # float32 logits on both sides
+    assert kl(reference) < 1e-6

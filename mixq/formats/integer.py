@@ -28,6 +28,7 @@ from mixq.formats.bitpack import pack_bits, packed_nbytes, unpack_bits
 MIN_BITS, MAX_BITS = 2, 8
 GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # 0 means one group per output channel
 FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal); scales never round to 0
+FIT_ELEMENTS = 1 << 22  # weights x clipping factors tried at once by `fit` (16 MiB of float32)
 
 
 def encode(
@@ -133,13 +134,18 @@ class IntFormat:
         G = self.grouped(W)  # (rows, n_groups, group_len)
         imp = self.grouped(importance.unsqueeze(0))  # (1, n_groups, group_len), zero on padding
         lo, hi = self.group_range(G)
+        clips = torch.linspace(1.0, clip_min, max(clip_grid, 1))
         best_err = best_scale = best_zero = None
-        for clip in torch.linspace(1.0, clip_min, max(clip_grid, 1)).tolist():
-            scale, zero = self.qparams_from_range(lo, hi, clip)
-            s, z = scale.unsqueeze(2), zero.unsqueeze(2)
+        # Several factors at once, (factors, rows, n_groups, group_len), within FIT_ELEMENTS: a
+        # GPTQ group's fit is small, and one factor at a time would spend its time in Python.
+        for chunk in clips.split(max(1, FIT_ELEMENTS // G.numel())):
+            scale, zero = self.qparams_from_range(lo, hi, chunk.view(-1, 1, 1))  # (factors, rows, n_groups)
+            s, z = scale.unsqueeze(3), zero.unsqueeze(3)
             # squared error of every weight, in place: (scale * (code - zero) - w)^2 * importance
             e = torch.div(G, s).round_().add_(z).clamp_(0, self.qmax).sub_(z).mul_(s).sub_(G)
-            err = e.square_().mul_(imp).sum(dim=2)  # (rows, n_groups)
+            err = e.square_().mul_(imp).sum(dim=3)  # (factors, rows, n_groups)
+            err, first = err.min(dim=0)  # the first of equal errors: the widest range wins ties
+            scale, zero = scale.gather(0, first[None])[0], zero.gather(0, first[None])[0]
             if best_err is None:
                 best_err, best_scale, best_zero = err, scale, zero
             else:

@@ -1,0 +1,206 @@
+"""Speed of the stages that dominate a run, each against the way it was done before, in one run.
+
+    python bench/speed.py --text ../shared/data/wikitext-2-raw/wiki.test.raw
+
+On SmolLM2-135M (the embedded default model):
+- sampling calibration text (the data-free default): transformers' own decoding (float32 weights,
+  `DynamicCache`, SDPA attention, one token per step for a batch of windows) against mixq's
+  (`mixq.decode`: bfloat16 weights, a preallocated cache and a one-token attention), both drawing
+  with `mixq.data.draw`, on the same batch;
+- one block over a batch of windows, float32 against bfloat16 matmuls (`BlockRunner`'s
+  `matmul_dtype`), averaged over every block;
+- one measured KL point of the profile: the full-vocabulary sum over the reference's stored
+  log-probabilities (what the profile did before) against `KLToReference`, timed on the KL alone
+  (the remaining blocks are the same for both), and the two values compared on real points (every
+  matrix of three blocks quantized alone to int3-g128 and int4-g128 by RTN).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported
+
+from uniform import commit, machine  # noqa: E402
+
+from mixq.atomic import atomic_write_text  # noqa: E402
+from mixq.report import markdown_table  # noqa: E402
+
+
+def timed(fn, repeats: int = 1) -> tuple[float, object]:
+    """Seconds per call (the best of `repeats`) and the last result."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def decode_transformers(loaded, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """transformers' own cached decoding loop in float32, drawing as mixq does."""
+    from transformers import DynamicCache
+
+    from mixq.data import draw
+    from mixq.decode import cache_argument
+    from mixq.models import materialize
+
+    model = materialize(loaded, dtype=torch.float32)
+    model.set_attn_implementation("sdpa")
+    gen = torch.Generator().manual_seed(seed)
+    bos = loaded.tokenizer.bos_token_id
+    ids = torch.full((n, seq_len), bos if bos is not None else loaded.tokenizer.eos_token_id)
+    kwarg = cache_argument(model)
+    with torch.no_grad():
+        cache = DynamicCache()
+        for pos in range(1, seq_len):
+            ids[:, pos] = draw(model(ids[:, pos - 1 : pos], use_cache=True, **{kwarg: cache}).logits[:, -1], gen)
+    return ids
+
+
+def sampling_rows(loaded, n: int, seq_len: int) -> list[list]:
+    from mixq import data
+
+    tokens = n * (seq_len - 1)
+    base_s, _ = timed(lambda: decode_transformers(loaded, n, seq_len, seed=0))
+    with tempfile.TemporaryDirectory() as cache:
+        data.CACHE_DIR = Path(cache)  # nothing cached: every call samples
+        mixq_s, _ = timed(lambda: data.sample_windows(loaded, n, seq_len, seed=0, batch_size=n))
+    return [["sampling", f"{n} x {seq_len} tokens, one batch", "transformers float32, DynamicCache, SDPA",
+             f"{base_s:.1f} s ({tokens / base_s:.0f} tok/s)", "mixq.decode bfloat16",
+             f"{mixq_s:.1f} s ({tokens / mixq_s:.0f} tok/s)", f"{base_s / mixq_s:.2f}x"]]
+
+
+def block_rows(loaded, windows: torch.Tensor) -> list[list]:
+    from mixq.runner import BlockRunner
+
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        runner = BlockRunner(loaded, dtype)
+        batches = runner.embed(windows, len(windows))
+        runner.run(0, loaded.block_weights(0), batches)  # warm-up: oneDNN picks its kernels
+        total = 0.0
+        for b in range(loaded.n_blocks):
+            weights = loaded.block_weights(b)
+            s, out = timed(lambda: runner.run(b, weights, batches), repeats=2)
+            total += s
+            if dtype == torch.float32:
+                batches = out  # each block on its true input (bfloat16 timed on the same inputs)
+        seconds[dtype] = total / loaded.n_blocks
+    f32, b16 = seconds[torch.float32], seconds[torch.bfloat16]
+    tokens = windows.numel()
+    return [["one block pass", f"{tokens} tokens, mean of {loaded.n_blocks} blocks", "float32 matmuls",
+             f"{f32 * 1e3:.0f} ms", "bfloat16 matmuls (autocast)", f"{b16 * 1e3:.0f} ms", f"{f32 / b16:.2f}x"]]
+
+
+def kl_rows(loaded, windows: torch.Tensor) -> tuple[list[list], list[list]]:
+    """Time of the KL of one point, before and after, and the values of both on real points."""
+    from mixq.formats import parse_format
+    from mixq.methods import MethodSettings, get_method
+    from mixq.profile import KLToReference
+    from mixq.runner import BlockRunner
+
+    runner = BlockRunner(loaded)
+    hidden = [runner.embed(windows, len(windows))]
+    for b in range(loaded.n_blocks):
+        hidden.append(runner.run(b, loaded.block_weights(b), hidden[-1]))
+    reference_log_probs = [torch.cat([F.log_softmax(runner.logits(h.reshape(-1, h.shape[-1])[s]), -1)
+                                      for s in runner.token_chunks(h)]) for h in hidden[-1]]
+    n_tokens = windows.numel()
+
+    def kl_full(final: list[torch.Tensor]) -> float:
+        total = 0.0
+        for ref, h in zip(reference_log_probs, final):
+            flat = h.reshape(-1, h.shape[-1])
+            log_q = torch.cat([F.log_softmax(runner.logits(flat[s]), -1) for s in runner.token_chunks(h)])
+            total += (ref.exp() * (ref - log_q)).sum().item()
+        return max(total, 0.0) / n_tokens
+
+    setup_s, kl_terms = timed(lambda: KLToReference(runner, hidden[-1]))
+    values = []
+    times = {"full": [], "terms": []}
+    blocks = [0, loaded.n_blocks // 2, loaded.n_blocks - 1]
+    for start in blocks:
+        weights = loaded.block_weights(start)
+        prefix = loaded.layout.block_prefix(start)
+        for name, ref in loaded.block_tensors(start).items():
+            W = ref.view(weights, prefix).float()
+            for fmt in ("int3-g128", "int4-g128"):
+                q = get_method("rtn")(W, torch.eye(W.shape[1]), parse_format(fmt), MethodSettings())
+                trial = dict(weights)
+                key = ref.param.removeprefix(prefix)
+                trial[key] = weights[key].clone()
+                ref.view(trial, prefix).copy_(q.dequantize())
+                final = runner.run(start, trial, hidden[start])
+                for b in range(start + 1, loaded.n_blocks):
+                    final = runner.run(b, loaded.block_weights(b), final)
+                full_s, full = timed(lambda: kl_full(final))
+                terms_s, terms = timed(lambda: kl_terms(final))
+                times["full"].append(full_s)
+                times["terms"].append(terms_s)
+                values.append([name.removeprefix("model.layers."), fmt, f"{full:.6f}", f"{terms:.6f}",
+                               f"{abs(terms - full) / full:.1e}"])
+    full_s, terms_s = (sum(v) / len(v) for v in (times["full"], times["terms"]))
+    rows = [["KL of one profile point", f"{n_tokens} tokens, vocabulary {loaded.vocab_size}, mean of {len(values)}",
+             "stored log-probs, full-vocabulary sum", f"{full_s:.2f} s", "KLToReference",
+             f"{terms_s:.2f} s (+{setup_s:.1f} s once)", f"{full_s / terms_s:.2f}x"]]
+    return rows, values
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--text", type=Path, required=True)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--windows", type=int, default=4, help="windows of --seq-len tokens for blocks and KL")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--sample", default="64x128", help="sampled windows x tokens (default 64x128)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speed.md")
+    args = ap.parse_args()
+
+    from mixq.data import WindowSpec, load_windows
+    from mixq.models import load_model
+
+    loaded = load_model(args.model)
+    windows = load_windows(loaded, WindowSpec(args.windows, args.seq_len, args.text))
+    n, seq = (int(v) for v in args.sample.split("x"))
+    rows = sampling_rows(loaded, n, seq) + block_rows(loaded, windows)
+    kl, values = kl_rows(loaded, windows)
+    rows += kl
+    command = "python bench/speed.py " + " ".join(a if " " not in a else repr(a) for a in sys.argv[1:])
+    text = "\n".join([
+        "# Speed of the dominant stages, against the way each was done before",
+        "",
+        f"- Command: `{command}`",
+        f"- Made at commit {commit()}",
+        f"- Machine: {machine()}",
+        f"- Model: {args.model} (its shipped weights, dequantized); windows: the first {args.windows} x "
+        f"{args.seq_len} tokens of {args.text.name}",
+        "- Baselines measured in the same run (the `before` columns); the KL of a point is timed on",
+        "  the KL alone: the blocks after the quantized one run the same way for both.",
+        "",
+        markdown_table(["stage", "work", "before", "before time", "now", "now time", "speed-up"], rows),
+        "",
+        "## The KL of a point, both ways, on real points",
+        "",
+        "Every matrix of three blocks quantized alone (RTN) to int3-g128 and int4-g128; the rest of",
+        "the model float32. `relative difference` is |now - before| / before.",
+        "",
+        markdown_table(["tensor", "format", "KL before", "KL now", "relative difference"], values),
+        "",
+    ])
+    atomic_write_text(args.out, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
