@@ -182,7 +182,8 @@ def write(args, rows, interpreter_mib: float, start) -> None:
 - mixq: int4-g128 GPTQ on every block matrix, calibration {args.calib_windows} x 512 tokens at random
   offsets in the second half of the text (tiny models: 16 x 128 of a word text), then KL to the
   reference on the first {args.eval_windows} x 512 tokens of the text (tiny: 4 x 128), both streamed
-  one block at a time, finished blocks spooled to disk as `mixq quantize` does. Peak RSS is the child
+  one block at a time, finished blocks spooled to disk as `mixq quantize` does (its default passes:
+  bfloat16 matmuls, float32 statistics). Peak RSS is the child
   process's ru_maxrss over load, quantization, save and evaluation (it would count mapped file pages
   too; mixq releases those after reading each tensor). A process that only imports
   torch, transformers and mixq peaks at {interpreter_mib:.0f} MiB; "peak / fp32" is left out where

@@ -493,14 +493,15 @@ class KLToReference:
     """Mean KL(reference || model) over every token of some windows, from the reference's hidden
     states leaving the last block (`final`, per batch).
 
-    Where the logits are linear in the final norm's output z = (n W^T + b) / c (no soft-capping) and
-    the model keeps the reference's head, per token
-        KL = sum_i p_i log p_i - (n . e + p . b) / c + logsumexp(z),   e = sum_i p_i W_i,
-    with p the reference's probabilities: the first term, e and p . b are computed once, so a point
-    costs one product with the output matrix and a logsumexp, never a pass over (tokens, vocabulary)
-    probabilities (which cost 4x more). The per-token terms are summed in float64: KL is a small
-    difference of terms near the logits' size. Otherwise both sides' log-probabilities are
-    computed, a chunk of tokens at a time.
+    Where the logits are linear in the final norm's output n, z = (n W^T + b) / c (no soft-capping),
+    and the model keeps the reference's head, per token
+        KL = logsumexp(z') - logsumexp(z) - e . (n' - n) / c,   e = sum_i p_i W_i,
+    with p the reference's probabilities: logsumexp(z), n and e are computed once, so a point costs
+    one product with the output matrix and a logsumexp, never a pass over (tokens, vocabulary)
+    probabilities (which cost 4x more). Both logsumexps come from float32 logits alike, so their
+    rounding (a bias of about 1e-5 of the logits on this CPU, as large as the smallest KLs) cancels;
+    e and the dot product are float64. Otherwise both sides' log-probabilities are compared, a
+    chunk of tokens at a time.
     """
 
     def __init__(self, runner: BlockRunner, final: list[torch.Tensor]):
@@ -509,21 +510,25 @@ class KLToReference:
         linear = not getattr(runner.loaded.config.get_text_config(), "final_logit_softcapping", None)
         self.terms = [self._reference_terms(h) for h in final] if linear else None
 
-    def _reference_terms(self, h: torch.Tensor) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
-        """Per chunk of tokens: (the chunk, sum_i p_i log p_i - (p . b) / c, e), float64."""
-        head = self.runner.head()
-        W = head[f"{self.runner.loaded.layout.head}.weight"].float()
-        bias = head.get(f"{self.runner.loaded.layout.head}.bias")
+    def _reference_terms(self, h: torch.Tensor) -> list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per chunk of tokens: (the chunk, logsumexp(z) float64, n, e float64)."""
+        W = self.runner.head()[f"{self.runner.loaded.layout.head}.weight"].float()
         flat = h.reshape(-1, h.shape[-1])
         terms = []
         for s in self.runner.token_chunks(h):
-            log_p = F.log_softmax(self.runner.logits(flat[s]), dim=-1)
-            p = log_p.exp()
-            constant = (p * log_p).sum(-1, dtype=torch.float64)
-            if bias is not None:
-                constant -= self.runner.scaled((p @ bias.float()).double())
-            terms.append((s, constant, (p @ W).double()))
+            n = self.runner.normed(flat[s], self.runner.head())
+            z = self.runner.projected(n)
+            lse = torch.logsumexp(z, dim=-1)
+            terms.append((s, lse.double(), n, self._expected_rows((z - lse[:, None]).exp_(), W)))
         return terms
+
+    @staticmethod
+    def _expected_rows(p: torch.Tensor, W: torch.Tensor, rows: int = 8192) -> torch.Tensor:
+        """e = p @ W in float64, a slice of vocabulary rows at a time."""
+        e = torch.zeros(p.shape[0], W.shape[1], dtype=torch.float64)
+        for v in range(0, W.shape[0], rows):
+            e += p[:, v : v + rows].double() @ W[v : v + rows].double()
+        return e
 
     def __call__(self, final: list[torch.Tensor], residents: dict[str, torch.Tensor] | None = None) -> float:
         """The mean KL of a model whose last block left `final`, its head in `residents` (default:
@@ -534,10 +539,11 @@ class KLToReference:
             if self.terms is not None and residents is None:
                 for h, terms in zip(final, self.terms):
                     flat = h.reshape(-1, h.shape[-1])
-                    for s, constant, expected in terms:
+                    for s, lse_ref, n_ref, expected in terms:
                         n = runner.normed(flat[s], runner.head())
                         lse = torch.logsumexp(runner.projected(n), dim=-1).double()
-                        total += (constant - runner.scaled((n.double() * expected).sum(-1)) + lse).sum().item()
+                        shift = runner.scaled((expected * (n.double() - n_ref.double())).sum(-1))
+                        total += (lse - lse_ref - shift).sum().item()
             else:
                 for ref, h in zip(self.final, final):
                     ref_flat, flat = ref.reshape(-1, ref.shape[-1]), h.reshape(-1, h.shape[-1])

@@ -57,3 +57,27 @@ def test_quantize_and_eval_cli(tmp_path, capsys):
     report = next(iter(json.loads((out / native.INFO_FILE).read_text())["evaluations"].values()))
     assert report["kl_mean"] < 0.5 and report["top1"] > 0.7, report
     assert "KL mean" in capsys.readouterr().out
+
+
+def test_profile_kl_matches_the_float64_definition(smollm2):
+    """On real logits (large terms that cancel; float32 logits are off by about 1e-5 of their size),
+    the profile's KL of a model slightly off the reference equals sum p (log p - log q) computed in
+    float64, and the reference's own is 0."""
+    import torch
+    import torch.nn.functional as F
+
+    from mixq.profile import KLToReference
+
+    runner = BlockRunner(smollm2)
+    ids = torch.randint(0, smollm2.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    final = runner.embed(ids, 2)
+    for b in range(smollm2.n_blocks):
+        final = runner.run(b, smollm2.block_weights(b), final)
+    kl = KLToReference(runner, final)
+    model = [h + 0.05 * torch.randn(h.shape, generator=torch.Generator().manual_seed(1)) for h in final]
+    W = runner.head()["lm_head.weight"].double()  # logits in float64 throughout: the ground truth
+    log_p, log_q = (F.log_softmax(runner.normed(h[0]).double() @ W.T, -1) for h in (final, model))
+    expected = (log_p.exp() * (log_p - log_q)).sum().item() / ids.numel()
+    assert expected > 1e-6
+    assert kl(model) == pytest.approx(expected, abs=3e-7)  # what float32 logits can resolve
+    assert kl(final) == 0.0
