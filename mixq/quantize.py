@@ -32,7 +32,7 @@ from mixq.methods import BLOCK_METHODS, MethodSettings, get_method, output_error
 from mixq.models import LoadedModel
 from mixq.models.layout import TensorRef
 from mixq.options import Option
-from mixq.reconstruct import ReconstructSettings, passes, reconstruct_block
+from mixq.reconstruct import ReconstructSettings, reconstruct_block, training_dtype
 from mixq.runner import BlockRunner, release_memory, windows_per_batch
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,9 @@ def quantize_model(
         trained_here = [n for n in refs if n in plan and plan[n].method in BLOCK_METHODS]
         targets = None
         if trained_here or reconstruct.norm_tuning:
-            with passes(reconstruct):  # the full-precision stream only feeds reconstruction
-                targets = runner.run(b, weights, fp_batches if fp_batches is not None else batches)
+            # the full-precision stream only feeds reconstruction: in its precision
+            targets = runner.in_precision(training_dtype(reconstruct)).run(
+                b, weights, fp_batches if fp_batches is not None else batches)
         fp_weights = {n: refs[n].view(weights, prefix).detach().float().clone() for n in trained_here}
         block_stats: dict[str, capture.LayerStats] = {}
         # A block trained jointly afterwards captures all its statistics in one pass: the training

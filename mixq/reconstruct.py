@@ -17,7 +17,6 @@ trained parameters only if they lower its loss over all calibration windows.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -68,9 +67,9 @@ def norm_weights(block: nn.Module) -> list[str]:
     ]
 
 
-def passes(settings: ReconstructSettings) -> contextlib.AbstractContextManager:
-    """The precision of the block's forward passes: bfloat16 matmuls under autocast, or float32."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16)
+def training_dtype(settings: ReconstructSettings) -> torch.dtype:
+    """The precision of the matmuls in the block's training and passes (the runner's autocast)."""
+    return torch.bfloat16 if settings.bf16 else torch.float32
 
 
 def mse(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
@@ -106,6 +105,7 @@ def reconstruct_block(
 ) -> BlockResult:
     """Train the block's learned rounding (and norms) against the targets; write the result into `weights`."""
     loaded = runner.loaded
+    runner = runner.in_precision(training_dtype(settings))
     refs, prefix = loaded.block_tensors(b), loaded.layout.block_prefix(b)
     roundings = {name: LearnedRounding(W, q, learn_scale) for name, (W, q) in starts.items()}
     norms = norm_weights(loaded.blocks()[b]) if settings.norm_tuning else []
@@ -117,8 +117,7 @@ def reconstruct_block(
         out.update({name: norm_start[name] * (1 + norm_change[name]) for name in norms})
         return out
 
-    with passes(settings):
-        start_outputs = runner.run(b, weights, batches)
+    start_outputs = runner.run(b, weights, batches)
     before = mse(start_outputs, targets)
     if not roundings and not norms:
         return BlockResult(before, before, {}, start_outputs)
@@ -129,8 +128,7 @@ def reconstruct_block(
 
     def step_loss(i: int) -> torch.Tensor:
         idx = order[i * settings.batch_windows : (i + 1) * settings.batch_windows]
-        with passes(settings):
-            y = runner.call(b, trained_weights(), x_all[idx])
+        y = runner.call(b, trained_weights(), x_all[idx])
         return (y.float() - y_all[idx]).square().mean()
 
     def clamp() -> None:
@@ -148,8 +146,7 @@ def reconstruct_block(
             refs[name].view(weights, prefix).copy_(q.dequantize())
         for name in norms:
             weights[name].copy_(norm_start[name] * (1 + norm_change[name]))
-    with passes(settings):
-        outputs = runner.run(b, weights, batches)
+    outputs = runner.run(b, weights, batches)
     after = mse(outputs, targets)
     if after < before:
         return BlockResult(before, after, tensors, outputs)

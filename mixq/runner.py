@@ -8,8 +8,8 @@ Every stage (capture, profile, quantize, reconstruct, evaluate) calls blocks thr
   rotary embeddings of its layer type, position ids; no cache;
 - `call` / `run`: one block on given hidden states with a given dict of its parameters (the skeleton
   holds none: `torch.func.functional_call`);
-- `logits`: the head: final norm, output matrix (tied or not), logit scaling and
-  soft-capping, over chunks of tokens so a 262k vocabulary never makes a (batch, seq, vocab) tensor
+- `logits` / `projected`: the head: final norm, output matrix (tied or not), logit scaling and
+  soft-capping; `token_chunks` splits tokens so that a 262k vocabulary never makes a logits tensor
   larger than `CHUNK_BYTES`; `head_slices` reads the output matrix a slice of vocabulary rows at a
   time, for stages that stream the head instead of holding it (evaluation).
 Blocks compute in float32, or with their matmuls in bfloat16 (`matmul_dtype`, autocast: the
@@ -18,6 +18,7 @@ residual stream, norms and what the watchers see stay float32).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -77,6 +78,12 @@ class BlockRunner:
         self.matmul_dtype = matmul_dtype
         self._kwargs: dict[tuple[int, int], list[dict[str, Any]]] = {}
         self._head: dict[str, torch.Tensor] | None = None  # the model's own head, read at first use
+
+    def in_precision(self, matmul_dtype: torch.dtype) -> BlockRunner:
+        """This runner with its blocks' matmuls in `matmul_dtype`, sharing what it has recorded."""
+        other = copy.copy(self)
+        other.matmul_dtype = matmul_dtype
+        return other
 
     def head(self) -> dict[str, torch.Tensor]:
         """The model's own parameters that `logits` reads (final norm, output matrix), read once per

@@ -130,3 +130,34 @@ def test_bias_correction_removes_the_mean_output_error():
             assert shift < 1e-4
         else:
             assert shift > 1e-2
+
+
+def test_reconstruction_runs_in_its_own_precision_whatever_the_runner(tiny_llama_dir, text_file):
+    """--fp32-training means float32 block passes even when the stage's runner is bfloat16 (quantize's
+    default), and bfloat16 training stays bfloat16 under a float32 runner."""
+    from mixq.data import WindowSpec, load_windows
+    from mixq.reconstruct import reconstruct_block
+    from mixq.runner import BlockRunner
+
+    loaded = load_model(str(tiny_llama_dir))
+    windows = load_windows(loaded, WindowSpec(4, 64, text_file), first=False)
+    weights = loaded.block_weights(0)
+    refs, prefix = loaded.block_tensors(0), loaded.layout.block_prefix(0)
+    fmt = parse_format("int3-g32")
+    name = next(iter(refs))
+    W = refs[name].view(weights, prefix).float().clone()
+    start = get_method("rtn")(W, torch.eye(W.shape[1]), fmt, MethodSettings())
+    refs[name].view(weights, prefix).copy_(start.dequantize())
+    losses = {}
+    for bf16 in (False, True):
+        settings = ReconstructSettings(steps=2, batch_windows=2, bf16=bf16)
+        for runner_dtype in (torch.float32, torch.bfloat16):
+            runner = BlockRunner(loaded, runner_dtype)
+            batches = runner.embed(windows, 2)
+            targets = [x + 0.01 for x in batches]
+            r = reconstruct_block(runner, 0, {k: v.clone() for k, v in weights.items()}, {name: (W, start)},
+                                  batches, targets, settings)
+            losses[bf16, runner_dtype] = r.loss_before
+    assert losses[False, torch.float32] == losses[False, torch.bfloat16]
+    assert losses[True, torch.float32] == losses[True, torch.bfloat16]
+    assert losses[True, torch.float32] != losses[False, torch.float32]
