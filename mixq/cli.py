@@ -74,7 +74,7 @@ def _add_method_settings(p: argparse.ArgumentParser) -> None:
                    "not the int formats' group scales")
     g.add_argument("--block-steps", type=int, default=40, help="block: steps per transformer block (default 40)")
     g.add_argument("--block-batch", type=int, default=4, help="block: calibration windows per step (default 4)")
-    g.add_argument("--target", choices=("fp", "local"), default="fp", help="block and norm tuning: match the "
+    g.add_argument("--block-target", choices=("fp", "local"), default="fp", help="block and norm tuning: match the "
                    "full-precision model's block outputs (fp, default) or the fp block on quantized inputs (local)")
     g.add_argument("--norm-tuning", action="store_true", help="train each block's norm weights on its output")
     g.add_argument("--fp32-training", action="store_true", help="block and norm tuning: matmuls in float32 "
@@ -87,6 +87,9 @@ def _add_method_settings(p: argparse.ArgumentParser) -> None:
 
 def _add_profile_settings(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("option space and profile")
+    g.add_argument("--target", choices=tuple(_targets()), help="the engine the result is for: only the options "
+                   "it runs, tied as it fuses them (" + "; ".join(f"{t.name}: {t.summary}" for t in _targets().values())
+                   + "); default: any of mixq's formats")
     g.add_argument("--formats", type=_str_list, help="format families or names to consider: int (mixq's "
                    "integer grids, the default), gguf (llama.cpp's ggml types; the budget is then the exported "
                    "GGUF's size), or names such as q4_k,q6_k")
@@ -109,6 +112,12 @@ def _add_profile_settings(p: argparse.ArgumentParser) -> None:
     g.add_argument("--measure-every", type=int, default=1, help="measure only every n-th block's tensors; the "
                    "others take the error model of their kind (default 1: all; large models: 4)")
     g.add_argument("--held-out-len", type=int, default=512)
+
+
+def _targets():
+    from mixq.export import TARGETS
+
+    return TARGETS
 
 
 def _add_job_settings(p: argparse.ArgumentParser) -> None:
@@ -186,25 +195,26 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", type=Path, help="write the plan as JSON")
     pl.set_defaults(run=cmd_plan)
 
-    x = sub.add_parser("export", help="write a quantized model for another engine (GGUF for llama.cpp)",
-                       description="Convert a `mixq quantize` output to another engine's file. --to gguf keeps "
-                       "each tensor's ggml type and copies all metadata and tokenizer data of the source GGUF.")
+    from mixq.export import TARGETS
+
+    x = sub.add_parser("export", help="write a quantized model for another engine (llama.cpp, transformers, vLLM)",
+                       description="Convert a `mixq quantize` output to another engine's format, every value "
+                       "carried over exactly and checked before the output appears. Targets: "
+                       + "; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values()) + ".")
     x.add_argument("dir", type=Path, help="output directory of `mixq quantize`")
-    x.add_argument("--to", choices=("gguf",), required=True, help="target format")
-    x.add_argument("out", type=Path, help="file to write (written atomically)")
+    x.add_argument("--to", choices=tuple(TARGETS), required=True, help="target engine format")
+    x.add_argument("out", type=Path, help="file or directory to write (written atomically)")
     x.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     x.set_defaults(run=cmd_export)
     return parser
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from mixq.export.gguf import export_gguf
+    from mixq.export import get_target
 
     start = time.perf_counter()
-    counts = export_gguf(args.dir, args.out, overwrite=args.overwrite)
-    types = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-    size = args.out.stat().st_size
-    print(f"wrote {args.out}: {size:,} bytes in {time.perf_counter() - start:.1f} s; tensors by type: {types}")
+    wrote = get_target(args.to).export(args.dir, args.out, args.overwrite)
+    print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s: {wrote}")
 
 
 def _method_settings(args: argparse.Namespace):
@@ -222,7 +232,7 @@ def _method_settings(args: argparse.Namespace):
 def _reconstruct_settings(args: argparse.Namespace):
     from mixq.reconstruct import ReconstructSettings
 
-    return ReconstructSettings(steps=args.block_steps, batch_windows=args.block_batch, target=args.target,
+    return ReconstructSettings(steps=args.block_steps, batch_windows=args.block_batch, target=args.block_target,
                                norm_tuning=args.norm_tuning, bias_correction=args.bias_correction, seed=args.seed,
                                bf16=not args.fp32_training)
 
@@ -235,13 +245,17 @@ def _profile_settings(args: argparse.Namespace):
     from mixq.options import OptionSpace
     from mixq.profile import ProfileSettings
 
+    target = _targets()[args.target] if args.target else None
     space = OptionSpace.from_file(args.space) if args.space else OptionSpace()
+    if target is not None and not args.space:
+        space = dataclasses.replace(space, formats=target.formats)
     overrides = dict(formats=args.formats, bits=args.bits_options, group_sizes=args.group_sizes, methods=args.methods)
     space = dataclasses.replace(space, **{k: v for k, v in overrides.items() if v},
                                 symmetric=args.sym or space.symmetric, keep_16bit=space.keep_16bit and not args.no_keep)
     space.options()  # validates bits, group sizes and methods before any long work
     return ProfileSettings(space=space, method_settings=_method_settings(args), fisher_windows=args.fisher_windows,
-                           measure=tuple(args.measure), tie=args.tie, measure_every=args.measure_every,
+                           measure=tuple(args.measure), measure_every=args.measure_every, target=args.target,
+                           tie=target.tie if target is not None and target.tie != "none" else args.tie,
                            row_fraction=args.row_fraction, reconstruct=_reconstruct_settings(args),
                            capture_dtype=torch.float32 if args.fp32_passes else torch.bfloat16)
 
@@ -325,7 +339,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     from mixq.atomic import atomic_dir, check_output_dir
     from mixq.data import WindowSpec, load_windows
-    from mixq.export import native
+    from mixq.export import TARGETS, native
     from mixq.formats import parse_format
     from mixq.formats.integer import IntFormat
     from mixq.methods import get_method
@@ -369,7 +383,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         fmt = parse_format(args.format) if args.format else IntFormat(args.bits, args.group_size, symmetric=args.sym)
         get_method(args.method)
         loaded = load_model(args.model, in_memory=args.in_memory)
-        options = uniform_plan(loaded, Option(fmt.name, args.method))
+        options = uniform_plan(loaded, Option(fmt.name, args.method), args.target)
         info.update(settings={"format": fmt.name, "method": args.method})
         description = f"{fmt.name} {args.method}"
 
@@ -388,6 +402,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             plan={name: opt.name for name, opt in result.options.items()}, output_errors=result.output_errors,
             evaluations={},
         )
+        formats = {n: (result.tensors.format(n).name, result.tensors.shape(n)) for n in result.tensors}
+        info["exportable_to"] = [t.name for t in TARGETS.values() if t.accepts(loaded, formats)]
         storage = native.save(tmp, loaded, result, info)
         del result
         shutil.rmtree(tmp / "spool", ignore_errors=True)
@@ -415,7 +431,7 @@ def _check_feasible(loaded, budget, settings) -> None:
     from mixq.profile import smallest_file
 
     n_weights = loaded.n_weights
-    smallest = smallest_file(loaded, settings.space)
+    smallest = smallest_file(loaded, settings.space, settings.target)
     if smallest > budget.total_bytes(n_weights):
         raise budget_infeasible(budget, smallest, n_weights)
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from mixq import capture
 from mixq.errors import MixqError
+from mixq.export import get_target
 from mixq.export import gguf as gguf_export
 from mixq.export.native import header_bound, kept_nbytes
 from mixq.formats import QTensor, parse_format
@@ -177,17 +178,19 @@ class ProfileSettings:
     reconstruct: ReconstructSettings = ReconstructSettings()  # the `block` method's settings
     gain_blocks: int = 2  # blocks on which the learned-rounding methods' gains are measured
     capture_dtype: torch.dtype = torch.bfloat16  # matmuls of the statistics passes (sums in float32)
+    target: str | None = None  # the engine the plan is for (mixq.export): only options it stores
 
 
-def measure_formats(space: OptionSpace) -> tuple[str, ...]:
-    """Formats measured end to end by default: for the int grids 3 and 4 bits (else the two lowest) at
-    the largest group; for ggml types Q3_K and Q4_K, plus Q4_0 and Q5_0 for rows k-quants do not fit."""
-    names = space.format_names()
-    ints = [n for n in names if n.startswith("int")]
+def measure_formats(space: OptionSpace, allowed: frozenset[str] | None = None) -> tuple[str, ...]:
+    """Formats measured end to end by default, among those `allowed` (default: all of the space): for
+    the int grids 3 and 4 bits (else the two lowest) at the largest group; for ggml types Q3_K and
+    Q4_K, plus Q4_0 and Q5_0 for rows k-quants do not fit."""
+    names = [n for n in space.format_names() if allowed is None or n in allowed]
+    ints = [f for f in map(parse_format, names) if isinstance(f, IntFormat)]
     if ints:
-        bits = [b for b in space.bits if b in (3, 4)] or sorted(space.bits)[:2]
-        group = max(space.group_sizes, key=lambda g: g or 1 << 30)
-        return tuple(IntFormat(b, group, space.symmetric).name for b in bits)
+        widths = sorted({f.bits for f in ints})
+        bits = [b for b in space.bits if b in (3, 4) and b in widths] or widths[:2]
+        return tuple(max((f for f in ints if f.bits == b), key=lambda f: f.group_size or 1 << 30).name for b in bits)
     preferred = [n for n in ("q3_k", "q4_k", "q4_0", "q5_0") if n in names]
     return tuple(preferred or names[:2])
 
@@ -202,7 +205,8 @@ class OptionTable:
     nbytes: np.ndarray  # (T, O) int64
 
     @classmethod
-    def build(cls, loaded: LoadedModel, space: OptionSpace) -> OptionTable:
+    def build(cls, loaded: LoadedModel, space: OptionSpace, target: str | None = None) -> OptionTable:
+        """With `target`, a tensor is allowed only the options that target stores for it."""
         plannable = loaded.plannable()
         tensors = list(plannable)
         space_options = space.options()
@@ -215,9 +219,14 @@ class OptionTable:
         for name in loaded.rounded_only():
             t = tensors.index(name)
             allowed[t] = [(o in head_options or (o.is_keep and space.keep_16bit)) and o.fits(shapes[t]) for o in options]
+        if target is not None:
+            stores = get_target(target)
+            allowed &= np.array([[stores.refuses(loaded, t, o.format, s) is None for o in options]
+                                 for t, s in zip(tensors, shapes)])
         if not allowed.any(axis=1).all():
             t = int(np.nonzero(~allowed.any(axis=1))[0][0])
-            raise MixqError(f"no option of the option space fits {tensors[t]} {shapes[t]}")
+            within = f" that {target} stores" if target else ""
+            raise MixqError(f"no option of the option space{within} fits {tensors[t]} {shapes[t]}")
         # Options a tensor cannot take are priced at 0 bytes; `allowed` keeps every plan off them.
         nbytes = np.array([[o.nbytes(s) if o.fits(s) else 0 for o in options] for s in shapes], np.int64)
         return cls(tensors, options, allowed, nbytes)
@@ -229,24 +238,25 @@ def fixed_bytes(loaded: LoadedModel, tensors: list[str]) -> int:
     return sum(kept_nbytes(shape) for n, shape in loaded.stored_tensors().items() if n not in planned)
 
 
-def container(loaded: LoadedModel, space: OptionSpace) -> str:
+def container(loaded: LoadedModel, space: OptionSpace, target: str | None = None) -> str:
     """The file a budget measures: the exported GGUF when every format is a ggml type and the model
-    came from a GGUF, else mixq's own safetensors."""
-    return "gguf" if space.ggml_only and source_gguf(loaded.spec) is not None else "safetensors"
+    came from a GGUF (or the target is GGUF), else mixq's own safetensors."""
+    in_gguf = target == "gguf" or (space.ggml_only and target is None)
+    return "gguf" if in_gguf and source_gguf(loaded.spec) is not None else "safetensors"
 
 
-def overhead_bytes(loaded: LoadedModel, tensors: list[str], space: OptionSpace) -> int:
+def overhead_bytes(loaded: LoadedModel, tensors: list[str], space: OptionSpace, target: str | None = None) -> int:
     """Bytes of the file beyond every parameter's data (a bound that holds for any plan)."""
-    if container(loaded, space) == "gguf":
+    if container(loaded, space, target) == "gguf":
         return gguf_export.overhead_bound(source_gguf(loaded.spec), list(loaded.parameters()))
     return header_bound(loaded, tensors)
 
 
-def smallest_file(loaded: LoadedModel, space: OptionSpace) -> int:
+def smallest_file(loaded: LoadedModel, space: OptionSpace, target: str | None = None) -> int:
     """The smallest file any plan over this option space can make (checked before profiling)."""
-    table = OptionTable.build(loaded, space)
+    table = OptionTable.build(loaded, space, target)
     smallest = np.where(table.allowed, table.nbytes, np.iinfo(np.int64).max).min(axis=1).sum()
-    return int(smallest) + fixed_bytes(loaded, table.tensors) + overhead_bytes(loaded, table.tensors, space)
+    return int(smallest) + fixed_bytes(loaded, table.tensors) + overhead_bytes(loaded, table.tensors, space, target)
 
 
 def build_profile(
@@ -256,11 +266,17 @@ def build_profile(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     plannable = loaded.plannable()
-    table = OptionTable.build(loaded, settings.space)
+    if settings.target is not None:
+        problem = get_target(settings.target).model_refusal(loaded)
+        if problem:
+            raise MixqError(f"--target {settings.target}: {problem}")
+    table = OptionTable.build(loaded, settings.space, settings.target)
     tensors, options = table.tensors, table.options
     names = [o.name for o in options]
-    measure_fmts = settings.measure or measure_formats(settings.space)
-    unknown = set(measure_fmts) - {o.format for o in options}
+    # Each tensor measures the default formats among those it may take (a target may refuse some).
+    measure_fmts = {t: settings.measure or measure_formats(settings.space, frozenset(
+        options[o].format for o in np.nonzero(table.allowed[t])[0].tolist())) for t in range(len(tensors))}
+    unknown = set(settings.measure) - {o.format for o in options}
     if unknown:
         raise MixqError(f"formats to measure {sorted(unknown)} are not in the option space")
 
@@ -313,7 +329,7 @@ def build_profile(
                     if fisher:
                         errors["fisher"][t, o] = row_scale * float((fisher[name][rows] * (W_hat - W) ** 2).sum())
                     key = (t, options[o].format)
-                    if measured_tensor[t] and options[o].format in measure_fmts and options[o].method not in LEARNED and (
+                    if measured_tensor[t] and options[o].format in measure_fmts[t] and options[o].method not in LEARNED and (
                         key not in to_measure or errors["hessian"][t, o] < to_measure[key][1]
                     ):
                         to_measure[key] = (o, errors["hessian"][t, o], (rows, q))
@@ -324,7 +340,8 @@ def build_profile(
     progress.close()
     t0 = time.perf_counter()
     learned = sorted({o.method for o in options if o.method in LEARNED})
-    gains = learned_gains(loaded, calib, list(measure_fmts), learned, settings) if learned else {}
+    gain_fmts = sorted({f for fmts in measure_fmts.values() for f in fmts}, key=bits_per_weight)
+    gains = learned_gains(loaded, calib, gain_fmts, learned, settings) if learned else {}
     measured_fmts = sorted({f for _, f in gains}, key=bits_per_weight)
     for o, option in enumerate(options):
         if option.method in LEARNED:
@@ -344,12 +361,13 @@ def build_profile(
     return Profile(
         model=loaded.spec, tensors=tensors, kinds=[plannable[n].kind for n in tensors],
         shapes=[plannable[n].shape for n in tensors], options=names, nbytes=table.nbytes,
-        errors=errors, measured=measured, fixed_bytes=fixed_bytes(loaded, tensors), header_bytes=overhead_bytes(loaded, tensors, settings.space),
+        errors=errors, measured=measured, fixed_bytes=fixed_bytes(loaded, tensors), header_bytes=overhead_bytes(loaded, tensors, settings.space, settings.target),
         n_weights=loaded.n_weights,
         tie_groups=tie_groups(loaded, tensors, settings.tie),
         info=dict(calibration_windows=list(calib.shape), held_out_windows=list(held_out.shape),
                   fisher_windows=min(settings.fisher_windows, len(calib)), seconds=timings,
-                  container=container(loaded, settings.space), row_fraction=settings.row_fraction,
+                  container=container(loaded, settings.space, settings.target), target=settings.target,
+                  row_fraction=settings.row_fraction,
                   learned_gains={f"{m}:{f}": g for (m, f), g in gains.items()},
                   rare_experts=rare, expert_tokens=expert_tokens(loaded, tensors, importance)),
         importance=importance,

@@ -72,6 +72,9 @@ class QuantizedTensors(Mapping[str, QTensor]):
     def format(self, name: str) -> Format:
         return self._held[name].format if name in self._held else self._spilled[name][1]
 
+    def shape(self, name: str) -> tuple[int, int]:
+        return self._held[name].shape if name in self._held else self._spilled[name][2]
+
     def packed(self, name: str) -> dict[str, torch.Tensor]:
         """The stored tensors of `name`, by part (`qweight`, `scales`, ...)."""
         if name in self._held:
@@ -131,12 +134,18 @@ class QuantizedModel:
         weight.copy_(W_hat.to(weight.dtype))
 
 
-def uniform_plan(loaded: LoadedModel, option: Option) -> dict[str, Option]:
+def uniform_plan(loaded: LoadedModel, option: Option, target: str | None = None) -> dict[str, Option]:
     """Every matrix of the transformer blocks gets the same option (the output matrix is kept).
 
     Where the format does not fit a tensor's rows, its fallback does (ggml types, as llama.cpp does).
+    With `target`, every tensor's format must be one that target stores.
     """
+    from mixq.export import get_target
+
     Option.parse(option.name)
+    stores = get_target(target) if target else None
+    if stores is not None and stores.model_refusal(loaded):
+        raise MixqError(f"--target {target}: {stores.model_refusal(loaded)}")
     plan = {}
     for name, ref in loaded.quantizable().items():
         fmt = parse_format(option.format)
@@ -145,6 +154,9 @@ def uniform_plan(loaded: LoadedModel, option: Option) -> dict[str, Option]:
             if fallback is None or not parse_format(fallback).fits(ref.shape):
                 raise MixqError(f"{option.format} does not fit {name} {ref.shape} and has no fallback that does")
             fmt = parse_format(fallback)
+        why = stores.refuses(loaded, name, fmt.name, ref.shape) if stores is not None else None
+        if why:
+            raise MixqError(f"--target {target} cannot store {name} {ref.shape} as {fmt.name}: {why}")
         plan[name] = Option(fmt.name, option.method)
     return plan
 

@@ -28,7 +28,7 @@ from gguf import (
 
 from mixq.atomic import check_output_dir
 from mixq.errors import MixqError
-from mixq.export import native
+from mixq.export import Target, native, register, stored_formats
 from mixq.formats import parse_format
 from mixq.formats.ggml import GGMLFormat
 from mixq.models import source_gguf
@@ -67,16 +67,14 @@ def export_gguf(model_dir: Path, out: Path, overwrite: bool = False) -> dict[str
     """Write OUT.gguf from a mixq model directory; returns the count of tensors by ggml type."""
     out = Path(out)
     check_output_dir(out, overwrite)
+    from mixq.models import load_model
+
     info = native.read_info(model_dir)
-    source = source_gguf(info["model"])
-    if source is None:
-        raise MixqError(
-            f"export to GGUF needs a GGUF source model; {info['model']!r} is not one "
-            "(convert it with llama.cpp's convert_hf_to_gguf.py, then quantize that file with mixq)"
-        )
-    reader = _read(source)
+    loaded = load_model(info["model"])
     stored = native.StoredModel(model_dir)
     entries = stored.entries
+    TARGET.check(loaded, stored_formats(model_dir))
+    reader = _read(source_gguf(info["model"]))
     arch_name = str(reader.fields["general.architecture"].contents())
     arch = family(arch_name)
     name_map = name_map_of(reader)
@@ -84,9 +82,6 @@ def export_gguf(model_dir: Path, out: Path, overwrite: bool = False) -> dict[str
     kv_field = reader.fields.get(f"{arch_name}.attention.head_count_kv")
     kv_heads = int(kv_field.contents()) if kv_field is not None else heads
 
-    if any("stack" in entry for entry in entries.values()):
-        raise MixqError("exporting a mixture of experts to GGUF is not implemented: llama.cpp stores each layer's "
-                        "experts as one tensor of one type, mixq each expert in its own format")
     ours: dict[str, str] = {}  # GGUF tensor name -> parameter name
     for name in entries:
         gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -136,14 +131,32 @@ def _tensor_data(name: str, entry: dict, stored: native.StoredModel):
     if fmt_name in native.KEPT_FORMATS:
         dtype = GGMLQuantizationType.F16 if fmt_name == "f16" else GGMLQuantizationType.F32
         return stored.tensor(name).numpy(), dtype
+    blocks = stored.parts(name)["blocks"].numpy()
+    return blocks.reshape(shape[0], -1), parse_format(fmt_name).ggml_type
+
+
+def refusal(fmt_name: str, shape: tuple[int, int]) -> str | None:
+    """Why llama.cpp cannot store a (rows, cols) matrix in `fmt_name`, or None if it can."""
     fmt = parse_format(fmt_name)
     if not isinstance(fmt, GGMLFormat):
-        raise MixqError(
-            f"{name} is stored as {fmt_name}, which llama.cpp cannot read; quantize with --formats gguf "
-            "(ggml types only) to export to GGUF"
-        )
-    blocks = stored.parts(name)["blocks"].numpy()
-    return blocks.reshape(shape[0], -1), fmt.ggml_type
+        return "llama.cpp reads ggml types only (--formats gguf)"
+    return None if fmt.fits(shape) else f"{fmt_name} does not fit its {shape[1]} columns"
+
+
+def model_refusal(loaded) -> str | None:
+    if source_gguf(loaded.spec) is None:
+        return (f"export to GGUF needs a GGUF source model; {loaded.spec!r} is not one (convert it with llama.cpp's "
+                "convert_hf_to_gguf.py, then quantize that file with mixq)")
+    if any(t.expert is not None for t in loaded.quantizable().values()):
+        return ("exporting a mixture of experts is not implemented: llama.cpp stores each layer's experts as one "
+                "tensor of one type, mixq each expert in its own format")
+    return None
+
+
+def _export(model_dir: Path, out: Path, overwrite: bool) -> str:
+    counts = export_gguf(model_dir, out, overwrite)
+    types = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return f"{Path(out).stat().st_size:,} bytes; tensors by type: {types}"
 
 
 def permute_rows(data: np.ndarray, n_head: int, inverse: bool = False) -> np.ndarray:
@@ -151,3 +164,13 @@ def permute_rows(data: np.ndarray, n_head: int, inverse: bool = False) -> np.nda
     rows = data.shape[0]
     order = np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(-1)
     return np.ascontiguousarray(data[np.argsort(order) if inverse else order])
+
+
+TARGET = register(Target(
+    name="gguf",
+    summary="one GGUF file llama.cpp runs (ggml types; needs a GGUF source model)",
+    refusal=refusal,
+    export=_export,
+    model_refusal=model_refusal,
+    formats=("gguf",),
+))

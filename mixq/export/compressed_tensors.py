@@ -1,0 +1,205 @@
+"""Export a mixq model directory to compressed-tensors' `pack-quantized` layout: a directory that
+transformers (`AutoModelForCausalLM.from_pretrained`) and vLLM load.
+
+    DIR/config.json         the model's config, dtype float16, with a `quantization_config` written by
+                            compressed-tensors' own ModelCompressor: one config group per distinct
+                            integer scheme (bits, group size or channel, symmetric or not) naming its
+                            linears, and every 16-bit linear in `ignore`
+    DIR/model.safetensors   per quantized linear NAME (rows, cols), `bits` b:
+                              NAME.weight_packed      int32  codes - 2^(b-1), packed by the package's
+                                                             pack_to_int32 along each row
+                              NAME.weight_scale       fp16   (rows, n_groups): mixq's scales as stored
+                              NAME.weight_zero_point  int32  zeros - 2^(b-1), packed along the rows
+                                                             (asymmetric formats only)
+                              NAME.weight_shape       int64  (rows, cols)
+                            every other parameter as mixq stored it (16-bit matrices, fp32 vectors)
+    DIR/tokenizer files, generation_config.json (copied when the source directory has one)
+
+mixq's integer convention w = scale * (code - zero), codes in [0, 2^b), is compressed-tensors' signed one
+w = scale * (q - zp) with q = code - 2^(b-1) and zp = zero - 2^(b-1); a symmetric mixq format has
+zero = 2^(b-1), hence zp = 0, which compressed-tensors' symmetric schemes leave out. So every value
+is carried over exactly: loaded in float32, transformers' weights equal mixq's bit for bit; in float16
+(the config's dtype) each weight is rounded to fp16 (relative error at most 2^-11).
+
+Packed with compressed-tensors 0.17, the version vLLM's CPU build pins. Later versions pack 2, 4 and
+8 bits identically and 3, 5, 6 and 7 bits densely across int32 words (0.17: 32 // bits codes per word);
+and from 0.19 on, transformers fails to load asymmetric pack-quantized files with them (it expects
+unpacked int8 zero points, then cannot decompress them), so mixq requires 0.17.x.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from mixq.atomic import atomic_dir
+from mixq.errors import MixqError
+from mixq.export import Target, native, register, stored_formats
+from mixq.export.safetensors_writer import write_safetensors
+from mixq.formats import QTensor, parse_format
+from mixq.formats.integer import IntFormat
+from mixq.models import LoadedModel
+
+DTYPE = torch.float16  # the scales' dtype: the model's, so that every engine reads them unrounded
+COPIED_FILES = ("generation_config.json",)
+
+
+def refusal(fmt_name: str, shape: tuple[int, int]) -> str | None:
+    """Why compressed-tensors cannot store a (rows, cols) matrix in `fmt_name`, or None if it can."""
+    fmt = parse_format(fmt_name)
+    if not isinstance(fmt, IntFormat):
+        return "compressed-tensors stores integer grids (int2..int8, by group or channel), not ggml types"
+    if fmt.group_size and shape[1] % fmt.group_size:
+        return (f"its {shape[1]} columns are not a whole number of groups of {fmt.group_size} "
+                "(compressed-tensors has no shorter last group)")
+    return None
+
+
+def model_refusal(loaded: LoadedModel) -> str | None:
+    if any(t.expert is not None for t in loaded.quantizable().values()):
+        return ("exporting a mixture of experts is not implemented: mixq stores each expert in its own format, "
+                "transformers' expert stacks take one scheme")
+    return None
+
+
+def scheme_args(fmt: IntFormat) -> dict:
+    """compressed-tensors' QuantizationArgs of a mixq integer format."""
+    return dict(num_bits=fmt.bits, type="int", symmetric=fmt.symmetric,
+                strategy="group" if fmt.group_size else "channel", group_size=fmt.group_size or None)
+
+
+def packed(q: QTensor, scales: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A QTensor of an IntFormat as compressed-tensors' tensors (suffixes of NAME.weight_...)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    fmt: IntFormat = q.format
+    half = 1 << (fmt.bits - 1)
+    out = {
+        "packed": pack_to_int32((q.codes.to(torch.int32) - half).to(torch.int8), fmt.bits),
+        "scale": scales.to(DTYPE),
+        "shape": torch.tensor(q.shape, dtype=torch.int64),
+    }
+    if not fmt.symmetric:
+        out["zero_point"] = pack_to_int32((q.zero.to(torch.int32) - half).to(torch.int8), fmt.bits, packed_dim=0)
+    return out
+
+
+def dequantized_by_the_package(tensors: dict[str, torch.Tensor], fmt: IntFormat) -> torch.Tensor:
+    """The float32 weight that compressed-tensors' own decompression makes of `packed`'s tensors."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**scheme_args(fmt)))
+    state = {f"weight_{k}": v.float() if k == "scale" else v for k, v in tensors.items()}
+    return PackedQuantizationCompressor.decompress(state, scheme)["weight"]
+
+
+def export_compressed_tensors(model_dir: Path, out: Path, overwrite: bool = False, target: Target | None = None) -> str:
+    """Write the directory OUT from a mixq model directory, checked against `target`'s rules (default:
+    compressed-tensors'; vLLM's are stricter); returns what it wrote, in a line."""
+    target = target or TARGET
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    from mixq.models import load_model
+
+    info = native.read_info(model_dir)
+    stored = native.StoredModel(model_dir)
+    entries = stored.entries
+    loaded = load_model(info["model"])
+    target.check(loaded, stored_formats(model_dir))
+    quantized = {n: e for n, e in entries.items() if e["format"] not in native.KEPT_FORMATS}
+
+    groups: dict[str, list[str]] = {}
+    for name, entry in quantized.items():
+        groups.setdefault(entry["format"], []).append(name.removesuffix(".weight"))
+    linears = {n for n, m in loaded.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    config_groups = {
+        f"group_{i}": QuantizationScheme(targets=sorted(members), format="pack-quantized",
+                                         weights=QuantizationArgs(**scheme_args(parse_format(fmt))))
+        for i, (fmt, members) in enumerate(sorted(groups.items()))
+    }
+    ignore = sorted(linears - {m for members in groups.values() for m in members})
+    # A tied head is not a parameter of its own: its module is ignored as the embedding is kept.
+    qconfig = QuantizationConfig(config_groups=config_groups, format="pack-quantized",
+                                 quantization_status="compressed", ignore=ignore)
+
+    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    stored_as: dict[str, tuple[str, str]] = {}  # written tensor -> (parameter, part)
+    for name, entry in entries.items():
+        if name in quantized:
+            for part, spec in _converted_specs(parse_format(entry["format"]), tuple(entry["shape"])).items():
+                specs[f"{name}_{part}"], stored_as[f"{name}_{part}"] = spec, (name, part)
+        else:
+            specs[name] = (native.KEPT_FORMATS[entry["format"]], tuple(entry["shape"]))
+
+    cache: dict[str, dict[str, torch.Tensor]] = {}  # the last parameter converted: its parts come in turn
+
+    def pieces_of(key: str):
+        if key not in stored_as:
+            yield stored.tensor(key)
+            return
+        name, part = stored_as[key]
+        if name not in cache:
+            cache.clear()
+            cache[name] = _converted(stored, name, entries[name])
+        yield cache[name][part]
+
+    with atomic_dir(Path(out), overwrite) as tmp:
+        write_safetensors(tmp / "model.safetensors", specs, pieces_of, {"format": "pt"})
+        config = loaded.config.__class__.from_dict(loaded.config.to_dict())
+        config.dtype = DTYPE
+        config.save_pretrained(tmp)
+        ModelCompressor(quantization_config=qconfig).update_config(str(tmp))
+        loaded.tokenizer.save_pretrained(tmp)
+        source = Path(info["model"])
+        for file in COPIED_FILES:
+            if source.is_dir() and (source / file).is_file():
+                shutil.copyfile(source / file, tmp / file)
+        verify(tmp, stored, quantized)
+    counts = ", ".join(f"{len(members)} {fmt}" for fmt, members in sorted(groups.items(), key=lambda kv: -len(kv[1])))
+    return f"{len(quantized)} quantized linears ({counts or 'none'}), {len(ignore)} kept at 16 bits"
+
+
+def _converted(stored: native.StoredModel, name: str, entry: dict) -> dict[str, torch.Tensor]:
+    """The compressed-tensors tensors of quantized parameter `name`, by part (packed, scale, ...)."""
+    parts = stored.parts(name)
+    return packed(parse_format(entry["format"]).unpack(parts, tuple(entry["shape"])), parts["scales"])
+
+
+def _converted_specs(fmt: IntFormat, shape: tuple[int, int]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """dtype and shape of each part `packed` makes for a (rows, cols) matrix in `fmt`: made on the meta
+    device, so they follow the installed package's packing."""
+    rows, cols = shape
+    q = QTensor(fmt, torch.empty(shape, device="meta"), torch.empty(rows, fmt.n_groups(cols), device="meta"),
+                torch.empty(rows, fmt.n_groups(cols), device="meta"))
+    return {part: (t.dtype, tuple(t.shape)) for part, t in packed(q, q.scale).items()}
+
+
+def verify(out: Path, stored: native.StoredModel, quantized: dict[str, dict]) -> None:
+    """Reread every quantized linear from the written file and decompress it with compressed-tensors:
+    it must equal mixq's dequantized weight exactly."""
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        for name, entry in quantized.items():
+            fmt = parse_format(entry["format"])
+            tensors = {part: f.get_tensor(f"{name}_{part}") for part in ("packed", "scale", "shape", "zero_point")
+                       if f"{name}_{part}" in f.keys()}  # noqa: SIM118
+            ours = fmt.unpack(stored.parts(name), tuple(entry["shape"])).dequantize()
+            theirs = dequantized_by_the_package(tensors, fmt)
+            if not torch.equal(ours, theirs):
+                raise MixqError(f"internal error: {name} decompressed by compressed-tensors differs from mixq's "
+                                f"values by up to {(ours - theirs).abs().max().item():.3g}")
+
+
+TARGET = register(Target(
+    name="compressed-tensors",
+    summary="a directory transformers and vLLM load (pack-quantized integer grids)",
+    refusal=refusal,
+    export=export_compressed_tensors,
+    model_refusal=model_refusal,
+    quantizes_embeddings=False,
+))
