@@ -106,3 +106,24 @@ def test_generates_text(exported):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert len(out.stdout.strip()) > len("The capital of France is")
+
+
+def test_llama_quantize_applies_the_recipe(exported, tmp_path):
+    """The plan as a --tensor-type-file: llama.cpp's own quantizer gives every tensor the plan's type."""
+    from mixq.export import get_target
+
+    loaded, path, _, run = exported
+    recipe = tmp_path / "types.txt"
+    get_target("llama-quantize-recipe").export(run, recipe, False)
+    lines = recipe.read_text().split()
+    out = subprocess.run(
+        [str(tools_dir() / "llama-quantize"), "--allow-requantize", "--tensor-type-file", str(recipe),
+         str(loaded_source(loaded)), str(tmp_path / "requantized.gguf"), "Q8_0", "2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    ours = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    theirs = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "requantized.gguf").tensors}
+    matrices = [line.split("=")[0].strip("^$").replace("\\", "") for line in lines]
+    assert len(matrices) == 211 and set(matrices) <= set(theirs)
+    assert {n: theirs[n] for n in matrices} == {n: ours[n] for n in matrices}

@@ -84,4 +84,4 @@ def get_target(name: str) -> Target:
     return TARGETS[name]
 
 
-from mixq.export import compressed_tensors, gguf, vllm  # noqa: E402,F401  (register the targets)
+from mixq.export import compressed_tensors, gguf, recipe, vllm  # noqa: E402,F401  (register the targets)

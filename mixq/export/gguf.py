@@ -38,7 +38,7 @@ SKIPPED_FIELDS = ("GGUF.", "general.architecture", "general.file_type")
 ALIGNMENT_SLACK = 31  # bytes of padding a tensor's data may need to start on a 32-byte boundary
 
 
-def _read(source: Path) -> GGUFReader:
+def read_source(source: Path) -> GGUFReader:
     try:
         return GGUFReader(source)
     except Exception as e:  # the gguf package raises many kinds on corrupt input
@@ -55,7 +55,7 @@ def overhead_bound(source: Path, params: list[str]) -> int:
     """Bytes of an exported GGUF beyond the model parameters' data: metadata, tokenizer, tensor infos,
     tensors that are not parameters, and alignment padding (bounded). Only the types of the
     parameters change in an export, and type codes have a fixed size, so the header is the source's."""
-    reader = _read(source)
+    reader = read_source(source)
     name_map = name_map_of(reader)
     ours = {name_map.get_name(p, try_suffixes=(".weight", ".bias")) for p in params}
     data = sum(int(t.n_bytes) for t in reader.tensors)
@@ -74,7 +74,7 @@ def export_gguf(model_dir: Path, out: Path, overwrite: bool = False) -> dict[str
     stored = native.StoredModel(model_dir)
     entries = stored.entries
     TARGET.check(loaded, stored_formats(model_dir))
-    reader = _read(source_gguf(info["model"]))
+    reader = read_source(source_gguf(info["model"]))
     arch_name = str(reader.fields["general.architecture"].contents())
     arch = family(arch_name)
     name_map = name_map_of(reader)
