@@ -99,12 +99,12 @@ def dequantized_by_the_package(tensors: dict[str, torch.Tensor], fmt: IntFormat)
 def export_compressed_tensors(model_dir: Path, out: Path, overwrite: bool = False, target: Target | None = None) -> str:
     """Write the directory OUT from a mixq model directory, checked against `target`'s rules (default:
     compressed-tensors'; vLLM's are stricter); returns what it wrote, in a line."""
-    target = target or TARGET
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     from mixq.models import load_model
 
+    target = target or TARGET
     info = native.read_info(model_dir)
     stored = native.StoredModel(model_dir)
     entries = stored.entries
@@ -122,7 +122,7 @@ def export_compressed_tensors(model_dir: Path, out: Path, overwrite: bool = Fals
         for i, (fmt, members) in enumerate(sorted(groups.items()))
     }
     ignore = sorted(linears - {m for members in groups.values() for m in members})
-    # A tied head is not a parameter of its own: its module is ignored as the embedding is kept.
+    # Every linear left out of the groups, the output layer included (tied or not, it stays 16-bit).
     qconfig = QuantizationConfig(config_groups=config_groups, format="pack-quantized",
                                  quantization_status="compressed", ignore=ignore)
 
