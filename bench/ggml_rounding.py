@@ -30,7 +30,7 @@ from vs_llama_cpp import run  # noqa: E402
 
 from mixq import capture  # noqa: E402
 from mixq.data import WindowSpec, load_windows  # noqa: E402
-from mixq.export.gguf import name_map_of, permute_rows  # noqa: E402
+from mixq.export.gguf import name_map_of, qk_row_order  # noqa: E402
 from mixq.export.llama_cpp import tools_dir  # noqa: E402
 from mixq.formats.ggml import GGML_FORMATS  # noqa: E402
 from mixq.methods import MethodSettings, output_error, quantize_many  # noqa: E402
@@ -83,7 +83,7 @@ def main() -> None:
                 W_hat = dequantize(t.data, t.tensor_type).reshape(linear.shape)
                 kind = tensor.rsplit(".", 1)[-1]
                 if loaded.family.gguf_permutes_qk and kind in heads:  # back to Hugging Face's row order
-                    W_hat = permute_rows(W_hat, heads[kind], inverse=True)
+                    W_hat = W_hat[np.argsort(qk_row_order(len(W_hat), heads[kind]))]
                 got[tensor] = torch.from_numpy(np.ascontiguousarray(W_hat, dtype=np.float32))
             llama[(name, with_imatrix)] = got
 

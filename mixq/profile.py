@@ -239,16 +239,19 @@ def fixed_bytes(loaded: LoadedModel, tensors: list[str]) -> int:
 
 
 def container(loaded: LoadedModel, space: OptionSpace, target: str | None = None) -> str:
-    """The file a budget measures: the exported GGUF when every format is a ggml type and the model
-    came from a GGUF (or the target is GGUF), else mixq's own safetensors."""
-    in_gguf = target == "gguf" or (space.ggml_only and target is None)
-    return "gguf" if in_gguf and source_gguf(loaded.spec) is not None else "safetensors"
+    """The file a budget measures: the exported GGUF when that is the target, or when no target is named,
+    every format is a ggml type and the model came from a GGUF that llama.cpp takes; else mixq's own
+    safetensors."""
+    if target == "gguf":
+        return "gguf"
+    from_gguf = source_gguf(loaded.spec) is not None and get_target("gguf").model_refusal(loaded) is None
+    return "gguf" if space.ggml_only and target is None and from_gguf else "safetensors"
 
 
 def overhead_bytes(loaded: LoadedModel, tensors: list[str], space: OptionSpace, target: str | None = None) -> int:
     """Bytes of the file beyond every parameter's data (a bound that holds for any plan)."""
     if container(loaded, space, target) == "gguf":
-        return gguf_export.overhead_bound(source_gguf(loaded.spec), list(loaded.parameters()))
+        return gguf_export.overhead_bound(loaded)
     return header_bound(loaded, tensors)
 
 

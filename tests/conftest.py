@@ -48,17 +48,19 @@ def word_tokenizer():
 
 
 def save_tiny_model(path: Path, model_type: str = "llama", seed: int = 0, tied: bool = True,
-                    dtype=torch.float32) -> Path:
-    """A 2-block model of `model_type` (hidden 64, vocab from a word-level tokenizer) with random
-    weights, saved as a Hugging Face directory (safetensors) in `dtype`."""
+                    dtype=torch.float32, tokenizer=None, **config) -> Path:
+    """A 2-block model of `model_type` (hidden 64, vocab from `tokenizer`, by default a word-level
+    one) with random weights, saved as a Hugging Face directory (safetensors) in `dtype`; `config`
+    overrides the model's config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fast = word_tokenizer()
-    extra = {k: v for k, v in FAMILY_CONFIGS[model_type].items() if v is not None}
+    fast = tokenizer or word_tokenizer()
+    extra = {k: v for k, v in FAMILY_CONFIGS[model_type].items() if v is not None} | config
     config = AutoConfig.for_model(
         model_type, vocab_size=len(fast), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-        tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra,
+        tie_word_embeddings=tied, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id or 0, **extra,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

@@ -157,12 +157,13 @@ def test_infeasible_budget_is_refused_before_profiling(tiny_llama_dir, text_file
                    match="infeasible")
 
 
-def test_export_needs_ggml_types_and_a_gguf_source(tiny_llama_dir, text_file, tmp_path, capsys):
+def test_export_to_gguf_needs_ggml_types(tiny_llama_dir, text_file, tmp_path, capsys):
     out = tmp_path / "int3"
     code, _ = run(capsys, *tiny_args(tiny_llama_dir, text_file), "--bits", 3, "--group-size", 32, "--out", out)
     assert code == 0
     code, cap = run(capsys, "export", out, "--to", "gguf", tmp_path / "m.gguf")
-    assert code == 2 and "needs a GGUF source model" in cap.err and not (tmp_path / "m.gguf").exists()
+    assert code == 2 and "is stored as int3-g32: llama.cpp reads ggml types only" in cap.err
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_export_with_a_truncated_source_gguf(tmp_path, capsys):

@@ -2,20 +2,31 @@
 
 Each planned tensor keeps the ggml type its plan gave it: the bytes mixq packed are ggml's block
 layout already (formats/ggml.py), so they are copied, not re-quantized. Kept matrices are written as
-F16, norms and biases as F32. All metadata and tokenizer data come from the source GGUF, in order;
-tensors the Hugging Face model has no parameter for (e.g. rope frequency tables) are copied as they
-are. general.file_type is set to "guessed", as llama.cpp does for mixes.
+F16, vectors as F32. general.file_type is set to "guessed", as llama.cpp does for mixes.
 
-llama.cpp's converter reorders the rows of q_proj/k_proj of llama-family models for its rotary
-embedding (transformers undoes it on load); the same reordering is applied here, to whole rows,
-which every ggml type stores independently.
+Everything else comes from a skeleton GGUF, which also says where each parameter goes:
+- a GGUF source is its own skeleton: metadata and tokenizer are copied in order, tensors that are no
+  model parameter (rope frequency tables) as they are; llama.cpp's converter reorders the rows of
+  q_proj/k_proj of llama-family models for its rotary embedding (transformers undoes it on load),
+  and the same reordering is applied here to whole rows, which every ggml type stores independently;
+- a Hugging Face source is converted by llama.cpp's own converter (pinned source) with each matrix
+  replaced by a column of row numbers: the converter writes the metadata, tokenizer, vectors (after
+  whatever it does to them) and extra tensors, and its output shows each matrix's GGUF name and row
+  order, for any architecture it knows, without mixq restating its rules.
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from gguf import (
     MODEL_ARCH_NAMES,
     GGMLQuantizationType,
@@ -24,18 +35,27 @@ from gguf import (
     GGUFWriter,
     LlamaFileType,
     get_tensor_name_map,
+    size_label,
 )
+from safetensors.torch import save_file
 
 from mixq.atomic import check_output_dir
 from mixq.errors import MixqError
 from mixq.export import Target, native, register, stored_formats
+from mixq.export.llama_cpp import convert_hf_to_gguf
 from mixq.formats import parse_format
 from mixq.formats.ggml import GGMLFormat
-from mixq.models import source_gguf
+from mixq.models import LoadedModel, source_gguf
 from mixq.models.architectures import family
 
-SKIPPED_FIELDS = ("GGUF.", "general.architecture", "general.file_type")
+SKIPPED_FIELDS = ("GGUF.", "general.architecture", "general.file_type", "general.size_label")
 ALIGNMENT_SLACK = 31  # bytes of padding a tensor's data may need to start on a 32-byte boundary
+# model types whose GGUF architecture has another name (llama.cpp's converter writes Mistral as llama)
+GGUF_ARCH = {"mistral": "llama", "gemma3_text": "gemma3"}
+# what llama.cpp's converter reads from a Hugging Face directory besides the weights
+CONVERTER_INPUTS = (".json", ".txt", ".model", ".jinja", ".md", ".tiktoken")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+EXACT_ROW_NUMBERS = 1 << 24  # float32 holds every integer below this
 
 
 def read_source(source: Path) -> GGUFReader:
@@ -45,22 +65,116 @@ def read_source(source: Path) -> GGUFReader:
         raise MixqError(f"cannot read GGUF file {source}: {e}") from None
 
 
+def gguf_arch(loaded: LoadedModel) -> str | None:
+    """llama.cpp's architecture name of `loaded`, or None if it has none."""
+    path = source_gguf(loaded.spec)
+    if path is not None:
+        return str(read_source(path).fields["general.architecture"].contents())
+    name = GGUF_ARCH.get(loaded.config.model_type, loaded.config.model_type)
+    return name if name in MODEL_ARCH_NAMES.values() else None
+
+
 def name_map_of(reader: GGUFReader):
     arch_name = str(reader.fields["general.architecture"].contents())
     n_blocks = int(reader.fields[f"{arch_name}.block_count"].contents())
     return get_tensor_name_map(next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch_name), n_blocks)
 
 
-def overhead_bound(source: Path, params: list[str]) -> int:
-    """Bytes of an exported GGUF beyond the model parameters' data: metadata, tokenizer, tensor infos,
-    tensors that are not parameters, and alignment padding (bounded). Only the types of the
-    parameters change in an export, and type codes have a fixed size, so the header is the source's."""
-    reader = read_source(source)
+@dataclass
+class Skeleton:
+    """What an export copies (metadata, tokenizer, tensors no plan decides on), where each stored
+    parameter goes (parameter -> GGUF tensor name and row order, or None to take the skeleton's
+    tensor as it is) and the bytes an exported file holds beyond the parameters' data (a bound)."""
+
+    reader: GGUFReader
+    places: dict[str, tuple[str, np.ndarray | None]]
+    overhead: int
+
+
+def skeleton(loaded: LoadedModel, shapes: dict[str, tuple[int, ...]], value: Callable[[str], torch.Tensor],
+             work: Path) -> Skeleton:
+    """The skeleton of `loaded` whose stored tensors have `shapes` (vectors' values from `value`), made
+    in the directory `work`, which it needs for as long as it is read."""
+    path = source_gguf(loaded.spec)
+    if path is not None:
+        return source_skeleton(path, shapes)
+    return converted_skeleton(Path(loaded.spec), shapes, value, work)
+
+
+def source_skeleton(path: Path, shapes: dict[str, tuple[int, ...]]) -> Skeleton:
+    reader = read_source(path)
+    arch_name = str(reader.fields["general.architecture"].contents())
     name_map = name_map_of(reader)
-    ours = {name_map.get_name(p, try_suffixes=(".weight", ".bias")) for p in params}
-    data = sum(int(t.n_bytes) for t in reader.tensors)
-    others = sum(int(t.n_bytes) for t in reader.tensors if t.name not in ours)
-    return Path(source).stat().st_size - data + others + ALIGNMENT_SLACK * len(reader.tensors)
+    heads = int(reader.fields[f"{arch_name}.attention.head_count"].contents())
+    kv_field = reader.fields.get(f"{arch_name}.attention.head_count_kv")
+    kv_heads = int(kv_field.contents()) if kv_field is not None else heads
+    places = {}
+    for name, shape in shapes.items():
+        gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise MixqError(f"no GGUF tensor name for parameter {name} of architecture {arch_name}")
+        order = None
+        if family(arch_name).gguf_permutes_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
+            order = qk_row_order(shape[0], heads if "q_proj" in name else kv_heads)
+        places[name] = (gguf_name, order)
+    ours = {g for g, _ in places.values()}
+    params_data = sum(int(t.n_bytes) for t in reader.tensors if t.name in ours)
+    overhead = path.stat().st_size - params_data + ALIGNMENT_SLACK * len(reader.tensors)
+    return Skeleton(reader, places, overhead)
+
+
+def converted_skeleton(source: Path, shapes: dict[str, tuple[int, ...]], value: Callable[[str], torch.Tensor],
+                       work: Path) -> Skeleton:
+    """llama.cpp's converter run on the source's config and tokenizer, with mixq's vectors and each
+    stored matrix replaced by a column of numbers, distinct across matrices: each column that comes
+    out names its matrix's GGUF tensor and shows how the converter orders its rows. Vectors come out
+    as F32 after whatever the converter does to them, and are copied as they are."""
+    hf = work / source.name
+    hf.mkdir()
+    for f in source.iterdir():
+        if f.is_file() and f.name.endswith(CONVERTER_INPUTS) and f.name not in WEIGHT_INDEXES:
+            shutil.copyfile(f, hf / f.name)
+    tensors, starts, matrices, n_rows, vector_bytes = {}, [], [], 0, 0
+    for name, shape in shapes.items():
+        if len(shape) == 2:
+            starts.append(n_rows)
+            matrices.append(name)
+            tensors[name] = torch.arange(n_rows, n_rows + shape[0], dtype=torch.float32)[:, None]
+            n_rows += shape[0]
+        else:
+            tensors[name] = value(name).float()
+            vector_bytes += tensors[name].numel() * 4
+    if n_rows > EXACT_ROW_NUMBERS:
+        raise MixqError("exporting a model with over 16.7M matrix rows to GGUF from a Hugging Face source "
+                        "is not implemented")
+    save_file(tensors, hf / "model.safetensors")
+    path = work / "skeleton.gguf"
+    convert_hf_to_gguf(hf, path)
+    reader = read_source(path)
+    places = {}
+    for t in reader.tensors:
+        if len(t.shape) != 2 or int(t.shape[0]) != 1:
+            continue  # a vector or extra tensor the converter wrote: copied as it is
+        numbers = np.asarray(t.data, dtype=np.int64).reshape(-1)
+        i = bisect.bisect_right(starts, int(numbers[0])) - 1
+        order = numbers - starts[i]
+        if not np.array_equal(np.sort(order), np.arange(shapes[matrices[i]][0])):
+            raise MixqError(f"llama.cpp's converter changes {matrices[i]} beyond reordering its rows; "
+                            "mixq cannot place its quantized rows")
+        places[matrices[i]] = (t.name, None if np.array_equal(order, np.arange(len(order))) else order)
+    lost = [n for n in matrices if n not in places]
+    if lost:
+        raise MixqError(f"llama.cpp's converter writes no tensor for {lost[0]}")
+    overhead = path.stat().st_size - 4 * n_rows - vector_bytes + ALIGNMENT_SLACK * len(reader.tensors)
+    return Skeleton(reader, places, overhead)
+
+
+def overhead_bound(loaded: LoadedModel) -> int:
+    """Bytes of a GGUF exported from `loaded` beyond the parameters' data, for any plan: metadata,
+    tokenizer, tensor infos, tensors that are no parameter, and alignment padding (bounded). Only the
+    parameters' types change between plans, and type codes have a fixed size."""
+    with tempfile.TemporaryDirectory(prefix="mixq-gguf-") as work:
+        return skeleton(loaded, loaded.stored_tensors(), loaded.read, Path(work)).overhead
 
 
 def export_gguf(model_dir: Path, out: Path, overwrite: bool = False) -> dict[str, int]:
@@ -74,50 +188,58 @@ def export_gguf(model_dir: Path, out: Path, overwrite: bool = False) -> dict[str
     stored = native.StoredModel(model_dir)
     entries = stored.entries
     TARGET.check(loaded, stored_formats(model_dir))
-    reader = read_source(source_gguf(info["model"]))
-    arch_name = str(reader.fields["general.architecture"].contents())
-    arch = family(arch_name)
-    name_map = name_map_of(reader)
-    heads = int(reader.fields[f"{arch_name}.attention.head_count"].contents())
-    kv_field = reader.fields.get(f"{arch_name}.attention.head_count_kv")
-    kv_heads = int(kv_field.contents()) if kv_field is not None else heads
-
-    ours: dict[str, str] = {}  # GGUF tensor name -> parameter name
-    for name in entries:
-        gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise MixqError(f"no GGUF tensor name for parameter {name} of architecture {arch_name}")
-        ours[gguf_name] = name
-
     tmp = out.with_name(f".{out.name}.partial")
-    writer = GGUFWriter(tmp, arch_name)
-    try:
-        for key, field in reader.fields.items():
-            if not key.startswith(SKIPPED_FIELDS):
-                _copy_field(writer, key, field)
-        writer.add_file_type(LlamaFileType.GUESSED)
-        counts: dict[str, int] = {}
-        for t in reader.tensors:
-            if t.name in ours:
-                name = ours.pop(t.name)
-                data, dtype = _tensor_data(name, entries[name], stored)
-                if arch.gguf_permutes_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
-                    data = permute_rows(data, heads if "q_proj" in name else kv_heads)
-                writer.add_tensor(t.name, data, raw_dtype=dtype)
-                counts[dtype.name] = counts.get(dtype.name, 0) + 1
-            else:  # not a model parameter (rope tables and the like): as the source has it
-                writer.add_tensor(t.name, t.data, raw_shape=list(reversed(t.shape.tolist())), raw_dtype=t.tensor_type)
-        if ours:
-            raise MixqError(f"the source GGUF has no tensor for {sorted(ours.values())[:3]}")
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        tmp.replace(out)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".mixq-gguf-", dir=out.parent) as work:
+        shapes = {name: tuple(entry["shape"]) for name, entry in entries.items()}
+        made = skeleton(loaded, shapes, stored.tensor, Path(work))
+        reader = made.reader
+        by_gguf_name = {g: (name, order) for name, (g, order) in made.places.items()}
+        writer = GGUFWriter(tmp, str(reader.fields["general.architecture"].contents()))
+        try:
+            for key, field in reader.fields.items():
+                if not key.startswith(SKIPPED_FIELDS):
+                    _copy_field(writer, key, field)
+            n_params = sum(int(np.prod(shape)) for shape in loaded.stored_tensors().values())
+            writer.add_size_label(size_label(n_params, n_params, 0, 0))
+            writer.add_file_type(LlamaFileType.GUESSED)
+            counts: dict[str, int] = {}
+            digests = {}
+            for t in reader.tensors:
+                if t.name in by_gguf_name:
+                    name, order = by_gguf_name.pop(t.name)
+                    data, dtype = _tensor_data(name, entries[name], stored)
+                    if order is not None:
+                        data = np.ascontiguousarray(data[order])
+                    writer.add_tensor(t.name, data, raw_dtype=dtype)
+                    digests[t.name] = (dtype, _digest(data))
+                    counts[dtype.name] = counts.get(dtype.name, 0) + 1
+                else:  # no parameter of the model, or a vector as the converter wrote it: as it is
+                    writer.add_tensor(t.name, t.data, raw_shape=list(reversed(t.shape.tolist())), raw_dtype=t.tensor_type)
+            if by_gguf_name:
+                raise MixqError(f"the GGUF skeleton has no tensor for {sorted(by_gguf_name.values())[0][0]}")
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            _verify(tmp, digests)
+            tmp.replace(out)
+        finally:
+            writer.close()
+            tmp.unlink(missing_ok=True)
     return counts
+
+
+def _digest(data: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(data).view(np.uint8).data, digest_size=16).hexdigest()
+
+
+def _verify(path: Path, digests: dict[str, tuple[GGMLQuantizationType, str]]) -> None:
+    """Reread the written file: every parameter has the type and the bytes that were meant for it."""
+    written = {t.name: t for t in read_source(path).tensors}
+    for gguf_name, (dtype, digest) in digests.items():
+        t = written.get(gguf_name)
+        if t is None or t.tensor_type != dtype or _digest(t.data) != digest:
+            raise MixqError(f"the written GGUF does not hold {gguf_name} as meant (type or bytes differ)")
 
 
 def _copy_field(writer: GGUFWriter, key: str, field) -> None:
@@ -143,10 +265,9 @@ def refusal(fmt_name: str, shape: tuple[int, int]) -> str | None:
     return None if fmt.fits(shape) else f"{fmt_name} does not fit its {shape[1]} columns"
 
 
-def model_refusal(loaded) -> str | None:
-    if source_gguf(loaded.spec) is None:
-        return (f"export to GGUF needs a GGUF source model; {loaded.spec!r} is not one (convert it with llama.cpp's "
-                "convert_hf_to_gguf.py, then quantize that file with mixq)")
+def model_refusal(loaded: LoadedModel) -> str | None:
+    if gguf_arch(loaded) is None:
+        return f"llama.cpp has no architecture for model type {loaded.config.model_type!r}"
     if any(t.expert is not None for t in loaded.quantizable().values()):
         return ("exporting a mixture of experts is not implemented: llama.cpp stores each layer's experts as one "
                 "tensor of one type, mixq each expert in its own format")
@@ -159,16 +280,14 @@ def _export(model_dir: Path, out: Path, overwrite: bool) -> str:
     return f"{Path(out).stat().st_size:,} bytes; tensors by type: {types}"
 
 
-def permute_rows(data: np.ndarray, n_head: int, inverse: bool = False) -> np.ndarray:
-    """Hugging Face's q/k row order -> llama.cpp's (within each head, halves interleaved), or back."""
-    rows = data.shape[0]
-    order = np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(-1)
-    return np.ascontiguousarray(data[np.argsort(order) if inverse else order])
+def qk_row_order(rows: int, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k rows as indices into Hugging Face's (within each head, halves interleaved)."""
+    return np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(-1)
 
 
 TARGET = register(Target(
     name="gguf",
-    summary="one GGUF file llama.cpp runs (ggml types; needs a GGUF source model)",
+    summary="one GGUF file llama.cpp runs (ggml types)",
     refusal=refusal,
     export=_export,
     model_refusal=model_refusal,

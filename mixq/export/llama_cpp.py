@@ -1,14 +1,16 @@
-"""llama.cpp's tools beside mixq: where the binaries are, and reading what llama-perplexity saves.
+"""llama.cpp beside mixq: its converter, where its binaries are, and reading what llama-perplexity saves.
 
-The tools are built by scripts/build-llama-cpp from the llama.cpp source inside the pinned
-llama-cpp-python sdist (never a native build: -march=native emits AMX code that crashes on some
-CPUs); MIXQ_LLAMA_CPP_BIN points at an existing build instead.
+Source and tools come from scripts/build-llama-cpp, which fetches the llama.cpp source inside the
+pinned llama-cpp-python sdist and builds the tools (never a native build: -march=native emits AMX
+code that crashes on some CPUs); MIXQ_LLAMA_CPP_SRC and MIXQ_LLAMA_CPP_BIN point at an existing
+source tree and build instead.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,17 +21,33 @@ from mixq.errors import MixqError
 BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "build-llama-cpp"
 
 
+def _build_script(env_var: str, *args: str) -> Path:
+    if env_var in os.environ:
+        return Path(os.environ[env_var])
+    if not BUILD_SCRIPT.is_file():
+        raise MixqError(f"llama.cpp: set {env_var} (the build script ships with mixq's source tree)")
+    proc = subprocess.run([str(BUILD_SCRIPT), *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise MixqError(f"fetching or building llama.cpp failed:\n{proc.stderr[-2000:]}")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
 def tools_dir() -> Path:
     """Directory holding llama-quantize, llama-imatrix, llama-perplexity and llama-completion
     (built on first use, about 4 minutes on 2 cores, then cached)."""
-    if "MIXQ_LLAMA_CPP_BIN" in os.environ:
-        return Path(os.environ["MIXQ_LLAMA_CPP_BIN"])
-    if not BUILD_SCRIPT.is_file():
-        raise MixqError("llama.cpp's tools: set MIXQ_LLAMA_CPP_BIN (the build script ships with the source tree)")
-    proc = subprocess.run([str(BUILD_SCRIPT)], capture_output=True, text=True)
+    return _build_script("MIXQ_LLAMA_CPP_BIN")
+
+
+def convert_hf_to_gguf(model_dir: Path, out: Path) -> None:
+    """Run llama.cpp's own converter (pinned source, fetched on first use) on a Hugging Face directory,
+    writing every tensor as F32. It runs in its own process so that it imports the gguf-py of its
+    source tree, whatever version of the gguf package mixq has."""
+    script = _build_script("MIXQ_LLAMA_CPP_SRC", "--source") / "convert_hf_to_gguf.py"
+    proc = subprocess.run([sys.executable, str(script), str(model_dir), "--outtype", "f32", "--outfile", str(out)],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
-        raise MixqError(f"building llama.cpp's tools failed:\n{proc.stderr[-2000:]}")
-    return Path(proc.stdout.strip().splitlines()[-1])
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        raise MixqError(f"llama.cpp's converter cannot convert this model: {lines[-1] if lines else proc.returncode}")
 
 
 @dataclass

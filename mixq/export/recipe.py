@@ -22,33 +22,13 @@ from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
 from mixq.atomic import atomic_write_text, check_output_dir
 from mixq.errors import MixqError
 from mixq.export import Target, gguf, native, register, stored_formats
-from mixq.models import LoadedModel, source_gguf
-
-# model types whose GGUF architecture has another name (llama.cpp's converter writes Mistral as llama)
-GGUF_ARCH = {"mistral": "llama", "gemma3_text": "gemma3"}
-
-
-def gguf_arch(loaded: LoadedModel) -> str | None:
-    """llama.cpp's architecture name of `loaded`, or None if it has none."""
-    path = source_gguf(loaded.spec)
-    if path is not None:
-        return str(gguf.read_source(path).fields["general.architecture"].contents())
-    name = GGUF_ARCH.get(loaded.config.model_type, loaded.config.model_type)
-    return name if name in MODEL_ARCH_NAMES.values() else None
-
-
-def model_refusal(loaded: LoadedModel) -> str | None:
-    if gguf_arch(loaded) is None:
-        return f"llama.cpp has no architecture for model type {loaded.config.model_type!r}"
-    if any(t.expert is not None for t in loaded.quantizable().values()):
-        return "llama.cpp types each layer's experts together; mixq's per-expert plans have no recipe"
-    return None
+from mixq.models import LoadedModel
 
 
 def recipe_lines(loaded: LoadedModel, formats: dict[str, str]) -> list[str]:
     """`PATTERN=type` for every parameter matrix of `loaded`: its format in `formats` (tensor -> ggml
     type name) or f16."""
-    arch = gguf_arch(loaded)
+    arch = gguf.gguf_arch(loaded)
     names = get_tensor_name_map(next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch), loaded.n_blocks)
     lines = []
     for param, shape in loaded.stored_tensors().items():
@@ -80,6 +60,6 @@ TARGET = register(Target(
     summary="the plan as llama-quantize's --tensor-type-file (ggml types; llama.cpp rounds)",
     refusal=gguf.refusal,
     export=export_recipe,
-    model_refusal=model_refusal,
+    model_refusal=gguf.model_refusal,
     formats=("gguf",),
 ))
