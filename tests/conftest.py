@@ -56,12 +56,11 @@ def save_tiny_model(path: Path, model_type: str = "llama", seed: int = 0, tied: 
 
     fast = tokenizer or word_tokenizer()
     extra = {k: v for k, v in FAMILY_CONFIGS[model_type].items() if v is not None} | config
-    config = AutoConfig.for_model(
-        model_type, vocab_size=len(fast), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+    config = AutoConfig.for_model(model_type, **dict(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
         tie_word_embeddings=tied, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.pad_token_id or 0, **extra,
-    )
+        pad_token_id=fast.pad_token_id or 0) | extra)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     if model_type in MOE:  # routers that prefer some experts, as trained ones do

