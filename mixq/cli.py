@@ -409,8 +409,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         shutil.rmtree(tmp / "spool", ignore_errors=True)
         if planned and not args.profile:
             profile.save(tmp / PROFILE_FILE)  # reusable: mixq plan DIR/mixq.profile, --profile
-        in_gguf = planned and profile.info.get("container") == "gguf"
-        if args.budget and not in_gguf and storage.file_bytes > budget.total_bytes(storage.n_weights):
+        exported = profile.info.get("container", "safetensors") if planned else "safetensors"
+        if args.budget and exported == "safetensors" and storage.file_bytes > budget.total_bytes(storage.n_weights):
             raise MixqError(f"internal error: {storage.file_bytes:,} bytes exceed the budget {budget}")
         if args.eval_text:
             # Evaluate exactly what was written, so `mixq eval` reproduces these numbers.
@@ -422,8 +422,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             _print_quality(args.out, storage.bpw, seconds, report, info.get("plan_summary"))
     print(f"wrote {args.out}: {description}, {storage.file_bytes:,} bytes, "
           f"{storage.bpw:.3f} bits per weight (whole file), quantized in {seconds:.0f} s")
-    if in_gguf:
-        print(f"its GGUF (mixq export {args.out} --to gguf OUT.gguf) will be at most {plan.max_file_bytes:,} bytes")
+    if exported != "safetensors":
+        what = "its GGUF" if exported == "gguf" else f"the model.safetensors of its {exported} export"
+        print(f"{what} (mixq export {args.out} --to {exported} OUT) will be at most {plan.max_file_bytes:,} bytes")
 
 
 def _check_feasible(loaded, budget, settings) -> None:

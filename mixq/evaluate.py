@@ -151,26 +151,30 @@ def evaluate(
 
 @dataclass(frozen=True)
 class Agreement:
-    """How closely another engine's next-token distributions follow mixq's on the same windows."""
+    """How closely another engine's next-token distributions follow ours on the same windows."""
 
-    kl_mean: float  # mean KL(engine || mixq) per token
+    kl_to_engine: float  # mean KL(ours || engine) per token
+    kl_from_engine: float  # mean KL(engine || ours) per token
     top1: float  # share of positions where both put the same token first
     n_tokens: int
 
 
 def agreement_with_top_k(engine: list[list[dict[int, float]]], log_probs: torch.Tensor) -> Agreement:
     """Compare an engine that reports only its top-k log-probabilities per position (engine[w][i]:
-    token -> log-probability at position i of window w) with mixq's full log-softmax `log_probs`
-    (windows, positions, vocabulary). The KL is taken over the reported tokens plus one bucket for
-    the rest of the vocabulary: a lower bound on the full KL that is tight when the top k hold
-    nearly all the mass."""
-    kls, same = [], 0
+    token -> log-probability at position i of window w) with a full log-softmax `log_probs`
+    (windows, positions, vocabulary). Both KLs are taken over the reported tokens plus one bucket
+    for the rest of the vocabulary: lower bounds on the full KLs, tight when the top k hold nearly
+    all the mass."""
+    to_engine, from_engine, same = [], [], 0
     for w, window in enumerate(engine):
         for i, top in enumerate(window):
             ids = torch.tensor(list(top.keys()), dtype=torch.long)
             theirs = torch.tensor(list(top.values()), dtype=torch.float64)
             ours = log_probs[w, i, ids].double()
-            tails = [max(1 - float(lp.exp().sum()), 1e-12) for lp in (theirs, ours)]
-            kls.append(float((theirs.exp() * (theirs - ours)).sum()) + tails[0] * math.log(tails[0] / tails[1]))
+            tail_theirs, tail_ours = (max(1 - float(lp.exp().sum()), 1e-12) for lp in (theirs, ours))
+            log_ratio = theirs - ours
+            from_engine.append(float((theirs.exp() * log_ratio).sum()) + tail_theirs * math.log(tail_theirs / tail_ours))
+            to_engine.append(float((ours.exp() * -log_ratio).sum()) + tail_ours * math.log(tail_ours / tail_theirs))
             same += int(ids[theirs.argmax()] == log_probs[w, i].argmax())
-    return Agreement(sum(kls) / len(kls), same / len(kls), len(kls))
+    n = len(to_engine)
+    return Agreement(sum(to_engine) / n, sum(from_engine) / n, same / n, n)

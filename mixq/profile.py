@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 from mixq import capture
 from mixq.errors import MixqError
 from mixq.export import get_target
-from mixq.export import gguf as gguf_export
 from mixq.export.native import header_bound, kept_nbytes
 from mixq.formats import QTensor, parse_format
 from mixq.formats.integer import IntFormat
@@ -227,8 +226,19 @@ class OptionTable:
             t = int(np.nonzero(~allowed.any(axis=1))[0][0])
             within = f" that {target} stores" if target else ""
             raise MixqError(f"no option of the option space{within} fits {tensors[t]} {shapes[t]}")
-        # Options a tensor cannot take are priced at 0 bytes; `allowed` keeps every plan off them.
-        nbytes = np.array([[o.nbytes(s) if o.fits(s) else 0 for o in options] for s in shapes], np.int64)
+        # Options a tensor cannot take are priced at 0 bytes; `allowed` keeps every plan off them. A
+        # target that declares its own layout prices what it stores as its file stores it.
+        priced = get_target(target).nbytes if target is not None else None
+
+        def cost(o: Option, shape: tuple[int, int], stored_by_target: bool) -> int:
+            if not o.fits(shape):
+                return 0
+            if priced is not None and stored_by_target and not o.is_keep:
+                return priced(o.format, shape)
+            return o.nbytes(shape)
+
+        nbytes = np.array([[cost(o, s, bool(allowed[t, i])) for i, o in enumerate(options)]
+                           for t, s in enumerate(shapes)], np.int64)
         return cls(tensors, options, allowed, nbytes)
 
 
@@ -239,20 +249,21 @@ def fixed_bytes(loaded: LoadedModel, tensors: list[str]) -> int:
 
 
 def container(loaded: LoadedModel, space: OptionSpace, target: str | None = None) -> str:
-    """The file a budget measures: the exported GGUF when that is the target, or when no target is named,
-    every format is a ggml type and the model came from a GGUF that llama.cpp takes; else mixq's own
-    safetensors."""
-    if target == "gguf":
-        return "gguf"
+    """The file a budget measures: the target's own when it declares its bytes; with no target, the
+    exported GGUF when every format is a ggml type and the model came from a GGUF that llama.cpp
+    takes; else mixq's own safetensors."""
+    if target is not None:
+        return target if get_target(target).overhead is not None else "safetensors"
     from_gguf = source_gguf(loaded.spec) is not None and get_target("gguf").model_refusal(loaded) is None
-    return "gguf" if space.ggml_only and target is None and from_gguf else "safetensors"
+    return "gguf" if space.ggml_only and from_gguf else "safetensors"
 
 
 def overhead_bytes(loaded: LoadedModel, tensors: list[str], space: OptionSpace, target: str | None = None) -> int:
     """Bytes of the file beyond every parameter's data (a bound that holds for any plan)."""
-    if container(loaded, space, target) == "gguf":
-        return gguf_export.overhead_bound(loaded)
-    return header_bound(loaded, tensors)
+    measured = container(loaded, space, target)
+    if measured == "safetensors":
+        return header_bound(loaded, tensors)
+    return get_target(measured).overhead(loaded, tensors)
 
 
 def smallest_file(loaded: LoadedModel, space: OptionSpace, target: str | None = None) -> int:

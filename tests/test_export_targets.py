@@ -20,6 +20,7 @@ from mixq.formats.integer import IntFormat
 from mixq.methods import MethodSettings
 from mixq.models import load_model, materialize
 from mixq.options import Option, OptionSpace
+from mixq.plan import Budget
 from mixq.profile import OptionTable
 from mixq.quantize import quantize_model
 
@@ -162,6 +163,10 @@ def test_quantize_for_a_target_then_export(tiny_llama_dir, text_file, tmp_path, 
     assert all(o == "f16" or o.startswith("int4-") for o in plan.values())
     assert main(["export", str(out), "--to", "vllm", str(tmp_path / "v")]) == 0
     assert (tmp_path / "v" / "model.safetensors").is_file() and (tmp_path / "v" / "tokenizer.json").is_file()
+    # the budget is vLLM's model.safetensors: never above the prediction, which is within the header bound
+    size, predicted = (tmp_path / "v" / "model.safetensors").stat().st_size, info["plan_summary"]["max_file_bytes"]
+    assert size <= predicted <= Budget.parse("7bpw").total_bytes(info["plan_summary"]["n_weights"])
+    assert predicted - size <= compressed_tensors.header_bound(load_model(str(tiny_llama_dir)), list(plan))
     assert main(["export", str(out), "--to", "vllm", str(tmp_path / "v")]) == 2  # exists: not replaced
     assert "already exists" in capsys.readouterr().err
 

@@ -4,8 +4,9 @@ mixq's own layout (native.py) is what `mixq quantize` writes; `mixq export DIR -
 into a target's file. A target declares which formats it stores (`refusal`: why a tensor of a shape
 cannot be stored in a format, or None), which source models it takes (`model_refusal`), and writes
 (`export`). `--target` on quantize/profile restricts the option space with the same declaration, so
-a plan made for a target is always exportable to it. Adding a target is adding a file that calls
-`register`.
+a plan made for a target is always exportable to it; a target that declares its file's bytes
+(`nbytes` per matrix, `overhead` per file) has a budget measured in its own file. Adding a target is
+adding a file that calls `register`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ class Target:
     quantizes_embeddings: bool = True  # False: the embedding and output matrix stay at 16 bits
     tie: str = "none"  # matrices that must share one option (profile.TIE_RULES): what the engine fuses
     formats: tuple[str, ...] = ("int",)  # the option space's formats when the user names none
+    # Bytes of a (rows, cols) matrix in a format in the target's file; None: as mixq stores it.
+    nbytes: Callable[[str, tuple[int, int]], int] | None = None
+    # Bytes of the target's file beyond the parameters' data, for any plan over the planned tensors (a
+    # bound); None: a budget for this target measures mixq's own file.
+    overhead: Callable[[LoadedModel, list[str]], int] | None = None
 
     def refuses(self, loaded: LoadedModel, name: str, fmt: str, shape: tuple[int, int]) -> str | None:
         """Why tensor `name` of `loaded` cannot be stored here in format `fmt`, or None if it can."""

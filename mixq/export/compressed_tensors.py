@@ -178,6 +178,23 @@ def _converted_specs(fmt: IntFormat, shape: tuple[int, int]) -> dict[str, tuple[
     return {part: (t.dtype, tuple(t.shape)) for part, t in packed(q, q.scale).items()}
 
 
+def nbytes(fmt_name: str, shape: tuple[int, int]) -> int:
+    """Bytes of a (rows, cols) matrix quantized in `fmt_name` in the written model.safetensors."""
+    specs = _converted_specs(parse_format(fmt_name), shape).values()
+    return sum(torch.Size(part_shape).numel() * dtype.itemsize for dtype, part_shape in specs)
+
+
+def header_bound(loaded: LoadedModel, planned: list[str]) -> int:
+    """An upper bound on model.safetensors' header for any plan over the `planned` tensors: each
+    planned weight counted with all four parts, every entry with room for 20-digit numbers."""
+    planned_params = {f"{n}.weight" for n in planned}
+    keys = []
+    for name in loaded.stored_tensors():
+        keys += [f"{name}_{part}" for part in ("packed", "scale", "zero_point", "shape")] if name in planned_params else [name]
+    entry = len('"":{"dtype":"F16","shape":[,],"data_offsets":[,]},') + 4 * 20
+    return 8 + len('{"__metadata__":{"format":"pt"}}') + sum(len(k) + entry for k in keys) + 8
+
+
 def verify(out: Path, stored: native.StoredModel, quantized: dict[str, dict]) -> None:
     """Reread every quantized linear from the written file and decompress it with compressed-tensors:
     it must equal mixq's dequantized weight exactly."""
@@ -202,4 +219,6 @@ TARGET = register(Target(
     export=export_compressed_tensors,
     model_refusal=model_refusal,
     quantizes_embeddings=False,
+    nbytes=nbytes,
+    overhead=header_bound,
 ))

@@ -292,4 +292,5 @@ TARGET = register(Target(
     export=_export,
     model_refusal=model_refusal,
     formats=("gguf",),
+    overhead=lambda loaded, planned: overhead_bound(loaded),
 ))

@@ -45,4 +45,6 @@ TARGET = register(Target(
     model_refusal=compressed_tensors.model_refusal,
     quantizes_embeddings=False,
     tie="fused",
+    nbytes=compressed_tensors.nbytes,
+    overhead=compressed_tensors.header_bound,
 ))
