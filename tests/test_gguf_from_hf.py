@@ -11,7 +11,6 @@ log-probabilities by as much as quantizing does, and the test asks for 20x less.
 
 import itertools
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +19,16 @@ import torch
 from gguf import GGUFReader
 
 from conftest import save_tiny_model
+from test_llama_cpp import llama_cpp_log_probs
 from mixq.cli import main
 from mixq.export import native
 from mixq.export.gguf import ALIGNMENT_SLACK, export_gguf
-from mixq.export.llama_cpp import read_saved_log_probs, tools_dir
 from mixq.formats import parse_format
 from mixq.models import load_model, materialize, source_gguf
 from mixq.plan import Budget
 from mixq.quantize import QuantizedModel
 
 pytestmark = pytest.mark.slow
-TEXT = Path(__file__).parent / "data" / "prose.txt"
 N_CTX, N_CHUNKS = 64, 4
 # Families whose tiny models llama.cpp and transformers compute alike (KL < 1e-5 unquantized). Not here:
 # qwen2 and phi3/gemma2, whose tokenizer classes override SmolLM2's pre-tokenizer or need a
@@ -83,14 +81,7 @@ def test_export_from_hugging_face_runs_in_llama_cpp(model_type, smollm2_tokenize
     types = {t.tensor_type.name for t in reader.tensors}
     assert {"Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "F32"} <= types
 
-    saved = tmp_path / "llama.logprobs"
-    out = subprocess.run(
-        [str(tools_dir() / "llama-perplexity"), "-m", str(gguf_path), "-f", str(TEXT), "-c", str(N_CTX),
-         "--chunks", str(N_CHUNKS), "-t", "2", "--kl-divergence-base", str(saved)],
-        capture_output=True, text=True,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    theirs = read_saved_log_probs(saved)
+    theirs = llama_cpp_log_probs(gguf_path, tmp_path, N_CTX, N_CHUNKS)
     loaded = load_model(str(source))
     to_mixq = mean_kl(theirs, materialize(loaded, native.NativeSource(run)))
     to_unquantized = mean_kl(theirs, materialize(loaded))

@@ -20,7 +20,7 @@ from gguf import GGUFReader
 
 from mixq.export import native
 from mixq.export.gguf import export_gguf
-from mixq.export.llama_cpp import read_saved_log_probs, tools_dir
+from mixq.export.llama_cpp import SavedLogProbs, read_saved_log_probs, tools_dir
 from mixq.formats import parse_format
 from mixq.models import load_model, materialize
 from mixq.quantize import QuantizedModel
@@ -67,16 +67,21 @@ def loaded_source(loaded):
     return source_gguf(loaded.spec)
 
 
-def llama_cpp_vs_torch(gguf: Path, model: torch.nn.Module, tmp: Path) -> tuple[float, float, float]:
-    """(mean KL(llama.cpp || torch), same top-1 rate, llama.cpp's perplexity) on the same tokens."""
+def llama_cpp_log_probs(gguf: Path, tmp: Path, n_ctx: int = N_CTX, n_chunks: int = N_CHUNKS) -> SavedLogProbs:
+    """llama-perplexity's log-probabilities for `gguf` on the test text."""
     saved = tmp / f"{gguf.stem}.logprobs"
     out = subprocess.run(
-        [str(tools_dir() / "llama-perplexity"), "-m", str(gguf), "-f", str(TEXT), "-c", str(N_CTX),
-         "--chunks", str(N_CHUNKS), "-t", "2", "--kl-divergence-base", str(saved)],
+        [str(tools_dir() / "llama-perplexity"), "-m", str(gguf), "-f", str(TEXT), "-c", str(n_ctx),
+         "--chunks", str(n_chunks), "-t", "2", "--kl-divergence-base", str(saved)],
         capture_output=True, text=True,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    theirs = read_saved_log_probs(saved)
+    return read_saved_log_probs(saved)
+
+
+def llama_cpp_vs_torch(gguf: Path, model: torch.nn.Module, tmp: Path) -> tuple[float, float, float]:
+    """(mean KL(llama.cpp || torch), same top-1 rate, llama.cpp's perplexity) on the same tokens."""
+    theirs = llama_cpp_log_probs(gguf, tmp)
     assert theirs.tokens.shape == (N_CHUNKS, N_CTX)
     with torch.no_grad():
         logits = model(torch.from_numpy(theirs.tokens).long()).logits.float()
