@@ -8,8 +8,8 @@ tokenization of the text, which every engine is then given as token ids):
 Each row: file size, load time, mean KL(reference || engine) on the scored positions, mixq's own
 figure for the same output (its evaluation, fp32) on the same positions, and decode tokens/s (batch
 1, greedy). The reference is mixq's fp32 evaluation of the unquantized model. vLLM reports its top k
-log-probabilities only: its KL (and mixq's figure beside it) is taken over those k tokens plus one
-bucket for the rest, a lower bound on the full KL.
+log-probabilities only: its KL, and mixq's figure beside it, are taken over those k tokens plus one
+bucket for the rest (lower bounds on the full KLs, the same buckets for both).
 
     python bench/deploy.py --text ../shared/data/wikitext-2-raw/wiki.test.raw
 
@@ -154,6 +154,10 @@ def main() -> None:
         # entry j of a window: the distribution of token j + 1, as the logits at position j give it
         engine = [[{int(t): lp for t, lp in position.items()} for position in w[first:]] for w in result["windows"]]
         vs_ref = agreement_with_top_k(engine, reference)
+        # mixq's figure over the same buckets: its own log-probabilities of the tokens vLLM reported
+        ours_bucketed = [[{t: float(ours[w, i, t]) for t in position} for i, position in enumerate(window)]
+                         for w, window in enumerate(engine)]
+        mixq_kl = agreement_with_top_k(ours_bucketed, reference).kl_to_engine
         rows.append((name, "compressed-tensors", f"vLLM CPU {result['vllm']} ({result['dtype']}, top-{TOP_K})", size,
                      result["load_s"], vs_ref.kl_to_engine, mixq_kl, result["decode_tokens_per_s"]))
 
@@ -168,7 +172,9 @@ def main() -> None:
             f"- Windows: {args.chunks} x {args.ctx} tokens of `{args.text.name}` as llama.cpp tokenizes it; "
             f"KL on the second half of each window ({len(windows) * (args.ctx - 1 - first)} positions), "
             "as llama-perplexity scores it\n"
-            f"- vLLM's KL is over its top {TOP_K} tokens plus the rest as one bucket (a lower bound)\n\n"
+            f"- vLLM's rows: both KLs over vLLM's top {TOP_K} tokens plus the rest as one bucket (lower bounds)\n"
+            "- Decode speed: batch 1, greedy, the engine's own timing (llama-completion's eval time; vLLM "
+            f"and transformers: {GENERATE} tokens minus one)\n\n"
             + header + body)
     write_result(args.out, text, commands + [f"python bench/deploy.py --text {args.text}"])
 
