@@ -162,7 +162,7 @@ def test_export_to_gguf_needs_ggml_types(tiny_llama_dir, text_file, tmp_path, ca
     code, _ = run(capsys, *tiny_args(tiny_llama_dir, text_file), "--bits", 3, "--group-size", 32, "--out", out)
     assert code == 0
     code, cap = run(capsys, "export", out, "--to", "gguf", tmp_path / "m.gguf")
-    assert code == 2 and "is stored as int3-g32: llama.cpp reads ggml types only" in cap.err
+    assert code == 2 and "is stored as int3-g32: llama.cpp reads ggml types only; the nearest to int3-g32 is q3_k" in cap.err
     assert not (tmp_path / "m.gguf").exists()
 
 

@@ -117,7 +117,7 @@ def test_targets_refuse_what_they_cannot_store(tiny_llama_dir, text_file, tmp_pa
     int8 = quantized_dir(tiny_llama_dir, text_file, tmp_path / "int8", (Option("int8-g32", "rtn"),))[2]
     with pytest.raises(MixqError, match=r"vLLM's CPU kernel runs 4-bit"):
         get_target("vllm").export(int8, tmp_path / "v", False)
-    with pytest.raises(MixqError, match=r"is stored as int8-g32: llama.cpp reads ggml types only"):
+    with pytest.raises(MixqError, match=r"is stored as int8-g32: llama.cpp reads ggml types only; the nearest to int8-g32 is q8_0"):
         get_target("gguf").export(int8, tmp_path / "x.gguf", False)
     assert not (tmp_path / "v").exists() and not (tmp_path / "x.gguf").exists()
     assert compressed_tensors.refusal("int4-g128", (64, 576)).startswith("its 576 columns are not a whole number")

@@ -45,6 +45,7 @@ from mixq.export import Target, native, register, stored_formats
 from mixq.export.llama_cpp import convert_hf_to_gguf
 from mixq.formats import parse_format
 from mixq.formats.ggml import GGMLFormat
+from mixq.formats.integer import IntFormat
 from mixq.models import LoadedModel, source_gguf
 from mixq.models.architectures import family
 
@@ -261,8 +262,16 @@ def refusal(fmt_name: str, shape: tuple[int, int]) -> str | None:
     """Why llama.cpp cannot store a (rows, cols) matrix in `fmt_name`, or None if it can."""
     fmt = parse_format(fmt_name)
     if not isinstance(fmt, GGMLFormat):
-        return "llama.cpp reads ggml types only (--formats gguf)"
+        nearest = nearest_ggml_type(fmt) if isinstance(fmt, IntFormat) else "q8_0"
+        return f"llama.cpp reads ggml types only; the nearest to {fmt_name} is {nearest} (--formats gguf)"
     return None if fmt.fits(shape) else f"{fmt_name} does not fit its {shape[1]} columns"
+
+
+def nearest_ggml_type(fmt: IntFormat) -> str:
+    """The ggml type closest to an integer grid: same bits (7 -> 8), with a min where it has zeros."""
+    if fmt.bits in (4, 5):
+        return f"q{fmt.bits}_{0 if fmt.symmetric else 1}"
+    return {2: "q2_k", 3: "q3_k", 6: "q6_k"}.get(fmt.bits, "q8_0")
 
 
 def model_refusal(loaded: LoadedModel) -> str | None:
