@@ -154,8 +154,10 @@ def test_quantize_for_a_target_then_export(tiny_llama_dir, text_file, tmp_path, 
     assert main(["quantize", str(tiny_llama_dir), "--budget", "7bpw", "--target", "vllm", "--out", str(out),
                  "--held-out-windows", "2", "--held-out-len", "64", "--fisher-windows", "0", *common]) == 0
     info = json.loads((out / native.INFO_FILE).read_text())
-    assert info["exportable_to"] == ["compressed-tensors", "vllm"]
     plan = info["plan"]
+    # int4 in groups of 32 is also Q4_0/Q4_1, so such a plan is exportable to llama.cpp as well
+    ggml_too = all(o == "f16" or o.startswith("int4-g32-") for o in plan.values())  # option: FORMAT-METHOD
+    assert info["exportable_to"] == ["compressed-tensors", *["gguf", "llama-quantize-recipe"] * ggml_too, "vllm"]
     for b in range(2):  # vLLM fuses q/k/v and gate/up: each takes one option
         p = f"model.layers.{b}."
         assert plan[p + "self_attn.q_proj"] == plan[p + "self_attn.k_proj"] == plan[p + "self_attn.v_proj"]

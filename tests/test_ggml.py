@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from mixq.errors import MixqError
 from mixq.formats import parse_format
-from mixq.formats.ggml import GGML_FORMATS
+from mixq.formats.ggml import GGML_FORMATS, equivalent_of, from_int
+from mixq.formats.integer import IntFormat
 from mixq.methods import MethodSettings
 from mixq.methods.gptq import quantize_gptq
 from mixq.methods.rtn import quantize_rtn
@@ -53,6 +54,44 @@ def test_bytes_match_ggml_and_round_trip(name, rows, n_blocks, seed, scale, zero
                        q.dequantize()[rows_read])
     if zero_block:
         assert (q.dequantize()[0, : fmt.block] == 0).all()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    bits=st.sampled_from((4, 5, 8)), symmetric=st.booleans(), rows=st.integers(1, 4), n_blocks=st.integers(1, 3),
+    seed=st.integers(0, 2**31), scale=st.sampled_from((1e-4, 0.02, 3.0)),
+)
+def test_integer_grids_written_as_their_ggml_type(bits, symmetric, rows, n_blocks, seed, scale):
+    """int4/5/8-g32-sym are Q4_0/Q5_0/Q8_0 bit for bit; int4/5-g32 are Q4_1/Q5_1 with the min
+    scale * zero rounded to fp16, which moves a group's weights by at most half its fp16 ulp."""
+    fmt = IntFormat(bits, 32, symmetric)
+    if bits == 8 and not symmetric:
+        assert equivalent_of(fmt) is None  # ggml has no 8-bit type with a min for weights
+        return
+    W = weights(rows, n_blocks * 32, seed, scale)
+    q = fmt.fit(W, torch.rand(W.shape[1], generator=torch.Generator().manual_seed(seed)) + 0.05)
+    g = from_int(q)
+    assert g.format.name == f"q{bits}_{0 if symmetric else 1}"
+    theirs = torch.from_numpy(dequantize(g.format.pack(g)["blocks"].numpy(), g.format.ggml_type)).view(q.shape)
+    ours = q.dequantize()
+    if symmetric:
+        assert torch.equal(theirs, ours)
+    else:
+        offset = q.scale * q.zero  # exact in float32: an fp16 scale times an integer below 2**5
+        ulp = (torch.nextafter(offset.half(), torch.tensor(torch.inf, dtype=torch.half)).float() - offset.half().float())
+        bound = fmt.expand(ulp / 2, W.shape[1])
+        assert ((theirs - ours).abs() <= bound * (1 + 1e-6) + 1e-12).all()
+
+
+@pytest.mark.parametrize("name", ["int4-g64", "int4-g32-sym", "int3-g32", "int8-g32", "int6-g32-sym", "int4-ch"])
+def test_only_32_wide_4_5_8_bit_grids_are_ggml_types(name):
+    equivalent = equivalent_of(parse_format(name))
+    assert (equivalent is not None) == (name == "int4-g32-sym")
+
+
+def test_a_grid_on_a_partial_block_is_no_ggml_type():
+    with pytest.raises(MixqError, match="is no ggml type"):
+        from_int(IntFormat(4, 32, True).fit(torch.randn(2, 48), torch.ones(48)))  # 48 columns: no whole block
 
 
 @pytest.mark.parametrize("name", ["q8_0", "q5_1", "q5_0", "q4_1", "q4_0"])

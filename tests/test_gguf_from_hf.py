@@ -101,14 +101,16 @@ def test_a_tokenizer_llama_cpp_does_not_know_is_one_clear_error(tiny_llama_dir, 
     assert err.count("\n") == 1 and list(tmp_path.glob("*.gguf")) == [] and list(tmp_path.glob(".*")) == []
 
 
-def test_a_budget_for_the_gguf_target_is_the_exported_file(smollm2_tokenizer, text_file, tmp_path, capsys):
+@pytest.mark.parametrize("formats", ["gguf", "int4-g32,int5-g32,int8-g32-sym"])
+def test_a_budget_for_the_gguf_target_is_the_exported_file(formats, smollm2_tokenizer, text_file, tmp_path, capsys):
     """--target gguf measures the budget in the GGUF that the export writes (metadata and tokenizer from
     llama.cpp's converter included): the file is at most the predicted size, which is within the
-    alignment bound of it and within the budget."""
+    alignment bound of it and within the budget. Integer grids count as the ggml types they are
+    written as (int4-g32 takes Q4_1's 20 bytes per 32 weights, not mixq's 18.5)."""
     source = save_tiny_model(tmp_path / "tiny", "llama", tied=False, tokenizer=smollm2_tokenizer)
     out, gguf_path = tmp_path / "q", tmp_path / "q.gguf"
-    assert main(["quantize", str(source), "--budget", "8bpw", "--target", "gguf", "--calib-text", str(text_file),
-                 "--calib-windows", "8", "--calib-len", "64", "--out", str(out)]) == 0
+    assert main(["quantize", str(source), "--budget", "8bpw", "--target", "gguf", "--formats", formats,
+                 "--calib-text", str(text_file), "--calib-windows", "8", "--calib-len", "64", "--out", str(out)]) == 0
     assert main(["export", str(out), "--to", "gguf", str(gguf_path)]) == 0
     summary = json.loads((out / native.INFO_FILE).read_text())["plan_summary"]
     size, predicted = gguf_path.stat().st_size, summary["max_file_bytes"]

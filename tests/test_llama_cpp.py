@@ -32,10 +32,12 @@ N_CTX, N_CHUNKS = 128, 4
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """SmolLM2 with its tensors spread over every ggml type that fits them, saved and exported."""
+    """SmolLM2 with its tensors spread over every ggml type that fits them (and integer grids equal to
+    ggml types), saved and exported."""
     tmp = tmp_path_factory.mktemp("llama_cpp")
     loaded = load_model("smollm2-135m")
-    wide = itertools.cycle(["q8_0", "q5_1", "q5_0", "q4_1", "q4_0"])
+    # integer grids that are ggml types, written as Q4_0, Q5_1 and Q8_0
+    wide = itertools.cycle(["q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "int4-g32-sym", "int5-g32", "int8-g32-sym"])
     k_quants = itertools.cycle(["q6_k", "q5_k", "q4_k", "q3_k", "q2_k"])
     result = QuantizedModel()
     for name, ref in loaded.plannable().items():
@@ -45,7 +47,7 @@ def exported(tmp_path_factory):
     run = tmp / "run"
     run.mkdir()
     native.save(run, loaded, result, {"model": loaded.spec})
-    counts = export_gguf(run, tmp / "mix.gguf")
+    counts, _ = export_gguf(run, tmp / "mix.gguf")
     return loaded, tmp / "mix.gguf", counts, run
 
 

@@ -44,7 +44,7 @@ from mixq.errors import MixqError
 from mixq.export import Target, native, register, stored_formats
 from mixq.export.llama_cpp import convert_hf_to_gguf
 from mixq.formats import parse_format
-from mixq.formats.ggml import GGMLFormat
+from mixq.formats.ggml import GGMLFormat, equivalent_of, from_int
 from mixq.formats.integer import IntFormat
 from mixq.models import LoadedModel, source_gguf
 from mixq.models.architectures import family
@@ -178,8 +178,9 @@ def overhead_bound(loaded: LoadedModel) -> int:
         return skeleton(loaded, loaded.stored_tensors(), loaded.read, Path(work)).overhead
 
 
-def export_gguf(model_dir: Path, out: Path, overwrite: bool = False) -> dict[str, int]:
-    """Write OUT.gguf from a mixq model directory; returns the count of tensors by ggml type."""
+def export_gguf(model_dir: Path, out: Path, overwrite: bool = False) -> tuple[dict[str, int], dict[str, float]]:
+    """Write OUT.gguf from a mixq model directory; returns the count of tensors by ggml type, and for
+    each integer grid with zero points written as Q4_1/Q5_1, how far its weights moved (in steps)."""
     out = Path(out)
     check_output_dir(out, overwrite)
     from mixq.models import load_model
@@ -204,11 +205,14 @@ def export_gguf(model_dir: Path, out: Path, overwrite: bool = False) -> dict[str
             writer.add_size_label(size_label(n_params, n_params, 0, 0))
             writer.add_file_type(LlamaFileType.GUESSED)
             counts: dict[str, int] = {}
+            moved: dict[str, float] = {}  # integer grid -> most a weight moved on conversion, in steps
             digests = {}
             for t in reader.tensors:
                 if t.name in by_gguf_name:
                     name, order = by_gguf_name.pop(t.name)
-                    data, dtype = _tensor_data(name, entries[name], stored)
+                    data, dtype, step_moved = _tensor_data(name, entries[name], stored)
+                    if step_moved:
+                        moved[entries[name]["format"]] = max(moved.get(entries[name]["format"], 0.0), step_moved)
                     if order is not None:
                         data = np.ascontiguousarray(data[order])
                     writer.add_tensor(t.name, data, raw_dtype=dtype)
@@ -227,7 +231,7 @@ def export_gguf(model_dir: Path, out: Path, overwrite: bool = False) -> dict[str
         finally:
             writer.close()
             tmp.unlink(missing_ok=True)
-    return counts
+    return counts, moved
 
 
 def _digest(data: np.ndarray) -> str:
@@ -249,22 +253,40 @@ def _copy_field(writer: GGUFWriter, key: str, field) -> None:
     writer.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
 
 
-def _tensor_data(name: str, entry: dict, stored: native.StoredModel):
+def _tensor_data(name: str, entry: dict, stored: native.StoredModel) -> tuple[np.ndarray, GGMLQuantizationType, float]:
+    """A parameter's GGUF bytes and type, and how far an integer grid's conversion moved its weights,
+    in steps of their group (0 where the bytes are mixq's own)."""
     fmt_name, shape = entry["format"], tuple(entry["shape"])
     if fmt_name in native.KEPT_FORMATS:
         dtype = GGMLQuantizationType.F16 if fmt_name == "f16" else GGMLQuantizationType.F32
-        return stored.tensor(name).numpy(), dtype
-    blocks = stored.parts(name)["blocks"].numpy()
-    return blocks.reshape(shape[0], -1), parse_format(fmt_name).ggml_type
+        return stored.tensor(name).numpy(), dtype, 0.0
+    fmt, parts = parse_format(fmt_name), stored.parts(name)
+    moved = 0.0
+    if isinstance(fmt, IntFormat):
+        q = fmt.unpack(parts, shape)
+        converted = from_int(q)
+        if converted.offset is not None:
+            moved = float(((converted.offset - q.scale * q.zero).abs() / q.scale).max())
+        fmt, parts = converted.format, converted.format.pack(converted)
+    return parts["blocks"].numpy().reshape(shape[0], -1), fmt.ggml_type, moved
+
+
+def ggml_format(fmt_name: str) -> GGMLFormat | None:
+    """The ggml type a matrix stored in `fmt_name` is written as: the format itself, an integer grid's
+    equivalent type (`formats.ggml.equivalent_of`), or None."""
+    fmt = parse_format(fmt_name)
+    return fmt if isinstance(fmt, GGMLFormat) else equivalent_of(fmt) if isinstance(fmt, IntFormat) else None
 
 
 def refusal(fmt_name: str, shape: tuple[int, int]) -> str | None:
     """Why llama.cpp cannot store a (rows, cols) matrix in `fmt_name`, or None if it can."""
-    fmt = parse_format(fmt_name)
-    if not isinstance(fmt, GGMLFormat):
+    written = ggml_format(fmt_name)
+    if written is None:
+        fmt = parse_format(fmt_name)
         nearest = nearest_ggml_type(fmt) if isinstance(fmt, IntFormat) else "q8_0"
         return f"llama.cpp reads ggml types only; the nearest to {fmt_name} is {nearest} (--formats gguf)"
-    return None if fmt.fits(shape) else f"{fmt_name} does not fit its {shape[1]} columns"
+    as_type = "" if written.name == fmt_name else f" as {written.name}"
+    return None if written.fits(shape) else f"{fmt_name}{as_type} does not fit its {shape[1]} columns"
 
 
 def nearest_ggml_type(fmt: IntFormat) -> str:
@@ -284,9 +306,11 @@ def model_refusal(loaded: LoadedModel) -> str | None:
 
 
 def _export(model_dir: Path, out: Path, overwrite: bool) -> str:
-    counts = export_gguf(model_dir, out, overwrite)
+    counts, moved = export_gguf(model_dir, out, overwrite)
     types = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-    return f"{Path(out).stat().st_size:,} bytes; tensors by type: {types}"
+    notes = "".join(f"; {fmt} written as {ggml_format(fmt).name}, its mins rounded to fp16 (weights moved "
+                    f"by at most {step:.2g} of a step)" for fmt, step in sorted(moved.items()))
+    return f"{Path(out).stat().st_size:,} bytes; tensors by type: {types}{notes}"
 
 
 def qk_row_order(rows: int, n_head: int) -> np.ndarray:
@@ -301,5 +325,6 @@ TARGET = register(Target(
     export=_export,
     model_refusal=model_refusal,
     formats=("gguf",),
+    nbytes=lambda fmt, shape: ggml_format(fmt).nbytes(shape),
     overhead=lambda loaded, planned: overhead_bound(loaded),
 ))

@@ -49,7 +49,7 @@ def export_recipe(model_dir: Path, out: Path, overwrite: bool = False) -> str:
     loaded = load_model(info["model"])
     formats = stored_formats(model_dir)
     TARGET.check(loaded, formats)
-    lines = recipe_lines(loaded, {n: f for n, (f, _) in formats.items()})
+    lines = recipe_lines(loaded, {n: gguf.ggml_format(f).name for n, (f, _) in formats.items()})
     atomic_write_text(Path(out), "\n".join(lines) + "\n")
     return (f"{len(lines)} tensor types; apply with: llama-quantize --tensor-type-file {out} "
             "[--imatrix IMATRIX.gguf] MODEL-F16.gguf OUT.gguf Q8_0")

@@ -28,7 +28,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from mixq.errors import MixqError
 from mixq.formats import QTensor, register_family
-from mixq.formats.integer import decode, encode
+from mixq.formats.integer import IntFormat, decode, encode
 
 
 FIT_CHUNK_ELEMENTS = 1 << 21  # weights fitted at once: the search's temporaries stay cache-sized
@@ -461,3 +461,24 @@ def parse(name: str) -> GGMLFormat | None:
 
 
 register_family("q", parse)
+
+
+def equivalent_of(fmt: IntFormat) -> GGMLFormat | None:
+    """The 32-wide ggml type that stores an integer grid as it is, or None: groups of 32 at 4, 5 or 8
+    bits. The symmetric grids are Q4_0, Q5_0 and Q8_0 bit for bit (same codes, fp16 scale, zero at
+    2**(bits-1)); grids with zero points are Q4_1 and Q5_1 up to their min, scale * zero, which ggml
+    stores in fp16 (see `from_int`)."""
+    if fmt.group_size != 32 or fmt.bits not in (4, 5, 8) or (fmt.bits == 8 and not fmt.symmetric):
+        return None
+    return GGML_FORMATS[f"q{fmt.bits}_{0 if fmt.symmetric else 1}"]
+
+
+def from_int(q: QTensor) -> QTensor:
+    """An integer-grid tensor as its equivalent ggml type (`equivalent_of`): the same codes and
+    scales; for grids with zero points, the min scale * zero rounded to fp16, which moves each weight
+    of a group by the same amount, at most half an fp16 ulp of that min."""
+    fmt = equivalent_of(q.format)
+    if fmt is None or not fmt.fits(q.shape):
+        raise MixqError(f"{q.format.name} on {q.shape[1]} columns is no ggml type")
+    offset = _fp16(q.scale * q.zero) if fmt.has_min else None
+    return QTensor(fmt, q.codes, q.scale, torch.full_like(q.scale, fmt.zero), offset)
