@@ -47,6 +47,7 @@ from mixq.formats import parse_format
 from mixq.formats.ggml import GGMLFormat, equivalent_of, from_int
 from mixq.formats.integer import IntFormat
 from mixq.models import LoadedModel, source_gguf
+from mixq.models.gguf_file import read_gguf
 from mixq.models.architectures import family
 
 SKIPPED_FIELDS = ("GGUF.", "general.architecture", "general.file_type", "general.size_label")
@@ -59,18 +60,11 @@ WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json"
 EXACT_ROW_NUMBERS = 1 << 24  # float32 holds every integer below this
 
 
-def read_source(source: Path) -> GGUFReader:
-    try:
-        return GGUFReader(source)
-    except Exception as e:  # the gguf package raises many kinds on corrupt input
-        raise MixqError(f"cannot read GGUF file {source}: {e}") from None
-
-
 def gguf_arch(loaded: LoadedModel) -> str | None:
     """llama.cpp's architecture name of `loaded`, or None if it has none."""
     path = source_gguf(loaded.spec)
     if path is not None:
-        return str(read_source(path).fields["general.architecture"].contents())
+        return str(read_gguf(path).fields["general.architecture"].contents())
     name = GGUF_ARCH.get(loaded.config.model_type, loaded.config.model_type)
     return name if name in MODEL_ARCH_NAMES.values() else None
 
@@ -103,7 +97,7 @@ def skeleton(loaded: LoadedModel, shapes: dict[str, tuple[int, ...]], value: Cal
 
 
 def source_skeleton(path: Path, shapes: dict[str, tuple[int, ...]]) -> Skeleton:
-    reader = read_source(path)
+    reader = read_gguf(path)
     arch_name = str(reader.fields["general.architecture"].contents())
     name_map = name_map_of(reader)
     heads = int(reader.fields[f"{arch_name}.attention.head_count"].contents())
@@ -151,7 +145,7 @@ def converted_skeleton(source: Path, shapes: dict[str, tuple[int, ...]], value: 
     save_file(tensors, hf / "model.safetensors")
     path = work / "skeleton.gguf"
     convert_hf_to_gguf(hf, path)
-    reader = read_source(path)
+    reader = read_gguf(path)
     places = {}
     for t in reader.tensors:
         if len(t.shape) != 2 or int(t.shape[0]) != 1:
@@ -240,7 +234,7 @@ def _digest(data: np.ndarray) -> str:
 
 def _verify(path: Path, digests: dict[str, tuple[GGMLQuantizationType, str]]) -> None:
     """Reread the written file: every parameter has the type and the bytes that were meant for it."""
-    written = {t.name: t for t in read_source(path).tensors}
+    written = {t.name: t for t in read_gguf(path).tensors}
     for gguf_name, (dtype, digest) in digests.items():
         t = written.get(gguf_name)
         if t is None or t.tensor_type != dtype or _digest(t.data) != digest:

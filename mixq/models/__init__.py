@@ -24,6 +24,7 @@ from mixq.errors import MixqError
 from mixq.models.architectures import Family, family
 from mixq.models.embedded import EMBEDDED, resolve_embedded
 from mixq.models.layout import Layout, TensorRef, find_blocks, find_final_norm, module_name
+from mixq.models.gguf_file import read_gguf
 from mixq.models.source import GGUFSource, SafetensorsSource, WeightSource, gguf_metadata_parsed_once
 
 log = logging.getLogger(__name__)
@@ -351,12 +352,8 @@ def _load(spec: str, location: Path | str, gguf_file: str | None, reader, in_mem
 
 
 def _read_gguf(path: Path):
-    """The GGUF file's reader, or one clear error if the gguf package cannot parse it."""
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-        reader.fields["general.architecture"].contents()
-    except Exception as e:  # the gguf package raises many kinds on corrupt input
-        raise MixqError(f"cannot read GGUF file {path}: {e}") from None
+    """The GGUF file's reader (its header checked first), or one clear error."""
+    reader = read_gguf(path)
+    if "general.architecture" not in reader.fields:
+        raise MixqError(f"cannot read GGUF file {path}: it has no general.architecture")
     return reader
