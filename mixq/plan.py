@@ -177,7 +177,7 @@ def solve_min_bytes(loss: np.ndarray, nbytes: np.ndarray, max_loss: float, group
     least = float(least_g.sum())
     if least > max_loss:
         raise InfeasibleLoss(max_loss, least)
-    slack = max_loss - least
+    slack = max_loss * (1 + LOSS_RTOL) - least  # the same float rounding allowance as the final check
     excess = L - least_g[:, None]
     g_idx, o_idx = np.nonzero(np.isfinite(L) & (excess <= slack))
     share = excess[g_idx, o_idx] / slack if slack > 0 else np.zeros(len(g_idx))

@@ -64,8 +64,8 @@ class Profile:
         """(T, O) predicted loss of each option of each tensor under `estimator`."""
         if estimator not in ESTIMATORS:
             raise MixqError(f"unknown estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
-        raw = self.errors[estimator.split("+")[0]]
-        if not np.isfinite(raw).any():
+        raw = self.errors.get(estimator.split("+")[0])
+        if raw is None or not np.isfinite(raw).any():
             raise MixqError(f"this profile has no {estimator.split('+')[0]} errors (profiled with --fisher-windows 0?)")
         if estimator.endswith("+kl"):
             return calibrate(raw, self.measured, self.kinds)
@@ -104,8 +104,45 @@ class Profile:
         errors = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("errors.")}
         importance = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("importance.")}
         meta.pop("version")
-        meta["shapes"] = [tuple(s) for s in meta["shapes"]]
-        return cls(nbytes=arrays["nbytes"], measured=arrays["measured"], errors=errors, importance=importance, **meta)
+        try:
+            meta["shapes"] = [tuple(int(n) for n in s) for s in meta["shapes"]]
+            profile = cls(nbytes=arrays["nbytes"], measured=arrays["measured"], errors=errors, importance=importance,
+                          **meta)
+            problem = profile._inconsistency()
+        except (KeyError, TypeError, ValueError) as e:
+            problem = f"{type(e).__name__}: {e}"
+        if problem:
+            raise MixqError(f"profile {path} is inconsistent: {problem}")
+        return profile
+
+    def _inconsistency(self) -> str | None:
+        """What in a loaded profile contradicts itself (it came from a file), or None."""
+        lists = (self.tensors, self.kinds, self.options, self.shapes, self.tie_groups)
+        if not all(isinstance(x, list) for x in lists) or not isinstance(self.info, dict):
+            return "its tables of names, shapes and tie groups are not lists"
+        T, O = len(self.tensors), len(self.options)
+        if not all(isinstance(x, str) for x in (self.model, *self.tensors, *self.kinds, *self.options)):
+            return "names are not all strings"
+        if len(set(self.tensors)) != T or len(self.kinds) != T or len(self.shapes) != T:
+            return f"{T} tensors but {len(self.kinds)} kinds and {len(self.shapes)} shapes (or repeated names)"
+        if any(len(s) != 2 or min(s) < 1 for s in self.shapes):
+            return "a shape is not (rows, columns)"
+        for name, table in [("nbytes", self.nbytes), ("measured", self.measured), *self.errors.items()]:
+            if table.shape != (T, O) or table.dtype.kind not in "fiu":
+                return f"its {name} table is {table.shape} {table.dtype}, not ({T}, {O}) numbers"
+        if (self.nbytes < 0).any():
+            return "negative byte counts"
+        columns = {name: shape[1] for name, shape in zip(self.tensors, self.shapes)}
+        if any(v.shape != (columns.get(name, -1),) for name, v in self.importance.items()):
+            return "its importance vectors do not match the tensors"
+        if not all(isinstance(g, list) and g and all(type(i) is int for i in g) for g in self.tie_groups) or \
+                sorted(i for g in self.tie_groups for i in g) != list(range(T)):
+            return "its tie groups do not split its tensors into groups"
+        if not all(type(n) is int and n >= 0 for n in (self.fixed_bytes, self.header_bytes, self.n_weights)):
+            return "byte or weight counts are not non-negative integers"
+        for option in self.options:
+            Option.parse(option)  # an unknown format or method: its own clear error
+        return None
 
 
 def calibrate(raw: np.ndarray, measured: np.ndarray, kinds: list[str]) -> np.ndarray:

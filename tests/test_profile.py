@@ -1,8 +1,14 @@
 """Profiles on the tiny Llama: exact bytes, allowed options, the error model, and files that round-trip."""
 
+import json
+
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
 
+from mixq.cli import main
 from mixq.data import WindowSpec, load_windows
 from mixq.errors import MixqError
 from mixq.models import load_model
@@ -194,3 +200,39 @@ def test_kl_to_reference_equals_its_definition(tiny_models, family):
     assert expected > 1e-3
     assert kl(model) == pytest.approx(expected, rel=1e-4)  # float32 logits on both sides
     assert kl(reference) < 1e-6
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**12) | st.floats(allow_nan=True) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+                    max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_lying_profile_is_one_clear_error(tiny_profile, tmp_path, capsys, data):
+    """Any key of a real profile's metadata replaced, dropped or cut short, or a table reshaped: `mixq
+    plan` either plans or ends in one `mixq: error:` line, never another exception."""
+    from safetensors.numpy import load_file, save_file
+
+    path = tmp_path / "real.profile"
+    tiny_profile.save(path)
+    with safe_open(str(path), framework="np") as f:
+        meta = json.loads(f.metadata()["mixq.profile"])
+    arrays = load_file(str(path))
+    key = data.draw(st.sampled_from(sorted(meta) + sorted(arrays)))
+    how = data.draw(st.sampled_from(("replace", "drop", "shorten")))
+    where = meta if key in meta else arrays
+    if how == "drop":
+        del where[key]
+    elif key in arrays:
+        arrays[key] = arrays[key][:-1] if how == "shorten" else np.zeros(data.draw(st.integers(0, 3)), np.float32)
+    elif how == "shorten" and isinstance(meta[key], list) and meta[key]:
+        meta[key] = meta[key][:-1]
+    else:
+        meta[key] = data.draw(JSON)
+    lying = tmp_path / "lying.profile"
+    save_file(arrays, str(lying), metadata={"mixq.profile": json.dumps(meta)})
+    capsys.readouterr()
+    code = main(["plan", str(lying), "--budget", "5bpw"])
+    err = capsys.readouterr().err
+    assert code == 0 or (code == 2 and err.startswith("mixq: error: ") and err.count("\n") == 1), err

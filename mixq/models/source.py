@@ -74,9 +74,11 @@ class SafetensorsSource(WeightSource):
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
+                files = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 raise MixqError(f"cannot read {index}: {e}") from None
-            files = sorted(set(weight_map.values()))
+            if not all(isinstance(f, str) and Path(f).name == f for f in files):
+                raise MixqError(f"{index} names weight files outside its directory")
         elif (directory / "model.safetensors").is_file():
             files = ["model.safetensors"]
         elif any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
@@ -114,8 +116,11 @@ class SafetensorsSource(WeightSource):
                 # A view of the file, mapped while the view lives: the file is opened per tensor so
                 # that pages read once do not stay resident (a handle kept open keeps every page it
                 # touched, the whole model by the end of a run).
-                with safe_open(str(self._where[key]), framework="pt") as f:
-                    return f.get_tensor(key) if rows is None else f.get_slice(key)[rows]
+                try:
+                    with safe_open(str(self._where[key]), framework="pt") as f:
+                        return f.get_tensor(key) if rows is None else f.get_slice(key)[rows]
+                except Exception as e:  # the file changed since it was opened, or lies about a tensor
+                    raise MixqError(f"cannot read {key} from {self._where[key]}: {e}") from None
         stack = self._stack(name)
         return stack if rows is None else stack[rows]
 

@@ -1,7 +1,9 @@
-"""GGUF files that lie: every mutation of a real header ends in a reader that holds only what the
-file holds, or in one `MixqError`; never a hang, a huge allocation or another exception."""
+"""Model files that lie (GGUF and safetensors): every mutation of a real header ends in a reader
+that holds only what the file holds, or in one `MixqError`; never a hang, a huge allocation or
+another exception."""
 
 import shutil
+import json
 import struct
 
 import numpy as np
@@ -15,6 +17,7 @@ from mixq.cli import main
 from mixq.errors import MixqError
 from mixq.models import source_gguf
 from mixq.models.gguf_file import check_gguf, read_gguf
+from mixq.models.source import SafetensorsSource
 
 
 def write_small_gguf(path):
@@ -156,3 +159,51 @@ def test_a_lying_model_file_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == f"mixq: error: cannot read GGUF file {lying}: tensor {name} has unknown ggml type 99\n"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def small_safetensors(tiny_llama_dir):
+    raw = (tiny_llama_dir / "model.safetensors").read_bytes()
+    header_end = 8 + struct.unpack("<Q", raw[:8])[0]
+    return raw, header_end, SafetensorsSource(tiny_llama_dir)
+
+
+def assert_safetensors_read_or_refused(directory, expected):
+    """Either one MixqError, or every tensor read in full with the shape the real file gives it."""
+    try:
+        source = SafetensorsSource(directory)
+        tensors = {name: source.get(name) for name in source.names}
+    except MixqError as e:
+        assert "\n" not in str(e)
+        return False
+    for name, t in tensors.items():
+        assert t.shape == expected.get(name, t).shape
+    return True
+
+
+@settings(max_examples=200, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_safetensors(small_safetensors, tmp_path, data):
+    raw, header_end, real = small_safetensors
+    mutated = bytearray(raw)
+    if data.draw(st.booleans()):
+        mutated = mutated[: data.draw(st.integers(0, len(raw) - 1))]
+    else:
+        for _ in range(data.draw(st.integers(1, 4))):
+            at = data.draw(st.integers(0, header_end - 1))
+            mutated[at] = data.draw(st.sampled_from(b'0189{}[]",:-eE ') | st.integers(0, 255))
+    (tmp_path / "model.safetensors").write_bytes(bytes(mutated))
+    expected = {name: real.get(name) for name in real.names}
+    assert_safetensors_read_or_refused(tmp_path, expected)
+
+
+@pytest.mark.parametrize("index, match", [
+    ("not json", "cannot read"),
+    (json.dumps({"weight_map": ["model.safetensors"]}), "cannot read"),
+    (json.dumps({"weight_map": {"a.weight": "../../elsewhere.safetensors"}}), "outside its directory"),
+    (json.dumps({"weight_map": {"a.weight": "missing.safetensors"}}), "cannot read"),
+])
+def test_lying_shard_indexes(tmp_path, index, match):
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(MixqError, match=match):
+        SafetensorsSource(tmp_path)
