@@ -9,6 +9,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
 from mixq.errors import MixqError
 
 
@@ -54,3 +58,21 @@ def atomic_write_text(path: Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written through a temporary sibling, synced, then renamed: a kill or a full
+    disk leaves what was at `path` as it was, and a failed write is one clear error."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp), metadata=metadata)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data on disk before the rename makes it the file
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        raise MixqError(f"cannot write {path}: {e}") from None

@@ -21,6 +21,9 @@ DEFAULT_EVAL = dict(windows=40, seq_len=512)
 EVAL_SEED = 1  # sampled evaluation text must not be the calibration text (seed 0)
 HELD_OUT_SEED = 2  # the profile's end-to-end measurements use yet other samples
 PROFILE_FILE = "mixq.profile"  # where `quantize --budget` keeps the profile it measured
+# flags that change no checkpointed state: a resumed run may differ in them
+JOB_FLAGS_OF_NO_CONSEQUENCE = ("out", "overwrite", "restart", "run", "verbose", "in_memory", "eval_text",
+                               "eval_windows", "eval_len")
 
 
 def _group_size(value: str) -> int:
@@ -121,7 +124,9 @@ def _targets():
 
 
 def _add_job_settings(p: argparse.ArgumentParser) -> None:
-    """What `quantize` and `profile` share: memory, calibration, methods, option space."""
+    """What `quantize` and `profile` share: memory, calibration, methods, option space, resuming."""
+    p.add_argument("--restart", action="store_true", help="discard the checkpoints of an interrupted run of "
+                   "this output (.OUT.resume) instead of continuing from them")
     _add_memory(p)
     _add_calibration(p)
     _add_method_settings(p)
@@ -266,7 +271,44 @@ def _calibration(args: argparse.Namespace):
     return WindowSpec(args.calib_windows, args.calib_len, args.calib_text, args.seed)
 
 
-def _run_profile(loaded, args: argparse.Namespace, settings):
+def _checkpoints(args: argparse.Namespace, loaded):
+    """The work directory of this job's output: resumed if it holds a run of the same inputs."""
+    import torch
+
+    from mixq.checkpoint import Checkpoints, file_identity, work_dir
+    from mixq.models import model_path
+
+    files = model_path(loaded.spec)
+    inputs = {
+        "mixq_version": __version__, "command": args.command, "threads": torch.get_num_threads(),
+        "settings": {k: v for k, v in vars(args).items() if k not in JOB_FLAGS_OF_NO_CONSEQUENCE},
+        "model_files": file_identity(files) if files else loaded.spec,
+        **{f"{flag}_file": file_identity(getattr(args, flag)) for flag in ("calib_text", "profile")
+           if getattr(args, flag, None)},
+    }
+    checkpoints = Checkpoints(work_dir(args.out), inputs, restart=args.restart)
+    if checkpoints.resumed:
+        print(f"mixq: resuming from {checkpoints.directory} (--restart discards it)", file=sys.stderr)
+        for stale in Path(args.out).parent.glob(f".{Path(args.out).name}.*.partial"):  # a killed run's scratch
+            shutil.rmtree(stale, ignore_errors=True)
+    return checkpoints
+
+
+def _run_profile(loaded, args: argparse.Namespace, settings, checkpoints=None):
+    """The job's profile: measured, or taken from `checkpoints` where an interrupted run finished it."""
+    from mixq.profile import Profile
+
+    saved = checkpoints.path(PROFILE_FILE) if checkpoints else None
+    if saved is not None and saved.is_file():
+        return Profile.load(saved)
+    profile = _measure_profile(loaded, args, settings)
+    if saved is not None:
+        checkpoints.ensure()
+        profile.save(saved)
+    return profile
+
+
+def _measure_profile(loaded, args: argparse.Namespace, settings):
     from mixq.data import WindowSpec, load_windows
     from mixq.profile import build_profile
 
@@ -282,8 +324,10 @@ def cmd_profile(args: argparse.Namespace) -> None:
     settings = _profile_settings(args)
     check_output_dir(args.out, overwrite=True)
     loaded = load_model(args.model, in_memory=args.in_memory)
-    profile = _run_profile(loaded, args, settings)
+    checkpoints = _checkpoints(args, loaded)
+    profile = _run_profile(loaded, args, settings, checkpoints)
     profile.save(args.out)
+    checkpoints.discard()
     s = profile.info["seconds"]
     print(f"wrote {args.out}: {len(profile.tensors)} tensors x {len(profile.options)} options, "
           f"{int(sum(1 for v in profile.measured.flat if v == v))} measured points, {s['total']:.0f} s "
@@ -364,10 +408,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         profile_settings = None if args.profile else _profile_settings(args)
         profile = Profile.load(args.profile) if args.profile else None
         loaded = load_model(args.model, in_memory=args.in_memory)
+        checkpoints = _checkpoints(args, loaded)
         if profile is None:
             if budget is not None:
                 _check_feasible(loaded, budget, profile_settings)  # before minutes of profiling
-            profile = _run_profile(loaded, args, profile_settings)
+            profile = _run_profile(loaded, args, profile_settings, checkpoints)
         if budget is not None:
             plan = plan_for_budget(profile, budget, args.estimator)
             description = f"plan for {budget} ({args.estimator})"
@@ -383,6 +428,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         fmt = parse_format(args.format) if args.format else IntFormat(args.bits, args.group_size, symmetric=args.sym)
         get_method(args.method)
         loaded = load_model(args.model, in_memory=args.in_memory)
+        checkpoints = _checkpoints(args, loaded)
         options = uniform_plan(loaded, Option(fmt.name, args.method), args.target)
         info.update(settings={"format": fmt.name, "method": args.method})
         description = f"{fmt.name} {args.method}"
@@ -390,8 +436,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     windows = load_windows(loaded, calib, first=False)
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
         start = time.perf_counter()
-        # Finished blocks' tensors wait in the output's scratch directory, not in memory.
-        result = quantize_model(loaded, windows, options, settings, reconstruct=reconstruct, spool=tmp / "spool",
+        # Finished blocks' tensors wait in the work directory, not in memory, with the last block's state.
+        result = quantize_model(loaded, windows, options, settings, reconstruct=reconstruct, checkpoints=checkpoints,
                                 matmul_dtype=torch.float32 if args.fp32_passes else torch.bfloat16)
         seconds = time.perf_counter() - start
         info.update(
@@ -406,7 +452,6 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         info["exportable_to"] = [t.name for t in TARGETS.values() if t.accepts(loaded, formats)]
         storage = native.save(tmp, loaded, result, info)
         del result
-        shutil.rmtree(tmp / "spool", ignore_errors=True)
         if planned and not args.profile:
             profile.save(tmp / PROFILE_FILE)  # reusable: mixq plan DIR/mixq.profile, --profile
         exported = profile.info.get("container", "safetensors") if planned else "safetensors"
@@ -420,6 +465,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             info["evaluations"][spec.describe()] = report
             native.write_info(tmp, info)
             _print_quality(args.out, storage.bpw, seconds, report, info.get("plan_summary"))
+    checkpoints.discard()
     print(f"wrote {args.out}: {description}, {storage.file_bytes:,} bytes, "
           f"{storage.bpw:.3f} bits per weight (whole file), quantized in {seconds:.0f} s")
     if exported != "safetensors":
@@ -480,6 +526,11 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except MixqError as e:
         print(f"mixq: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a lost file system: what failed, without a traceback
+        where = f": {e.filename}" if e.filename else ""
+        print(f"mixq: error: {e.strerror or e}{where} (an interrupted quantize or profile resumes when rerun)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mixq: interrupted", file=sys.stderr)

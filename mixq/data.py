@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from mixq.atomic import save_tensors
 from mixq.errors import MixqError
 from mixq.memory import release_memory
 from mixq.models import LoadedModel
@@ -121,9 +122,7 @@ def sample_windows(loaded: LoadedModel, n: int, seq_len: int, seed: int, batch_s
     del model
     release_memory()
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".partial")
-    save_file({"ids": windows}, tmp)
-    os.replace(tmp, cache)
+    save_tensors({"ids": windows}, cache)
     return windows
 
 

@@ -13,7 +13,6 @@ minimises: `hessian` and `fisher` raw, `hessian+kl` and `fisher+kl` calibrated (
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 from tqdm.auto import tqdm
 
 from mixq import capture
+from mixq.atomic import save_tensors
 from mixq.errors import MixqError
 from mixq.export import get_target
 from mixq.export.native import header_bound, kept_nbytes
@@ -83,9 +83,8 @@ class Profile:
         )
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp, metadata={"mixq.profile": json.dumps(meta)})
-        os.replace(tmp, path)
+        save_tensors({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, path,
+                     metadata={"mixq.profile": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: Path) -> Profile:

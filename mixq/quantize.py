@@ -19,13 +19,15 @@ import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from mixq import capture
+from mixq.atomic import save_tensors
+from mixq.checkpoint import Checkpoints
 from mixq.errors import MixqError
 from mixq.formats import Format, QTensor, parse_format
 from mixq.methods import BLOCK_METHODS, MethodSettings, get_method, output_error
@@ -36,6 +38,7 @@ from mixq.reconstruct import ReconstructSettings, reconstruct_block, training_dt
 from mixq.runner import BlockRunner, release_memory, windows_per_batch
 
 log = logging.getLogger(__name__)
+BLOCKS_CHECKPOINT = "blocks.safetensors"  # the state after the last finished block
 
 
 class QuantizedTensors(Mapping[str, QTensor]):
@@ -94,11 +97,28 @@ class QuantizedTensors(Mapping[str, QTensor]):
         path = self.spool / f"{self._files:05d}.safetensors"
         self._files += 1
         packs = {n: q.format.pack(q) for n, q in self._held.items()}
-        save_file({f"{n}.{part}": t.contiguous() for n, pack in packs.items() for part, t in pack.items()}, str(path))
+        save_tensors({f"{n}.{part}": t for n, pack in packs.items() for part, t in pack.items()}, path)
         for n, q in self._held.items():
             self._spilled[n] = (path, q.format, q.shape)
             self._spilled_parts[n] = {part: (t.dtype, tuple(t.shape)) for part, t in packs[n].items()}
         self._held.clear()
+
+    def state(self) -> dict[str, Any]:
+        """Where every tensor is spooled, in order (JSON): all of them must have been spilled."""
+        assert not self._held, "spill before saving the state"
+        return {"files": self._files, "tensors": [
+            [n, self._spilled[n][0].name, self._spilled[n][1].name, list(self._spilled[n][2]),
+             {part: [str(dtype).removeprefix("torch."), list(shape)] for part, (dtype, shape) in self._spilled_parts[n].items()}]
+            for n in self._names]}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back the spooled tensors of `state`; spool files written after it are overwritten."""
+        self._held.clear()
+        self._files = state["files"]
+        for name, file, fmt, shape, parts in state["tensors"]:
+            self._spilled[name] = (self.spool / file, parse_format(fmt), tuple(shape))
+            self._spilled_parts[name] = {part: (getattr(torch, dtype), tuple(s)) for part, (dtype, s) in parts.items()}
+            self._names[name] = None
 
     @staticmethod
     def _read(path: Path, name: str) -> dict[str, torch.Tensor]:
@@ -116,6 +136,23 @@ class QuantizedModel:
     block_losses: list[tuple[float, float]] = field(default_factory=list)  # reconstruction: before, after
     changed: dict[str, torch.Tensor] = field(default_factory=dict)  # other parameters changed (norms, biases)
     rare_experts: dict[str, int] = field(default_factory=dict)  # experts that saw few tokens: tokens seen
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and JSON that `restore` takes back, with the quantized tensors spilled."""
+        self.tensors.spill()
+        return {f"changed.{n}": t for n, t in self.changed.items()}, {
+            "quantized": self.tensors.state(), "options": [[n, o.name] for n, o in self.options.items()],
+            "output_errors": list(self.output_errors.items()), "block_losses": self.block_losses,
+            "rare_experts": self.rare_experts,
+        }
+
+    def restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        self.tensors.restore(state["quantized"])
+        self.options = {n: Option.parse(o) for n, o in state["options"]}
+        self.output_errors = dict(state["output_errors"])
+        self.block_losses = [tuple(x) for x in state["block_losses"]]
+        self.rare_experts = state["rare_experts"]
+        self.changed = {k.removeprefix("changed."): t for k, t in tensors.items() if k.startswith("changed.")}
 
     def quantize_tensor(self, name: str, weight: torch.Tensor, option: Option, stats: capture.LayerStats,
                         settings: MethodSettings, bias: torch.Tensor | None = None) -> None:
@@ -179,26 +216,44 @@ def quantize_model(
     reconstruct: ReconstructSettings = ReconstructSettings(),
     spool: Path | None = None,
     matmul_dtype: torch.dtype = torch.bfloat16,
+    checkpoints: Checkpoints | None = None,
 ) -> QuantizedModel:
     """Quantize every planned tensor, block by block, through the runner; nothing of the model changes.
     With `spool`, each finished block's tensors wait in a file there (QuantizedTensors). Batches hold
     `batch_size` windows (default: as many as `windows_per_batch` allows). The blocks' passes run
-    their matmuls in `matmul_dtype`; statistics are accumulated in float32 either way."""
-    result = QuantizedModel(QuantizedTensors(spool))
+    their matmuls in `matmul_dtype`; statistics are accumulated in float32 either way.
+
+    With `checkpoints`, the spool is theirs and each finished block's state (the result so far and
+    the hidden states entering the next block) is saved there; a run that finds one continues after
+    its block, with the same results as if it had never stopped."""
+    result = QuantizedModel(QuantizedTensors(checkpoints.path("spool") if checkpoints else spool))
     runner = BlockRunner(loaded, matmul_dtype)
     batch_size = batch_size or windows_per_batch(loaded, windows.shape[1])
     trained = reconstruct.norm_tuning or any(o.method in BLOCK_METHODS for o in plan.values())
     fp_stream = trained and reconstruct.target == "fp"
-    fp_batches = runner.embed(windows, batch_size) if fp_stream else None
-    residents = dict(loaded.residents)
-    embedding = loaded.layout.embedding
-    if not loaded.tied_embedding and embedding in plan:  # first: block 0 then reads quantized embeddings
-        residents[f"{embedding}.weight"] = loaded.embedding()
-        result.quantize_tensor(embedding, residents[f"{embedding}.weight"], plan[embedding],
-                               capture.embedding_stats(loaded, windows), settings)
-    batches = runner.embed(windows, batch_size, residents)
-    del residents  # a quantized untied embedding was needed only to embed the windows
-    progress = tqdm(range(loaded.n_blocks), desc="quantizing blocks", unit="block")
+    if checkpoints:
+        checkpoints.ensure()  # before the spool's first file
+    saved = checkpoints.load(BLOCKS_CHECKPOINT) if checkpoints else None
+    if saved:
+        tensors, state = saved
+        result.restore(tensors, state["result"])
+        batches = [tensors[f"batch.{i}"] for i in range(state["batches"])]
+        fp_batches = [tensors[f"fp.{i}"] for i in range(state["batches"])] if fp_stream else None
+        first = state["block"] + 1
+        log.info("resumed after block %d of %d from %s", state["block"], loaded.n_blocks, checkpoints.directory)
+    else:
+        fp_batches = runner.embed(windows, batch_size) if fp_stream else None
+        residents = dict(loaded.residents)
+        embedding = loaded.layout.embedding
+        if not loaded.tied_embedding and embedding in plan:  # first: block 0 then reads quantized embeddings
+            residents[f"{embedding}.weight"] = loaded.embedding()
+            result.quantize_tensor(embedding, residents[f"{embedding}.weight"], plan[embedding],
+                                   capture.embedding_stats(loaded, windows), settings)
+        batches = runner.embed(windows, batch_size, residents)
+        del residents  # a quantized untied embedding was needed only to embed the windows
+        first = 0
+    progress = tqdm(range(first, loaded.n_blocks), desc="quantizing blocks", unit="block",
+                    initial=first, total=loaded.n_blocks)
     for b in progress:
         refs, prefix = loaded.block_tensors(b), loaded.layout.block_prefix(b)
         weights = loaded.block_weights(b)
@@ -250,6 +305,11 @@ def quantize_model(
             fp_batches = targets
         del weights, original
         result.tensors.spill()
+        if checkpoints:
+            tensors, state = result.state()
+            tensors.update({f"batch.{i}": x for i, x in enumerate(batches)})
+            tensors.update({f"fp.{i}": x for i, x in enumerate(fp_batches or [])})
+            checkpoints.save(BLOCKS_CHECKPOINT, tensors, {"block": b, "batches": len(batches), "result": state})
         release_memory()
     head = loaded.head_name
     if head in plan:

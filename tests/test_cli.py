@@ -53,14 +53,21 @@ def test_existing_output_needs_overwrite(tiny_llama_dir, text_file, tmp_path, ca
     assert code == 2 and "--overwrite" in cap.err
 
 
-def test_failure_leaves_no_output(tiny_llama_dir, text_file, tmp_path, capsys, monkeypatch):
+def test_failure_leaves_no_output_but_a_resumable_run(tiny_llama_dir, text_file, tmp_path, capsys, monkeypatch):
+    real_save = native.save
+
     def broken_save(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device", str(tmp_path / "out"))
 
     monkeypatch.setattr(native, "save", broken_save)
-    with pytest.raises(OSError):
-        main([str(a) for a in (*tiny_args(tiny_llama_dir, text_file), "--out", tmp_path / "out")])
-    assert list(tmp_path.iterdir()) == []
+    command = [str(a) for a in (*tiny_args(tiny_llama_dir, text_file), "--out", tmp_path / "out")]
+    assert main(command) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"mixq: error: No space left on device: {tmp_path / 'out'} (")
+    assert [p.name for p in tmp_path.iterdir()] == [".out.resume"]  # every block's work, kept
+    monkeypatch.setattr(native, "save", real_save)
+    assert main(command) == 0
+    assert "resuming from" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 @pytest.mark.parametrize(

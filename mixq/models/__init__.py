@@ -10,6 +10,8 @@ A GGUF file's dequantized weights are its reference.
 
 from __future__ import annotations
 
+import copy
+
 import logging
 import os
 from dataclasses import dataclass, field
@@ -232,7 +234,9 @@ def materialize(loaded: LoadedModel, source: WeightSource | None = None, dtype: 
     its own): the one place the whole model is held, for sampling the data-free calibration text
     with a KV cache (done once and cached on disk) and for checks against transformers itself. Each
     block is cast as it is read, so no float32 copy of the whole model is made for another dtype."""
-    model = skeleton(loaded.config)
+    # Its own config: a caller may change the model's attention implementation (sampling does), which
+    # transformers records in the config, and the skeleton's blocks read theirs from the same object.
+    model = skeleton(copy.deepcopy(loaded.config))
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in loaded.residents_from(source).items()}
     state[loaded.embedding_key] = loaded.embedding(source).to(dtype)
     for b in range(loaded.n_blocks):
@@ -272,6 +276,14 @@ def _resolve(spec: str) -> tuple[str, Path | str, str | None]:
     if path.suffix == ".gguf":
         return str(path.resolve()), path.parent, path.name
     raise MixqError(f"{path}: expected a .gguf file or a model directory")
+
+
+def model_path(spec: str) -> Path | None:
+    """The file or directory a model spec reads its weights from (None for a hub id)."""
+    _, location, gguf_file = _resolve(spec)
+    if not Path(location).exists():
+        return None
+    return Path(location) / gguf_file if gguf_file else Path(location)
 
 
 def source_gguf(spec: str) -> Path | None:
