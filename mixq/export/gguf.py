@@ -194,7 +194,7 @@ def export_gguf(model_dir: Path, out: Path, overwrite: bool = False) -> tuple[di
         try:
             for key, field in reader.fields.items():
                 if not key.startswith(SKIPPED_FIELDS):
-                    _copy_field(writer, key, field)
+                    copy_field(writer, key, field)
             n_params = sum(int(np.prod(shape)) for shape in loaded.stored_tensors().values())
             writer.add_size_label(size_label(n_params, n_params, 0, 0))
             writer.add_file_type(LlamaFileType.GUESSED)
@@ -241,7 +241,7 @@ def _verify(path: Path, digests: dict[str, tuple[GGMLQuantizationType, str]]) ->
             raise MixqError(f"the written GGUF does not hold {gguf_name} as meant (type or bytes differ)")
 
 
-def _copy_field(writer: GGUFWriter, key: str, field) -> None:
+def copy_field(writer: GGUFWriter, key: str, field) -> None:
     vtype = field.types[0]
     sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
     writer.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
