@@ -22,7 +22,7 @@ EVAL_SEED = 1  # sampled evaluation text must not be the calibration text (seed 
 HELD_OUT_SEED = 2  # the profile's end-to-end measurements use yet other samples
 PROFILE_FILE = "mixq.profile"  # where `quantize --budget` keeps the profile it measured
 # flags that change no checkpointed state: a resumed run may differ in them
-JOB_FLAGS_OF_NO_CONSEQUENCE = ("out", "overwrite", "restart", "run", "verbose", "in_memory", "eval_text",
+JOB_FLAGS_OF_NO_CONSEQUENCE = ("out", "overwrite", "restart", "run", "verbose", "quiet", "in_memory", "eval_text",
                                "eval_windows", "eval_len")
 
 
@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mixq {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
     model_help = "smollm2-135m, a .gguf file, a Hugging Face model directory, or hf:owner/name"
 
@@ -518,10 +519,22 @@ def _print_quality(path: Path, bpw: float, quantize_seconds: float, report: dict
     print(markdown_table(headers, [row]))
 
 
+def _silence_progress_bars() -> None:
+    """Every tqdm bar off, mixq's and its libraries' (tqdm reads TQDM_DISABLE only when imported,
+    which torch's import has done already)."""
+    from functools import partialmethod
+
+    from tqdm import std
+
+    std.tqdm.__init__ = partialmethod(std.tqdm.__init__, disable=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.quiet:
+            _silence_progress_bars()
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="mixq: %(message)s")
         args.run(args)
     except MixqError as e:

@@ -255,3 +255,11 @@ def test_block_method_from_the_command_line(tiny_llama_dir, text_file, tmp_path,
     assert len(info["block_losses"]) == 2 and all(a <= b for b, a in info["block_losses"])
     assert_refused(capsys, tmp_path, *tiny_args(tiny_llama_dir, text_file), "--method", "block", "--init", "block",
                    match="--init block")
+
+
+def test_quiet_shows_no_progress_bars(tiny_llama_dir, text_file, tmp_path, capsys, monkeypatch):
+    from tqdm import std
+
+    monkeypatch.setattr(std.tqdm, "__init__", std.tqdm.__init__)  # undone after the test
+    code, cap = run(capsys, "-q", *tiny_args(tiny_llama_dir, text_file), "--out", tmp_path / "q")
+    assert code == 0 and cap.err == "" and cap.out.startswith("wrote ")
