@@ -65,8 +65,15 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     disk leaves what was at `path` as it was, and a failed write is one clear error."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
+    storages: set[int] = set()
+    own = {}
+    for k, t in tensors.items():  # safetensors refuses tensors that share memory: those get a copy
+        t = t.contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        own[k] = t.clone() if ptr in storages else t
+        storages.add(ptr)
     try:
-        save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp), metadata=metadata)
+        save_file(own, str(tmp), metadata=metadata)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)  # the data on disk before the rename makes it the file

@@ -147,29 +147,36 @@ def embedding_stats(loaded: LoadedModel, windows: torch.Tensor) -> LayerStats:
 
 
 def iter_stats(loaded: LoadedModel, windows: torch.Tensor, batch_size: int,
-               matmul_dtype: torch.dtype = torch.float32) -> Iterator[tuple[dict[str, LayerStats], dict[str, torch.Tensor]]]:
+               matmul_dtype: torch.dtype = torch.float32, start: tuple[int, list[torch.Tensor]] | None = None,
+               ) -> Iterator[tuple[dict[str, LayerStats], dict[str, torch.Tensor], list[torch.Tensor] | None]]:
     """(LayerStats, float32 matrix) of every plannable tensor with the model's own weights: an untied
     input embedding first, then one block at a time, the output matrix last, so a consumer holds
-    one block's weights and statistics at once. The blocks' matmuls run in `matmul_dtype`."""
+    one block's weights and statistics at once. The blocks' matmuls run in `matmul_dtype`.
+
+    Each item also carries the hidden states after a block (None after the embedding and the head):
+    with them, `start` = (the next block, its input batches) continues a walk that was stopped."""
     from tqdm.auto import tqdm
 
     runner = BlockRunner(loaded, matmul_dtype)
     layout = loaded.layout
-    if not loaded.tied_embedding:
-        yield ({layout.embedding: embedding_stats(loaded, windows)},
-               {layout.embedding: loaded.embedding()})
-    batches = runner.embed(windows, batch_size)
-    for b in tqdm(range(loaded.n_blocks), desc="capturing statistics", unit="block"):
+    first, batches = start or (0, None)
+    if start is None:
+        if not loaded.tied_embedding:
+            yield ({layout.embedding: embedding_stats(loaded, windows)},
+                   {layout.embedding: loaded.embedding()}, None)
+        batches = runner.embed(windows, batch_size)
+    for b in tqdm(range(first, loaded.n_blocks), desc="capturing statistics", unit="block", initial=first,
+                  total=loaded.n_blocks):
         weights = loaded.block_weights(b)
         refs, prefix = loaded.block_tensors(b), layout.block_prefix(b)
         stats, batches = stats_and_outputs(runner, b, weights, batches)
-        yield stats, {n: refs[n].view(weights, prefix) for n in stats}
+        yield stats, {n: refs[n].view(weights, prefix) for n in stats}, batches
         del weights, stats
         release_memory()
     yield ({loaded.head_name: head_stats(runner, batches)},
-           {loaded.head_name: loaded.head()})
+           {loaded.head_name: loaded.head()}, None)
 
 
 def capture_all(loaded: LoadedModel, windows: torch.Tensor, batch_size: int) -> dict[str, LayerStats]:
     """LayerStats of every plannable tensor, with the model's own (unquantized) weights."""
-    return {name: s for stats, _ in iter_stats(loaded, windows, batch_size) for name, s in stats.items()}
+    return {name: s for stats, _, _ in iter_stats(loaded, windows, batch_size) for name, s in stats.items()}

@@ -295,27 +295,23 @@ def _checkpoints(args: argparse.Namespace, loaded):
     return checkpoints
 
 
-def _run_profile(loaded, args: argparse.Namespace, settings, checkpoints=None):
-    """The job's profile: measured, or taken from `checkpoints` where an interrupted run finished it."""
-    from mixq.profile import Profile
-
-    saved = checkpoints.path(PROFILE_FILE) if checkpoints else None
-    if saved is not None and saved.is_file():
-        return Profile.load(saved)
-    profile = _measure_profile(loaded, args, settings)
-    if saved is not None:
-        checkpoints.ensure()
-        profile.save(saved)
-    return profile
-
-
-def _measure_profile(loaded, args: argparse.Namespace, settings):
+def _run_profile(loaded, args: argparse.Namespace, settings, checkpoints):
+    """The job's profile: measured (resuming its phases from `checkpoints`), or the one an interrupted
+    run finished there."""
     from mixq.data import WindowSpec, load_windows
-    from mixq.profile import build_profile
+    from mixq.profile import CHECKPOINTS, Profile, build_profile
 
+    saved = checkpoints.path(PROFILE_FILE)
+    if saved.is_file():
+        return Profile.load(saved)
     calib = load_windows(loaded, _calibration(args), first=False)
     held_out = load_windows(loaded, WindowSpec(args.held_out_windows, args.held_out_len, seed=HELD_OUT_SEED))
-    return build_profile(loaded, calib, held_out, settings)
+    profile = build_profile(loaded, calib, held_out, settings, checkpoints)
+    checkpoints.ensure()
+    profile.save(saved)
+    for name in CHECKPOINTS:  # the profile holds all they held
+        checkpoints.remove(name)
+    return profile
 
 
 def cmd_profile(args: argparse.Namespace) -> None:

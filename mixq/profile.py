@@ -13,7 +13,9 @@ minimises: `hessian` and `fisher` raw, `hessian+kl` and `fisher+kl` calibrated (
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from tqdm.auto import tqdm
 
 from mixq import capture
 from mixq.atomic import save_tensors
+from mixq.checkpoint import Checkpoints
 from mixq.errors import MixqError
 from mixq.export import get_target
 from mixq.export.native import header_bound, kept_nbytes
@@ -39,6 +42,7 @@ from mixq.runner import BlockRunner
 
 LEARNED = ("adaquant", *sorted(BLOCK_METHODS))  # measured on a few blocks, predicted for the rest
 
+log = logging.getLogger(__name__)
 ESTIMATORS = ("hessian+kl", "fisher+kl", "hessian", "fisher")
 PROFILE_VERSION = "1"
 
@@ -310,9 +314,14 @@ def smallest_file(loaded: LoadedModel, space: OptionSpace, target: str | None = 
 
 
 def build_profile(
-    loaded: LoadedModel, calib: torch.Tensor, held_out: torch.Tensor, settings: ProfileSettings = ProfileSettings()
+    loaded: LoadedModel, calib: torch.Tensor, held_out: torch.Tensor, settings: ProfileSettings = ProfileSettings(),
+    checkpoints: Checkpoints | None = None,
 ) -> Profile:
-    """Measure every tensor in every option. The model's weights are left as they were."""
+    """Measure every tensor in every option. The model's weights are left as they were.
+
+    With `checkpoints`, each phase's results are saved as it goes (the Fisher diagonal; the errors
+    after each block; the learned-rounding gains; the KL points after each starting block), and a
+    run that finds them continues where the last one stopped."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     plannable = loaded.plannable()
@@ -331,9 +340,15 @@ def build_profile(
         raise MixqError(f"formats to measure {sorted(unknown)} are not in the option space")
 
     t0 = time.perf_counter()
-    # No Fisher windows: no backward pass (large models), and no fisher estimator in this profile.
-    fisher = fisher_diagonal(loaded, calib[: settings.fisher_windows], tensors) if settings.fisher_windows else {}
-    timings["fisher"] = time.perf_counter() - t0
+    saved = checkpoints.load(FISHER_CHECKPOINT) if checkpoints else None
+    if saved:
+        fisher, timings["fisher"] = saved[0], saved[1]["seconds"]
+    else:
+        # No Fisher windows: no backward pass (large models), and no fisher estimator in this profile.
+        fisher = fisher_diagonal(loaded, calib[: settings.fisher_windows], tensors) if settings.fisher_windows else {}
+        timings["fisher"] = time.perf_counter() - t0
+        if checkpoints:
+            checkpoints.save(FISHER_CHECKPOINT, fisher, {"seconds": timings["fisher"]})
 
     T, O = len(tensors), len(options)
     block_of = {name: b for b in range(loaded.n_blocks) for name in loaded.block_tensors(b)}
@@ -345,9 +360,15 @@ def build_profile(
     importance: dict[str, np.ndarray] = {}
     rare: dict[str, int] = {}
     timings["capture"] = timings["quantize"] = 0.0
+    resume_at, done = None, False
+    saved = checkpoints.load(CAPTURE_CHECKPOINT) if checkpoints else None
+    if saved:
+        resume_at, done = _restore_capture(*saved, errors, importance, to_measure, rare, timings)
     t0 = time.perf_counter()
-    progress = tqdm(total=T, desc="profiling tensors", unit="tensor")
-    for block_stats, matrices in capture.iter_stats(loaded, calib, settings.batch_size, settings.capture_dtype):  # one block at a time
+    progress = tqdm(total=T, desc="profiling tensors", unit="tensor", initial=len(importance))
+    # one block at a time; after a resume, from the block after the last one saved
+    for block_stats, matrices, batches in [] if done else capture.iter_stats(
+            loaded, calib, settings.batch_size, settings.capture_dtype, resume_at):
         t1 = time.perf_counter()
         timings["capture"] += t1 - t0
         rare.update(capture.rare_experts(block_stats, plannable))
@@ -384,14 +405,24 @@ def build_profile(
                     ):
                         to_measure[key] = (o, errors["hessian"][t, o], (rows, q))
             progress.update()
+        captured = list(block_stats)
         del block_stats
         t0 = time.perf_counter()
         timings["quantize"] += t0 - t1
+        if checkpoints and (batches is not None or loaded.head_name in captured):
+            next_block = block_of[captured[0]] + 1 if batches is not None else loaded.n_blocks
+            _save_capture(checkpoints, next_block, batches, errors, importance, to_measure, rare, timings)
     progress.close()
     t0 = time.perf_counter()
-    learned = sorted({o.method for o in options if o.method in LEARNED})
-    gain_fmts = sorted({f for fmts in measure_fmts.values() for f in fmts}, key=bits_per_weight)
-    gains = learned_gains(loaded, calib, gain_fmts, learned, settings) if learned else {}
+    saved = checkpoints.load(GAINS_CHECKPOINT) if checkpoints else None
+    if saved:
+        gains = {(m, f): g for m, f, g in saved[1]["gains"]}
+    else:
+        learned = sorted({o.method for o in options if o.method in LEARNED})
+        gain_fmts = sorted({f for fmts in measure_fmts.values() for f in fmts}, key=bits_per_weight)
+        gains = learned_gains(loaded, calib, gain_fmts, learned, settings) if learned else {}
+        if checkpoints:
+            checkpoints.save(GAINS_CHECKPOINT, {}, {"gains": [[m, f, g] for (m, f), g in gains.items()]})
     measured_fmts = sorted({f for _, f in gains}, key=bits_per_weight)
     for o, option in enumerate(options):
         if option.method in LEARNED:
@@ -402,7 +433,15 @@ def build_profile(
     chosen = {(t, o): quantized for (t, _), (o, _, quantized) in to_measure.items()}
     t0 = time.perf_counter()
     measured = np.full((T, O), np.nan)
-    for (t, o), kl in measure_kl(loaded, held_out, tensors, chosen, settings.batch_size).items():
+    saved = checkpoints.load(KL_CHECKPOINT) if checkpoints else None
+    points_done = {(t, o): kl for t, o, kl in saved[1]["points"]} if saved else {}
+
+    def save_points(points: dict[tuple[int, int], float]) -> None:
+        if checkpoints:
+            checkpoints.save(KL_CHECKPOINT, {}, {"points": [[t, o, kl] for (t, o), kl in points.items()]})
+
+    for (t, o), kl in measure_kl(loaded, held_out, tensors, chosen, settings.batch_size,
+                                 done=points_done, save=save_points).items():
         rows = plannable[tensors[t]].shape[0]
         measured[t, o] = kl * rows / len(sample_rows(rows, settings.row_fraction, seed=t))
     timings["measure"] = time.perf_counter() - t0
@@ -422,6 +461,53 @@ def build_profile(
                   rare_experts=rare, expert_tokens=expert_tokens(loaded, tensors, importance)),
         importance=importance,
     )
+
+
+FISHER_CHECKPOINT = "profile-fisher.safetensors"
+CAPTURE_CHECKPOINT = "profile-capture.safetensors"  # errors so far, and the hidden states entering the next block
+GAINS_CHECKPOINT = "profile-gains.safetensors"
+KL_CHECKPOINT = "profile-kl.safetensors"
+CHECKPOINTS = (FISHER_CHECKPOINT, CAPTURE_CHECKPOINT, GAINS_CHECKPOINT, KL_CHECKPOINT)
+
+
+def _save_capture(checkpoints: Checkpoints, next_block: int, batches: list[torch.Tensor] | None,
+                  errors: dict[str, np.ndarray], importance: dict[str, np.ndarray],
+                  to_measure: dict[tuple[int, str], tuple[int, float, tuple[torch.Tensor, QTensor]]],
+                  rare: dict[str, int], timings: dict[str, float]) -> None:
+    """The capture phase's state after a block (`batches` None: after the head, the phase is done)."""
+    tensors = {f"errors.{k}": torch.from_numpy(v) for k, v in errors.items()}
+    tensors.update({f"importance.{n}": torch.from_numpy(v) for n, v in importance.items()})
+    tensors.update({f"batch.{i}": x for i, x in enumerate(batches or [])})
+    measure = []
+    for (t, fmt), (o, err, (rows, q)) in to_measure.items():
+        tensors[f"measure.{t}.{fmt}.rows"] = rows
+        tensors.update({f"measure.{t}.{fmt}.{part}": x for part, x in q.format.pack(q).items()})
+        measure.append([t, fmt, o, err, list(q.shape)])
+    checkpoints.save(CAPTURE_CHECKPOINT, tensors, {
+        "next_block": next_block, "done": batches is None, "batches": len(batches or []), "measure": measure,
+        "rare": rare, "seconds": {k: timings[k] for k in ("capture", "quantize")}})
+
+
+def _restore_capture(tensors: dict[str, torch.Tensor], state: dict[str, Any], errors: dict[str, np.ndarray],
+                     importance: dict[str, np.ndarray],
+                     to_measure: dict[tuple[int, str], tuple[int, float, tuple[torch.Tensor, QTensor]]],
+                     rare: dict[str, int], timings: dict[str, float],
+                     ) -> tuple[tuple[int, list[torch.Tensor]] | None, bool]:
+    """Fill the capture phase's tables from its checkpoint; returns where `iter_stats` resumes, and
+    whether the phase was done."""
+    for k in errors:
+        errors[k][...] = tensors[f"errors.{k}"].numpy()
+    importance.update({k.removeprefix("importance."): v.numpy() for k, v in tensors.items()
+                       if k.startswith("importance.")})
+    for t, fmt, o, err, shape in state["measure"]:
+        prefix = f"measure.{t}.{fmt}."
+        parts = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix) and k != prefix + "rows"}
+        to_measure[(t, fmt)] = (o, err, (tensors[prefix + "rows"], parse_format(fmt).unpack(parts, tuple(shape))))
+    rare.update(state["rare"])
+    timings.update(state["seconds"])
+    batches = [tensors[f"batch.{i}"] for i in range(state["batches"])]
+    log.info("profile resumed at block %d", state["next_block"])
+    return (state["next_block"], batches), state["done"]
 
 
 def bits_per_weight(fmt: str) -> float:
@@ -629,9 +715,12 @@ def measure_kl(
     items: dict[tuple[int, int], tuple[torch.Tensor, QTensor]],
     batch_size: int,
     matmul_dtype: torch.dtype = torch.float32,
+    done: dict[tuple[int, int], float] | None = None,
+    save: Callable[[dict[tuple[int, int], float]], None] | None = None,
 ) -> dict[tuple[int, int], float]:
     """Mean KL(reference || model) on `windows` with only tensor t replaced: items[(t, o)] holds the
-    rows replaced and their QTensor.
+    rows replaced and their QTensor. Points in `done` are taken as measured; `save` is given the
+    points measured so far after each group of them (a resumable run keeps them).
 
     The reference's hidden states and its terms of the KL are computed once. The points of one block
     then run together: each replaces its matrix in that block, and all of them go through the rest
@@ -650,11 +739,12 @@ def measure_kl(
         rows, q = item
         return W.detach().float().index_copy(0, rows, q.dequantize())
 
+    result = dict(done or {})
     by_start: dict[int, list[tuple[int, int]]] = {}
     for (t, o) in items:
-        by_start.setdefault(block_of.get(tensors[t], -1), []).append((t, o))
-    result = {}
-    progress = tqdm(total=len(items), desc="measuring KL per tensor", unit="point")
+        if (t, o) not in result:
+            by_start.setdefault(block_of.get(tensors[t], -1), []).append((t, o))
+    progress = tqdm(total=len(items), desc="measuring KL per tensor", unit="point", initial=len(result))
     for (t, o) in by_start.pop(-1, []):  # the embedding and the head: outside the blocks
         name = tensors[t]
         residents = dict(runner.head())
@@ -670,6 +760,8 @@ def measure_kl(
             final = hidden[-1]
         result[(t, o)] = kl_of(final, residents)
         progress.update()
+    if save and result:
+        save(result)
     for start in sorted(by_start):
         points = by_start[start]
         weights = loaded.block_weights(start)
@@ -687,5 +779,7 @@ def measure_kl(
         for point, final in zip(points, streams):
             result[point] = kl_of(final)
             progress.update()
+        if save:
+            save(result)
     progress.close()
     return result
