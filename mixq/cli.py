@@ -16,8 +16,9 @@ from mixq.errors import MixqError
 
 log = logging.getLogger("mixq")
 
-DEFAULT_CALIB = dict(windows=64, seq_len=512)
-DEFAULT_EVAL = dict(windows=40, seq_len=512)
+DEFAULT_CALIB = dict(windows=64)
+DEFAULT_EVAL = dict(windows=40)
+DEFAULT_SEQ_LEN = 512  # tokens per window of every kind, unless the model's context is shorter
 EVAL_SEED = 1  # sampled evaluation text must not be the calibration text (seed 0)
 HELD_OUT_SEED = 2  # the profile's end-to-end measurements use yet other samples
 PROFILE_FILE = "mixq.profile"  # where `quantize --budget` keeps the profile it measured
@@ -61,7 +62,7 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-text", type=_text_file, help="calibration text file (default: text sampled "
                    "from the model itself)")
     g.add_argument("--calib-windows", type=int, default=DEFAULT_CALIB["windows"], help="windows (default 64)")
-    g.add_argument("--calib-len", type=int, default=DEFAULT_CALIB["seq_len"], help="tokens per window (default 512)")
+    g.add_argument("--calib-len", type=int, help="tokens per window (default 512, or the model's context if shorter)")
     g.add_argument("--seed", type=int, default=0, help="seed of calibration sampling (default 0)")
 
 
@@ -114,7 +115,8 @@ def _add_profile_settings(p: argparse.ArgumentParser) -> None:
                    "and scale up (errors and measured KL; rows are independent in every format): large models")
     g.add_argument("--measure-every", type=int, default=1, help="measure only every n-th block's tensors; the "
                    "others take the error model of their kind (default 1: all; large models: 4)")
-    g.add_argument("--held-out-len", type=int, default=512)
+    g.add_argument("--held-out-len", type=int, help="tokens per window (default 512, or the model's context if "
+                   "shorter)")
 
 
 def _targets():
@@ -164,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "layer) or block (learned rounding per transformer block)")
     q.add_argument("--eval-text", type=_text_file, help="evaluate on this text right after quantizing")
     q.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL["windows"])
-    q.add_argument("--eval-len", type=int, default=DEFAULT_EVAL["seq_len"])
+    q.add_argument("--eval-len", type=int, help="tokens per window (default 512, or the model's context if shorter)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _add_job_settings(q)
     q.set_defaults(run=cmd_quantize)
@@ -176,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", type=_text_file, help="evaluation text (default: held-out text sampled from "
                    f"the model, seed {EVAL_SEED})")
     e.add_argument("--windows", type=int, default=DEFAULT_EVAL["windows"], help="non-overlapping windows (default 40)")
-    e.add_argument("--seq-len", type=int, default=DEFAULT_EVAL["seq_len"], help="tokens per window (default 512)")
+    e.add_argument("--seq-len", type=int, help="tokens per window (default 512, or the model's context if shorter)")
     _add_memory(e)
     e.set_defaults(run=cmd_eval)
 
@@ -272,6 +274,26 @@ def _calibration(args: argparse.Namespace):
     return WindowSpec(args.calib_windows, args.calib_len, args.calib_text, args.seed)
 
 
+def _resolve_window_lengths(args: argparse.Namespace, loaded) -> None:
+    """Window lengths left unset become 512 tokens, or the model's context if shorter."""
+    context = getattr(loaded.config.get_text_config(), "max_position_embeddings", None) or DEFAULT_SEQ_LEN
+    for flag in ("calib_len", "held_out_len", "eval_len", "seq_len"):
+        if hasattr(args, flag) and getattr(args, flag) is None:
+            setattr(args, flag, min(DEFAULT_SEQ_LEN, context))
+
+
+def _check_windows(args: argparse.Namespace, loaded, profiled: bool) -> None:
+    """Every window setting of this job against the model's limits, before any long work."""
+    from mixq.data import WindowSpec, check_windows
+
+    _resolve_window_lengths(args, loaded)
+    check_windows(loaded, _calibration(args), "--calib-windows/--calib-len")
+    if profiled:
+        check_windows(loaded, WindowSpec(args.held_out_windows, args.held_out_len), "--held-out-windows/--held-out-len")
+    if getattr(args, "eval_text", None):
+        check_windows(loaded, WindowSpec(args.eval_windows, args.eval_len), "--eval-windows/--eval-len")
+
+
 def _checkpoints(args: argparse.Namespace, loaded):
     """The work directory of this job's output: resumed if it holds a run of the same inputs."""
     import torch
@@ -321,6 +343,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     settings = _profile_settings(args)
     check_output_dir(args.out, overwrite=True)
     loaded = load_model(args.model, in_memory=args.in_memory)
+    _check_windows(args, loaded, profiled=True)
     checkpoints = _checkpoints(args, loaded)
     profile = _run_profile(loaded, args, settings, checkpoints)
     profile.save(args.out)
@@ -393,7 +416,6 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     check_output_dir(args.out, args.overwrite)
     settings = _method_settings(args)
     reconstruct = _reconstruct_settings(args)
-    calib = _calibration(args)
     info: dict = {"mixq_version": __version__}
     planned = args.budget or args.max_kl is not None
     if args.budget and args.max_kl is not None:
@@ -405,6 +427,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         profile_settings = None if args.profile else _profile_settings(args)
         profile = Profile.load(args.profile) if args.profile else None
         loaded = load_model(args.model, in_memory=args.in_memory)
+        _check_windows(args, loaded, profiled=profile is None)
         checkpoints = _checkpoints(args, loaded)
         if profile is None:
             if budget is not None:
@@ -425,11 +448,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         fmt = parse_format(args.format) if args.format else IntFormat(args.bits, args.group_size, symmetric=args.sym)
         get_method(args.method)
         loaded = load_model(args.model, in_memory=args.in_memory)
+        _check_windows(args, loaded, profiled=False)
         checkpoints = _checkpoints(args, loaded)
         options = uniform_plan(loaded, Option(fmt.name, args.method), args.target)
         info.update(settings={"format": fmt.name, "method": args.method})
         description = f"{fmt.name} {args.method}"
 
+    calib = _calibration(args)
     windows = load_windows(loaded, calib, first=False)
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
         start = time.perf_counter()
@@ -481,14 +506,16 @@ def _check_feasible(loaded, budget, settings) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from mixq.data import WindowSpec
+    from mixq.data import WindowSpec, check_windows
     from mixq.export import native
     from mixq.models import load_model
 
     info = native.read_info(args.dir)
     quantized = native.NativeSource(args.dir)
     loaded = load_model(info["model"], in_memory=args.in_memory)
+    _resolve_window_lengths(args, loaded)
     spec = WindowSpec(args.windows, args.seq_len, args.text, seed=EVAL_SEED)
+    check_windows(loaded, spec, "--windows/--seq-len")
     report = _evaluate(loaded, quantized, spec)
     info["evaluations"][spec.describe()] = report
     native.write_info(args.dir, info)

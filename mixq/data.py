@@ -41,14 +41,30 @@ class WindowSpec:
         return f"{self.n_windows} x {self.seq_len} tokens of {source}"
 
 
+def check_windows(loaded: LoadedModel, spec: WindowSpec, flags: str = "windows") -> None:
+    """One clear error, before any work, for windows the model cannot take: fewer than one window of
+    2 tokens, windows longer than the model's context, or more tokens than memory holds as the
+    float32 hidden states a pass keeps (its inputs and outputs). `flags` names the options that set them."""
+    if spec.n_windows < 1 or spec.seq_len < 2:
+        raise MixqError(f"{flags}: need at least one window of at least 2 tokens")
+    text_config = loaded.config.get_text_config()
+    context = getattr(text_config, "max_position_embeddings", None)
+    if context and spec.seq_len > context:
+        raise MixqError(f"{flags}: windows of {spec.seq_len} tokens are longer than the model's context of {context}")
+    hidden_bytes = 2 * spec.n_windows * spec.seq_len * text_config.hidden_size * 4
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if hidden_bytes > memory:
+        raise MixqError(f"{flags}: {spec.n_windows} windows of {spec.seq_len} tokens need {hidden_bytes / 2**30:.1f} "
+                        f"GiB of hidden states, more than this machine's {memory / 2**30:.1f} GiB")
+
+
 def load_windows(loaded: LoadedModel, spec: WindowSpec, first: bool = True) -> torch.Tensor:
     """Windows as a (n_windows, seq_len) int64 tensor.
 
     From text, `first` takes the first non-overlapping windows (evaluation); otherwise windows
     start at random offsets drawn with the seed (calibration).
     """
-    if spec.n_windows < 1 or spec.seq_len < 2:
-        raise MixqError("need at least one window of at least 2 tokens")
+    check_windows(loaded, spec)
     if spec.text is None:
         return sample_windows(loaded, spec.n_windows, spec.seq_len, spec.seed)
     ids = tokenize_file(loaded.tokenizer, spec.text)

@@ -73,7 +73,13 @@ def test_failure_leaves_no_output_but_a_resumable_run(tiny_llama_dir, text_file,
 @pytest.mark.parametrize(
     "extra, match",
     [(["--bits", "9"], "bits must be between 2 and 8"), (["--bits", "1"], "bits must be"),
-     (["--group-size", "100"], "group size must be"), (["--method", "magic"], "unknown method")],
+     (["--group-size", "100"], "group size must be"), (["--method", "magic"], "unknown method"),
+     # the model's own limits, before any work (the tiny model's context is 256 tokens)
+     (["--calib-len", "300"], "--calib-len: windows of 300 tokens are longer than the model's context of 256"),
+     (["--calib-windows", "1000000000"], "1000000000 windows of 64 tokens need 30517.6 GiB of hidden states"),
+     (["--budget", "5bpw", "--held-out-len", "1000"], "--held-out-len: windows of 1000 tokens are longer"),
+     (["--eval-text", "README.md", "--eval-len", "257"], "--eval-len: windows of 257 tokens are longer"),
+     (["--calib-windows", "0"], "need at least one window")],
 )
 def test_out_of_range_settings(tiny_llama_dir, text_file, tmp_path, capsys, extra, match):
     assert_refused(capsys, tmp_path, *tiny_args(tiny_llama_dir, text_file), *extra, match=match)
@@ -263,3 +269,21 @@ def test_quiet_shows_no_progress_bars(tiny_llama_dir, text_file, tmp_path, capsy
     monkeypatch.setattr(std.tqdm, "__init__", std.tqdm.__init__)  # undone after the test
     code, cap = run(capsys, "-q", *tiny_args(tiny_llama_dir, text_file), "--out", tmp_path / "q")
     assert code == 0 and cap.err == "" and cap.out.startswith("wrote ")
+
+
+def test_an_output_is_reread_before_it_is_renamed(tiny_llama_dir, text_file, tmp_path, capsys, monkeypatch):
+    """A byte that changes on its way to disk (the last one: a packed code, stored last) is caught."""
+    real_write = native.write_safetensors
+
+    def write_and_flip(path, *args):
+        real_write(path, *args)
+        with open(path, "r+b") as f:
+            f.seek(-1, 2)
+            last = f.read(1)[0]
+            f.seek(-1, 2)
+            f.write(bytes([last ^ 1]))
+
+    monkeypatch.setattr(native, "write_safetensors", write_and_flip)
+    code, cap = run(capsys, *tiny_args(tiny_llama_dir, text_file), "--out", tmp_path / "out")
+    assert code == 2 and cap.err.splitlines()[-1].startswith("mixq: error: internal error: ")
+    assert "does not hold" in cap.err and not (tmp_path / "out").exists()

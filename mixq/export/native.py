@@ -152,6 +152,7 @@ def save(out_dir: Path, loaded: LoadedModel, result, info: dict[str, Any]) -> St
     metadata = {METADATA_KEY: json.dumps({"layout": LAYOUT_VERSION, "tensors": entries})}
     path = Path(out_dir) / WEIGHTS_FILE
     write_safetensors(path, specs, pieces_of, metadata)
+    _verify(Path(out_dir), entries, result.tensors, quantized)
     storage = Storage(
         payload_bytes=sum(nb for _, _, nb in plan.values()),
         file_bytes=path.stat().st_size,
@@ -160,6 +161,18 @@ def save(out_dir: Path, loaded: LoadedModel, result, info: dict[str, Any]) -> St
     info = {**info, "storage": storage.as_dict()}
     write_info(Path(out_dir), info)
     return storage
+
+
+def _verify(out_dir: Path, entries: dict[str, dict[str, Any]], tensors, quantized: dict[str, str]) -> None:
+    """Reread the written file before it is renamed into place: every tensor's format and shape as
+    planned, every quantized tensor's stored parts (so its dequantized values) as quantized."""
+    stored = StoredModel(out_dir)
+    if stored.entries != entries:
+        raise MixqError(f"internal error: {stored.path} lists other formats or shapes than planned")
+    for param, name in quantized.items():
+        written, meant = stored.parts(param), tensors.packed(name)
+        if written.keys() != meant.keys() or not all(torch.equal(written[k], meant[k]) for k in meant):
+            raise MixqError(f"internal error: {stored.path} does not hold {param} as it was quantized")
 
 
 def write_info(out_dir: Path, info: dict[str, Any]) -> None:

@@ -63,6 +63,14 @@ class _Header:
             raise ValueError(f"{what} at offset {self.pos - len(raw)} is not UTF-8") from None
         return text if text.isprintable() and len(text) <= 100 else ascii(text[:100])
 
+    def new_name(self, what: str, seen: set[str]) -> str:
+        """A key or tensor name that must not repeat one in `seen` (it is added there)."""
+        name = self.text(what)
+        if name in seen:
+            raise ValueError(f"{what} {name} appears twice")
+        seen.add(name)
+        return name
+
     def skip_string(self, what: str) -> None:
         self.skip(self.u64(f"length of {what}"), what)
 
@@ -120,10 +128,7 @@ def _check(h: _Header) -> None:
     alignment = GGUF_DEFAULT_ALIGNMENT
     keys: set[str] = set()
     for _ in range(n_kv):
-        key = h.text("key")
-        if key in keys:
-            raise ValueError(f"key {key} appears twice")
-        keys.add(key)
+        key = h.new_name("key", keys)
         vtype = h.value_type(f"key {key}")
         value = h.skip_value(vtype, key)
         if key == "general.alignment":
@@ -133,10 +138,7 @@ def _check(h: _Header) -> None:
     extents = []  # (offset, bytes, name) of each tensor's data, relative to the data section
     names: set[str] = set()
     for _ in range(n_tensors):
-        name = h.text("tensor name")
-        if name in names:
-            raise ValueError(f"tensor {name} appears twice")
-        names.add(name)
+        name = h.new_name("tensor", names)
         n_dims = h.u32(f"dimension count of {name}")
         if not 1 <= n_dims <= MAX_DIMS:
             raise ValueError(f"tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
