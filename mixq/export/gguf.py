@@ -164,12 +164,17 @@ def converted_skeleton(source: Path, shapes: dict[str, tuple[int, ...]], value: 
     return Skeleton(reader, places, overhead)
 
 
+_OVERHEADS: dict[str, int] = {}  # by model spec: a Hugging Face source's conversion runs once per process
+
+
 def overhead_bound(loaded: LoadedModel) -> int:
     """Bytes of a GGUF exported from `loaded` beyond the parameters' data, for any plan: metadata,
     tokenizer, tensor infos, tensors that are no parameter, and alignment padding (bounded). Only the
     parameters' types change between plans, and type codes have a fixed size."""
-    with tempfile.TemporaryDirectory(prefix="mixq-gguf-") as work:
-        return skeleton(loaded, loaded.stored_tensors(), loaded.read, Path(work)).overhead
+    if loaded.spec not in _OVERHEADS:
+        with tempfile.TemporaryDirectory(prefix="mixq-gguf-") as work:
+            _OVERHEADS[loaded.spec] = skeleton(loaded, loaded.stored_tensors(), loaded.read, Path(work)).overhead
+    return _OVERHEADS[loaded.spec]
 
 
 def export_gguf(model_dir: Path, out: Path, overwrite: bool = False) -> tuple[dict[str, int], dict[str, float]]:
