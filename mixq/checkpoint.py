@@ -96,8 +96,10 @@ class Checkpoints:
         except Exception as e:
             raise MixqError(f"cannot read checkpoint {path}: {e}; rerun with --restart to discard it") from None
 
-    def remove(self, name: str) -> None:
-        self.path(name).unlink(missing_ok=True)
+    def remove(self, pattern: str) -> None:
+        """Drop the checkpoints whose names match `pattern` (a glob)."""
+        for path in self.directory.glob(pattern):
+            path.unlink(missing_ok=True)
 
     def discard(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

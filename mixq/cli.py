@@ -331,8 +331,7 @@ def _run_profile(loaded, args: argparse.Namespace, settings, checkpoints):
     profile = build_profile(loaded, calib, held_out, settings, checkpoints)
     checkpoints.ensure()
     profile.save(saved)
-    for name in CHECKPOINTS:  # the profile holds all they held
-        checkpoints.remove(name)
+    checkpoints.remove(CHECKPOINTS)  # the profile holds all they held
     return profile
 
 

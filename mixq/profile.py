@@ -361,9 +361,10 @@ def build_profile(
     rare: dict[str, int] = {}
     timings["capture"] = timings["quantize"] = 0.0
     resume_at, done = None, False
+    written: dict[tuple[int, str], str] = {}  # checkpoint file of each quantized tensor to measure
     saved = checkpoints.load(CAPTURE_CHECKPOINT) if checkpoints else None
     if saved:
-        resume_at, done = _restore_capture(*saved, errors, importance, to_measure, rare, timings)
+        resume_at, done = _restore_capture(checkpoints, *saved, errors, importance, to_measure, written, rare, timings)
     t0 = time.perf_counter()
     progress = tqdm(total=T, desc="profiling tensors", unit="tensor", initial=len(importance))
     # one block at a time; after a resume, from the block after the last one saved
@@ -411,7 +412,7 @@ def build_profile(
         timings["quantize"] += t0 - t1
         if checkpoints and (batches is not None or loaded.head_name in captured):
             next_block = block_of[captured[0]] + 1 if batches is not None else loaded.n_blocks
-            _save_capture(checkpoints, next_block, batches, errors, importance, to_measure, rare, timings)
+            _save_capture(checkpoints, next_block, batches, errors, importance, to_measure, written, rare, timings)
     progress.close()
     t0 = time.perf_counter()
     saved = checkpoints.load(GAINS_CHECKPOINT) if checkpoints else None
@@ -467,31 +468,38 @@ FISHER_CHECKPOINT = "profile-fisher.safetensors"
 CAPTURE_CHECKPOINT = "profile-capture.safetensors"  # errors so far, and the hidden states entering the next block
 GAINS_CHECKPOINT = "profile-gains.safetensors"
 KL_CHECKPOINT = "profile-kl.safetensors"
-CHECKPOINTS = (FISHER_CHECKPOINT, CAPTURE_CHECKPOINT, GAINS_CHECKPOINT, KL_CHECKPOINT)
+CHECKPOINTS = "profile-*.safetensors"  # the above, and each block's quantized tensors to measure
 
 
 def _save_capture(checkpoints: Checkpoints, next_block: int, batches: list[torch.Tensor] | None,
                   errors: dict[str, np.ndarray], importance: dict[str, np.ndarray],
                   to_measure: dict[tuple[int, str], tuple[int, float, tuple[torch.Tensor, QTensor]]],
-                  rare: dict[str, int], timings: dict[str, float]) -> None:
-    """The capture phase's state after a block (`batches` None: after the head, the phase is done)."""
+                  written: dict[tuple[int, str], str], rare: dict[str, int], timings: dict[str, float]) -> None:
+    """The capture phase's state after a block (`batches` None: after the head, the phase is done).
+    The quantized tensors to measure that are new since the last save go to a file of their own
+    (`written` says where each one is), so each is written once, not once per later block."""
+    new = {key: entry for key, entry in to_measure.items() if key not in written}
+    if new:
+        name = f"profile-measure-{min(t for t, _ in new):05d}.safetensors"  # its group's first tensor: unique
+        tensors = {}
+        for (t, fmt), (_, _, (rows, q)) in new.items():
+            tensors[f"{t}.{fmt}.rows"] = rows
+            tensors.update({f"{t}.{fmt}.{part}": x for part, x in q.format.pack(q).items()})
+        checkpoints.save(name, tensors, {})
+        written.update(dict.fromkeys(new, name))
     tensors = {f"errors.{k}": torch.from_numpy(v) for k, v in errors.items()}
     tensors.update({f"importance.{n}": torch.from_numpy(v) for n, v in importance.items()})
     tensors.update({f"batch.{i}": x for i, x in enumerate(batches or [])})
-    measure = []
-    for (t, fmt), (o, err, (rows, q)) in to_measure.items():
-        tensors[f"measure.{t}.{fmt}.rows"] = rows
-        tensors.update({f"measure.{t}.{fmt}.{part}": x for part, x in q.format.pack(q).items()})
-        measure.append([t, fmt, o, err, list(q.shape)])
+    measure = [[t, fmt, o, err, list(q.shape), written[(t, fmt)]] for (t, fmt), (o, err, (_, q)) in to_measure.items()]
     checkpoints.save(CAPTURE_CHECKPOINT, tensors, {
         "next_block": next_block, "done": batches is None, "batches": len(batches or []), "measure": measure,
         "rare": rare, "seconds": {k: timings[k] for k in ("capture", "quantize")}})
 
 
-def _restore_capture(tensors: dict[str, torch.Tensor], state: dict[str, Any], errors: dict[str, np.ndarray],
-                     importance: dict[str, np.ndarray],
+def _restore_capture(checkpoints: Checkpoints, tensors: dict[str, torch.Tensor], state: dict[str, Any],
+                     errors: dict[str, np.ndarray], importance: dict[str, np.ndarray],
                      to_measure: dict[tuple[int, str], tuple[int, float, tuple[torch.Tensor, QTensor]]],
-                     rare: dict[str, int], timings: dict[str, float],
+                     written: dict[tuple[int, str], str], rare: dict[str, int], timings: dict[str, float],
                      ) -> tuple[tuple[int, list[torch.Tensor]] | None, bool]:
     """Fill the capture phase's tables from its checkpoint; returns where `iter_stats` resumes, and
     whether the phase was done."""
@@ -499,10 +507,18 @@ def _restore_capture(tensors: dict[str, torch.Tensor], state: dict[str, Any], er
         errors[k][...] = tensors[f"errors.{k}"].numpy()
     importance.update({k.removeprefix("importance."): v.numpy() for k, v in tensors.items()
                        if k.startswith("importance.")})
-    for t, fmt, o, err, shape in state["measure"]:
-        prefix = f"measure.{t}.{fmt}."
-        parts = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix) and k != prefix + "rows"}
-        to_measure[(t, fmt)] = (o, err, (tensors[prefix + "rows"], parse_format(fmt).unpack(parts, tuple(shape))))
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    for t, fmt, o, err, shape, name in state["measure"]:
+        if name not in files:
+            saved = checkpoints.load(name)
+            if saved is None:
+                raise MixqError(f"checkpoint {checkpoints.path(name)} is missing; rerun with --restart")
+            files[name] = saved[0]
+        prefix = f"{t}.{fmt}."
+        stored = files[name]
+        parts = {k.removeprefix(prefix): v for k, v in stored.items() if k.startswith(prefix) and k != prefix + "rows"}
+        to_measure[(t, fmt)] = (o, err, (stored[prefix + "rows"], parse_format(fmt).unpack(parts, tuple(shape))))
+        written[(t, fmt)] = name
     rare.update(state["rare"])
     timings.update(state["seconds"])
     batches = [tensors[f"batch.{i}"] for i in range(state["batches"])]
