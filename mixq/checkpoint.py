@@ -3,9 +3,9 @@
 A job saves a checkpoint after each unit of work (a quantized block, a finished profile); rerunning
 the same command finds the directory and continues from the last checkpoint, and its output is the
 uninterrupted run's to the byte. The directory records the inputs its checkpoints depend on (mixq's
-version, the command's settings, the model files' names, sizes and modification times, a digest of
-the calibration tokens, the plan); a rerun with other inputs is refused, naming what differs, and
-`--restart` discards the directory. It is removed once the output is in place.
+version, the command's settings, the thread count, the names, sizes and modification times of the
+model files and of the calibration text and profile files); a rerun with other inputs is refused,
+naming what differs, and `--restart` discards the directory. It is removed once the output is in place.
 
 Every file in it is written whole or not at all (a temporary name, then a rename), so a kill or a
 full disk at any moment leaves the previous checkpoint usable.
@@ -13,7 +13,6 @@ full disk at any moment leaves the previous checkpoint usable.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -40,10 +39,6 @@ def file_identity(path: Path) -> list[list[Any]]:
     path = Path(path)
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-
-
-def tensor_digest(t: torch.Tensor) -> str:
-    return hashlib.blake2b(t.contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
 
 
 class Checkpoints:
