@@ -39,7 +39,7 @@ from mixq.quantize import quantize_model
 from mixq.report import markdown_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uniform import commit, machine  # noqa: E402  (shared provenance of bench results)
+from provenance import commit, machine  # noqa: E402  (shared provenance of bench results)
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_MODEL = "hessian+kl"  # every row's predicted loss is priced with this error model

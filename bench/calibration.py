@@ -36,7 +36,7 @@ from mixq.models.source import WeightSource
 from mixq.report import markdown_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uniform import commit, machine, write_result  # noqa: E402
+from provenance import commit, machine, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTOROUND_PYTHON = CACHE_DIR / "autoround-venv" / "bin" / "python"

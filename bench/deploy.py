@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uniform import commit, machine, write_result  # noqa: E402
+from provenance import commit, machine, write_result  # noqa: E402
 from vs_llama_cpp import run as sh  # noqa: E402  (a tool's run, logged, failing loudly)
 
 from mixq.evaluate import agreement_with_top_k  # noqa: E402

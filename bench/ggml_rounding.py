@@ -25,7 +25,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uniform import commit, machine  # noqa: E402
+from provenance import commit, machine  # noqa: E402
 from vs_llama_cpp import run  # noqa: E402
 
 from mixq import capture  # noqa: E402

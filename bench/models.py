@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from uniform import commit, machine  # noqa: E402
+from provenance import commit, machine  # noqa: E402
 
 from mixq.atomic import atomic_write_text  # noqa: E402
 from mixq.report import markdown_table  # noqa: E402

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported
 
-from uniform import commit, machine  # noqa: E402
+from provenance import commit, machine  # noqa: E402
 
 from mixq.atomic import atomic_write_text  # noqa: E402
 from mixq.report import markdown_table  # noqa: E402

@@ -305,7 +305,7 @@ def run(args: argparse.Namespace) -> dict:
     seconds["total"] = time.perf_counter() - start
 
     sys.path.insert(0, str(ROOT / "bench"))
-    from uniform import commit, machine
+    from provenance import commit, machine
 
     result = dict(settings=settings, gguf=str(gguf_path), hf=str(hf_dir), weights=weights, kl=kl,
                   seconds=seconds, commit=commit(), machine=machine())

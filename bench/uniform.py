@@ -1,4 +1,4 @@
-"""Uniform quantization of SmolLM2-135M: RTN vs GPTQ at int2/3/4 (group 128) and int8 per channel.
+"""Uniform quantization of a model (default: the full-precision SmolLM2-135M stand-in): RTN vs GPTQ at int2/3/4 (group 128) and int8 per channel.
 
 Every row is one `mixq quantize` run, exactly as a user would type it, with calibration text
 sampled from the model (the data-free default) and evaluation on the first N windows of the text.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import subprocess
 import tempfile
@@ -19,9 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from mixq.atomic import atomic_write_text
 from mixq.data import WindowSpec, load_windows
 from mixq.evaluate import evaluate
 from mixq.export import native
@@ -30,32 +26,12 @@ from mixq.models import load_model
 from mixq.quantize import QuantizedModel
 from mixq.report import markdown_table
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import REFERENCE_LINE, SMOLLM2_STANDIN, commit, machine, model_name, reference, write_result  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = [(bits, "128", method) for bits in (2, 3, 4) for method in ("rtn", "gptq")]
 CONFIGS += [(8, "channel", method) for method in ("rtn", "gptq")]
-
-
-def write_result(out: Path, text: str, commands: list[str]) -> None:
-    """Write a result table with the command of each of its rows, atomically, and show it."""
-    text += "\nEach row was made by:\n```\n" + "\n".join(commands) + "\n```\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, text)
-    print(text, flush=True)
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
-
-
-def commit() -> str:
-    """The checked-out commit, with a mark when the work tree differs from it."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    # The result tables themselves are left out: a benchmark rewrites its own as rows come in.
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
-                           cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return head + (" (with uncommitted changes)" if dirty else "")
 
 
 def reference_row(model: str, text: Path, n_windows: int, seq_len: int) -> list:
@@ -73,7 +49,8 @@ def reference_row(model: str, text: Path, n_windows: int, seq_len: int) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", type=Path, required=True, help="evaluation text (WikiText-2 test)")
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=str(SMOLLM2_STANDIN),
+                        help="the model to quantize (default: the SmolLM2 stand-in that bench/standin.py writes)")
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-uniform")
@@ -106,18 +83,18 @@ def main() -> None:
 
     headers = ["format", "method", "bpw (whole file)", "ppl", "KL mean", "KL p99", "top-1", "quantize s"]
     table = markdown_table(headers, rows)
-    text = f"""# Uniform quantization: RTN vs GPTQ on SmolLM2-135M
+    text = f"""# Uniform quantization: RTN vs GPTQ on {model_name(args.model)}
 
-Command: `python bench/uniform.py --text {args.text}` ({(time.perf_counter() - start) / 60:.0f} min in all{
+Command: `python bench/uniform.py --text {args.text} --model {args.model}` ({(time.perf_counter() - start) / 60:.0f} min in all{
     f"; {reused} of the runs reused from an earlier invocation with --resume" if reused else ""})
 
 Machine: {machine()}; mixq at commit {commit()}
 
-- Model: `{args.model}` (SmolLM2-135M-Instruct; its GGUF Q4_1 weights dequantized to fp32 are the reference).
+{REFERENCE_LINE}{reference(args.model)}.
 - Calibration: {calibration}, the default of `mixq quantize`.
 - Evaluation: the first {args.windows} non-overlapping windows of {args.seq_len} tokens of `{args.text.name}`;
   KL is KL(reference || quantized) per next token, top-1 the share of tokens where both rank the same token first.
-- Quantized: all 210 linears of the 30 blocks; the tied embedding/output matrix stays fp16 and the norms fp32,
+- Quantized: every linear of the blocks; the tied embedding/output matrix stays fp16 and the norms fp32,
   all counted in bpw, which is 8 x (size of model.safetensors) / (number of weights).
 - Asymmetric grids, fp16 scales, b-bit zero points; clipping search on; GPTQ with act-order, damp 0.01, true-sequential.
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uniform import commit, machine  # noqa: E402  (shared provenance of bench results)
+from provenance import commit, machine  # noqa: E402  (shared provenance of bench results)
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("MIXQ_CACHE", Path.home() / ".cache" / "mixq"))
