@@ -71,7 +71,7 @@ def _add_method_settings(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-act-order", action="store_true", help="GPTQ: visit columns in storage order")
     g.add_argument("--damp", type=float, default=0.01, help="GPTQ: dampening, fraction of mean diag(H)")
     g.add_argument("--no-clip-search", action="store_true", help="use each group's full range")
-    g.add_argument("--init", default="gptq", help="adaquant/block: the method learned rounding starts from "
+    g.add_argument("--init", default="gptq", help="adaquant/cd/block: the method they refine "
                    "(rtn or gptq; default gptq)")
     g.add_argument("--steps", type=int, default=100, help="adaquant: signed-gradient steps per layer (default 100)")
     g.add_argument("--no-learn-scale", action="store_true", help="adaquant/block: train the rounding only, "
@@ -99,7 +99,7 @@ def _add_profile_settings(p: argparse.ArgumentParser) -> None:
                    "GGUF's size), or names such as q4_k,q6_k")
     g.add_argument("--bits-options", type=_int_list, help="bit widths to consider (default 2,3,4,5,6,8)")
     g.add_argument("--group-sizes", type=_int_list, help="group sizes to consider (default 32,64,128)")
-    g.add_argument("--methods", type=_str_list, help="methods to consider: rtn, gptq, adaquant, block (default "
+    g.add_argument("--methods", type=_str_list, help="methods to consider: rtn, gptq, cd, adaquant, block (default "
                    "rtn,gptq; adaquant and block are measured on a few blocks and predicted for the rest)")
     g.add_argument("--no-keep", action="store_true", help="do not allow keeping a tensor at 16 bits")
     g.add_argument("--space", type=Path, help="JSON file with the option space (keys: bits, group_sizes, "
@@ -162,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "q6_k, ... (a ggml type falls back as llama.cpp does on rows it does not fit)")
     q.add_argument("--max-kl", type=float, help="the smallest plan whose predicted KL to the reference is at "
                    "most this (instead of --budget)")
-    q.add_argument("--method", default="gptq", help="uniform: rtn, gptq (default), adaquant (learned rounding per "
-                   "layer) or block (learned rounding per transformer block)")
+    q.add_argument("--method", default="gptq", help="uniform: rtn, gptq (default), cd (coordinate descent from "
+                   "gptq), adaquant (learned rounding per layer) or block (learned rounding per transformer block)")
     q.add_argument("--eval-text", type=_text_file, help="evaluate on this text right after quantizing")
     q.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL["windows"])
     q.add_argument("--eval-len", type=int, help="tokens per window (default 512, or the model's context if shorter)")
@@ -226,10 +226,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def _method_settings(args: argparse.Namespace):
-    from mixq.methods import BLOCK_METHODS, MethodSettings, get_method
+    from mixq.methods import BLOCK_METHODS, REFINING, MethodSettings, get_method
 
-    if args.init in BLOCK_METHODS or args.init == "adaquant":
-        raise MixqError(f"--init {args.init}: learned rounding starts from a one-shot method (rtn or gptq)")
+    if args.init in BLOCK_METHODS or args.init in REFINING:
+        raise MixqError(f"--init {args.init}: a refining method starts from a one-shot method (rtn or gptq)")
     get_method(args.init)
     if args.steps < 0 or args.block_steps < 0 or args.block_batch < 1:
         raise MixqError("--steps and --block-steps must be >= 0, --block-batch >= 1")
@@ -426,6 +426,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         profile_settings = None if args.profile else _profile_settings(args)
         profile = Profile.load(args.profile) if args.profile else None
         loaded = load_model(args.model, in_memory=args.in_memory)
+        if profile is not None:
+            profile.check_model(loaded)
         _check_windows(args, loaded, profiled=profile is None)
         checkpoints = _checkpoints(args, loaded)
         if profile is None:

@@ -13,7 +13,8 @@ The quality-constrained twin (`solve_min_bytes`) swaps objective and constraint:
 whose predicted loss sum_g sum_o L[g,o] x[g,o] stays at most a bound.
 
 `solve` hands this multiple-choice knapsack to HiGHS (scipy.optimize.milp) with a zero optimality
-gap and then checks the byte count in exact integers, so a plan never exceeds its budget.
+gap and then checks the byte count in exact integers, so a plan never exceeds its budget; among
+plans of the least loss it returns one of the fewest bytes (a second, quality-constrained solve).
 `frontier` sweeps the Lagrangian relaxation: every point it returns is an optimal plan for its own
 size (the lower convex hull of the size/loss trade-off), all of them in milliseconds.
 `closed_form` is BAQ's continuous allocation (loss_t(b) = a_t 2^(-2b), equal marginal loss per
@@ -136,9 +137,13 @@ def solve(loss: np.ndarray, nbytes: np.ndarray, capacity: int, groups: list[list
     while True:
         alloc = _allocation(_solve_milp(L[g_idx, o_idx], size, limit, g_idx, o_idx, len(groups)), L, B, groups, T)
         if alloc.nbytes <= capacity:
-            return alloc
+            break
         # HiGHS works in floating point: tighten by the overshoot and solve again.
         limit -= alloc.nbytes - capacity
+    # Plans of equal predicted loss can differ in bytes (an exact option and a 16-bit one both
+    # predict 0): of the least lossy plans, the smallest.
+    smallest_of_least = solve_min_bytes(loss, nbytes, alloc.loss, groups)
+    return smallest_of_least if smallest_of_least.nbytes < alloc.nbytes else alloc
 
 
 def _solve_milp(cost: np.ndarray, weight: np.ndarray, limit: float, g_idx: np.ndarray, o_idx: np.ndarray,

@@ -44,7 +44,9 @@ LEARNED = ("adaquant", *sorted(BLOCK_METHODS))  # measured on a few blocks, pred
 
 log = logging.getLogger(__name__)
 ESTIMATORS = ("hessian+kl", "fisher+kl", "hessian", "fisher")
-PROFILE_VERSION = "1"
+PROFILE_VERSION = "2"  # 2: weight fingerprints
+FINGERPRINT_LEN = 64  # weights of each tensor's first row that identify the model a profile measured
+FINGERPRINT_RTOL = 2.0**-7  # storage precision may differ (bf16 keeps 8 bits): anything beyond is another model
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Profile:
     tie_groups: list[list[int]]
     info: dict[str, Any] = field(default_factory=dict)
     importance: dict[str, np.ndarray] = field(default_factory=dict)  # diag(H) per tensor: RTN needs no more
+    fingerprint: np.ndarray = field(default_factory=lambda: np.zeros((0, FINGERPRINT_LEN), np.float32))  # (T, .)
 
     def predicted(self, estimator: str) -> np.ndarray:
         """(T, O) predicted loss of each option of each tensor under `estimator`."""
@@ -75,8 +78,28 @@ class Profile:
             return calibrate(raw, self.measured, self.kinds)
         return raw
 
+    def check_model(self, loaded: LoadedModel) -> None:
+        """Refuse a model other than the one this profile measured: its tensors, their shapes and
+        the first weights of each must match (up to a storage precision of bf16 or better)."""
+        mine = loaded.plannable()
+        missing = [n for n in self.tensors if n not in mine]
+        if missing or len(mine) != len(self.tensors):
+            what = f"has no tensor {missing[0]}" if missing else f"has {len(mine)} tensors to plan, not {len(self.tensors)}"
+            raise MixqError(f"the profile was built on {self.model}; {loaded.spec} {what}")
+        for name, shape in zip(self.tensors, self.shapes):
+            if tuple(mine[name].shape) != tuple(shape):
+                raise MixqError(f"the profile was built on {self.model}; {loaded.spec}'s {name} is "
+                                f"{tuple(mine[name].shape)}, not {tuple(shape)}")
+        theirs = weight_fingerprint(loaded, self.tensors)
+        scale = np.abs(self.fingerprint).max(axis=1, keepdims=True)
+        off = (np.abs(theirs - self.fingerprint) > FINGERPRINT_RTOL * scale).any(axis=1)
+        if off.any():
+            t = int(np.argmax(off))
+            raise MixqError(f"the profile was built on {self.model}; {loaded.spec} has other weights "
+                            f"(first in {self.tensors[t]}): profile this model, or give the model the profile measured")
+
     def save(self, path: Path) -> None:
-        arrays = {"nbytes": self.nbytes, "measured": self.measured}
+        arrays = {"nbytes": self.nbytes, "measured": self.measured, "fingerprint": self.fingerprint}
         arrays.update({f"errors.{k}": v for k, v in self.errors.items()})
         arrays.update({f"importance.{k}": v for k, v in self.importance.items()})
         meta = dict(
@@ -110,7 +133,7 @@ class Profile:
         try:
             meta["shapes"] = [tuple(int(n) for n in s) for s in meta["shapes"]]
             profile = cls(nbytes=arrays["nbytes"], measured=arrays["measured"], errors=errors, importance=importance,
-                          **meta)
+                          fingerprint=arrays["fingerprint"], **meta)
             problem = profile._inconsistency()
         except (KeyError, TypeError, ValueError) as e:
             problem = f"{type(e).__name__}: {e}"
@@ -135,6 +158,8 @@ class Profile:
                 return f"its {name} table is {table.shape} {table.dtype}, not ({T}, {O}) numbers"
         if (self.nbytes < 0).any():
             return "negative byte counts"
+        if self.fingerprint.shape != (T, FINGERPRINT_LEN):
+            return f"its weight fingerprint is {self.fingerprint.shape}, not ({T}, {FINGERPRINT_LEN})"
         columns = {name: shape[1] for name, shape in zip(self.tensors, self.shapes)}
         if any(v.shape != (columns.get(name, -1),) for name, v in self.importance.items()):
             return "its importance vectors do not match the tensors"
@@ -146,6 +171,17 @@ class Profile:
         for option in self.options:
             Option.parse(option)  # an unknown format or method: its own clear error
         return None
+
+
+def weight_fingerprint(loaded: LoadedModel, tensors: list[str]) -> np.ndarray:
+    """(T, FINGERPRINT_LEN): the first weights of the first row of each tensor's parameter (an
+    expert stack's first expert for each of its experts; zero-padded)."""
+    refs = loaded.plannable()
+    out = np.zeros((len(tensors), FINGERPRINT_LEN), np.float32)
+    for t, name in enumerate(tensors):
+        row = loaded.read(refs[name].param, rows=slice(0, 1)).reshape(-1)[:FINGERPRINT_LEN]
+        out[t, : len(row)] = row.numpy()
+    return out
 
 
 def calibrate(raw: np.ndarray, measured: np.ndarray, kinds: list[str]) -> np.ndarray:
@@ -460,7 +496,7 @@ def build_profile(
                   row_fraction=settings.row_fraction,
                   learned_gains={f"{m}:{f}": g for (m, f), g in gains.items()},
                   rare_experts=rare, expert_tokens=expert_tokens(loaded, tensors, importance)),
-        importance=importance,
+        importance=importance, fingerprint=weight_fingerprint(loaded, tensors),
     )
 
 

@@ -58,6 +58,49 @@ def test_adaquant_is_never_worse_than_gptq():
     assert output_error(W, ada.dequantize(), H) <= output_error(W, gptq.dequantize(), H)
 
 
+def test_a_small_step_keeps_the_codes_gptq_moved_off_nearest_rounding():
+    W, H = layer(4, rows=16, cols=128)
+    fmt = parse_format("int3-g32")
+    start = get_method("gptq")(W, H, fmt, MethodSettings())
+    rounding = LearnedRounding(W, start, learn_scale=False)
+    unrounded = (W + rounding.offset) / rounding.scale + rounding.zero
+    off = (unrounded - start.codes.float()).abs() > 0.5
+    assert off.float().mean() > 0.02  # GPTQ does move codes off nearest rounding here
+    with torch.no_grad():
+        rounding.v.copy_(0.2 * torch.sign(unrounded - start.codes.float()))  # every code pushed toward nearest
+    moved = rounding.to_qtensor().codes != start.codes
+    assert not moved[off].any()
+
+
+@pytest.mark.parametrize("fmt_name", ["int3-g32", "int4-g64-sym", "int2-g64", "q4_0", "q3_k", "q4_k"])
+def test_coordinate_descent_lowers_gptqs_error_on_the_same_grid(fmt_name):
+    W, H = layer(5, rows=32, cols=256, tokens=1024)
+    fmt = parse_format(fmt_name)
+    gptq = get_method("gptq")(W, H, fmt, MethodSettings())
+    cd = get_method("cd")(W, H, fmt, MethodSettings())
+    assert output_error(W, cd.dequantize(), H) < 0.95 * output_error(W, gptq.dequantize(), H)
+    assert torch.equal(cd.scale, gptq.scale) and torch.equal(cd.zero, gptq.zero)
+    assert int(cd.codes.max()) <= fmt.qmax and cd.nbytes() == gptq.nbytes()
+    assert torch.equal(fmt.unpack(fmt.pack(cd), cd.shape).dequantize(), cd.dequantize())
+
+
+def test_coordinate_descent_ends_where_no_single_code_move_helps():
+    """Brute force over every code and both directions: the converged result is a local minimum."""
+    W, H = layer(6, rows=4, cols=64, tokens=256)
+    fmt = parse_format("int3-g32")
+    q = get_method("cd")(W, H, fmt, MethodSettings(cd_passes=50))
+    best = output_error(W, q.dequantize(), H)
+    for r in range(4):
+        for c in range(64):
+            for move in (-1, 1):
+                code = int(q.codes[r, c]) + move
+                if 0 <= code <= fmt.qmax:
+                    codes = q.codes.clone()
+                    codes[r, c] = code
+                    moved = type(q)(q.format, codes, q.scale, q.zero, q.offset, q.super_scale)
+                    assert output_error(W, moved.dequantize(), H) >= best * (1 - 1e-5), (r, c, move)
+
+
 def quantize_tiny(tiny_llama_dir, text_file, option: Option, reconstruct: ReconstructSettings, windows=None,
                   settings: MethodSettings = MethodSettings()):
     from mixq.data import WindowSpec, load_windows

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from mixq.cli import main
 from mixq.export import native
@@ -162,6 +163,20 @@ def test_profile_plan_and_budget(tiny_llama_dir, text_file, tmp_path, capsys):
         size = (out / native.WEIGHTS_FILE).stat().st_size
         assert size == info["storage"]["file_bytes"] <= Budget.parse(budget).total_bytes(info["storage"]["n_weights"])
         assert size <= info["plan_summary"]["max_file_bytes"]
+
+    # The profile belongs to its model: the same model stored in bf16 is accepted, another one refused.
+    from conftest import save_tiny_model
+
+    same_in_bf16 = save_tiny_model(tmp_path / "bf16", seed=0, dtype=torch.bfloat16)
+    code, cap = run(capsys, "quantize", same_in_bf16, "--budget", "4.5bpw", "--profile", profile, *calib,
+                    "--out", tmp_path / "bf16-out")
+    assert code == 0, cap.err
+    other = save_tiny_model(tmp_path / "other", seed=1)
+    assert_refused(capsys, tmp_path, "quantize", other, "--budget", "4.5bpw", "--profile", profile, *calib,
+                   match="has other weights (first in model.layers.0.self_attn.q_proj)")
+    wider = save_tiny_model(tmp_path / "wider", intermediate_size=192)
+    assert_refused(capsys, tmp_path, "quantize", wider, "--budget", "4.5bpw", "--profile", profile, *calib,
+                   match="mlp.gate_proj is (192, 64), not (160, 64)")
 
 
 

@@ -62,6 +62,21 @@ def test_solver_equals_brute_force_and_never_exceeds(seed, T, O, tie, frac):
         assert len(set(alloc.choice[g].tolist())) == 1
 
 
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10**6), T=st.integers(1, 5), O=st.integers(2, 4), frac=st.floats(0.0, 1.0))
+def test_of_plans_with_equal_least_loss_the_solver_takes_the_fewest_bytes(seed, T, O, frac):
+    """Losses from {0, 1, 2} make many plans tie (as exact and 16-bit options both predict 0)."""
+    rng = np.random.default_rng(seed)
+    nbytes = rng.integers(1, 1000, size=(T, O)).astype(np.int64)
+    loss = rng.integers(0, 3, size=(T, O)).astype(float)
+    groups = [[t] for t in range(T)]
+    lo = smallest_bytes(loss, nbytes, groups)
+    capacity = int(lo + frac * (nbytes.max() * T - lo))
+    plans = [(total, size) for size, total in every_plan(loss, nbytes, groups) if size <= capacity]
+    alloc = solve(loss, nbytes, capacity, groups)
+    assert (alloc.loss, alloc.nbytes) == min(plans)
+
+
 def test_tie_group_without_a_common_option_is_an_error():
     loss = np.array([[1.0, np.inf], [np.inf, 1.0]])
     with pytest.raises(MixqError, match="must share one option"):

@@ -202,6 +202,46 @@ def test_kl_to_reference_equals_its_definition(tiny_models, family):
     assert kl(reference) < 1e-6
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_measure_kl_equals_a_full_forward_with_one_matrix_replaced(tiny_models, family):
+    """Each point of measure_kl (blocks run one by one from the replaced matrix's block, points of a
+    block in one sweep, reference terms precomputed) equals the KL of transformers' own forward of
+    the whole model with that matrix replaced."""
+    import torch
+    import torch.nn.functional as F
+
+    from mixq.formats import parse_format
+    from mixq.methods import MethodSettings, get_method
+    from mixq.models import materialize
+    from mixq.profile import measure_kl
+
+    loaded = load_model(str(tiny_models(family)))
+    refs = loaded.plannable()
+    tensors = [n for n in refs if refs[n].kind in ("self_attn.q_proj", "mlp.down_proj", "self_attn.v_proj")]
+    windows = torch.randint(0, loaded.vocab_size, (3, 24), generator=torch.Generator().manual_seed(1))
+    items = {}
+    for t, name in enumerate(tensors):
+        W = loaded.read(refs[name].param).float()
+        rows = torch.arange(0, W.shape[0], 2)  # a row subset, as the profile's row sampling measures
+        # 40x the weights: a tiny random model barely reacts to its own matrices quantized
+        q = get_method("rtn")(40 * W[rows], torch.eye(W.shape[1]), parse_format("int2-g32"), MethodSettings())
+        items[(t, 0)] = (rows, q)
+    measured = measure_kl(loaded, windows, tensors, items, batch_size=2)
+
+    model = materialize(loaded).eval()
+    with torch.no_grad():
+        log_p = F.log_softmax(model(windows).logits.double(), -1)
+        for (t, o), (rows, q) in items.items():
+            param = model.get_parameter(refs[tensors[t]].param)
+            original = param.detach().clone()
+            param.data[rows] = q.dequantize()
+            log_q = F.log_softmax(model(windows).logits.double(), -1)
+            param.data.copy_(original)
+            expected = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+            assert expected > 1e-4
+            assert measured[(t, o)] == pytest.approx(expected, rel=1e-4), (tensors[t], measured[(t, o)], expected)
+
+
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**12) | st.floats(allow_nan=True) | st.text(max_size=8),
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
                     max_leaves=8)

@@ -26,10 +26,11 @@ class MethodSettings:
     damp: float = 0.01  # GPTQ: fraction of mean(diag H) added to H's diagonal
     block_size: int = 128  # GPTQ: columns per lazy-update block
     act_order: bool = True  # GPTQ: quantize columns by decreasing diag(H) (lower error on SmolLM2)
-    init: str = "gptq"  # adaquant and block: the method whose result learned rounding starts from
+    init: str = "gptq"  # adaquant, block and cd: the method whose result they start from
     steps: int = 100  # adaquant: signed-gradient steps per layer
     lr: float | None = None  # adaquant: first step size of the rounding offsets (in [-0.5, 0.5]); None: 1/steps
     learn_scale: bool = True  # adaquant and block: also learn group scales where the format stores them freely
+    cd_passes: int = 3  # cd: passes of coordinate descent over the columns (it stops early when none moves)
 
     def step_size(self, steps: int) -> float:
         """SignRound's default: 1/steps, so offsets can cross half a step over the decaying schedule."""
@@ -86,6 +87,16 @@ def get_method(name: str) -> Method:
         raise MixqError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
 
 
+REFINING = frozenset({"adaquant", "cd"})  # per-layer methods that improve on another's result
+
+
+def starting_point(W: torch.Tensor, H: torch.Tensor, fmt: Format, settings: MethodSettings) -> QTensor:
+    """The result a refining method (adaquant, cd, block) starts from: `settings.init`'s."""
+    if settings.init in BLOCK_METHODS or settings.init in REFINING:
+        raise MixqError(f"a refining method cannot start from {settings.init!r}: give rtn or gptq")
+    return get_method(settings.init)(W, H, fmt, settings)
+
+
 def importance(H: torch.Tensor) -> torch.Tensor:
     """diag(H) as per-input-column importance (uniform when no input was ever non-zero)."""
     imp = torch.diag(H).float().clamp(min=0)
@@ -102,4 +113,4 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float
     return float(((dW @ H) * dW).sum(dtype=torch.float64))
 
 
-from mixq.methods import adaquant, gptq, rtn  # noqa: E402,F401  (register the methods)
+from mixq.methods import adaquant, coordinate_descent, gptq, rtn  # noqa: E402,F401  (register the methods)

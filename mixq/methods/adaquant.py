@@ -13,22 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from mixq.errors import MixqError
 from mixq.formats import Format, QTensor
-from mixq.methods import BLOCK_METHODS, MethodSettings, get_method, output_error, register_method
+from mixq.methods import MethodSettings, output_error, register_method, starting_point
 from mixq.methods.rounding import LearnedRounding, sign_descent
-
-
-def start(W: torch.Tensor, H: torch.Tensor, fmt: Format, settings: MethodSettings) -> QTensor:
-    if settings.init in BLOCK_METHODS or settings.init == "adaquant":
-        raise MixqError(f"learned rounding cannot start from {settings.init!r}")
-    return get_method(settings.init)(W, H, fmt, settings)
 
 
 @register_method("adaquant")
 def quantize_adaquant(W: torch.Tensor, H: torch.Tensor, fmt: Format, settings: MethodSettings) -> QTensor:
     W = W.float()
-    q0 = start(W, H, fmt, settings)
+    q0 = starting_point(W, H, fmt, settings)
     if settings.steps == 0:
         return q0
     Hn = (H / max(float(torch.diag(H).mean()), 1e-30)).float()  # scale-free: the sign step ignores it anyway
@@ -45,4 +38,4 @@ def quantize_adaquant(W: torch.Tensor, H: torch.Tensor, fmt: Format, settings: M
 
 @register_method("block")
 def quantize_block_start(W: torch.Tensor, H: torch.Tensor, fmt: Format, settings: MethodSettings) -> QTensor:
-    return start(W, H, fmt, settings)
+    return starting_point(W, H, fmt, settings)

@@ -4,9 +4,8 @@ parameters that always decode onto the format's grid.
 Following SignRound (AutoRound) and AdaRound, each weight gets a rounding offset v in [-0.5, 0.5]
 added before rounding, and each group a scale multiplier m, trained by signed gradient descent
 with a straight-through round. The starting point is any method's QTensor (RTN or GPTQ): the
-latent code `base` is chosen so that round(base) is that method's code, and keeps the side of the
-code on which the unrounded value lies, so a step of v moves the code toward the nearest-rounded
-value first. With v = 0 and m = 1 the weight is exactly the starting QTensor.
+latent code `base` is chosen so that round(base) is that method's code, on the side of the code
+on which the unrounded value lies (`start_offsets`). With v = 0 and m = 1 the weight is exactly the starting QTensor.
 
     u      = (base - zero) / m + zero + v          code space of the learned scale
     code   = clamp(round(u), 0, qmax)
@@ -29,6 +28,19 @@ from mixq.formats import QTensor
 from mixq.formats.integer import IntFormat
 
 MAX_LOG_SCALE = 0.3  # |log m|: a learned scale stays within [0.74, 1.35] of the start's
+OFF_NEAREST_START = 0.25  # a code off the nearest rounding starts this far from its centre
+
+
+def start_offsets(deviation: torch.Tensor) -> torch.Tensor:
+    """Where each latent code starts inside its rounding interval [code - 0.5, code + 0.5), given
+    the unrounded value's deviation from the start's code.
+
+    A code that is the nearest rounding starts at the unrounded value, as in SignRound (0.49 at
+    most, so a tie does not round away). A code the start moved off the nearest (GPTQ's error
+    feedback does so for many weights) starts halfway to its edge, on the unrounded value's side:
+    placed at the edge, the first step of any size would undo every such choice at once.
+    """
+    return torch.where(deviation.abs() <= 0.5, deviation.clamp(-0.49, 0.49), OFF_NEAREST_START * deviation.sign())
 
 
 class LearnedRounding(nn.Module):
@@ -47,7 +59,7 @@ class LearnedRounding(nn.Module):
         codes = start.codes.float()
         unrounded = torch.where(self.scale != 0, (W.float() + self.offset) / self.scale, 0) + self.zero
         # Stored relative to the zero point: every step then costs a few elementwise passes fewer.
-        self.register_buffer("base_above_zero", codes + (unrounded - codes).clamp(-0.49, 0.49) - self.zero)
+        self.register_buffer("base_above_zero", codes + start_offsets(unrounded - codes) - self.zero)
         self.v = nn.Parameter(torch.zeros_like(codes))
         self.learn_scale = learn_scale and isinstance(fmt, IntFormat)
         self.log_m = nn.Parameter(torch.zeros_like(start.scale.float()), requires_grad=self.learn_scale)
