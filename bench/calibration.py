@@ -1,5 +1,6 @@
-"""Layer-wise calibration on SmolLM2-135M: RTN, GPTQ, adaquant and block reconstruction, each with and
-without norm tuning, against Intel AutoRound at the same bits, group size and calibration tokens.
+"""Layer-wise calibration (default: the full-precision SmolLM2-135M stand-in): RTN, GPTQ, coordinate
+descent, adaquant and block reconstruction (and ablations of them, by name with --rows), against
+Intel AutoRound at the same bits, group size and calibration tokens, at 25 and 200 (its default) iterations.
 
 mixq rows are `mixq quantize` runs as a user types them; AutoRound runs in its own environment
 (bench/autoround_run.py with ~/.cache/mixq/autoround-venv/bin/python; auto-round is no dependency of
@@ -36,7 +37,7 @@ from mixq.models.source import WeightSource
 from mixq.report import markdown_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import commit, machine, write_result  # noqa: E402
+from provenance import REFERENCE_LINE, SMOLLM2_STANDIN, commit, machine, model_name, reference, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTOROUND_PYTHON = CACHE_DIR / "autoround-venv" / "bin" / "python"
@@ -46,6 +47,7 @@ ROWS = [
     ("rtn + norm tuning", ["--method", "rtn", "--norm-tuning"]),
     ("gptq", ["--method", "gptq"]),
     ("gptq + norm tuning", ["--method", "gptq", "--norm-tuning"]),
+    ("cd", ["--method", "cd"]),
     ("adaquant", ["--method", "adaquant"]),
     ("adaquant + norm tuning", ["--method", "adaquant", "--norm-tuning"]),
     ("block", ["--method", "block"]),
@@ -60,6 +62,7 @@ ROWS = [
     ("gptq + bias correction", ["--method", "gptq", "--bias-correction"]),
     ("autoround", []),
 ]
+DEFAULT_ROWS = ("rtn", "gptq", "cd", "adaquant", "block", "block + norm tuning", "autoround")
 
 
 def autoround_inputs(model: str, calib: WindowSpec, work: Path) -> tuple[Path, Path]:
@@ -95,18 +98,20 @@ class AutoRoundSource(WeightSource):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", type=Path, required=True, help="evaluation text (WikiText-2 test)")
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=str(SMOLLM2_STANDIN),
+                        help="the model (default: the SmolLM2 stand-in that bench/standin.py writes)")
     parser.add_argument("--bits", type=int, nargs="+", default=[3, 4])
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--calib-windows", type=int, default=64)
     parser.add_argument("--calib-text", type=Path, help="calibration text (default: samples from the model, seed 0)")
-    parser.add_argument("--autoround-iters", type=int, default=25)
+    parser.add_argument("--autoround-iters", type=int, nargs="+", default=[25, 200],
+                        help="AutoRound rows, one per number of iterations (its default is 200)")
     parser.add_argument("--autoround-batch", type=int, default=8)
     parser.add_argument("--autoround-fp32", action="store_true",
                         help="tune AutoRound in fp32 (default: its own default on a CPU, bf16 autocast)")
-    parser.add_argument("--rows", nargs="+", help="names of rows to run (default: all but the bias-correction rows, in order)")
+    parser.add_argument("--rows", nargs="+", help=f"names of rows to run (default: {', '.join(DEFAULT_ROWS)})")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-calibration")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "calibration.md")
     parser.add_argument("--resume", action="store_true", help="reuse finished rows in --runs")
@@ -121,18 +126,19 @@ def main() -> None:
     args.runs.mkdir(parents=True, exist_ok=True)
     calib = WindowSpec(args.calib_windows, 512, args.calib_text, 0)
     eval_spec = WindowSpec(args.windows, args.seq_len, args.text)
-    rows_wanted = [r for r in ROWS if (r[0] in args.rows if args.rows else "bias" not in r[0])]
+    rows_wanted = [r for r in ROWS if r[0] in (args.rows or DEFAULT_ROWS)]
     args.resume = args.resume or args.report_only
     results, commands, quantized = [], [], []
-    for name, flags in rows_wanted:
+    for name, flags, iters in [(n, f, i) for n, f in rows_wanted
+                               for i in (args.autoround_iters if n == "autoround" else [None])]:
         for bits in args.bits:
             slug = f"int{bits}-g{args.group_size}-" + name.replace(" ", "-").replace("(", "").replace(")", "").replace("+-", "")
-            out = args.runs / slug
+            out = args.runs / (slug if iters is None else f"{slug}-{iters}")
             finished = (out.with_suffix(".eval.json") if name == "autoround" else out / INFO_FILE).exists()
             if args.report_only and not finished:
                 continue
             if name == "autoround":
-                row, cmd = autoround_row(args, bits, calib, out, eval_spec)
+                row, cmd = autoround_row(args, bits, iters, calib, out, eval_spec)
             else:
                 cmd = ["mixq", "quantize", args.model, "--bits", str(bits), "--group-size", str(args.group_size),
                        *flags, "--calib-windows", str(args.calib_windows),
@@ -156,11 +162,11 @@ def main() -> None:
             write_table(args, results, commands, calib, start, quantized)
 
 
-def autoround_row(args, bits: int, calib: WindowSpec, out: Path, eval_spec: WindowSpec) -> tuple[list, list[str]]:
+def autoround_row(args, bits: int, iters: int, calib: WindowSpec, out: Path, eval_spec: WindowSpec) -> tuple[list, list[str]]:
     hf_dir, ids_file = autoround_inputs(args.model, calib, args.runs)
     weights = out.with_suffix(".safetensors")
     cmd = [str(AUTOROUND_PYTHON), "bench/autoround_run.py", "--model", str(hf_dir), "--calib", str(ids_file),
-           "--bits", str(bits), "--group-size", str(args.group_size), "--iters", str(args.autoround_iters),
+           "--bits", str(bits), "--group-size", str(args.group_size), "--iters", str(iters),
            "--batch-size", str(args.autoround_batch), "--out", str(weights), *([] if args.autoround_fp32 else ["--amp"])]
     meta_file, report_file = weights.with_suffix(".json"), out.with_suffix(".eval.json")
     if not (args.resume and report_file.exists()):
@@ -194,13 +200,14 @@ def reproduce(args) -> str:
 def write_table(args, results: list, commands: list[str], calib: WindowSpec, start: float, quantized: list[str]) -> None:
     headers = ["grid", "method", "bpw (whole model)", "KL mean", "KL p99", "top-1", "ppl", "wall s"]
     n_blocks = len({n.split(".")[2] for n in quantized if n.split(".")[1:2] == ["layers"]})
-    text = f"""# Layer-wise calibration on {args.model}: mixq's methods against Intel AutoRound
+    text = f"""# Layer-wise calibration on {model_name(args.model)}: mixq's methods against Intel AutoRound
 
 Command: `python bench/calibration.py {reproduce(args)}` ({(time.perf_counter() - start) / 60:.0f} min in
 this invocation; rows of earlier invocations reused with --resume)
 
 Machine: {machine()}; mixq at commit {commit()}
 
+{REFERENCE_LINE}{reference(args.model)}.
 - Quantized: all {len(quantized)} linears of the {n_blocks} blocks, int{'/int'.join(map(str, args.bits))}, group {args.group_size};
   the embedding and output matrices are kept at 16 bits and the norms at fp32 for this table.
   bpw counts the whole model (payload; mixq rows: the whole file).
