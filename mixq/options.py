@@ -20,7 +20,7 @@ from mixq.errors import MixqError
 from mixq.formats import parse_format
 from mixq.formats.ggml import GGML_FORMATS
 from mixq.formats.integer import IntFormat
-from mixq.methods import get_method
+from mixq.methods import get_method, supports
 
 KEEP = "f16"
 
@@ -78,7 +78,7 @@ class OptionSpace:
     def options(self) -> list[Option]:
         for m in self.methods:
             get_method(m)
-        return [Option(f, m) for m in self.methods for f in self.format_names()] + (
+        return [Option(f, m) for m in self.methods for f in self.format_names() if supports(m, parse_format(f))] + (
             [KEEP_OPTION] if self.keep_16bit else []
         )
 

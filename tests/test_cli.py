@@ -218,13 +218,13 @@ def test_ggml_types_in_a_budgeted_plan(tiny_llama_dir, text_file, tmp_path, caps
 
     p = Profile.load(profile)
     allowed = {o.rsplit("-", 1)[0] for o in p.options if (p.errors["hessian"][:, p.options.index(o)] < float("inf")).any()}
-    assert allowed == {"q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "f16"}
+    assert allowed == {"q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl", "f16"}
     out = tmp_path / "mix"
     code, cap = run(capsys, "quantize", tiny_llama_dir, "--budget", "6.0bpw", "--profile", profile, *calib,
                     "--out", out)
     assert code == 0, cap.err
     formats = set(native.read_info(out)["plan"].values())
-    assert formats <= {f"{f}-{m}" for f in ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0") for m in ("rtn", "gptq")} | {"f16"}
+    assert formats <= {f"{f}-{m}" for f in ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl") for m in ("rtn", "gptq")} | {"f16"}
     assert len(formats) >= 2
 
 

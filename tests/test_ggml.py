@@ -119,7 +119,7 @@ def test_real_tensor_from_smollm2(name):
     assert rel < {2: 0.2, 3: 0.05, 4: 0.015, 5: 0.004, 6: 1e-3, 8: 1e-4}[fmt.bits]
 
 
-@pytest.mark.parametrize("name", ["q2_k", "q3_k", "q4_k", "q6_k", "q4_0", "q5_1"])
+@pytest.mark.parametrize("name", ["q2_k", "q3_k", "q4_k", "q6_k", "q4_0", "q5_1", "iq4_nl", "iq4_xs"])
 def test_gptq_on_ggml_grids_lowers_output_error(name):
     fmt = GGML_FORMATS[name]
     g = torch.Generator().manual_seed(1)
@@ -142,3 +142,36 @@ def test_rows_that_do_not_fit_are_refused():
     assert not fmt.fits((8, 576)) and parse_format("q4_0").fits((8, 576))
     with pytest.raises(MixqError, match="multiple of 256"):
         fmt.nbytes((8, 576))
+
+
+def test_codebook_types_beat_their_uniform_peers_and_refuse_learned_rounding():
+    """IQ4_NL has Q4_0's size, IQ4_XS less; their non-uniform levels fit the bell-shaped weights of a
+    real tensor better than Q4_0's even ones. The tensor is SmolLM2's with its Q4_1 rounding noise added back
+    (bench/standin.py): on the shipped grid itself Q4_K would be nearly exact. Learned rounding needs
+    evenly spaced levels and says so."""
+    import sys
+    from pathlib import Path
+
+    from mixq.methods import get_method
+    from mixq.options import OptionSpace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from standin import block_steps, standin_weights
+
+    reader = GGUFReader(resolve_embedded("smollm2-135m"))
+    t = next(t for t in reader.tensors if t.name == "blk.3.ffn_down.weight")
+    shipped = GGML_FORMATS["q4_1"].unpack({"blocks": torch.from_numpy(np.array(t.data))}, (576, 1536))
+    W = standin_weights(shipped.dequantize(), block_steps(shipped), torch.Generator().manual_seed(0))
+
+    def rel(name):
+        q = GGML_FORMATS[name].fit(W, torch.ones(1536))
+        return float(((q.dequantize() - W) ** 2).sum() / (W**2).sum())
+
+    assert GGML_FORMATS["iq4_nl"].nbytes(W.shape) == GGML_FORMATS["q4_0"].nbytes(W.shape)
+    assert GGML_FORMATS["iq4_xs"].nbytes(W.shape) < GGML_FORMATS["q4_0"].nbytes(W.shape)
+    assert rel("iq4_nl") < 0.9 * rel("q4_0")
+    assert rel("iq4_xs") < 0.9 * rel("q4_0")
+    with pytest.raises(MixqError, match="iq4_nl has a codebook"):
+        get_method("adaquant")(W[:8], torch.eye(1536), GGML_FORMATS["iq4_nl"], MethodSettings(steps=2))
+    names = [o.name for o in OptionSpace(formats=("gguf",), methods=("gptq", "block")).options()]
+    assert "iq4_xs-gptq" in names and "iq4_xs-block" not in names and "q4_k-block" in names

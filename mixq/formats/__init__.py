@@ -29,6 +29,10 @@ class Format(Protocol):
 
     def n_groups(self, cols: int) -> int: ...
 
+    @property
+    def levels(self) -> torch.Tensor | None:
+        """A codebook format's level per code (w = scale * levels[code] - offset); None: evenly spaced."""
+
     def fit(self, W: torch.Tensor, importance: torch.Tensor, clip_grid: int = 21, clip_min: float = 0.5) -> QTensor: ...
 
     def dequantize(self, q: QTensor) -> torch.Tensor: ...

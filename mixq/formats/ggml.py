@@ -1,4 +1,5 @@
-"""llama.cpp's block formats (ggml types): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the k-quants Q2_K..Q6_K.
+"""llama.cpp's block formats (ggml types): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the k-quants Q2_K..Q6_K and
+the 4-bit codebook types IQ4_NL and IQ4_XS.
 
 A row is cut into blocks of 32 or 256 weights, stored byte for byte as ggml lays them out, so a
 GGUF writer copies `pack`'s bytes verbatim. Within a block, sub-blocks of 16 or 32 weights share one
@@ -10,6 +11,8 @@ In mixq's terms, per sub-block, a weight is  scale * (code - zero) - offset  wit
 - types with a min (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K): zero = 0 and offset = -min.
 For the k-quants scale = d * sc and offset = dmin * m with integer sc, m; computed this way the floats
 are exactly those of ggml's own dequantization (tests check this against the `gguf` package).
+IQ4_NL (Q4_0's layout) and IQ4_XS (Q4_K's super-blocks, signed 6-bit sub-block scales, no mins) put
+16 non-uniform levels on the same scales: a weight is scale * levels[code] (`codebook`).
 
 Choosing the parameters (`fit`) is a search weighted by input importance (diag of H, the idea behind
 llama.cpp's imatrix): per sub-block, a grid of range shrinks each followed by a weighted least-squares
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import IQ4_NL
 
 from mixq.errors import MixqError
 from mixq.formats import QTensor, register_family
@@ -42,6 +46,11 @@ class GGMLFormat:
     sub: int  # weights per sub-block (one scale, and one min, each)
     has_min: bool
     sub_scale_range: tuple[int, int] = (0, 0)  # k-quants: integer range of sub-block scales (and mins)
+    codebook: tuple[int, ...] | None = None  # IQ4 types: the level of each code, ascending
+
+    @property
+    def levels(self) -> torch.Tensor | None:
+        return None if self.codebook is None else torch.tensor(self.codebook, dtype=torch.float32)
 
     @property
     def ggml_type(self) -> GGMLQuantizationType:
@@ -57,12 +66,11 @@ class GGMLFormat:
 
     @property
     def zero(self) -> float:
-        return 0.0 if self.has_min else float(2 ** (self.bits - 1))
+        return 0.0 if self.has_min or self.codebook else float(2 ** (self.bits - 1))
 
     @property
     def fallback(self) -> str | None:
-        """The type llama.cpp uses instead on rows this one does not fit (Q2_K/Q3_K: llama.cpp takes
-        IQ4_NL, which mixq does not have; Q4_0 is the nearest of the same size)."""
+        """The type llama.cpp uses instead on rows this one does not fit."""
         return _FALLBACK.get(self.name)
 
     @property
@@ -115,7 +123,7 @@ class GGMLFormat:
             scale, offset, super_scale = _fp16(scale), _fp16(offset), None
         zero = torch.full_like(scale, self.zero)
         offset = offset if self.has_min else None
-        codes = encode(W, self.expand(scale), self.expand(zero), self.qmax, self.expand(offset))
+        codes = encode(W, self.expand(scale), self.expand(zero), self.qmax, self.expand(offset), self.levels)
         return QTensor(self, codes.to(torch.uint8), scale, zero, offset, super_scale)
 
     def _fit_sub_blocks(
@@ -128,9 +136,10 @@ class GGMLFormat:
                 lo = lo.clamp(max=0)
             base_scale, base_offset = (hi - lo) / self.qmax, -lo
         else:
-            # The largest-magnitude weight lands on the lowest level, -2**(bits-1), which has no mirror.
+            # The largest-magnitude weight lands on the lowest level, which has no mirror.
             at = G.abs().argmax(dim=2, keepdim=True)
-            base_scale, base_offset = G.gather(2, at).squeeze(2) / -self.zero, torch.zeros_like(G[..., 0])
+            lowest = self.codebook[0] if self.codebook else -self.zero
+            base_scale, base_offset = G.gather(2, at).squeeze(2) / lowest, torch.zeros_like(G[..., 0])
         best = None
         for clip in torch.linspace(1.0, clip_min, max(clip_grid, 1)).tolist():
             s, o = base_scale * clip, base_offset * clip
@@ -144,18 +153,21 @@ class GGMLFormat:
         return best[1], best[2]
 
     def _codes(self, G: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        return encode(G, scale.unsqueeze(2), self.zero, self.qmax, offset.unsqueeze(2))
+        return encode(G, scale.unsqueeze(2), self.zero, self.qmax, offset.unsqueeze(2), self.levels)
+
+    def _values(self, codes: torch.Tensor) -> torch.Tensor:
+        """What each code multiplies its scale by: code - zero, or its level."""
+        return codes - self.zero if self.codebook is None else self.levels[codes.long()]
 
     def _error(self, G: torch.Tensor, imp: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        q = self._codes(G, scale, offset)
-        w_hat = decode(q, scale.unsqueeze(2), self.zero, offset.unsqueeze(2))
+        w_hat = scale.unsqueeze(2) * self._values(self._codes(G, scale, offset)) - offset.unsqueeze(2)
         return ((w_hat - G).square() * imp).sum(dim=2)
 
     def _refit(
         self, G: torch.Tensor, imp: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Weighted least squares for (scale, offset) with the codes of (scale, offset) held fixed."""
-        c = self._codes(G, scale, offset) - self.zero
+        c = self._values(self._codes(G, scale, offset))
         sw, swc, swx = imp.sum(2), (imp * c).sum(2), (imp * G).sum(2)
         swcc, swcx = (imp * c * c).sum(2), (imp * c * G).sum(2)
         if not self.has_min:
@@ -215,7 +227,7 @@ class GGMLFormat:
         return None if per_group is None else per_group.repeat_interleave(self.sub, dim=1)
 
     def dequantize(self, q: QTensor) -> torch.Tensor:
-        return decode(q.codes.float(), self.expand(q.scale), self.expand(q.zero), self.expand(q.offset))
+        return decode(q.codes.float(), self.expand(q.scale), self.expand(q.zero), self.expand(q.offset), self.levels)
 
     def with_codes(self, q: QTensor, codes: torch.Tensor) -> QTensor:
         return QTensor(self, codes, q.scale, q.zero, q.offset, q.super_scale)
@@ -426,13 +438,33 @@ def _unpack_q6_k(fmt: GGMLFormat, data: np.ndarray) -> tuple[np.ndarray, _BlockP
     return codes, _BlockParams(_f16(d), np.zeros(n, np.float16), sc, _none(n, 16))
 
 
+def _pack_iq4_xs(fmt: GGMLFormat, codes: np.ndarray, p: _BlockParams) -> np.ndarray:
+    """IQ4_XS: d, the high 2 bits of the eight 6-bit scales (biased by 32) in one uint16, their low
+    4 bits in 4 bytes, then each 32-weight sub-block's codes as in Q4_0."""
+    v = (p.sc + 32).astype(np.uint16)
+    high = np.bitwise_or.reduce((v >> 4) << (2 * np.arange(8, dtype=np.uint16)), axis=1).astype(np.uint16)
+    low = (v[:, 0::2] & 15) | ((v[:, 1::2] & 15) << 4)
+    qs = _planes(codes, 4, 16)
+    return np.concatenate([_f16_bytes(p.d), high.reshape(-1, 1).view(np.uint8), low.astype(np.uint8), qs], axis=1)
+
+
+def _unpack_iq4_xs(fmt: GGMLFormat, data: np.ndarray) -> tuple[np.ndarray, _BlockParams]:
+    n = data.shape[0]
+    d, high, low, qs = _split(data, [2, 2, 4, 128])
+    high = np.ascontiguousarray(high).view(np.uint16).reshape(n, 1)
+    low8 = np.stack([low & 15, low >> 4], axis=2).reshape(n, 8)
+    sc = (low8 | (((high >> (2 * np.arange(8, dtype=np.uint16))) & 3) << 4)).astype(np.int64) - 32
+    return _unplanes(qs, 4, 16), _BlockParams(_f16(d), np.zeros(n, np.float16), sc, _none(n, 8))
+
+
 _LAYOUTS = {
-    **dict.fromkeys(("q8_0", "q4_0", "q4_1", "q5_0", "q5_1"), (_pack_32, _unpack_32)),
+    **dict.fromkeys(("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"), (_pack_32, _unpack_32)),
     "q2_k": (_pack_q2_k, _unpack_q2_k),
     "q3_k": (_pack_q3_k, _unpack_q3_k),
     "q4_k": (_pack_q45_k, _unpack_q45_k),
     "q5_k": (_pack_q45_k, _unpack_q45_k),
     "q6_k": (_pack_q6_k, _unpack_q6_k),
+    "iq4_xs": (_pack_iq4_xs, _unpack_iq4_xs),
 }
 
 GGML_FORMATS = {
@@ -448,12 +480,15 @@ GGML_FORMATS = {
         GGMLFormat("q4_k", 4, 256, 32, has_min=True, sub_scale_range=(0, 63)),
         GGMLFormat("q3_k", 3, 256, 16, has_min=False, sub_scale_range=(-32, 31)),
         GGMLFormat("q2_k", 2, 256, 16, has_min=True, sub_scale_range=(0, 15)),
+        GGMLFormat("iq4_nl", 4, 32, 32, has_min=False, codebook=IQ4_NL.kvalues),
+        GGMLFormat("iq4_xs", 4, 256, 32, has_min=False, sub_scale_range=(-32, 31), codebook=IQ4_NL.kvalues),
     )
 }
 
-_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+# llama.cpp's choices (llama-quant.cpp) for rows that are not whole blocks.
+_FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "iq4_xs": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
-_NAME = re.compile(r"^q\d_(?:0|1|k)$")
+_NAME = re.compile(r"^(?:q\d_(?:0|1|k)|iq4_(?:nl|xs))$")
 
 
 def parse(name: str) -> GGMLFormat | None:
@@ -461,6 +496,7 @@ def parse(name: str) -> GGMLFormat | None:
 
 
 register_family("q", parse)
+register_family("iq", parse)
 
 
 def equivalent_of(fmt: IntFormat) -> GGMLFormat | None:

@@ -37,21 +37,28 @@ def encode(
     zero: torch.Tensor | float,
     qmax: int | torch.Tensor,
     offset: torch.Tensor | None = None,
+    levels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Codes round((W + offset) / scale) + zero, clamped to [0, qmax] (qmax may differ per row).
+    """Codes round((W + offset) / scale) + zero, clamped to [0, qmax] (qmax may differ per row); with
+    `levels` (a codebook, ascending), the index of the level nearest to (W + offset) / scale.
 
     A zero scale (an all-zero group) gives the code of 0.
     """
     x = W if offset is None else W + offset
-    q = (torch.where(scale != 0, x / scale, 0).round() + zero).clamp(min=0)
+    x = torch.where(scale != 0, x / scale, 0)
+    if levels is not None:
+        return torch.bucketize(x, (levels[1:] + levels[:-1]) / 2).float()
+    q = (x.round() + zero).clamp(min=0)
     return torch.minimum(q, qmax) if isinstance(qmax, torch.Tensor) else q.clamp(max=qmax)
 
 
 def decode(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float, offset: torch.Tensor | None = None
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float, offset: torch.Tensor | None = None,
+    levels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """scale * (codes - zero) - offset: the one convention of every format (see formats/__init__)."""
-    w = scale * (codes - zero)
+    """scale * (codes - zero) - offset: the one convention of every format (see formats/__init__);
+    a codebook format's weight is scale * levels[code] - offset."""
+    w = scale * (codes - zero if levels is None else levels[codes.long()])
     return w if offset is None else w - offset
 
 
@@ -156,6 +163,8 @@ class IntFormat:
         return self.quantize(W, best_scale, best_zero)
 
     # -- codes ------------------------------------------------------------------------------
+    levels = None  # evenly spaced: no codebook
+
     def encode(self, W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Codes for W given per-column (broadcastable) scale and zero."""
         return encode(W, scale, zero, self.qmax)

@@ -71,8 +71,11 @@ def quantize_many(
     done: dict[Format, QTensor] = {}
     cols = W.shape[1]
     unique = list(dict.fromkeys(fmts))
-    for key in dict.fromkeys((type(f), f.group_len(cols)) for f in unique):
-        same = [f for f in unique if (type(f), f.group_len(cols)) == key]
+    def stack_key(f: Format) -> tuple:  # grids quantized in one pass share these
+        return type(f), f.group_len(cols), None if f.levels is None else tuple(f.levels.tolist())
+
+    for key in dict.fromkeys(map(stack_key, unique)):
+        same = [f for f in unique if stack_key(f) == key]
         if method in BATCHED:
             done.update(zip(same, BATCHED[method](W, H, same, settings)))
         else:
@@ -88,6 +91,12 @@ def get_method(name: str) -> Method:
 
 
 REFINING = frozenset({"adaquant", "cd"})  # per-layer methods that improve on another's result
+LEARNED_ROUNDING = frozenset({"adaquant"}) | BLOCK_METHODS  # their latent codes need evenly spaced levels
+
+
+def supports(method: str, fmt: Format) -> bool:
+    """Whether `method` can quantize onto `fmt` (learned rounding cannot onto a codebook)."""
+    return fmt.levels is None or method not in LEARNED_ROUNDING
 
 
 def starting_point(W: torch.Tensor, H: torch.Tensor, fmt: Format, settings: MethodSettings) -> QTensor:

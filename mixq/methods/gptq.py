@@ -94,6 +94,8 @@ def quantize_gptq_many(
     rows, cols = W.shape
     glen = fmts[0].group_len(cols)
     assert all(f.group_len(cols) == glen for f in fmts), "stacked grids must share the group length"
+    assert len({f.levels is None or tuple(f.levels.tolist()) for f in fmts}) == 1, "stacked grids must share their levels"
+    levels = fmts[0].levels
     n_groups, k = fmts[0].n_groups(cols), len(fmts)
     copies = [slice(j * rows, (j + 1) * rows) for j in range(k)]
     qmax = torch.tensor([f.qmax for f in fmts], dtype=GPTQ_PRECISION).repeat_interleave(rows)  # (k*rows,)
@@ -149,9 +151,9 @@ def quantize_gptq_many(
                 ready[:, g] = True
                 fitted.add(g)
             w = W1[:, i]  # (k*rows,)
-            q = encode(w, scale[:, g], zero[:, g], qmax, offset[:, g])
+            q = encode(w, scale[:, g], zero[:, g], qmax, offset[:, g], levels)
             Q[:, i1 + i] = q
-            err = (w - decode(q, scale[:, g], zero[:, g], offset[:, g])) / pivots[i]
+            err = (w - decode(q, scale[:, g], zero[:, g], offset[:, g], levels)) / pivots[i]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]

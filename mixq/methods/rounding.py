@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from mixq.errors import MixqError
 from mixq.formats import QTensor
 from mixq.formats.integer import IntFormat
 
@@ -47,6 +48,8 @@ class LearnedRounding(nn.Module):
     def __init__(self, W: torch.Tensor, start: QTensor, learn_scale: bool = True):
         super().__init__()
         fmt = start.format
+        if fmt.levels is not None:
+            raise MixqError(f"learned rounding needs evenly spaced levels; {fmt.name} has a codebook (use gptq or cd)")
         cols = W.shape[1]
         self.start = start
         self.glen = fmt.group_len(cols)
