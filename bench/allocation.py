@@ -1,8 +1,10 @@
-"""Allocation under a budget on SmolLM2-135M: uniform, a llama.cpp-style rule mix, and mixq's plans.
+"""Allocation under a budget (default: the full-precision SmolLM2-135M stand-in): uniform, a
+llama.cpp-style rule mix, and mixq's plans.
 
 For each budget (whole-file bits per weight, the tied embedding planned like every other tensor):
-- uniform: one format for every tensor (GPTQ for the block linears, RTN for the tied embedding),
-  the fitting format of least predicted loss;
+- uniform: one format and method for every block linear, and for the embedding/output matrix its
+  own option of least predicted loss that still fits (as a mixed plan may give it); of these, the
+  plan of least predicted loss;
 - rule mix: a base format everywhere, two more bits for v_proj and down_proj in the first and last
   eighth of the blocks and every third block between (llama.cpp's use_more_bits), 6 bits for the
   tied embedding/output; the largest base that fits;
@@ -36,13 +38,17 @@ from mixq.options import Option, OptionSpace
 from mixq.plan import Budget, Plan, capacity, plan_for_budget, plan_from_options
 from mixq.profile import ESTIMATORS, LEARNED, Profile, ProfileSettings, build_profile
 from mixq.quantize import quantize_model
-from mixq.report import markdown_table
+from mixq.report import fmt_interval, markdown_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import commit, machine  # noqa: E402  (shared provenance of bench results)
+from provenance import (  # noqa: E402  (shared provenance of bench results)
+    REFERENCE_LINE, SMOLLM2_STANDIN, commit, earlier_rows, machine, model_name, reference,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_MODEL = "hessian+kl"  # every row's predicted loss is priced with this error model
+HEADERS = ["budget", "plan", "bpw (whole file)", f"predicted ({REFERENCE_MODEL})", "KL mean", "KL 95% interval", "ppl",
+           "top-1", "plan s", "quantize s"]
 
 
 def block_index(name: str) -> int | None:
@@ -50,10 +56,17 @@ def block_index(name: str) -> int | None:
     return int(parts[2]) if len(parts) > 3 and parts[1] == "layers" else None
 
 
-def uniform_options(profile: Profile, loaded: LoadedModel, fmt: str, method: str = "gptq") -> dict[str, str] | None:
-    options = {t: f"{fmt}-{method}" for t in profile.tensors}
-    options[loaded.head_name] = f"{fmt}-rtn"
-    return options if all(o in profile.options for o in options.values()) else None
+def uniform_plan(profile: Profile, loaded: LoadedModel, fmt: str, method: str, budget: Budget) -> Plan | None:
+    """Every block linear in `fmt`-`method`, the embedding/output matrix in the option of least
+    predicted loss that keeps the plan within the budget (None: nothing fits)."""
+    base = {t: f"{fmt}-{method}" for t in profile.tensors if t != loaded.head_name}
+    if not all(o in profile.options for o in base.values()):
+        return None
+    head = profile.tensors.index(loaded.head_name)
+    allowed = [o for i, o in enumerate(profile.options) if np.isfinite(profile.errors["hessian"][head, i])]
+    plans = fitting([plan_from_options(profile, base | {loaded.head_name: o}, REFERENCE_MODEL, f"uniform {fmt} {method}")
+                     for o in allowed], profile, budget)
+    return min(plans, key=lambda p: p.predicted_loss, default=None)
 
 
 def more_bits(block: int, n_blocks: int) -> bool:
@@ -85,14 +98,15 @@ def fitting(plans: list[Plan], profile: Profile, budget: Budget) -> list[Plan]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", type=Path, required=True, help="evaluation text (WikiText-2 test)")
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=str(SMOLLM2_STANDIN),
+                        help="the model (default: the SmolLM2 stand-in that bench/standin.py writes)")
     parser.add_argument("--budgets", default="3.0,3.5,4.0,4.5,5.0", help="bits per weight, comma separated")
     parser.add_argument("--estimators", default=",".join(ESTIMATORS))
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--calib-windows", type=int, default=64)
-    parser.add_argument("--profile", type=Path, default=ROOT / "runs" / "smol.profile",
-                        help="reused when it exists, else measured and saved there")
+    parser.add_argument("--profile", type=Path, default=ROOT / "runs" / "smol-standin.profile",
+                        help="reused when it exists (it must have been measured on --model), else measured and saved there")
     parser.add_argument("--methods", default="rtn,gptq", help="the option space's methods, e.g. rtn,gptq,block; "
                         "the uniform row takes its best method")
     parser.add_argument("--bits-options", default="2,3,4,5,6,8")
@@ -112,6 +126,7 @@ def main() -> None:
 
     if args.profile.exists():
         profile, profile_seconds = Profile.load(args.profile), None
+        profile.check_model(loaded)
     else:
         held_out = load_windows(loaded, WindowSpec(4, 512, None, HELD_OUT_SEED))
         space = OptionSpace(bits=tuple(int(b) for b in args.bits_options.split(",")),
@@ -134,9 +149,7 @@ def main() -> None:
         candidates = {}
         formats = sorted({o.rsplit("-", 1)[0] for o in profile.options if o != "f16"})
         methods = [m for m in args.methods.split(",") if m != "rtn"] or ["rtn"]
-        uniform = fitting([p for f in formats for m in methods if (o := uniform_options(profile, loaded, f, m))
-                           for p in [plan_from_options(profile, o, REFERENCE_MODEL, f"uniform {f} {m}")]], profile,
-                          budget)
+        uniform = [p for f in formats for m in methods if (p := uniform_plan(profile, loaded, f, m, budget))]
         if uniform:
             candidates["uniform"] = (min(uniform, key=lambda p: p.predicted_loss), None)
         rule = [] if args.no_rule else fitting([p for b in (2, 3, 4, 5, 6) for g in (32, 64, 128) if (o := rule_options(profile, loaded, b, g))
@@ -164,10 +177,9 @@ def main() -> None:
             predicted.append(pred)
             measured.append(report.kl_mean)
             name = plan.solver if label in ("uniform", "rule mix") else label
-            rows.append([str(budget), name, storage.bpw, pred, report.kl_mean, report.ppl, report.top1,
-                         plan_seconds, quantize_seconds])
-            print(markdown_table(["budget", "plan", "bpw", "predicted", "KL mean", "ppl", "top-1", "plan s",
-                                  "quantize s"], rows[-1:]), flush=True)
+            rows.append([str(budget), name, storage.bpw, pred, report.kl_mean, fmt_interval(report.kl_ci95),
+                         report.ppl, report.top1, plan_seconds, quantize_seconds])
+            print(markdown_table(HEADERS, rows[-1:]), flush=True)
             write_report(args, rows, predicted, measured, profile, profile_seconds, len(windows), start, done=False)
 
     write_report(args, rows, predicted, measured, profile, profile_seconds, len(windows), start, done=True)
@@ -175,8 +187,7 @@ def main() -> None:
 
 def write_report(args, rows, predicted, measured, profile, profile_seconds, n_windows, start, done) -> None:
     rho = spearmanr(predicted, measured).statistic if len(rows) >= 3 else float("nan")
-    table = markdown_table(["budget", "plan", "bpw (whole file)", f"predicted ({REFERENCE_MODEL})", "KL mean", "ppl",
-                            "top-1", "plan s", "quantize s"], rows)
+    table = markdown_table(HEADERS, rows)
     estimators = args.estimators.split(",")
     ratios = []  # measured KL of each mixq plan / the uniform plan's, per budget
     for value in args.budgets.split(","):
@@ -190,18 +201,18 @@ def write_report(args, rows, predicted, measured, profile, profile_seconds, n_wi
     learned = [m for m in args.methods.split(",") if m in LEARNED]
     # The plain run owns the file; a run whose option space has learned methods is its own section.
     heading = (f"## With learned rounding in the option space: methods {args.methods}" if learned
-               else "# Allocation under a budget: SmolLM2-135M")
+               else f"# Allocation under a budget: {model_name(args.model)}")
     text = f"""{heading}
 
 Command: `python bench/allocation.py {" ".join(sys.argv[1:])}` ({(time.perf_counter() - start) / 60:.0f} min)
 
 Machine: {machine()}; mixq at commit {commit()}
 
+{REFERENCE_LINE}{reference(args.model)}.
 - Calibration: {args.calib_windows} x 512 tokens sampled from the model (seed 0); profile {profile_note}.
 - Evaluation: the first {n_windows} windows of {args.seq_len} tokens of `{args.text.name}`, KL(reference || quantized).
 - bpw: the whole saved file (tied embedding, norms, header) over all weights. Budgets are upper bounds.
-- The shipped SmolLM2 stores its linears as Q4_1 (4-bit, groups of 32, float min): no int option here
-  reproduces that grid exactly, so even 5 bpw plans lose a little; budgets below 5 bpw are the headline.
+- KL 95% interval: bootstrap over the evaluation windows.
 - Spearman rank correlation of predicted loss vs measured KL over all {len(rows)} plans: **{rho:.3f}**.
 
 {table}
@@ -215,6 +226,8 @@ mixq's measured KL / the uniform plan's, per budget and estimator (target <= 0.7
     if learned and args.out.exists():
         kept = args.out.read_text().split(f"\n{heading}\n")[0].rstrip("\n")
         text = f"{kept}\n\n{text}"
+    elif earlier := earlier_rows(args.out, text):
+        text += "\n" + earlier
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, text)
     if done:

@@ -4,6 +4,9 @@
 - KL divergence KL(p_ref || p_model) of the next-token distributions, per token: mean and 99th
   percentile;
 - top-1 agreement: how often both models put the same token first.
+
+The mean KL comes with a 95% bootstrap interval over windows (tokens of one window are not
+independent, windows nearly are): a difference between two models inside it is not one.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class Report:
     kl_mean: float | None = None
     kl_p99: float | None = None
     top1: float | None = None
+    kl_ci95: tuple[float, float] | None = None  # bootstrap interval of kl_mean over windows
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -144,9 +148,23 @@ def evaluate(
     if ref is not None:
         kl = ref.kl_to(model).clamp(min=0)  # tiny negatives are rounding
         fields = dict(kl_mean=kl.mean().item(), kl_p99=torch.quantile(kl, 0.99).item(),
-                      top1=(ref.argmax == model.argmax).double().mean().item())
+                      top1=(ref.argmax == model.argmax).double().mean().item(),
+                      kl_ci95=bootstrap_interval(kl.view(n, seq_len - 1).mean(1)))
     return Report(n_windows=n, seq_len=seq_len, ppl=math.exp(model.nll().mean().item()),
                   seconds=time.perf_counter() - start, **fields)
+
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def bootstrap_interval(per_window: torch.Tensor, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """The percentile bootstrap interval of the mean of `per_window` (windows resampled with
+    replacement, seeded: the same values give the same interval)."""
+    n = len(per_window)
+    picks = torch.randint(0, n, (BOOTSTRAP_RESAMPLES, n), generator=torch.Generator().manual_seed(seed))
+    means = per_window.double()[picks].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return lo, hi
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,16 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join([line(headers), sep, *(line(r) for r in cells)])
 
 
-QUALITY_HEADERS = ("bpw", "ppl", "KL mean", "KL p99", "top-1", "eval s")
+QUALITY_HEADERS = ("bpw", "ppl", "KL mean", "KL 95% interval", "KL p99", "top-1", "eval s")
+
+
+def fmt_interval(interval: Sequence[float] | None) -> str:
+    return "-" if interval is None else f"{fmt_value(interval[0])} - {fmt_value(interval[1])}"
 
 
 def quality_row(bpw: float | None, report: dict[str, Any]) -> list[Any]:
-    return [bpw, report["ppl"], report.get("kl_mean"), report.get("kl_p99"), report.get("top1"), report["seconds"]]
+    return [bpw, report["ppl"], report.get("kl_mean"), fmt_interval(report.get("kl_ci95")), report.get("kl_p99"),
+            report.get("top1"), report["seconds"]]
 
 
 def plan_summary(plan) -> str:
