@@ -29,8 +29,17 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-bench: setup
-	$(BIN)/python bench/uniform.py --text $(WIKITEXT)
+# Baselines in their own environments, never mixq dependencies.
+AUTOROUND := $(HOME)/.cache/mixq/autoround-venv/bin/python
+$(AUTOROUND):
+	python3 -m venv $(HOME)/.cache/mixq/autoround-venv
+	$(AUTOROUND) -m pip install -q torch==2.13.0
+	$(AUTOROUND) -m pip install -q auto-round==0.16.1
+
+# Every table in bench/results at the checked-out commit (hours; resumable: run it again).
+bench: setup $(AUTOROUND)
+	scripts/build-llama-cpp >/dev/null
+	$(BIN)/python bench/run_all.py --text $(WIKITEXT)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -1,14 +1,15 @@
-"""Rounding onto ggml's grids: mixq's RTN (importance-weighted search) and GPTQ vs llama.cpp's own
-quantizer (llama-quantize, with and without an imatrix), per tensor of SmolLM2-135M, by the layer's
-output error tr(dW H dW^T) with H from mixq's calibration windows.
+"""Rounding onto ggml's grids: mixq's RTN (importance-weighted search), GPTQ and coordinate descent
+vs llama.cpp's own quantizer (llama-quantize, with and without an imatrix), per tensor of a GGUF
+model (default: the full-precision SmolLM2-135M stand-in's F32 GGUF), by the layer's output error
+tr(dW H dW^T) with H from mixq's calibration windows.
 
 llama.cpp's files come from `llama-quantize --pure` of an F32 GGUF of the reference weights; its
 imatrix from `llama-imatrix` on the same calibration text. On SmolLM2 only the 1536-wide down_proj
-rows fit the 256-wide k-quants (llama.cpp falls back on the others), so k-quant rows cover 30 tensors
-and the 32-wide types all 210. Note: SmolLM2's reference weights are its shipped Q4_1 values, so
-Q4_K and Q5_1 can reproduce many of them nearly exactly.
+rows fit the 256-wide types (llama.cpp falls back on the others), so their rows cover 30 tensors and
+the 32-wide types all 210. A shipped model's weights lie on its grid (SmolLM2: Q4_1), which Q4_K and
+Q5_1 reproduce nearly exactly: measure on a stand-in.
 
-    python bench/ggml_rounding.py
+    python bench/ggml_rounding.py [--model FILE.gguf]
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import commit, machine  # noqa: E402
+from provenance import REFERENCE_LINE, STANDIN_DIR, commit, earlier_rows, machine, model_name, reference  # noqa: E402
 from vs_llama_cpp import run  # noqa: E402
 
 from mixq import capture  # noqa: E402
+from mixq.atomic import atomic_write_text  # noqa: E402
 from mixq.data import WindowSpec, load_windows  # noqa: E402
 from mixq.export.gguf import name_map_of, qk_row_order  # noqa: E402
 from mixq.export.llama_cpp import tools_dir  # noqa: E402
@@ -44,13 +46,16 @@ CACHE = Path(os.environ.get("MIXQ_CACHE", Path.home() / ".cache" / "mixq"))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calib-windows", type=int, default=32)
-    ap.add_argument("--work", type=Path, default=CACHE / "bench-rounding")
+    ap.add_argument("--model", default=str(STANDIN_DIR / "smollm2-135m" / "smollm2-135m-standin-f32.gguf"),
+                    help="a GGUF model (default: the SmolLM2 stand-in's F32 GGUF that bench/standin.py writes)")
+    ap.add_argument("--methods", default="rtn,gptq,cd")
+    ap.add_argument("--work", type=Path, help="llama.cpp's files (default: ~/.cache/mixq/bench-rounding/MODEL)")
     args = ap.parse_args()
-    work = args.work
+    work = args.work or CACHE / "bench-rounding" / Path(args.model).stem
     (work / "logs").mkdir(parents=True, exist_ok=True)
     start = time.time()
     binp = tools_dir()
-    loaded = load_model("smollm2-135m")
+    loaded = load_model(args.model)
     source = source_gguf(loaded.spec)
     calib = load_windows(loaded, WindowSpec(args.calib_windows, 512, seed=0))
     text = work / "calib.txt"
@@ -93,7 +98,7 @@ def main() -> None:
     for tensor, linear in linears.items():
         W, H = loaded.read(linear.param), stats[tensor].H
         fits = [n for n in GGML_FORMATS if tensor in llama[(n, False)]]
-        for method in ("rtn", "gptq"):
+        for method in args.methods.split(","):
             for n, q in zip(fits, quantize_many(method, W, H, [GGML_FORMATS[n] for n in fits], settings)):
                 errors[n].setdefault(f"mixq {method}", []).append(output_error(W, q.dequantize(), H))
         for n in fits:
@@ -114,10 +119,14 @@ def write_report(args, errors: dict, seconds: float) -> None:
             rows.append([name.upper(), maker, len(e), f"{e.sum():.4g}", f"{np.median(e / base):.3f}",
                          f"{(e < base).mean():.2f}" if maker.startswith("mixq") else "-"])
     text = "\n".join([
-        "# Rounding onto ggml's grids: mixq vs llama.cpp's quantizer, per tensor of SmolLM2-135M",
+        f"# Rounding onto ggml's grids: mixq vs llama.cpp's quantizer, per tensor of {model_name(args.model)}",
         "",
-        f"Command: `python bench/ggml_rounding.py --calib-windows {args.calib_windows}`  ",
+        f"Command: `python bench/ggml_rounding.py --calib-windows {args.calib_windows} --model {args.model} "
+        f"--methods {args.methods}`  ",
         f"Machine: {machine()}; commit {commit()}; {seconds:.0f} s.  ",
+        "",
+        f"{REFERENCE_LINE}{reference(args.model)}.",
+        "",
         f"Error: tr(dW H dW^T) per tensor, H from {args.calib_windows} x 512 tokens sampled from the model "
         "(the same text llama-imatrix read). Ratio: per tensor, error / llama.cpp-with-imatrix's error.",
         "",
@@ -126,7 +135,7 @@ def write_report(args, errors: dict, seconds: float) -> None:
         "",
     ])
     out = ROOT / "bench" / "results" / "ggml_rounding.md"
-    out.write_text(text)
+    atomic_write_text(out, text + ("\n" + earlier if (earlier := earlier_rows(out, text)) else ""))
     print(text)
 
 
