@@ -203,6 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", type=Path, help="write the plan as JSON")
     pl.set_defaults(run=cmd_plan)
 
+    r = sub.add_parser("report", help="write one self-contained HTML page about a profile and its runs",
+                       description="The frontier (predicted, and the runs' measured KL with 95% intervals), "
+                       "each tensor's sensitivity and each plan's allocation as heat maps, and the measured "
+                       "table, as one HTML file with inline SVG figures.")
+    r.add_argument("inputs", type=Path, nargs="+", help="a profile file and/or `mixq quantize` output directories")
+    r.add_argument("--out", type=Path, required=True, help="the HTML file to write")
+    r.add_argument("--budget", help="also show the allocation of the profile's plan for this budget")
+    r.add_argument("--estimator", default="hessian+kl", help="hessian+kl (default), fisher+kl, hessian, fisher")
+    r.set_defaults(run=cmd_report)
+
     from mixq.export import TARGETS
 
     x = sub.add_parser("export", help="write a quantized model for another engine (llama.cpp, transformers, vLLM)",
@@ -215,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     x.set_defaults(run=cmd_export)
     return parser
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from mixq.report_page import read_inputs, render
+
+    profile, runs = read_inputs(args.inputs)
+    atomic_write_text(args.out, render(profile, runs, args.estimator, args.budget))
+    print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes)")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -538,8 +556,8 @@ def _print_quality(path: Path, bpw: float, quantize_seconds: float, report: dict
     print(f"\n{path}: {report['n_windows']} windows x {report['seq_len']} tokens")
     headers, row = [*QUALITY_HEADERS, "quantize s"], [*quality_row(bpw, report), quantize_seconds]
     if plan is not None:  # the error model's prediction next to the measurement
-        headers.insert(3, "predicted loss")
-        row.insert(3, plan["predicted_loss"])
+        headers.insert(2, "predicted loss")
+        row.insert(2, plan["predicted_loss"])
     print(markdown_table(headers, [row]))
 
 
