@@ -42,6 +42,10 @@ from mixq.errors import MixqError
 from mixq.export.gguf import copy_field
 from mixq.formats import QTensor
 from mixq.formats.ggml import GGML_FORMATS
+
+# Types whose levels are evenly spaced, so a weight's rounding step is its (sub-)block scale; the IQ
+# codebooks' spacing varies by level.
+STEPPED = {name: fmt for name, fmt in GGML_FORMATS.items() if fmt.codebook is None}
 from mixq.models.gguf_file import read_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,10 +93,10 @@ def shipped_chunks(t) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None
     data = t.data.reshape(rows, -1)
     fmt = None
     if t.tensor_type not in KEPT_TYPES:
-        fmt = GGML_FORMATS.get(t.tensor_type.name.lower())
+        fmt = STEPPED.get(t.tensor_type.name.lower())
         if fmt is None:
             raise MixqError(f"{t.name} is stored as {t.tensor_type.name}, whose quantization step mixq does not "
-                            f"know (it reads {', '.join(sorted(GGML_FORMATS))} and float types)")
+                            f"know (it reads {', '.join(sorted(STEPPED))} and float types)")
     per_chunk = max(1, CHUNK_WEIGHTS // cols)
     for start in range(0, rows, per_chunk):
         where = slice(start, min(rows, start + per_chunk))

@@ -22,10 +22,10 @@ from mixq.models.gguf_file import read_gguf
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from standin import (  # noqa: E402
-    SEED_KEY, block_steps, standin_seed, standin_weights, tensor_generator, weight_change, write_standin_gguf,
+    SEED_KEY, STEPPED, block_steps, standin_seed, standin_weights, tensor_generator, weight_change, write_standin_gguf,
 )
 
-NAMES = sorted(GGML_FORMATS)
+NAMES = sorted(STEPPED)
 
 
 def shipped(name: str, rows: int, n_blocks: int, seed: int, zero_block: bool = False):
