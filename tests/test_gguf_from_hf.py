@@ -23,6 +23,7 @@ from test_llama_cpp import llama_cpp_log_probs
 from mixq.cli import main
 from mixq.export import native
 from mixq.export.gguf import ALIGNMENT_SLACK, export_gguf
+from mixq.export.llama_cpp import llama_cpp_source
 from mixq.formats import parse_format
 from mixq.models import load_model, materialize, source_gguf
 from mixq.plan import Budget
@@ -30,13 +31,16 @@ from mixq.quantize import QuantizedModel
 
 pytestmark = pytest.mark.slow
 N_CTX, N_CHUNKS = 64, 4
-# Families whose tiny models llama.cpp and transformers compute alike (KL < 1e-5 unquantized). Not here:
-# qwen2 and phi3/gemma2, whose tokenizer classes override SmolLM2's pre-tokenizer or need a
-# SentencePiece model; gemma3_text, where the two engines differ by KL 0.03 on the unquantized model.
-# llama's q/k/v/o carry biases, so vectors the converter takes as they are are covered; mistral and
-# olmo2 have an output matrix of their own (llama.cpp's olmo2 requires one).
-FAMILIES = {"llama": dict(attention_bias=True), "mistral": dict(tied=False), "qwen3": {}, "olmo2": dict(tied=False),
-            "granite": {}}
+# Families whose tiny models llama.cpp and transformers compute alike (KL < 1e-5 unquantized), with the
+# tokenizer each is given: SmolLM2's, or Qwen2's vocabulary from llama.cpp's own test vocabularies
+# (qwen2's tokenizer class replaces SmolLM2's pre-tokenizer with its own). phi3 is given a GPT-2
+# tokenizer, as Phi-4 has (the converter reads a SentencePiece model otherwise). Not here: gemma2,
+# whose converter needs a SentencePiece model; gemma3_text, where the two engines differ by KL 0.03 on
+# the unquantized model. llama's q/k/v/o carry biases, so vectors the converter takes as they are are
+# covered; mistral and olmo2 have an output matrix of their own (llama.cpp's olmo2 requires one).
+FAMILIES = {"llama": dict(attention_bias=True), "mistral": dict(tied=False), "qwen2": {}, "qwen3": {},
+            "olmo2": dict(tied=False), "granite": {}, "phi3": {}}
+QWEN2_VOCAB = "ggml-vocab-qwen2.gguf"
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +49,20 @@ def smollm2_tokenizer():
 
     path = source_gguf("smollm2-135m")
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def tokenizer_for(model_type: str, smollm2_tokenizer):
+    if model_type != "qwen2":
+        return smollm2_tokenizer
+    from transformers import AutoTokenizer
+
+    vocabularies = llama_cpp_source() / "models"
+    return AutoTokenizer.from_pretrained(vocabularies, gguf_file=QWEN2_VOCAB)
+
+
+def as_gpt2_tokenizer(model_dir: Path) -> None:
+    config_file = model_dir / "tokenizer_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"tokenizer_class": "GPT2Tokenizer"}))
 
 
 def mixed_export(source: Path, tmp: Path) -> tuple[Path, Path]:
@@ -71,12 +89,16 @@ def mean_kl(theirs, model) -> float:
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_export_from_hugging_face_runs_in_llama_cpp(model_type, smollm2_tokenizer, tmp_path):
-    source = save_tiny_model(tmp_path / f"tiny-{model_type}", model_type, tokenizer=smollm2_tokenizer,
-                             initializer_range=0.2, **FAMILIES[model_type])
+    # llama.cpp gives a model named like Phi-3 Phi-3's SentencePiece special tokens: this one is Phi-4-like.
+    name = "tiny-phi4" if model_type == "phi3" else f"tiny-{model_type}"
+    source = save_tiny_model(tmp_path / name, model_type, initializer_range=0.2,
+                             tokenizer=tokenizer_for(model_type, smollm2_tokenizer), **FAMILIES[model_type])
+    if model_type == "phi3":
+        as_gpt2_tokenizer(source)
     run, gguf_path = mixed_export(source, tmp_path)
 
     reader = GGUFReader(gguf_path)
-    assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == ("qwen2" if model_type == "qwen2" else "smollm")
     assert reader.fields["general.name"].contents().lower().startswith("tiny")  # named after the source
     types = {t.tensor_type.name for t in reader.tensors}
     assert {"Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "F32"} <= types

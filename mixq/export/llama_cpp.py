@@ -38,11 +38,16 @@ def tools_dir() -> Path:
     return _build_script("MIXQ_LLAMA_CPP_BIN")
 
 
+def llama_cpp_source() -> Path:
+    """The pinned llama.cpp source tree (fetched on first use, not built)."""
+    return _build_script("MIXQ_LLAMA_CPP_SRC", "--source")
+
+
 def convert_hf_to_gguf(model_dir: Path, out: Path) -> None:
     """Run llama.cpp's own converter (pinned source, fetched on first use) on a Hugging Face directory,
     writing every tensor as F32. It runs in its own process so that it imports the gguf-py of its
     source tree, whatever version of the gguf package mixq has."""
-    script = _build_script("MIXQ_LLAMA_CPP_SRC", "--source") / "convert_hf_to_gguf.py"
+    script = llama_cpp_source() / "convert_hf_to_gguf.py"
     proc = subprocess.run([sys.executable, str(script), str(model_dir), "--outtype", "f32", "--outfile", str(out)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
