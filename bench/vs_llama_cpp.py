@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -308,6 +309,17 @@ def size_ratios(rows: list[dict]) -> list[list]:
     return out
 
 
+def without_only(argv: list[str]) -> list[str]:
+    """The command line less --only: the table is what the whole command makes."""
+    out, skip = [], False
+    for arg in argv:
+        if skip or arg == "--only" or arg.startswith("--only="):
+            skip = arg == "--only"
+            continue
+        out.append(arg)
+    return out
+
+
 def write_report(args, work: Path, reference_path: Path, start: float) -> None:
     from mixq.report import markdown_table
 
@@ -334,8 +346,7 @@ def write_report(args, work: Path, reference_path: Path, start: float) -> None:
     quantize_seconds = [int((work / "logs" / f"mixq-{k}.gguf.seconds").read_text()) for k in args.sizes
                         if (work / "logs" / f"mixq-{k}.gguf.seconds").is_file()]
     formats = ", ".join(f.upper() for f in MIXQ_FORMATS)
-    command = f"python bench/vs_llama_cpp.py --text {args.text} --chunks {args.chunks}" + (
-        f" --model {args.model}" if args.model else "")
+    command = "python bench/vs_llama_cpp.py " + shlex.join(without_only(sys.argv[1:]))
     text = "\n".join([
         f"# GGUF: mixq vs llama.cpp's own files on {model_name(str(reference_path))}",
         "",
