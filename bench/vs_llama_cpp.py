@@ -186,14 +186,13 @@ def main() -> None:
             work / "logs" / "reference.kld.log")
         os.replace(work / "reference.kld.partial", work / "reference.kld")
     calib = calibration_text(work, reference_path, args.calib_windows, 512)
-    imatrix = work / "imatrix.gguf"
-    if not imatrix.is_file():
-        run([str(binp / "llama-imatrix"), "-m", str(reference_path), "-f", str(calib), "-o",
-             str(work / "imatrix.partial.gguf"), "--chunks", str(args.calib_windows), "-t", str(args.threads)],
-            work / "logs" / "imatrix.log")
-        os.replace(work / "imatrix.partial.gguf", imatrix)
-
     if args.only != "mixq":
+        imatrix = work / "imatrix.gguf"
+        if not imatrix.is_file():
+            run([str(binp / "llama-imatrix"), "-m", str(reference_path), "-f", str(calib), "-o",
+                 str(work / "imatrix.partial.gguf"), "--chunks", str(args.calib_windows), "-t", str(args.threads)],
+                work / "logs" / "imatrix.log")
+            os.replace(work / "imatrix.partial.gguf", imatrix)
         llama_files(args, work, binp, reference_path, imatrix, start)
     if args.only != "llama":
         mixq_files(args, work, binp, reference_path, start)
