@@ -37,9 +37,13 @@ N_CTX, N_CHUNKS = 64, 4
 # tokenizer, as Phi-4 has (the converter reads a SentencePiece model otherwise). Not here: gemma2,
 # whose converter needs a SentencePiece model; gemma3_text, where the two engines differ by KL 0.03 on
 # the unquantized model. llama's q/k/v/o carry biases, so vectors the converter takes as they are are
-# covered; mistral and olmo2 have an output matrix of their own (llama.cpp's olmo2 requires one).
+# covered; mistral, olmo2, qwen2_moe and mixtral have an output matrix of their own (llama.cpp's olmo2 and
+# qwen2moe require one).
+# The mixtures of experts (a layer's experts are one GGUF tensor, so they share a type) route on
+# routers drawn to prefer some experts, as conftest's tiny MoE models do.
 FAMILIES = {"llama": dict(attention_bias=True), "mistral": dict(tied=False), "qwen2": {}, "qwen3": {},
-            "olmo2": dict(tied=False), "granite": {}, "phi3": {}}
+            "olmo2": dict(tied=False), "granite": {}, "phi3": {}, "qwen2_moe": dict(tied=False),
+            "mixtral": dict(tied=False)}
 QWEN2_VOCAB = "ggml-vocab-qwen2.gguf"
 
 
@@ -52,7 +56,7 @@ def smollm2_tokenizer():
 
 
 def tokenizer_for(model_type: str, smollm2_tokenizer):
-    if model_type != "qwen2":
+    if model_type not in ("qwen2", "qwen2_moe"):
         return smollm2_tokenizer
     from transformers import AutoTokenizer
 
@@ -66,13 +70,17 @@ def as_gpt2_tokenizer(model_dir: Path) -> None:
 
 
 def mixed_export(source: Path, tmp: Path) -> tuple[Path, Path]:
-    """Every matrix in one of five ggml types (cycled), saved by mixq and exported to GGUF."""
+    """Every matrix in one of five ggml types (cycled; the experts of a stack share one), saved by mixq
+    and exported to GGUF."""
     loaded = load_model(str(source))
     types = itertools.cycle(["q8_0", "q5_1", "q5_0", "q4_1", "q4_0"])
+    type_of: dict[str, str] = {}
     result = QuantizedModel()
     for name, ref in loaded.plannable().items():
         W = loaded.read(ref.param)
-        result.tensors[name] = parse_format(next(types)).fit(W, torch.ones(W.shape[1]), clip_grid=4)
+        W = W if ref.expert is None else W[ref.expert]
+        fmt = type_of.setdefault(ref.param if ref.expert is not None else name, next(types))
+        result.tensors[name] = parse_format(fmt).fit(W, torch.ones(W.shape[1]), clip_grid=4)
     run = tmp / "run"
     run.mkdir()
     native.save(run, loaded, result, {"model": loaded.spec})
@@ -98,7 +106,7 @@ def test_export_from_hugging_face_runs_in_llama_cpp(model_type, smollm2_tokenize
     run, gguf_path = mixed_export(source, tmp_path)
 
     reader = GGUFReader(gguf_path)
-    assert reader.fields["tokenizer.ggml.pre"].contents() == ("qwen2" if model_type == "qwen2" else "smollm")
+    assert reader.fields["tokenizer.ggml.pre"].contents() == ("qwen2" if model_type.startswith("qwen2") else "smollm")
     assert reader.fields["general.name"].contents().lower().startswith("tiny")  # named after the source
     types = {t.tensor_type.name for t in reader.tensors}
     assert {"Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "F32"} <= types
@@ -123,13 +131,16 @@ def test_a_tokenizer_llama_cpp_does_not_know_is_one_clear_error(tiny_llama_dir, 
     assert err.count("\n") == 1 and list(tmp_path.glob("*.gguf")) == [] and list(tmp_path.glob(".*")) == []
 
 
-@pytest.mark.parametrize("formats", ["gguf", "int4-g32,int5-g32,int8-g32-sym"])
-def test_a_budget_for_the_gguf_target_is_the_exported_file(formats, smollm2_tokenizer, text_file, tmp_path, capsys):
+@pytest.mark.parametrize("model_type,formats", [("llama", "gguf"), ("llama", "int4-g32,int5-g32,int8-g32-sym"),
+                                                ("mixtral", "gguf")])
+def test_a_budget_for_the_gguf_target_is_the_exported_file(model_type, formats, smollm2_tokenizer, text_file, tmp_path,
+                                                           capsys):
     """--target gguf measures the budget in the GGUF that the export writes (metadata and tokenizer from
     llama.cpp's converter included): the file is at most the predicted size, which is within the
     alignment bound of it and within the budget. Integer grids count as the ggml types they are
-    written as (int4-g32 takes Q4_1's 20 bytes per 32 weights, not mixq's 18.5)."""
-    source = save_tiny_model(tmp_path / "tiny", "llama", tied=False, tokenizer=smollm2_tokenizer)
+    written as (int4-g32 takes Q4_1's 20 bytes per 32 weights, not mixq's 18.5). A mixture of experts'
+    plan gives each layer's experts one type, as its one GGUF tensor needs."""
+    source = save_tiny_model(tmp_path / "tiny", model_type, tied=False, tokenizer=smollm2_tokenizer)
     out, gguf_path = tmp_path / "q", tmp_path / "q.gguf"
     assert main(["quantize", str(source), "--budget", "8bpw", "--target", "gguf", "--formats", formats,
                  "--calib-text", str(text_file), "--calib-windows", "8", "--calib-len", "64", "--out", str(out)]) == 0
@@ -140,3 +151,23 @@ def test_a_budget_for_the_gguf_target_is_the_exported_file(formats, smollm2_toke
     assert size <= predicted <= Budget.parse("8bpw").total_bytes(summary["n_weights"])
     assert predicted - size <= ALIGNMENT_SLACK * n_tensors
     assert len({t.tensor_type for t in GGUFReader(gguf_path).tensors}) >= 3  # a mix, not one type
+
+
+def test_experts_of_one_layer_in_two_types_are_refused(smollm2_tokenizer, tmp_path, capsys):
+    """A plan made without --target gguf may give one layer's experts different types; llama.cpp keeps
+    them in one tensor of one type: one clear error, nothing written."""
+    source = save_tiny_model(tmp_path / "tiny-mixtral", "mixtral", tied=False, tokenizer=smollm2_tokenizer)
+    loaded = load_model(str(source))
+    result = QuantizedModel()
+    for i, (name, ref) in enumerate(loaded.plannable().items()):
+        W = loaded.read(ref.param)
+        W = W if ref.expert is None else W[ref.expert]
+        result.tensors[name] = parse_format("q8_0" if i % 2 else "q4_0").fit(W, torch.ones(W.shape[1]), clip_grid=4)
+    run = tmp_path / "run"
+    run.mkdir()
+    native.save(run, loaded, result, {"model": loaded.spec})
+    capsys.readouterr()
+    assert main(["export", str(run), "--to", "gguf", str(tmp_path / "m.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mixq: error: llama.cpp stores blk.0.ffn_") and "--target gguf" in err, err
+    assert err.count("\n") == 1 and list(tmp_path.glob("*.gguf")) == [] and list(tmp_path.glob(".*")) == []

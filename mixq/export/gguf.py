@@ -12,12 +12,13 @@ Everything else comes from a skeleton GGUF, which also says where each parameter
 - a Hugging Face source is converted by llama.cpp's own converter (pinned source) with each matrix
   replaced by a column of row numbers: the converter writes the metadata, tokenizer, vectors (after
   whatever it does to them) and extra tensors, and its output shows each matrix's GGUF name and row
-  order, for any architecture it knows, without mixq restating its rules.
+  order, for any architecture it knows, without mixq restating its rules. Expert stacks are given to
+  it as the checkpoint lists them (one linear per expert); it writes each layer's experts as one
+  tensor (blk.N.ffn_gate_exps), so all of them must share one type (`--target gguf` ties them).
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import shutil
 import tempfile
@@ -53,7 +54,8 @@ from mixq.models.architectures import family
 SKIPPED_FIELDS = ("GGUF.", "general.architecture", "general.file_type", "general.size_label")
 ALIGNMENT_SLACK = 31  # bytes of padding a tensor's data may need to start on a 32-byte boundary
 # model types whose GGUF architecture has another name (llama.cpp's converter writes Mistral as llama)
-GGUF_ARCH = {"mistral": "llama", "gemma3_text": "gemma3"}
+GGUF_ARCH = {"mistral": "llama", "mixtral": "llama", "gemma3_text": "gemma3", "qwen2_moe": "qwen2moe",
+             "qwen3_moe": "qwen3moe"}
 # what llama.cpp's converter reads from a Hugging Face directory besides the weights
 CONVERTER_INPUTS = (".json", ".txt", ".model", ".jinja", ".md", ".tiktoken")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -75,14 +77,18 @@ def name_map_of(reader: GGUFReader):
     return get_tensor_name_map(next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch_name), n_blocks)
 
 
+Pieces = list[tuple[str, np.ndarray | None]]  # a GGUF tensor's rows: (parameter, its rows in order or None: all)
+
+
 @dataclass
 class Skeleton:
-    """What an export copies (metadata, tokenizer, tensors no plan decides on), where each stored
-    parameter goes (parameter -> GGUF tensor name and row order, or None to take the skeleton's
-    tensor as it is) and the bytes an exported file holds beyond the parameters' data (a bound)."""
+    """What an export copies (metadata, tokenizer, tensors no plan decides on), how each GGUF tensor
+    that holds parameters is made of their rows (GGUF name -> pieces, concatenated; one piece for a
+    plain matrix, one per expert for a layer's expert tensor) and the bytes an exported file holds
+    beyond the parameters' data (a bound)."""
 
     reader: GGUFReader
-    places: dict[str, tuple[str, np.ndarray | None]]
+    layout: dict[str, Pieces]
     overhead: int
 
 
@@ -93,7 +99,20 @@ def skeleton(loaded: LoadedModel, shapes: dict[str, tuple[int, ...]], value: Cal
     path = source_gguf(loaded.spec)
     if path is not None:
         return source_skeleton(path, shapes)
-    return converted_skeleton(Path(loaded.spec), shapes, value, work)
+    return converted_skeleton(Path(loaded.spec), shapes, value, checkpoint_keys(loaded), work)
+
+
+def checkpoint_keys(loaded: LoadedModel) -> dict[str, list[str]]:
+    """Stored expert matrices (STACK.E.weight) -> the keys the checkpoint lists the expert's rows under."""
+    out = {}
+    for ref in loaded.quantizable().values():
+        if ref.expert is not None:
+            experts = getattr(loaded.source, "expert_keys", lambda name: None)(ref.param)
+            if experts is None or ref.transposed:
+                raise MixqError(f"exporting the experts of {ref.param} to GGUF is not implemented (the checkpoint "
+                                "does not list them as one linear each)")
+            out[f"{ref.name}.weight"] = experts[ref.expert]
+    return out
 
 
 def source_skeleton(path: Path, shapes: dict[str, tuple[int, ...]]) -> Skeleton:
@@ -103,7 +122,7 @@ def source_skeleton(path: Path, shapes: dict[str, tuple[int, ...]]) -> Skeleton:
     heads = int(reader.fields[f"{arch_name}.attention.head_count"].contents())
     kv_field = reader.fields.get(f"{arch_name}.attention.head_count_kv")
     kv_heads = int(kv_field.contents()) if kv_field is not None else heads
-    places = {}
+    layout = {}
     for name, shape in shapes.items():
         gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
@@ -111,19 +130,18 @@ def source_skeleton(path: Path, shapes: dict[str, tuple[int, ...]]) -> Skeleton:
         order = None
         if family(arch_name).gguf_permutes_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
             order = qk_row_order(shape[0], heads if "q_proj" in name else kv_heads)
-        places[name] = (gguf_name, order)
-    ours = {g for g, _ in places.values()}
-    params_data = sum(int(t.n_bytes) for t in reader.tensors if t.name in ours)
-    overhead = path.stat().st_size - params_data + ALIGNMENT_SLACK * len(reader.tensors)
-    return Skeleton(reader, places, overhead)
+        layout[gguf_name] = [(name, order)]
+    params_data = sum(int(t.n_bytes) for t in reader.tensors if t.name in layout)
+    return Skeleton(reader, layout, file_overhead(path, reader, params_data))
 
 
 def converted_skeleton(source: Path, shapes: dict[str, tuple[int, ...]], value: Callable[[str], torch.Tensor],
-                       work: Path) -> Skeleton:
+                       keys: dict[str, list[str]], work: Path) -> Skeleton:
     """llama.cpp's converter run on the source's config and tokenizer, with mixq's vectors and each
-    stored matrix replaced by a column of numbers, distinct across matrices: each column that comes
-    out names its matrix's GGUF tensor and shows how the converter orders its rows. Vectors come out
-    as F32 after whatever the converter does to them, and are copied as they are."""
+    stored matrix replaced by a column of numbers, distinct across matrices (under the checkpoint's
+    `keys` where it lists a matrix's rows under others, each an equal share: an expert's gate and up):
+    each column that comes out names its matrix's GGUF tensor and shows how the converter orders its
+    rows. Vectors come out as F32 after whatever the converter does to them, and are copied as they are."""
     hf = work / source.name
     hf.mkdir()
     for f in source.iterdir():
@@ -134,7 +152,9 @@ def converted_skeleton(source: Path, shapes: dict[str, tuple[int, ...]], value: 
         if len(shape) == 2:
             starts.append(n_rows)
             matrices.append(name)
-            tensors[name] = torch.arange(n_rows, n_rows + shape[0], dtype=torch.float32)[:, None]
+            numbers = torch.arange(n_rows, n_rows + shape[0], dtype=torch.float32)[:, None]
+            listed = keys.get(name, [name])
+            tensors.update(zip(listed, numbers.chunk(len(listed))))
             n_rows += shape[0]
         else:
             tensors[name] = value(name).float()
@@ -146,22 +166,36 @@ def converted_skeleton(source: Path, shapes: dict[str, tuple[int, ...]], value: 
     path = work / "skeleton.gguf"
     convert_hf_to_gguf(hf, path)
     reader = read_gguf(path)
-    places = {}
+    layout, placed = {}, {name: [] for name in matrices}
     for t in reader.tensors:
-        if len(t.shape) != 2 or int(t.shape[0]) != 1:
+        if len(t.shape) < 2 or int(t.shape[0]) != 1:
             continue  # a vector or extra tensor the converter wrote: copied as it is
         numbers = np.asarray(t.data, dtype=np.int64).reshape(-1)
-        i = bisect.bisect_right(starts, int(numbers[0])) - 1
-        order = numbers - starts[i]
-        if not np.array_equal(np.sort(order), np.arange(shapes[matrices[i]][0])):
-            raise MixqError(f"llama.cpp's converter changes {matrices[i]} beyond reordering its rows; "
+        owner = np.searchsorted(starts, numbers, side="right") - 1
+        layout[t.name] = []
+        for run in np.split(np.arange(len(numbers)), np.flatnonzero(np.diff(owner)) + 1):
+            name = matrices[owner[run[0]]]
+            rows = numbers[run] - starts[owner[run[0]]]
+            placed[name].append(rows)
+            whole = np.array_equal(rows, np.arange(shapes[name][0]))
+            layout[t.name].append((name, None if whole else rows))
+    for name, rows in placed.items():
+        if not rows:
+            raise MixqError(f"llama.cpp's converter writes no tensor for {name}")
+        if not np.array_equal(np.sort(np.concatenate(rows)), np.arange(shapes[name][0])):
+            raise MixqError(f"llama.cpp's converter changes {name} beyond reordering its rows; "
                             "mixq cannot place its quantized rows")
-        places[matrices[i]] = (t.name, None if np.array_equal(order, np.arange(len(order))) else order)
-    lost = [n for n in matrices if n not in places]
-    if lost:
-        raise MixqError(f"llama.cpp's converter writes no tensor for {lost[0]}")
-    overhead = path.stat().st_size - 4 * n_rows - vector_bytes + ALIGNMENT_SLACK * len(reader.tensors)
-    return Skeleton(reader, places, overhead)
+    return Skeleton(reader, layout, file_overhead(path, reader, 4 * n_rows + vector_bytes))
+
+
+def file_overhead(path: Path, reader: GGUFReader, params_data: int) -> int:
+    """Bytes of a file exported from this skeleton beyond its parameters' data (a bound): the
+    skeleton's bytes less its parameters' data and its own alignment padding, plus the most padding
+    the exported file's tensors may need."""
+    spans = sorted((int(t.data_offset), int(t.n_bytes)) for t in reader.tensors)
+    ends = [start for start, _ in spans[1:]] + [path.stat().st_size]
+    padding = sum(end - start - n for (start, n), end in zip(spans, ends))
+    return path.stat().st_size - params_data - padding + ALIGNMENT_SLACK * len(reader.tensors)
 
 
 _OVERHEADS: dict[str, int] = {}  # by model spec: a Hugging Face source's conversion runs once per process
@@ -194,33 +228,27 @@ def export_gguf(model_dir: Path, out: Path, overwrite: bool = False) -> tuple[di
         shapes = {name: tuple(entry["shape"]) for name, entry in entries.items()}
         made = skeleton(loaded, shapes, stored.tensor, Path(work))
         reader = made.reader
-        by_gguf_name = {g: (name, order) for name, (g, order) in made.places.items()}
+        layout = dict(made.layout)
         writer = GGUFWriter(tmp, str(reader.fields["general.architecture"].contents()))
         try:
             for key, field in reader.fields.items():
                 if not key.startswith(SKIPPED_FIELDS):
                     copy_field(writer, key, field)
-            n_params = sum(int(np.prod(shape)) for shape in loaded.stored_tensors().values())
-            writer.add_size_label(size_label(n_params, n_params, 0, 0))
+            writer.add_size_label(model_size_label(loaded))
             writer.add_file_type(LlamaFileType.GUESSED)
             counts: dict[str, int] = {}
             moved: dict[str, float] = {}  # integer grid -> most a weight moved on conversion, in steps
             digests = {}
             for t in reader.tensors:
-                if t.name in by_gguf_name:
-                    name, order = by_gguf_name.pop(t.name)
-                    data, dtype, step_moved = _tensor_data(name, entries[name], stored)
-                    if step_moved:
-                        moved[entries[name]["format"]] = max(moved.get(entries[name]["format"], 0.0), step_moved)
-                    if order is not None:
-                        data = np.ascontiguousarray(data[order])
+                if t.name in layout:
+                    data, dtype = _gathered(t, layout.pop(t.name), entries, stored, moved)
                     writer.add_tensor(t.name, data, raw_dtype=dtype)
                     digests[t.name] = (dtype, _digest(data))
                     counts[dtype.name] = counts.get(dtype.name, 0) + 1
                 else:  # no parameter of the model, or a vector as the converter wrote it: as it is
                     writer.add_tensor(t.name, t.data, raw_shape=list(reversed(t.shape.tolist())), raw_dtype=t.tensor_type)
-            if by_gguf_name:
-                raise MixqError(f"the GGUF skeleton has no tensor for {sorted(by_gguf_name.values())[0][0]}")
+            if layout:
+                raise MixqError(f"the GGUF skeleton has no tensor for {sorted(layout.values())[0][0][0]}")
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
@@ -231,6 +259,37 @@ def export_gguf(model_dir: Path, out: Path, overwrite: bool = False) -> tuple[di
             writer.close()
             tmp.unlink(missing_ok=True)
     return counts, moved
+
+
+def model_size_label(loaded: LoadedModel) -> str:
+    """general.size_label as llama.cpp's converter writes it: "1.5B", or "8x7B" for 8 experts (the
+    parameters outside the experts and one expert's)."""
+    refs = [ref for ref in loaded.quantizable().values() if ref.expert is not None]
+    n_params = sum(int(np.prod(shape)) for shape in loaded.stored_tensors().values())
+    expert_params = sum(int(np.prod(ref.shape)) for ref in refs)
+    n_experts = max((ref.expert for ref in refs), default=-1) + 1
+    return size_label(n_params, n_params - expert_params, expert_params // max(n_experts, 1), n_experts)
+
+
+def _gathered(t, pieces: Pieces, entries: dict, stored: native.StoredModel,
+              moved: dict[str, float]) -> tuple[np.ndarray, GGMLQuantizationType]:
+    """The bytes and type of GGUF tensor `t`, gathered from its pieces' rows (every ggml type stores
+    rows independently); records in `moved` how far integer grids moved on conversion."""
+    datas, types = [], {}
+    for name, rows in pieces:
+        data, dtype, step_moved = _tensor_data(name, entries[name], stored)
+        fmt = entries[name]["format"]
+        if step_moved:
+            moved[fmt] = max(moved.get(fmt, 0.0), step_moved)
+        datas.append(data if rows is None else data[rows])
+        types.setdefault(dtype, fmt)
+    if len(types) > 1:
+        raise MixqError(f"llama.cpp stores {t.name} as one tensor of one type, but the plan gives its parts "
+                        f"{' and '.join(sorted(types.values()))}: quantize with --target gguf, which ties them")
+    data = np.ascontiguousarray(np.concatenate(datas) if len(datas) > 1 else datas[0])
+    if len(t.shape) == 3:  # a layer's experts: (experts, rows, row bytes)
+        data = data.reshape(int(t.shape[2]), int(t.shape[1]), -1)
+    return data, next(iter(types))
 
 
 def _digest(data: np.ndarray) -> str:
@@ -298,9 +357,8 @@ def nearest_ggml_type(fmt: IntFormat) -> str:
 def model_refusal(loaded: LoadedModel) -> str | None:
     if gguf_arch(loaded) is None:
         return f"llama.cpp has no architecture for model type {loaded.config.model_type!r}"
-    if any(t.expert is not None for t in loaded.quantizable().values()):
-        return ("exporting a mixture of experts is not implemented: llama.cpp stores each layer's experts as one "
-                "tensor of one type, mixq each expert in its own format")
+    if source_gguf(loaded.spec) is not None and any(t.expert is not None for t in loaded.quantizable().values()):
+        return "exporting a mixture of experts from a GGUF source is not implemented (from its Hugging Face one it is)"
     return None
 
 
@@ -323,6 +381,7 @@ TARGET = register(Target(
     refusal=refusal,
     export=_export,
     model_refusal=model_refusal,
+    tie="experts",  # a layer's experts are one GGUF tensor of one type
     formats=("gguf",),
     nbytes=lambda fmt, shape: ggml_format(fmt).nbytes(shape),
     overhead=lambda loaded, planned: overhead_bound(loaded),

@@ -125,20 +125,26 @@ class SafetensorsSource(WeightSource):
         return stack if rows is None else stack[rows]
 
     def _stack(self, name: str) -> torch.Tensor:
-        """An expert stack transformers fuses at load from a checkpoint that lists experts as linears
-        (Qwen-MoE: experts.E.{gate,up,down}_proj; Mixtral: block_sparse_moe.experts.E.{w1,w3,w2})."""
+        experts = self.expert_keys(name)
+        if experts is None:
+            raise KeyError(name)
+        return torch.stack([torch.cat([self.get(key) for key in keys]) for keys in experts])
+
+    def expert_keys(self, name: str) -> list[list[str]] | None:
+        """For an expert stack transformers fuses at load from a checkpoint that lists experts as
+        linears (Qwen-MoE: experts.E.{gate,up,down}_proj; Mixtral: block_sparse_moe.experts.E.{w1,w3,w2}),
+        each expert's checkpoint keys, whose rows in order are the expert's; None for any other name."""
         prefix, _, kind = name.rpartition(".")
         for path, parts in ((prefix, {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}),
                             (prefix.replace(".mlp.", ".block_sparse_moe."), {"gate_up_proj": ("w1", "w3"),
                                                                              "down_proj": ("w2",)})):
             keys = parts.get(kind, ())
             if keys and f"{path}.0.{keys[0]}.weight" in self._where:
-                experts = []
-                while f"{path}.{len(experts)}.{keys[0]}.weight" in self._where:
-                    e = len(experts)
-                    experts.append(torch.cat([self.get(f"{path}.{e}.{k}.weight") for k in keys]))
-                return torch.stack(experts)
-        raise KeyError(name)
+                n = 0
+                while f"{path}.{n}.{keys[0]}.weight" in self._where:
+                    n += 1
+                return [[f"{path}.{e}.{key}.weight" for key in keys] for e in range(n)]
+        return None
 
 
 ROW_READABLE = ("token_embd.weight", "output.weight")  # GGUF tensors read a slice of rows at a time
