@@ -107,7 +107,7 @@ def checkpoint_keys(loaded: LoadedModel) -> dict[str, list[str]]:
     out = {}
     for ref in loaded.quantizable().values():
         if ref.expert is not None:
-            experts = getattr(loaded.source, "expert_keys", lambda name: None)(ref.param)
+            experts = loaded.source.expert_keys(ref.param)
             if experts is None or ref.transposed:
                 raise MixqError(f"exporting the experts of {ref.param} to GGUF is not implemented (the checkpoint "
                                 "does not list them as one linear each)")

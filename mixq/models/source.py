@@ -63,6 +63,11 @@ class WeightSource:
         this; here the whole matrix is read."""
         return self.get(name)[rows]
 
+    def expert_keys(self, name: str) -> list[list[str]] | None:
+        """Each expert's keys in the source where it lists an expert stack's experts as linears of
+        their own, else None."""
+        return None
+
     def __contains__(self, name: str) -> bool:
         return name in self.names
 
