@@ -57,7 +57,7 @@ def llama_log_probs(gguf: Path, text: Path, ctx: int, chunks: int, work: Path):
     if not saved.exists():
         sh([str(tools_dir() / "llama-perplexity"), "-m", str(gguf), "-f", str(text), "-c", str(ctx), "--chunks",
             str(chunks), "-t", "2", "--kl-divergence-base", str(saved)], work / f"{gguf.stem}.perplexity.log")
-    return read_saved_log_probs(saved)
+    return read_saved_log_probs(saved, gguf)
 
 
 def llama_speed(gguf: Path, work: Path) -> tuple[float, float]:

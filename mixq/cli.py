@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -119,6 +120,13 @@ def _add_profile_settings(p: argparse.ArgumentParser) -> None:
                    "shorter)")
 
 
+def _add_latency_limit(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("latency")
+    g.add_argument("--max-latency", help="with --budget or --max-loss: the plan's matrix products per decoded token "
+                   "take at most this, as measured here: 40ms, 40ms/token, 0.04s, or a speed: 25tok/s")
+    g.add_argument("--latency", type=Path, help="the latency table measured on this machine (`mixq bench-device`)")
+
+
 def _targets():
     from mixq.export import TARGETS
 
@@ -168,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL["windows"])
     q.add_argument("--eval-len", type=int, help="tokens per window (default 512, or the model's context if shorter)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_latency_limit(q)
     _add_job_settings(q)
     q.set_defaults(run=cmd_quantize)
 
@@ -201,7 +210,25 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--plot", type=Path, help="frontier plot (default: PROFILE.frontier.png)")
     pl.add_argument("--estimator", default="hessian+kl", help="hessian+kl (default), fisher+kl, hessian, fisher")
     pl.add_argument("--out", type=Path, help="write the plan as JSON")
+    _add_latency_limit(pl)
     pl.set_defaults(run=cmd_plan)
+
+    d = sub.add_parser("bench-device", help="time every matrix shape in every option with the target engine's "
+                       "kernels on this machine", description="Measure, with the engine's own kernels, the time of "
+                       "each matrix product a plan can use (each shape in each option; a decoded token, and "
+                       "optionally a prefill batch): a latency table for `--max-latency`. Give a profile (exactly "
+                       "its options) or a model (the target's default options).")
+    d.add_argument("model", nargs="?", help="a model whose shapes to time (or --profile)")
+    d.add_argument("--profile", type=Path, help="time the options of this profile")
+    d.add_argument("--target", default="gguf", choices=tuple(n for n, t in _targets().items() if t.kernels),
+                   help="the engine whose kernels run (default gguf: llama.cpp)")
+    d.add_argument("--out", type=Path, required=True, help="the latency table to write (JSON)")
+    d.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads the engine will run with "
+                   "(default: every logical CPU)")
+    d.add_argument("--repeats", type=int, default=5, help="measurements per case (default 5; the table keeps each)")
+    d.add_argument("--prefill-tokens", type=int, default=0, help="also time products of this many tokens at once")
+    d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    d.set_defaults(run=cmd_bench_device)
 
     r = sub.add_parser("report", help="write one self-contained HTML page about a profile and its runs",
                        description="The frontier (predicted, and the runs' measured KL with 95% intervals), "
@@ -372,6 +399,79 @@ def cmd_profile(args: argparse.Namespace) -> None:
           f"measure {s['measure']:.0f})")
 
 
+def cmd_bench_device(args: argparse.Namespace) -> None:
+    from mixq.export import get_target
+    from mixq.latency import matmul_cases, measure, profile_cases
+
+    if (args.model is None) == (args.profile is None):
+        raise MixqError("give a model or --profile: the shapes and options to time")
+    if args.threads < 1 or args.repeats < 1 or args.prefill_tokens < 0:
+        raise MixqError("--threads and --repeats must be at least 1, --prefill-tokens at least 0")
+    if args.out.exists() and not args.overwrite:
+        raise MixqError(f"output {args.out} already exists (pass --overwrite to replace it)")
+    kernels = get_target(args.target).kernels
+    tokens = [1] + ([args.prefill_tokens] if args.prefill_tokens > 1 else [])
+    cases: set = set()
+    if args.profile:
+        from mixq.profile import Profile
+
+        profile = Profile.load(args.profile)
+        for n in tokens:
+            cases |= profile_cases(profile, kernels, n)
+    else:
+        from mixq.models import load_model
+        from mixq.options import OptionSpace
+        from mixq.profile import OptionTable
+
+        loaded = load_model(args.model)
+        target = get_target(args.target)
+        table = OptionTable.build(loaded, OptionSpace(formats=target.formats), args.target)
+        plannable = loaded.plannable()
+        kinds = [plannable[t].kind for t in table.tensors]
+        shapes = [tuple(plannable[t].shape) for t in table.tensors]
+        names = [o.name for o in table.options]
+        for n in tokens:
+            cases |= {c for _, _, c in matmul_cases(table.tensors, kinds, shapes, names, table.allowed, kernels, n) if c}
+    start = time.perf_counter()
+    table = measure(cases, kernels, args.threads, args.repeats, args.target)
+    table.save(args.out)
+    worst = max(table.seconds, key=table.spread)
+    print(f"wrote {args.out}: {len(table.seconds)} cases ({len({c[1:3] for c in table.seconds})} shapes) timed "
+          f"{args.repeats} times with {table.machine.engine} on {table.machine.cpu}, {args.threads} threads, in "
+          f"{time.perf_counter() - start:.0f} s; largest spread {table.spread(worst):.0%} ({' '.join(map(str, worst))})")
+
+
+def _latency_setting(args: argparse.Namespace):
+    """(bound in seconds, latency table, the target's kernels) of --max-latency/--latency, checked
+    before any long work; None without them."""
+    from mixq.export import get_target
+    from mixq.latency import LatencyTable, parse_latency
+
+    if args.max_latency is None:
+        if args.latency is not None:
+            raise MixqError("--latency is the table for --max-latency; give both")
+        return None
+    if args.latency is None:
+        raise MixqError("--max-latency needs --latency TABLE, the times measured here by `mixq bench-device`")
+    bound = parse_latency(args.max_latency)
+    table = LatencyTable.load(args.latency)
+    kernels = get_target(table.target).kernels
+    table.check_machine(kernels)
+    return bound, table, kernels
+
+
+def _latency_limits(setting, profile) -> list:
+    from mixq.latency import decode_limit
+
+    return [] if setting is None else [decode_limit(profile, setting[1], setting[2], setting[0])]
+
+
+def _limited(plan) -> str:
+    from mixq.latency import show_seconds
+
+    return "".join(f", {name} {show_seconds(v)} (matrix products)" for name, v in plan.limited.items())
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     from mixq.plan import Budget, closed_form_plan, frontier_plans, plan_for_budget, plan_for_loss
     from mixq.profile import Profile
@@ -382,6 +482,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if args.budget and args.max_loss is not None:
         raise MixqError("give either --budget or --max-loss, not both")
     profile = Profile.load(args.profile)
+    limits = _latency_limits(_latency_setting(args), profile)
+    if limits and not (args.budget or args.max_loss is not None):
+        raise MixqError("--max-latency limits a plan for --budget or --max-loss")
     if args.frontier:
         start = time.perf_counter()
         plans = frontier_plans(profile, args.estimator)
@@ -396,21 +499,22 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if args.budget:
         budget = Budget.parse(args.budget)
         start = time.perf_counter()
-        plan = plan_for_budget(profile, budget, args.estimator)
+        plan = plan_for_budget(profile, budget, args.estimator, limits)
         seconds = time.perf_counter() - start
         baq, continuous = closed_form_plan(profile, budget, args.estimator)
         print(plan_summary(plan))
         print(f"\nsolved in {seconds:.2f} s: {plan.bpw:.4f} bpw, at most {plan.max_file_bytes:,} bytes "
-              f"(budget {budget.total_bytes(profile.n_weights):,}), predicted loss {plan.predicted_loss:.5g}; "
+              f"(budget {budget.total_bytes(profile.n_weights):,}), predicted loss {plan.predicted_loss:.5g}"
+              f"{_limited(plan)}; "
               f"closed form (BAQ): continuous {continuous:.5g}, rounded plan {baq.predicted_loss:.5g} "
               f"at {baq.bpw:.4f} bpw")
     if args.max_loss is not None:
         start = time.perf_counter()
-        plan = plan_for_loss(profile, args.max_loss, args.estimator)
+        plan = plan_for_loss(profile, args.max_loss, args.estimator, limits)
         print(plan_summary(plan))
         print(f"\nsolved in {time.perf_counter() - start:.2f} s: the smallest plan with predicted loss <= "
               f"{args.max_loss:g} ({args.estimator}): {plan.bpw:.4f} bpw, at most {plan.max_file_bytes:,} bytes, "
-              f"predicted loss {plan.predicted_loss:.5g}")
+              f"predicted loss {plan.predicted_loss:.5g}{_limited(plan)}")
     if args.out and (args.budget or args.max_loss is not None):
         atomic_write_text(args.out, json.dumps(plan.as_dict(), indent=2) + "\n")
 
@@ -439,6 +543,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise MixqError("give either --budget or --max-kl, not both")
     if args.max_kl is not None and not args.max_kl > 0:
         raise MixqError(f"--max-kl must be positive, got {args.max_kl}")
+    if (args.max_latency or args.latency) and not planned:
+        raise MixqError("--max-latency limits a plan: give --budget or --max-kl")
+    latency = _latency_setting(args)
     if planned:
         budget = Budget.parse(args.budget) if args.budget else None
         profile_settings = None if args.profile else _profile_settings(args)
@@ -452,12 +559,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             if budget is not None:
                 _check_feasible(loaded, budget, profile_settings)  # before minutes of profiling
             profile = _run_profile(loaded, args, profile_settings, checkpoints)
+        limits = _latency_limits(latency, profile)
         if budget is not None:
-            plan = plan_for_budget(profile, budget, args.estimator)
-            description = f"plan for {budget} ({args.estimator})"
+            plan = plan_for_budget(profile, budget, args.estimator, limits)
+            description = f"plan for {budget} ({args.estimator}){_limited(plan)}"
         else:
-            plan = plan_for_loss(profile, args.max_kl, args.estimator)
-            description = f"smallest plan with predicted loss <= {args.max_kl:g} ({args.estimator})"
+            plan = plan_for_loss(profile, args.max_kl, args.estimator, limits)
+            description = f"smallest plan with predicted loss <= {args.max_kl:g} ({args.estimator}){_limited(plan)}"
         options = {t: Option.parse(o) for t, o in plan.options.items()}
         info.update(budget=str(budget) if budget else None, max_kl=args.max_kl,
                     plan_summary=plan.as_dict() | {"options": None},

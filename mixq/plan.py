@@ -10,7 +10,9 @@ L[g,o] = sum_{t in g} loss[t,o]; options a tensor may not take have infinite los
                 x[g,o] in {0, 1}
 
 The quality-constrained twin (`solve_min_bytes`) swaps objective and constraint: the fewest bytes
-whose predicted loss sum_g sum_o L[g,o] x[g,o] stays at most a bound.
+whose predicted loss sum_g sum_o L[g,o] x[g,o] stays at most a bound. Either takes further limits
+(`Limit`: a per-tensor cost in each option, such as the measured time of its matrix product, and a
+bound on its sum), each one more row of the same form as the bytes'.
 
 `solve` hands this multiple-choice knapsack to HiGHS (scipy.optimize.milp) with a zero optimality
 gap and then checks the byte count in exact integers, so a plan never exceeds its budget; among
@@ -25,7 +27,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -81,6 +84,24 @@ class InfeasibleBudget(MixqError):
 LOSS_RTOL = 1e-9  # a plan's loss is a float sum: bounds hold up to this relative rounding
 
 
+@dataclass(frozen=True)
+class Limit:
+    """A resource other than bytes that a plan must stay within: each tensor's cost in each option
+    (T, O), e.g. the seconds of its matrix product per token, and the bound on their sum."""
+
+    name: str  # what it limits, for messages: "decode time per token"
+    cost: np.ndarray  # (T, O), finite wherever the option is allowed
+    bound: float
+    show: Callable[[float], str] = "{:.4g}".format  # a value in the user's units
+
+    def total(self, choice: np.ndarray) -> float:
+        return float(self.cost[np.arange(len(choice)), choice].sum())
+
+
+class InfeasibleLimits(MixqError):
+    """No plan meets every limit at once; the message names the nearest values that can be met."""
+
+
 class InfeasibleLoss(MixqError):
     def __init__(self, bound: float, least: float):
         self.bound, self.least = bound, least
@@ -124,41 +145,98 @@ def smallest_bytes(loss: np.ndarray, nbytes: np.ndarray, groups: list[list[int]]
     return int(np.where(np.isfinite(L), B, np.iinfo(np.int64).max).min(axis=1).sum())
 
 
-def solve(loss: np.ndarray, nbytes: np.ndarray, capacity: int, groups: list[list[int]]) -> Allocation:
-    """The plan of least predicted loss whose bytes are at most `capacity` (exact)."""
+def solve(loss: np.ndarray, nbytes: np.ndarray, capacity: int, groups: list[list[int]],
+          limits: Sequence[Limit] = ()) -> Allocation:
+    """The plan of least predicted loss whose bytes are at most `capacity` (exact) and that meets
+    every further limit."""
     T = loss.shape[0]
     L, B = group_arrays(loss, nbytes, groups)
     smallest = smallest_bytes(loss, nbytes, groups)
     if smallest > capacity:
         raise InfeasibleBudget(capacity, smallest)
+    _check_each_limit(L, limits, groups)
     g_idx, o_idx = np.nonzero(np.isfinite(L))  # one binary variable per allowed (group, option)
-    size = B[g_idx, o_idx].astype(np.float64)
-    limit = capacity
+    rows = [B[g_idx, o_idx].astype(np.float64)] + [_grouped(lim.cost, groups)[g_idx, o_idx] for lim in limits]
+    bounds = [float(capacity)] + [lim.bound for lim in limits]
     while True:
-        alloc = _allocation(_solve_milp(L[g_idx, o_idx], size, limit, g_idx, o_idx, len(groups)), L, B, groups, T)
-        if alloc.nbytes <= capacity:
+        choice_g = _solve_milp(L[g_idx, o_idx], rows, bounds, g_idx, o_idx, len(groups))
+        if choice_g is None:
+            names, rows_g, bounds_g, shown = _limit_rows(limits, groups)
+            raise _infeasible_together(["bytes of the planned tensors", *names], [B.astype(np.float64), *rows_g],
+                                       [float(capacity), *bounds_g], ["{:,.0f}".format, *shown], np.isfinite(L))
+        alloc = _allocation(choice_g, L, B, groups, T)
+        over = [alloc.nbytes - capacity] + [_overshoot(lim, alloc) for lim in limits]
+        if all(o <= 0 for o in over):
             break
-        # HiGHS works in floating point: tighten by the overshoot and solve again.
-        limit -= alloc.nbytes - capacity
+        # HiGHS works in floating point: tighten each bound by its overshoot and solve again.
+        bounds = [b - max(o, 0) for b, o in zip(bounds, over)]
     # Plans of equal predicted loss can differ in bytes (an exact option and a 16-bit one both
     # predict 0): of the least lossy plans, the smallest.
-    smallest_of_least = solve_min_bytes(loss, nbytes, alloc.loss, groups)
+    smallest_of_least = solve_min_bytes(loss, nbytes, alloc.loss, groups, limits)
     return smallest_of_least if smallest_of_least.nbytes < alloc.nbytes else alloc
 
 
-def _solve_milp(cost: np.ndarray, weight: np.ndarray, limit: float, g_idx: np.ndarray, o_idx: np.ndarray,
-                n_groups: int) -> np.ndarray:
+def _grouped(cost: np.ndarray, groups: list[list[int]]) -> np.ndarray:
+    """Per-group (G, O) sums of a per-tensor (T, O) cost."""
+    return np.stack([cost[g].sum(axis=0) for g in groups])
+
+
+def _overshoot(lim: Limit, alloc: Allocation) -> float:
+    """How far a plan's total exceeds the limit's bound, beyond float rounding (<= 0: it holds)."""
+    return lim.total(alloc.choice) - lim.bound * (1 + LOSS_RTOL)
+
+
+def _check_each_limit(L: np.ndarray, limits: Sequence[Limit], groups: list[list[int]]) -> None:
+    """Refuse a limit that no plan meets even alone, naming the least value any plan reaches."""
+    for lim in limits:
+        least = float(np.where(np.isfinite(L), _grouped(lim.cost, groups), np.inf).min(axis=1).sum())
+        if least > lim.bound * (1 + LOSS_RTOL):
+            raise InfeasibleLimits(f"no plan has a {lim.name} of at most {lim.show(lim.bound)}; the least in "
+                                   f"this option space is {lim.show(least)}")
+
+
+def _infeasible_together(what: list[str], rows: list[np.ndarray], bounds: list[float],
+                         shown: list[Callable[[float], str]], allowed: np.ndarray) -> InfeasibleLimits:
+    """Every bound can be met alone but not all together: for each, the least its row can be with
+    the others kept (the nearest feasible values). Rows are (G, O); `allowed` marks the options."""
+    g_idx, o_idx = np.nonzero(allowed)
+    n_groups = allowed.shape[0]
+    nearest = []
+    for i in range(len(rows)):
+        others = [k for k in range(len(rows)) if k != i]
+        choice_g = _solve_milp(rows[i][g_idx, o_idx], [rows[k][g_idx, o_idx] for k in others],
+                               [bounds[k] for k in others], g_idx, o_idx, n_groups)
+        if choice_g is not None:
+            nearest.append(f"{what[i]} of {shown[i](float(rows[i][np.arange(n_groups), choice_g].sum()))}")
+    names = [f"the {w} limit" for w in what]
+    names = ", ".join(names[:-1]) + " and " + names[-1]
+    detail = ("; with the others kept, the least feasible is " + " or ".join(nearest)) if nearest else ""
+    return InfeasibleLimits(f"no plan meets {names} together{detail}")
+
+
+def _limit_rows(limits: Sequence[Limit], groups: list[list[int]]):
+    """(names, (G, O) rows, bounds, formatters) of further limits, for `_infeasible_together`."""
+    return ([lim.name for lim in limits], [_grouped(lim.cost, groups) for lim in limits],
+            [lim.bound for lim in limits], [lim.show for lim in limits])
+
+
+def _solve_milp(cost: np.ndarray, weights: list[np.ndarray], limits: list[float], g_idx: np.ndarray,
+                o_idx: np.ndarray, n_groups: int) -> np.ndarray | None:
     """One option per group (variables are the allowed (group, option) pairs) of least total cost
-    with total weight <= limit; the chosen option of each group."""
+    with each total weight within its limit: the chosen option of each group, or None if no choice
+    meets the limits."""
     n = len(g_idx)
     one_each = coo_array((np.ones(n), (g_idx, np.arange(n))), shape=(n_groups, n))
     res = milp(
         c=cost,
         integrality=np.ones(n),
         bounds=Bounds(0, 1),
-        constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(weight[None, :], -np.inf, limit)],
+        constraints=[LinearConstraint(one_each, 1, 1)]
+        + [LinearConstraint(w[None, :], -np.inf, lim) for w, lim in zip(weights, limits)],
         options={"mip_rel_gap": 0.0},
     )
+    if res.status == 2:  # infeasible
+        return None
     if res.x is None:
         raise MixqError(f"the MILP solver failed: {res.message}")
     chosen = res.x > 0.5
@@ -167,10 +245,11 @@ def _solve_milp(cost: np.ndarray, weight: np.ndarray, limit: float, g_idx: np.nd
     return choice_g
 
 
-def solve_min_bytes(loss: np.ndarray, nbytes: np.ndarray, max_loss: float, groups: list[list[int]]) -> Allocation:
+def solve_min_bytes(loss: np.ndarray, nbytes: np.ndarray, max_loss: float, groups: list[list[int]],
+                    limits: Sequence[Limit] = ()) -> Allocation:
     """The plan of fewest bytes whose predicted loss is at most `max_loss` (exact in bytes; the loss
     bound is checked on the plan's own sum, up to float rounding (LOSS_RTOL), and tightened and
-    solved again if HiGHS's tolerance let it slip).
+    solved again if HiGHS's tolerance let it slip) and that meets every further limit.
 
     The constraint is written on each group's loss above its least, as a share of the slack
     max_loss - least: options that alone exceed the slack are dropped, so the coefficients stay
@@ -182,17 +261,27 @@ def solve_min_bytes(loss: np.ndarray, nbytes: np.ndarray, max_loss: float, group
     least = float(least_g.sum())
     if least > max_loss:
         raise InfeasibleLoss(max_loss, least)
+    _check_each_limit(L, limits, groups)
     slack = max_loss * (1 + LOSS_RTOL) - least  # the same float rounding allowance as the final check
     excess = L - least_g[:, None]
     g_idx, o_idx = np.nonzero(np.isfinite(L) & (excess <= slack))
     share = excess[g_idx, o_idx] / slack if slack > 0 else np.zeros(len(g_idx))
     size = B[g_idx, o_idx].astype(np.float64)
-    limit = 1.0
+    rows = [share] + [_grouped(lim.cost, groups)[g_idx, o_idx] for lim in limits]
+    bounds = [1.0] + [lim.bound for lim in limits]
     while True:
-        alloc = _allocation(_solve_milp(size, share, limit, g_idx, o_idx, len(groups)), L, B, groups, T)
-        if alloc.loss <= max_loss * (1 + LOSS_RTOL) or slack == 0:
+        choice_g = _solve_milp(size, rows, bounds, g_idx, o_idx, len(groups))
+        if choice_g is None:
+            names, rows_g, bounds_g, shown = _limit_rows(limits, groups)
+            allowed = np.isfinite(L)
+            raise _infeasible_together(["predicted loss", *names], [np.where(allowed, L, 0.0), *rows_g],
+                                       [max_loss, *bounds_g], ["{:.4g}".format, *shown], allowed)
+        alloc = _allocation(choice_g, L, B, groups, T)
+        loss_over = (alloc.loss - max_loss) / slack + 1e-9 if alloc.loss > max_loss * (1 + LOSS_RTOL) and slack > 0 else 0
+        over = [loss_over] + [_overshoot(lim, alloc) for lim in limits]
+        if all(o <= 0 for o in over):
             return alloc
-        limit -= (alloc.loss - max_loss) / slack + 1e-9
+        bounds = [b - max(o, 0) for b, o in zip(bounds, over)]
 
 
 def frontier(loss: np.ndarray, nbytes: np.ndarray, groups: list[list[int]]) -> list[Allocation]:
@@ -281,6 +370,7 @@ class Plan:
     planned_bytes: int  # the planned tensors, exactly
     max_file_bytes: int  # planned + fixed tensors + the header's upper bound
     n_weights: int
+    limited: dict[str, float] = field(default_factory=dict)  # each further limit's name -> the plan's total
 
     @property
     def bpw(self) -> float:
@@ -302,11 +392,12 @@ def plan_from_options(profile: Profile, options: dict[str, str], estimator: str,
     return _plan(profile, alloc, estimator, solver)
 
 
-def _plan(profile: Profile, alloc: Allocation, estimator: str, solver: str) -> Plan:
+def _plan(profile: Profile, alloc: Allocation, estimator: str, solver: str, limits: Sequence[Limit] = ()) -> Plan:
     return Plan(
         options={t: profile.options[o] for t, o in zip(profile.tensors, alloc.choice.tolist())},
         estimator=estimator, solver=solver, predicted_loss=alloc.loss, planned_bytes=alloc.nbytes,
         max_file_bytes=alloc.nbytes + profile.fixed_bytes + profile.header_bytes, n_weights=profile.n_weights,
+        limited={lim.name: lim.total(alloc.choice) for lim in limits},
     )
 
 
@@ -323,22 +414,24 @@ def budget_infeasible(budget: Budget, smallest_file: int, n_weights: int) -> Mix
     )
 
 
-def plan_for_budget(profile: Profile, budget: Budget, estimator: str = "hessian+kl") -> Plan:
-    """The exact least-loss plan whose whole file fits the budget."""
+def plan_for_budget(profile: Profile, budget: Budget, estimator: str = "hessian+kl",
+                    limits: Sequence[Limit] = ()) -> Plan:
+    """The exact least-loss plan whose whole file fits the budget and that meets every further limit."""
     loss = profile.predicted(estimator)
     try:
-        alloc = solve(loss, profile.nbytes, capacity(profile, budget), profile.tie_groups)
+        alloc = solve(loss, profile.nbytes, capacity(profile, budget), profile.tie_groups, limits)
     except InfeasibleBudget as e:
         raise budget_infeasible(budget, e.smallest + profile.fixed_bytes + profile.header_bytes, profile.n_weights) from None
-    return _plan(profile, alloc, estimator, "milp")
+    return _plan(profile, alloc, estimator, "milp", limits)
 
 
-def plan_for_loss(profile: Profile, max_loss: float, estimator: str = "hessian+kl") -> Plan:
-    """The exact smallest plan whose predicted loss is at most `max_loss`."""
+def plan_for_loss(profile: Profile, max_loss: float, estimator: str = "hessian+kl",
+                  limits: Sequence[Limit] = ()) -> Plan:
+    """The exact smallest plan whose predicted loss is at most `max_loss` and that meets every further limit."""
     if not max_loss > 0:
         raise MixqError(f"the loss bound must be positive, got {max_loss}")
-    alloc = solve_min_bytes(profile.predicted(estimator), profile.nbytes, max_loss, profile.tie_groups)
-    return _plan(profile, alloc, estimator, "milp-loss")
+    alloc = solve_min_bytes(profile.predicted(estimator), profile.nbytes, max_loss, profile.tie_groups, limits)
+    return _plan(profile, alloc, estimator, "milp-loss", limits)
 
 
 def frontier_plans(profile: Profile, estimator: str = "hessian+kl") -> list[Plan]:

@@ -11,6 +11,7 @@ log-probabilities by as much as quantizing does, and the test asks for 20x less.
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,17 +35,20 @@ N_CTX, N_CHUNKS = 64, 4
 # Families whose tiny models llama.cpp and transformers compute alike (KL < 1e-5 unquantized), with the
 # tokenizer each is given: SmolLM2's, or Qwen2's vocabulary from llama.cpp's own test vocabularies
 # (qwen2's tokenizer class replaces SmolLM2's pre-tokenizer with its own). phi3 is given a GPT-2
-# tokenizer, as Phi-4 has (the converter reads a SentencePiece model otherwise). Not here: gemma2,
-# whose converter needs a SentencePiece model; gemma3_text, where the two engines differ by KL 0.03 on
-# the unquantized model. llama's q/k/v/o carry biases, so vectors the converter takes as they are are
-# covered; mistral, olmo2, qwen2_moe and mixtral have an output matrix of their own (llama.cpp's olmo2 and
-# qwen2moe require one).
+# tokenizer, as Phi-4 has (the converter reads a SentencePiece model otherwise); the Gemmas a
+# SentencePiece model trained here with Gemma's special pieces, as their converter reads `tokenizer.model`.
+# llama.cpp takes Gemma 3's layer pattern as five sliding-window layers to one global (the converter
+# writes none), so the 2-layer gemma3_text has both layers sliding. llama's q/k/v/o carry biases, so
+# vectors the converter takes as they are are covered; mistral, olmo2, qwen2_moe and mixtral have an
+# output matrix of their own (llama.cpp's olmo2 and qwen2moe require one).
 # The mixtures of experts (a layer's experts are one GGUF tensor, so they share a type) route on
 # routers drawn to prefer some experts, as conftest's tiny MoE models do.
 FAMILIES = {"llama": dict(attention_bias=True), "mistral": dict(tied=False), "qwen2": {}, "qwen3": {},
             "olmo2": dict(tied=False), "granite": {}, "phi3": {}, "qwen2_moe": dict(tied=False),
-            "mixtral": dict(tied=False)}
+            "mixtral": dict(tied=False), "gemma2": {},
+            "gemma3_text": dict(layer_types=["sliding_attention"] * 2)}
 QWEN2_VOCAB = "ggml-vocab-qwen2.gguf"
+PRE_TOKENIZER = {"qwen2": "qwen2", "qwen2_moe": "qwen2", "gemma2": "default", "gemma3_text": "default"}  # else SmolLM2's
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +59,32 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
-def tokenizer_for(model_type: str, smollm2_tokenizer):
-    if model_type not in ("qwen2", "qwen2_moe"):
-        return smollm2_tokenizer
-    from transformers import AutoTokenizer
+def sentencepiece_model(root: Path) -> Path:
+    """A SentencePiece BPE model with Gemma's special pieces at Gemma's ids (pad, eos, bos, unk, then
+    mask and the turn markers), trained on the test text, as `root/tokenizer.model`."""
+    import sentencepiece
 
-    vocabularies = llama_cpp_source() / "models"
-    return AutoTokenizer.from_pretrained(vocabularies, gguf_file=QWEN2_VOCAB)
+    from conftest import make_text
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "corpus.txt").write_text(make_text(20000))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(root / "corpus.txt"), model_prefix=str(root / "tokenizer"), vocab_size=512, model_type="bpe",
+        byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+        bos_piece="<bos>", unk_piece="<unk>", user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"],
+        minloglevel=2)
+    return root / "tokenizer.model"
+
+
+def tokenizer_for(model_type: str, smollm2_tokenizer, scratch: Path):
+    """The tokenizer a tiny model of `model_type` is saved with (see FAMILIES)."""
+    from transformers import AutoTokenizer, GemmaTokenizer
+
+    if model_type in ("qwen2", "qwen2_moe"):
+        return AutoTokenizer.from_pretrained(llama_cpp_source() / "models", gguf_file=QWEN2_VOCAB)
+    if model_type.startswith("gemma"):  # transformers converts the SentencePiece model (with protobuf)
+        return GemmaTokenizer.from_pretrained(sentencepiece_model(scratch).parent)
+    return smollm2_tokenizer
 
 
 def as_gpt2_tokenizer(model_dir: Path) -> None:
@@ -99,14 +122,17 @@ def mean_kl(theirs, model) -> float:
 def test_export_from_hugging_face_runs_in_llama_cpp(model_type, smollm2_tokenizer, tmp_path):
     # llama.cpp gives a model named like Phi-3 Phi-3's SentencePiece special tokens: this one is Phi-4-like.
     name = "tiny-phi4" if model_type == "phi3" else f"tiny-{model_type}"
-    source = save_tiny_model(tmp_path / name, model_type, initializer_range=0.2,
-                             tokenizer=tokenizer_for(model_type, smollm2_tokenizer), **FAMILIES[model_type])
+    tokenizer = tokenizer_for(model_type, smollm2_tokenizer, tmp_path / "tokenizer")
+    source = save_tiny_model(tmp_path / name, model_type, initializer_range=0.2, tokenizer=tokenizer,
+                             **FAMILIES[model_type])
     if model_type == "phi3":
         as_gpt2_tokenizer(source)
+    if model_type.startswith("gemma"):  # transformers saves tokenizer.json only; Gemma's converter reads the model
+        shutil.copy(tmp_path / "tokenizer" / "tokenizer.model", source)
     run, gguf_path = mixed_export(source, tmp_path)
 
     reader = GGUFReader(gguf_path)
-    assert reader.fields["tokenizer.ggml.pre"].contents() == ("qwen2" if model_type.startswith("qwen2") else "smollm")
+    assert reader.fields["tokenizer.ggml.pre"].contents() == PRE_TOKENIZER.get(model_type, "smollm")
     assert reader.fields["general.name"].contents().lower().startswith("tiny")  # named after the source
     types = {t.tensor_type.name for t in reader.tensors}
     assert {"Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "F32"} <= types

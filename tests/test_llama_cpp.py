@@ -78,7 +78,7 @@ def llama_cpp_log_probs(gguf: Path, tmp: Path, n_ctx: int = N_CTX, n_chunks: int
         capture_output=True, text=True,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    return read_saved_log_probs(saved)
+    return read_saved_log_probs(saved, gguf)
 
 
 def llama_cpp_vs_torch(gguf: Path, model: torch.nn.Module, tmp: Path) -> tuple[float, float, float]:

@@ -10,7 +10,9 @@ from mixq.plan import (
     Budget,
     InfeasibleBudget,
     LOSS_RTOL,
+    InfeasibleLimits,
     InfeasibleLoss,
+    Limit,
     closed_form,
     frontier,
     smallest_bytes,
@@ -149,3 +151,59 @@ def test_unreachable_loss_bound_names_the_least_loss():
     nbytes = np.array([[10, 5], [8, 4]])
     with pytest.raises(InfeasibleLoss, match=r"at most 1; the least lossy plan in this option space predicts 1\.5"):
         solve_min_bytes(loss, nbytes, 1.0, [[0], [1]])
+
+
+def every_choice(O: int, groups: list[list[int]], T: int):
+    for combo in itertools.product(range(O), repeat=len(groups)):
+        choice = np.empty(T, dtype=int)
+        for g, o in zip(groups, combo):
+            choice[g] = o
+        yield choice
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 10**6), T=st.integers(1, 5), O=st.integers(1, 4), tie=st.booleans(),
+       byte_frac=st.floats(0.0, 1.0), time_frac=st.floats(-0.2, 1.0))
+def test_solver_with_a_second_limit_equals_brute_force(seed, T, O, tie, byte_frac, time_frac):
+    """Bytes and a time limit at once: the least lossy plan meeting both, or an error exactly when
+    no plan meets both (brute force over every plan)."""
+    loss, nbytes, groups = instance(seed, T, O, tie)
+    assume(all(np.isfinite(loss[g].sum(axis=0)).any() for g in groups))
+    seconds = np.random.default_rng(seed + 1).random((T, O)) * 1e-3  # unrelated to bytes, as on a real CPU
+    lo = smallest_bytes(loss, nbytes, groups)
+    capacity = int(lo + byte_frac * (nbytes.max() * T - lo))
+    fastest = min(seconds[np.arange(T), c].sum() for c in every_choice(O, groups, T)
+                  if np.isfinite(loss[np.arange(T), c]).all())
+    bound = fastest * (1 + time_frac)
+    rows = np.arange(T)
+    feasible = [c for c in every_choice(O, groups, T) if np.isfinite(loss[rows, c]).all()
+                and nbytes[rows, c].sum() <= capacity and seconds[rows, c].sum() <= bound]
+    limit = Limit("decode time", seconds, bound)
+    if not feasible:
+        with pytest.raises(MixqError, match="no plan"):
+            solve(loss, nbytes, capacity, groups, [limit])
+        return
+    best = min(loss[rows, c].sum() for c in feasible)
+    alloc = solve(loss, nbytes, capacity, groups, [limit])
+    assert alloc.nbytes <= capacity and limit.total(alloc.choice) <= bound * (1 + LOSS_RTOL)
+    assert alloc.loss == pytest.approx(best, rel=1e-9, abs=1e-9)
+
+
+def test_limits_that_only_fail_together_name_the_nearest_feasible_values():
+    """Two tensors, options (small, slow) and (large, fast): 14 bytes or 3 s each alone, not both."""
+    loss = np.array([[1.0, 0.5], [1.0, 0.5]])
+    nbytes = np.array([[5, 10], [5, 10]])
+    seconds = np.array([[2.0, 1.0], [2.0, 1.0]])
+    limit = Limit("decode time per token", seconds, 3.0, show="{:g} s".format)
+    with pytest.raises(InfeasibleLimits) as e:
+        solve(loss, nbytes, 14, [[0], [1]], [limit])
+    assert str(e.value) == ("no plan meets the bytes of the planned tensors limit and the decode time per token limit "
+                            "together; with the others kept, the least feasible is bytes of the planned tensors of 15 "
+                            "or decode time per token of 4 s")
+    # The quality-constrained twin, where the less lossy option is the slower: loss <= 1 needs 4 s.
+    slow = np.array([[1.0, 2.0], [1.0, 2.0]])
+    with pytest.raises(InfeasibleLimits) as e:
+        solve_min_bytes(loss, nbytes, 1.0, [[0], [1]], [Limit("decode time per token", slow, 3.0, show="{:g} s".format)])
+    assert str(e.value).endswith("the least feasible is predicted loss of 1.5 or decode time per token of 4 s"), e.value
+    with pytest.raises(InfeasibleLimits, match="least in this option space is 2 s"):
+        solve(loss, nbytes, 100, [[0], [1]], [Limit("decode time per token", seconds, 1.5, show="{:g} s".format)])

@@ -5,8 +5,9 @@ into a target's file. A target declares which formats it stores (`refusal`: why 
 cannot be stored in a format, or None), which source models it takes (`model_refusal`), and writes
 (`export`). `--target` on quantize/profile restricts the option space with the same declaration, so
 a plan made for a target is always exportable to it; a target that declares its file's bytes
-(`nbytes` per matrix, `overhead` per file) has a budget measured in its own file. Adding a target is
-adding a file that calls `register`.
+(`nbytes` per matrix, `overhead` per file) has a budget measured in its own file; one that declares
+its engine's `kernels` can have its matrix products timed here (`mixq bench-device`) and plans limited
+in time per token. Adding a target is adding a file that calls `register`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixq.errors import MixqError
+from mixq.latency import Kernels
 from mixq.export.native import KEPT_FORMATS
 from mixq.models import LoadedModel
 
@@ -39,6 +41,7 @@ class Target:
     # Bytes of the target's file beyond the parameters' data, for any plan over the planned tensors (a
     # bound); None: a budget for this target measures mixq's own file.
     overhead: Callable[[LoadedModel, list[str]], int] | None = None
+    kernels: Kernels | None = None  # its engine's matrix products, timed on this machine; None: not here
 
     def refuses(self, loaded: LoadedModel, name: str, fmt: str, shape: tuple[int, int]) -> str | None:
         """Why tensor `name` of `loaded` cannot be stored here in format `fmt`, or None if it can."""

@@ -43,10 +43,11 @@ from safetensors.torch import save_file
 from mixq.atomic import check_output_dir
 from mixq.errors import MixqError
 from mixq.export import Target, native, register, stored_formats
-from mixq.export.llama_cpp import convert_hf_to_gguf
+from mixq.export.llama_cpp import convert_hf_to_gguf, engine_build, time_matmuls
 from mixq.formats import parse_format
 from mixq.formats.ggml import GGMLFormat, equivalent_of, from_int
 from mixq.formats.integer import IntFormat
+from mixq.latency import Kernels
 from mixq.models import LoadedModel, source_gguf
 from mixq.models.gguf_file import read_gguf
 from mixq.models.architectures import family
@@ -336,6 +337,16 @@ def ggml_format(fmt_name: str) -> GGMLFormat | None:
     return fmt if isinstance(fmt, GGMLFormat) else equivalent_of(fmt) if isinstance(fmt, IntFormat) else None
 
 
+def kernel_type(fmt_name: str) -> str:
+    """The ggml type whose kernel multiplies a matrix stored in `fmt_name` (kept: f16)."""
+    if fmt_name in native.KEPT_FORMATS:
+        return fmt_name
+    written = ggml_format(fmt_name)
+    if written is None:
+        raise MixqError(f"{fmt_name} is no ggml type, so llama.cpp has no kernel for it: profile with --target gguf")
+    return written.name
+
+
 def refusal(fmt_name: str, shape: tuple[int, int]) -> str | None:
     """Why llama.cpp cannot store a (rows, cols) matrix in `fmt_name`, or None if it can."""
     written = ggml_format(fmt_name)
@@ -385,4 +396,5 @@ TARGET = register(Target(
     formats=("gguf",),
     nbytes=lambda fmt, shape: ggml_format(fmt).nbytes(shape),
     overhead=lambda loaded, planned: overhead_bound(loaded),
+    kernels=Kernels(engine_build, kernel_of=kernel_type, time=time_matmuls),
 ))

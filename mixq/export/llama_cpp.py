@@ -1,4 +1,5 @@
-"""llama.cpp beside mixq: its converter, where its binaries are, and reading what llama-perplexity saves.
+"""llama.cpp beside mixq: its converter, where its binaries are, reading what llama-perplexity saves, and
+timing its matrix products (ggml's kernels, through scripts/ggml-matmul-time.cpp).
 
 Source and tools come from scripts/build-llama-cpp, which fetches the llama.cpp source inside the
 pinned llama-cpp-python sdist and builds the tools (never a native build: -march=native emits AMX
@@ -8,13 +9,17 @@ source tree and build instead.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from gguf import GGUFReader
+from tqdm import tqdm
 
 from mixq.errors import MixqError
 
@@ -33,9 +38,36 @@ def _build_script(env_var: str, *args: str) -> Path:
 
 
 def tools_dir() -> Path:
-    """Directory holding llama-quantize, llama-imatrix, llama-perplexity and llama-completion
-    (built on first use, about 4 minutes on 2 cores, then cached)."""
+    """Directory holding llama-quantize, llama-imatrix, llama-perplexity, llama-completion and
+    ggml-matmul-time (built on first use, about 4 minutes on 2 cores, then cached)."""
     return _build_script("MIXQ_LLAMA_CPP_BIN")
+
+
+def engine_build() -> str:
+    """Which llama.cpp the tools are: the pinned llama-cpp-python version, or the user's build."""
+    if "MIXQ_LLAMA_CPP_BIN" in os.environ:
+        return f"llama.cpp at {os.environ['MIXQ_LLAMA_CPP_BIN']}"
+    default = re.search(r'VERSION="\$\{LLAMA_CPP_PYTHON_VERSION:-([^}]+)\}"', BUILD_SCRIPT.read_text())
+    return f"llama.cpp of llama-cpp-python {os.environ.get('LLAMA_CPP_PYTHON_VERSION', default[1])}"
+
+
+def time_matmuls(cases: list[tuple[str, int, int, int]], threads: int, repeats: int
+                 ) -> dict[tuple[str, int, int, int], list[float]]:
+    """Each case's (ggml type, rows, cols, tokens) matrix product timed `repeats` times with ggml's CPU
+    kernels, as llama.cpp runs them with `threads` threads."""
+    proc = subprocess.Popen([str(tools_dir() / "ggml-matmul-time"), "--threads", str(threads), "--repeats",
+                             str(repeats)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc.stdin.write("".join(f"{t} {r} {c} {n}\n" for t, r, c, n in cases))
+    proc.stdin.close()
+    seconds = {}
+    for case in tqdm(cases, desc="timing matrix products", unit="case"):
+        row = json.loads(proc.stdout.readline() or "{}")
+        if "seconds" not in row:
+            proc.kill()
+            raise MixqError(f"ggml-matmul-time: {row.get('error', 'no answer')} for {' '.join(map(str, case))}")
+        seconds[case] = row["seconds"]
+    proc.wait()
+    return seconds
 
 
 def llama_cpp_source() -> Path:
@@ -62,7 +94,7 @@ class SavedLogProbs:
     top one; anything lower is stored as the floor)."""
 
     n_ctx: int
-    tokens: np.ndarray  # (n_chunks, n_ctx) int32
+    tokens: np.ndarray  # (n_chunks, n_ctx) int32, as llama.cpp evaluated them
     log_probs: np.ndarray  # (n_chunks, n_ctx - 1 - n_ctx // 2, n_vocab) float32, positions n_ctx//2 .. n_ctx-2
 
     @property
@@ -70,7 +102,10 @@ class SavedLogProbs:
         return self.n_ctx // 2
 
 
-def read_saved_log_probs(path: Path) -> SavedLogProbs:
+def read_saved_log_probs(path: Path, model: Path) -> SavedLogProbs:
+    """The file `llama-perplexity -m model --kl-divergence-base path` wrote. It saves the text's tokens,
+    but evaluates every chunk with its first token replaced by BOS where the vocabulary adds one
+    (the text's first token is then BOS): `tokens` are put back as evaluated."""
     data = Path(path).read_bytes()
     if data[:8] != b"_logits_":
         raise MixqError(f"{path} is not a llama-perplexity logits file")
@@ -84,4 +119,8 @@ def read_saved_log_probs(path: Path) -> SavedLogProbs:
     head = np.ascontiguousarray(raw[..., :4]).view(np.float32)  # (chunks, pos, 2)
     scale, floor = head[..., :1], head[..., 1:2]
     log_probs = floor + scale * raw[..., 4 : 4 + n_vocab].astype(np.float32)
-    return SavedLogProbs(n_ctx, tokens.copy(), log_probs)
+    tokens = tokens.copy()
+    bos = GGUFReader(model).get_field("tokenizer.ggml.bos_token_id")
+    if bos is not None and tokens[0, 0] == bos.contents():
+        tokens[:, 0] = tokens[0, 0]
+    return SavedLogProbs(n_ctx, tokens, log_probs)

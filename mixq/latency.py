@@ -1,0 +1,191 @@
+"""Latency tables: how long each matrix takes in each option on this machine, measured with the target
+engine's own kernels (`mixq bench-device`), and what a plan costs per token.
+
+A table holds, for each case (kernel type, rows, cols, tokens), the seconds of one matrix product
+measured several times (a product with `tokens` activation rows: 1 is a decoded token, more a prefill
+batch), and the machine it was measured on: CPU model, logical CPUs, threads and the engine's build.
+A table is refused on another machine, and for a model whose shapes it lacks.
+
+A plan's predicted time per decoded token is the sum of its matrices' product times at their options:
+the matrix products only, as the table measures them (attention over the cache, norms and sampling
+are not counted). An input embedding that is not the output matrix costs nothing: it is looked up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mixq.atomic import atomic_write_text
+from mixq.errors import MixqError
+from mixq.options import Option
+
+if TYPE_CHECKING:
+    from mixq.plan import Limit
+    from mixq.profile import Profile
+
+LATENCY_VERSION = 1
+Case = tuple[str, int, int, int]  # (kernel type, rows, cols, tokens)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What a measured time depends on besides the shape and type."""
+
+    cpu: str
+    logical_cpus: int
+    threads: int
+    engine: str  # the engine's build, e.g. "llama.cpp of llama-cpp-python 0.3.36"
+
+    @classmethod
+    def here(cls, threads: int, engine: str) -> Machine:
+        return cls(cpu_model(), os.cpu_count() or 1, threads, engine)
+
+    def __str__(self) -> str:
+        return f"{self.cpu}, {self.logical_cpus} logical CPUs, {self.threads} threads, {self.engine}"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """How a target's engine multiplies a matrix here: its build, the kernel each stored format runs
+    as, and a timer of cases (cases, threads, repeats -> each case's measured seconds)."""
+
+    engine: Callable[[], str]
+    kernel_of: Callable[[str], str]  # format name (or "f16": kept) -> kernel type
+    time: Callable[[list[Case], int, int], dict[Case, list[float]]]
+
+
+@dataclass
+class LatencyTable:
+    target: str
+    machine: Machine
+    seconds: dict[Case, list[float]]  # each case's repeated measurements
+
+    def time(self, case: Case) -> float:
+        """The median of a case's measurements."""
+        return statistics.median(self.seconds[case])
+
+    def spread(self, case: Case) -> float:
+        """(max - min) / median of a case's measurements."""
+        values = self.seconds[case]
+        return (max(values) - min(values)) / statistics.median(values)
+
+    def save(self, path: Path) -> None:
+        rows = [dict(type=c[0], rows=c[1], cols=c[2], tokens=c[3], seconds=s) for c, s in sorted(self.seconds.items())]
+        atomic_write_text(Path(path), json.dumps(dict(version=LATENCY_VERSION, target=self.target,
+                                                      machine=asdict(self.machine), cases=rows), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> LatencyTable:
+        """A table written by `save`; anything else (or a table with impossible times) is refused."""
+        try:
+            data = json.loads(Path(path).read_text())
+            if data.get("version") != LATENCY_VERSION:
+                raise ValueError(f"version {data.get('version')!r}, expected {LATENCY_VERSION}")
+            machine = Machine(**data["machine"])
+            seconds = {}
+            for row in data["cases"]:
+                case = (str(row["type"]), int(row["rows"]), int(row["cols"]), int(row["tokens"]))
+                values = [float(v) for v in row["seconds"]]
+                if not values or not all(np.isfinite(v) and v > 0 for v in values):
+                    raise ValueError(f"case {case} has times {values}")
+                seconds[case] = values
+            return cls(str(data["target"]), machine, seconds)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise MixqError(f"{path} is not a latency table written by `mixq bench-device`: {e}") from None
+
+    def check_machine(self, kernels: Kernels) -> None:
+        """Refuse a table measured on another CPU or with another build of the engine."""
+        here = Machine.here(self.machine.threads, kernels.engine())
+        if self.machine != here:
+            raise MixqError(f"the latency table was measured on another machine ({self.machine}); this one is "
+                            f"{here}: measure it here with `mixq bench-device`")
+
+
+def parse_latency(text: str) -> float:
+    """A time per token in seconds: "40ms", "40ms/token", "0.04s", or a speed: "25tok/s"."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|us|tok/s|tokens/s)(/tok(en)?)?\s*", text)
+    if m is None or float(m[1]) <= 0:
+        raise MixqError(f"latency {text!r}: expected a positive time per token (40ms, 40ms/token, 0.04s) or a "
+                        f"speed (25tok/s)")
+    value, unit = float(m[1]), m[2]
+    if unit in ("tok/s", "tokens/s"):
+        return 1.0 / value
+    return value * {"s": 1.0, "ms": 1e-3, "us": 1e-6}[unit]
+
+
+def show_seconds(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms/token ({1 / seconds:.1f} tok/s)" if seconds > 0 else "0 ms/token"
+
+
+def profile_cases(profile: Profile, kernels: Kernels, tokens: int = 1) -> set[Case]:
+    """Every case a plan over `profile` can run (each allowed option of each multiplied matrix)."""
+    return {case for _, _, case in _cases_of(profile, kernels, tokens) if case is not None}
+
+
+def _cases_of(profile: Profile, kernels: Kernels, tokens: int):
+    # An option is allowed where some estimator has a finite error (one not run is infinite everywhere).
+    allowed = np.logical_or.reduce([np.isfinite(e) for e in profile.errors.values()])
+    return matmul_cases(profile.tensors, profile.kinds, profile.shapes, profile.options, allowed, kernels, tokens)
+
+
+def matmul_cases(tensors: list[str], kinds: list[str], shapes: list[tuple[int, int]], options: list[str],
+                 allowed: np.ndarray, kernels: Kernels, tokens: int):
+    """(tensor index, option index, case) for every allowed option of every tensor; the case is None
+    for a matrix that is only looked up (an input embedding of its own)."""
+    if any(".experts." in name for name in tensors):
+        raise MixqError("latency limits for mixtures of experts are not implemented (each expert's time "
+                        "depends on how often it is routed to)")
+    for t, (kind, (rows, cols)) in enumerate(zip(kinds, shapes)):
+        for o, option in enumerate(options):
+            if allowed[t, o]:
+                lookup = kind == "embedding"
+                yield t, o, None if lookup else (kernels.kernel_of(Option.parse(option).format), rows, cols, tokens)
+
+
+def measure(cases: set[Case], kernels: Kernels, threads: int, repeats: int, target: str) -> LatencyTable:
+    """Time every case with the target's kernels on this machine."""
+    if not cases:
+        raise MixqError("no matrix product to time (every planned matrix is only looked up)")
+    ordered = sorted(cases, key=lambda c: (c[1] * c[2] * c[3], c))  # small first: early progress
+    return LatencyTable(target, Machine.here(threads, kernels.engine()), kernels.time(ordered, threads, repeats))
+
+
+def decode_limit(profile: Profile, table: LatencyTable, kernels: Kernels, bound: float) -> Limit:
+    """The plan limit "matrix products per decoded token <= bound" with each (tensor, option)'s time
+    from `table` (which must hold every case the profile can plan)."""
+    from mixq.plan import Limit
+
+    cost = np.zeros(profile.nbytes.shape)
+    missing = []
+    for t, o, case in _cases_of(profile, kernels, 1):
+        if case is None:
+            continue
+        if case not in table.seconds:
+            missing.append(case)
+            continue
+        cost[t, o] = table.time(case)
+    if missing:
+        kind, rows, cols, _ = missing[0]
+        raise MixqError(f"the latency table has no time for {kind} at {rows}x{cols} (and {len(set(missing)) - 1} "
+                        f"more cases): measure this profile's shapes with `mixq bench-device --profile ...`")
+    return Limit("decode time per token", cost, bound, show=show_seconds)
