@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -122,8 +123,9 @@ def _add_profile_settings(p: argparse.ArgumentParser) -> None:
 
 def _add_latency_limit(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("latency")
-    g.add_argument("--max-latency", help="with --budget or --max-loss: the plan's matrix products per decoded token "
-                   "take at most this, as measured here: 40ms, 40ms/token, 0.04s, or a speed: 25tok/s")
+    g.add_argument("--max-latency", help="with --budget or --max-loss: the plan's time per decoded token (the "
+                   "table's matrix products, with its engine fit if it has one) is at most this, as measured here: "
+                   "40ms, 40ms/token, 0.04s, or a speed: 25tok/s")
     g.add_argument("--latency", type=Path, help="the latency table measured on this machine (`mixq bench-device`)")
 
 
@@ -208,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-loss", type=float, help="the smallest plan whose predicted loss is at most this")
     pl.add_argument("--frontier", action="store_true", help="print the frontier and plot it")
     pl.add_argument("--plot", type=Path, help="frontier plot (default: PROFILE.frontier.png)")
+    pl.add_argument("--axis", choices=("bytes", "latency"), default="bytes", help="the frontier's cost: the file's "
+                    "size (default), or the time per decoded token of a latency table (--latency)")
     pl.add_argument("--estimator", default="hessian+kl", help="hessian+kl (default), fisher+kl, hessian, fisher")
     pl.add_argument("--out", type=Path, help="write the plan as JSON")
     _add_latency_limit(pl)
@@ -217,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "kernels on this machine", description="Measure, with the engine's own kernels, the time of "
                        "each matrix product a plan can use (each shape in each option; a decoded token, and "
                        "optionally a prefill batch): a latency table for `--max-latency`. Give a profile (exactly "
-                       "its options) or a model (the target's default options).")
+                       "its options) or a model (the target's default options); --fit runs whole exported files in "
+                       "the engine's benchmark and fits the time the products do not account for.")
     d.add_argument("model", nargs="?", help="a model whose shapes to time (or --profile)")
     d.add_argument("--profile", type=Path, help="time the options of this profile")
     d.add_argument("--target", default="gguf", choices=tuple(n for n, t in _targets().items() if t.kernels),
@@ -227,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: every logical CPU)")
     d.add_argument("--repeats", type=int, default=5, help="measurements per case (default 5; the table keeps each)")
     d.add_argument("--prefill-tokens", type=int, default=0, help="also time products of this many tokens at once")
+    d.add_argument("--fit", type=Path, nargs="+", help="exported files (e.g. GGUFs of the model in a few types) "
+                   "to run in the engine's own benchmark: fits what the table misses (measured = scale x products + "
+                   "overhead), which --max-latency then uses; alone, adds the fit to the table at --out (or writes "
+                   "a table of the files' own products)")
     d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     d.set_defaults(run=cmd_bench_device)
 
@@ -238,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, required=True, help="the HTML file to write")
     r.add_argument("--budget", help="also show the allocation of the profile's plan for this budget")
     r.add_argument("--estimator", default="hessian+kl", help="hessian+kl (default), fisher+kl, hessian, fisher")
+    r.add_argument("--latency", type=Path, help="a latency table measured here (`mixq bench-device`): also the "
+                   "frontier against the time per decoded token")
     r.set_defaults(run=cmd_report)
 
     from mixq.export import TARGETS
@@ -258,7 +269,14 @@ def cmd_report(args: argparse.Namespace) -> None:
     from mixq.report_page import read_inputs, render
 
     profile, runs = read_inputs(args.inputs)
-    atomic_write_text(args.out, render(profile, runs, args.estimator, args.budget))
+    latency = None
+    if args.latency is not None:
+        from mixq.latency import decode_limit
+
+        if profile is None:
+            raise MixqError("--latency needs a profile among the inputs (its shapes and options are timed)")
+        latency = decode_limit(profile, *_latency_table(args.latency), math.inf)
+    atomic_write_text(args.out, render(profile, runs, args.estimator, args.budget, latency))
     print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes)")
 
 
@@ -401,75 +419,112 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 def cmd_bench_device(args: argparse.Namespace) -> None:
     from mixq.export import get_target
-    from mixq.latency import matmul_cases, measure, profile_cases
+    from mixq.latency import LatencyTable, Machine, fit_engine, measure, show_seconds
 
-    if (args.model is None) == (args.profile is None):
-        raise MixqError("give a model or --profile: the shapes and options to time")
+    if args.model is not None and args.profile is not None:
+        raise MixqError("give a model or --profile, not both")
     if args.threads < 1 or args.repeats < 1 or args.prefill_tokens < 0:
         raise MixqError("--threads and --repeats must be at least 1, --prefill-tokens at least 0")
-    if args.out.exists() and not args.overwrite:
-        raise MixqError(f"output {args.out} already exists (pass --overwrite to replace it)")
     kernels = get_target(args.target).kernels
+    start = time.perf_counter()
+    if args.model is None and args.profile is None:
+        if not args.fit:
+            raise MixqError("give a model or --profile (the shapes and options to time), or --fit FILE ... to fit "
+                            "the engine on exported files")
+        if args.out.exists() and not args.overwrite:
+            table = LatencyTable.load(args.out)  # the table at --out gains the engine's fit
+            table.check_machine(kernels)
+        else:  # a table of the files' own products only, streaming through the largest file
+            table = LatencyTable(args.target, Machine.here(args.threads, kernels.engine()), {},
+                                 max(Path(f).stat().st_size for f in args.fit))
+    else:
+        if args.out.exists() and not args.overwrite:
+            raise MixqError(f"output {args.out} already exists (pass --overwrite to replace it)")
+        cases, stream_bytes = _cases_to_time(args, kernels)
+        table = measure(cases, kernels, args.threads, args.repeats, args.target, stream_bytes)
+        worst = max(table.seconds, key=table.spread)
+        print(f"{len(table.seconds)} cases ({len({c[1:3] for c in table.seconds})} shapes) timed {args.repeats} "
+              f"times with {table.machine.engine} on {table.machine.cpu}, {args.threads} threads, streaming "
+              f"{table.stream_bytes / 1e6:,.0f} MB of weights; largest spread {table.spread(worst):.0%} "
+              f"({' '.join(map(str, worst))})")
+    if args.fit:
+        table.fit = fit_engine(table, args.fit, kernels, args.repeats)
+        fit = table.fit
+        print(f"engine fit: measured = {fit.scale:.3f} x products + {fit.overhead * 1e3:.3f} ms per token")
+        for name, products, measured in fit.points:
+            print(f"  {name}: products {show_seconds(products)}, fitted {show_seconds(fit.predict(products))}, "
+                  f"measured {show_seconds(measured)} (fitted is {fit.predict(products) / measured - 1:+.1%})")
+    table.save(args.out)
+    print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
+
+
+def _cases_to_time(args: argparse.Namespace, kernels) -> tuple[set, int]:
+    """Every product a plan can run (of the profile's options, or of the model in the target's default
+    ones), and the model's bytes at a typical plan, which each product streams through."""
+    from mixq.export import get_target
+    from mixq.latency import matmul_cases, model_bytes, profile_allowed, profile_cases
+
     tokens = [1] + ([args.prefill_tokens] if args.prefill_tokens > 1 else [])
-    cases: set = set()
     if args.profile:
         from mixq.profile import Profile
 
         profile = Profile.load(args.profile)
-        for n in tokens:
-            cases |= profile_cases(profile, kernels, n)
-    else:
-        from mixq.models import load_model
-        from mixq.options import OptionSpace
-        from mixq.profile import OptionTable
+        return ({c for n in tokens for c in profile_cases(profile, kernels, n)},
+                model_bytes(profile.nbytes, profile_allowed(profile)))
+    from mixq.models import load_model
+    from mixq.options import OptionSpace
+    from mixq.profile import OptionTable
 
-        loaded = load_model(args.model)
-        target = get_target(args.target)
-        table = OptionTable.build(loaded, OptionSpace(formats=target.formats), args.target)
-        plannable = loaded.plannable()
-        kinds = [plannable[t].kind for t in table.tensors]
-        shapes = [tuple(plannable[t].shape) for t in table.tensors]
-        names = [o.name for o in table.options]
-        for n in tokens:
-            cases |= {c for _, _, c in matmul_cases(table.tensors, kinds, shapes, names, table.allowed, kernels, n) if c}
-    start = time.perf_counter()
-    table = measure(cases, kernels, args.threads, args.repeats, args.target)
-    table.save(args.out)
-    worst = max(table.seconds, key=table.spread)
-    print(f"wrote {args.out}: {len(table.seconds)} cases ({len({c[1:3] for c in table.seconds})} shapes) timed "
-          f"{args.repeats} times with {table.machine.engine} on {table.machine.cpu}, {args.threads} threads, in "
-          f"{time.perf_counter() - start:.0f} s; largest spread {table.spread(worst):.0%} ({' '.join(map(str, worst))})")
+    loaded = load_model(args.model)
+    table = OptionTable.build(loaded, OptionSpace(formats=get_target(args.target).formats), args.target)
+    plannable = loaded.plannable()
+    kinds = [plannable[t].kind for t in table.tensors]
+    shapes = [tuple(plannable[t].shape) for t in table.tensors]
+    names = [o.name for o in table.options]
+    return ({c for n in tokens for _, _, c in matmul_cases(table.tensors, kinds, shapes, names, table.allowed,
+                                                            kernels, n) if c is not None},
+            model_bytes(table.nbytes, table.allowed))
 
 
-def _latency_setting(args: argparse.Namespace):
+def _latency_setting(args: argparse.Namespace, along_latency: bool = False):
     """(bound in seconds, latency table, the target's kernels) of --max-latency/--latency, checked
-    before any long work; None without them."""
-    from mixq.export import get_target
-    from mixq.latency import LatencyTable, parse_latency
+    before any long work (bound inf: a table only, for a frontier along latency); None without them."""
+    from mixq.latency import parse_latency
 
-    if args.max_latency is None:
+    if args.max_latency is None and not along_latency:
         if args.latency is not None:
-            raise MixqError("--latency is the table for --max-latency; give both")
+            raise MixqError("--latency is the table for --max-latency (or a frontier along --axis latency)")
         return None
     if args.latency is None:
-        raise MixqError("--max-latency needs --latency TABLE, the times measured here by `mixq bench-device`")
-    bound = parse_latency(args.max_latency)
-    table = LatencyTable.load(args.latency)
+        raise MixqError(f"{'--max-latency' if args.max_latency else '--axis latency'} needs --latency TABLE, the "
+                        "times measured here by `mixq bench-device`")
+    bound = math.inf if args.max_latency is None else parse_latency(args.max_latency)
+    return bound, *_latency_table(args.latency)
+
+
+def _latency_table(path: Path):
+    """A latency table measured on this machine, and its target's kernels."""
+    from mixq.export import get_target
+    from mixq.latency import LatencyTable
+
+    table = LatencyTable.load(path)
     kernels = get_target(table.target).kernels
     table.check_machine(kernels)
-    return bound, table, kernels
+    return table, kernels
 
 
 def _latency_limits(setting, profile) -> list:
     from mixq.latency import decode_limit
 
-    return [] if setting is None else [decode_limit(profile, setting[1], setting[2], setting[0])]
+    if setting is None or math.isinf(setting[0]):
+        return []
+    return [decode_limit(profile, setting[1], setting[2], setting[0])]
 
 
 def _limited(plan) -> str:
     from mixq.latency import show_seconds
 
-    return "".join(f", {name} {show_seconds(v)} (matrix products)" for name, v in plan.limited.items())
+    return "".join(f", {name} {show_seconds(v)}" for name, v in plan.limited.items())
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -482,20 +537,32 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if args.budget and args.max_loss is not None:
         raise MixqError("give either --budget or --max-loss, not both")
     profile = Profile.load(args.profile)
-    limits = _latency_limits(_latency_setting(args), profile)
+    setting = _latency_setting(args, along_latency=args.axis == "latency")
+    limits = _latency_limits(setting, profile)
+    if args.axis != "bytes" and not args.frontier:
+        raise MixqError("--axis is the cost along which --frontier is traced")
     if limits and not (args.budget or args.max_loss is not None):
         raise MixqError("--max-latency limits a plan for --budget or --max-loss")
     if args.frontier:
+        from mixq.latency import decode_limit
+
+        axis = None if args.axis == "bytes" else decode_limit(profile, setting[1], setting[2], math.inf)
         start = time.perf_counter()
-        plans = frontier_plans(profile, args.estimator)
+        plans = frontier_plans(profile, args.estimator, axis)
         seconds = time.perf_counter() - start
         step = max(1, len(plans) // 24)
-        rows = [[p.bpw, p.max_file_bytes, p.predicted_loss] for p in plans[::step] + plans[-1:]]
-        print(markdown_table(["bpw", "bytes (at most)", f"predicted loss ({args.estimator})"], rows))
+        shown = plans[::step] + plans[-1:]
+        headers = ["bpw", "bytes (at most)", f"predicted loss ({args.estimator})"]
+        rows = [[p.bpw, p.max_file_bytes, p.predicted_loss] for p in shown]
+        if axis is not None:
+            headers.insert(0, axis.name)
+            rows = [[axis.show(p.limited[axis.name]), *row] for p, row in zip(shown, rows)]
+        print(markdown_table(headers, rows))
         plot = args.plot or args.profile.with_name(args.profile.name + ".frontier.png")
-        plot_frontier(plans, plot, f"{profile.model}: {args.estimator}")
-        print(f"{len(plans)} frontier plans from {plans[0].bpw:.3f} to {plans[-1].bpw:.3f} bpw in {seconds:.3f} s; "
-              f"plot: {plot}")
+        plot_frontier(plans, plot, f"{profile.model}: {args.estimator}", axis)
+        span = (f"{plans[0].bpw:.3f} to {plans[-1].bpw:.3f} bpw" if axis is None else
+                f"{axis.show(plans[0].limited[axis.name])} to {axis.show(plans[-1].limited[axis.name])}")
+        print(f"{len(plans)} frontier plans from {span} in {seconds:.3f} s; plot: {plot}")
     if args.budget:
         budget = Budget.parse(args.budget)
         start = time.perf_counter()

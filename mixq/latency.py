@@ -6,9 +6,11 @@ measured several times (a product with `tokens` activation rows: 1 is a decoded 
 batch), and the machine it was measured on: CPU model, logical CPUs, threads and the engine's build.
 A table is refused on another machine, and for a model whose shapes it lacks.
 
-A plan's predicted time per decoded token is the sum of its matrices' product times at their options:
-the matrix products only, as the table measures them (attention over the cache, norms and sampling
-are not counted). An input embedding that is not the output matrix costs nothing: it is looked up.
+A plan's predicted time per decoded token is the sum of its matrices' product times at their options.
+That sum misses what the engine does besides (attention over the cache, norms, sampling, thread
+hand-offs): `mixq bench-device --fit FILE ...` runs a few exported files in the engine's own
+benchmark and fits, once per machine, measured = scale x sum + overhead, which the limit then uses.
+An input embedding that is not the output matrix costs nothing: it is looked up.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
     from mixq.plan import Limit
     from mixq.profile import Profile
 
-LATENCY_VERSION = 1
+LATENCY_VERSION = 2
 Case = tuple[str, int, int, int]  # (kernel type, rows, cols, tokens)
 
 
@@ -67,11 +69,27 @@ def cpu_model() -> str:
 @dataclass(frozen=True)
 class Kernels:
     """How a target's engine multiplies a matrix here: its build, the kernel each stored format runs
-    as, and a timer of cases (cases, threads, repeats -> each case's measured seconds)."""
+    as, a timer of cases (cases, threads, repeats -> each case's measured seconds), and for whole
+    files the products one decoded token runs and the engine's own measured time per decoded token."""
 
     engine: Callable[[], str]
     kernel_of: Callable[[str], str]  # format name (or "f16": kept) -> kernel type
-    time: Callable[[list[Case], int, int], dict[Case, list[float]]]
+    time: Callable[[list[Case], int, int, int], dict[Case, list[float]]]  # (cases, threads, repeats, stream bytes)
+    file_cases: Callable[[Path], list[Case]]
+    decode_seconds: Callable[[Path, int], float]  # (exported file, threads) -> seconds per decoded token
+
+
+@dataclass(frozen=True)
+class EngineFit:
+    """measured seconds per decoded token ~= scale x (the table's sum of products) + overhead, fitted
+    on whole files run by the engine; `points` are (file, the table's sum, measured)."""
+
+    scale: float
+    overhead: float
+    points: tuple[tuple[str, float, float], ...]
+
+    def predict(self, products: float) -> float:
+        return self.scale * products + self.overhead
 
 
 @dataclass
@@ -79,6 +97,8 @@ class LatencyTable:
     target: str
     machine: Machine
     seconds: dict[Case, list[float]]  # each case's repeated measurements
+    stream_bytes: int  # weights read per decoded token, which each product streams through as decoding does
+    fit: EngineFit | None = None  # what the sums miss, fitted on whole files (`mixq bench-device --fit`)
 
     def time(self, case: Case) -> float:
         """The median of a case's measurements."""
@@ -91,8 +111,10 @@ class LatencyTable:
 
     def save(self, path: Path) -> None:
         rows = [dict(type=c[0], rows=c[1], cols=c[2], tokens=c[3], seconds=s) for c, s in sorted(self.seconds.items())]
-        atomic_write_text(Path(path), json.dumps(dict(version=LATENCY_VERSION, target=self.target,
-                                                      machine=asdict(self.machine), cases=rows), indent=1) + "\n")
+        fit = asdict(self.fit) if self.fit else None
+        atomic_write_text(Path(path), json.dumps(dict(version=LATENCY_VERSION, target=self.target, fit=fit,
+                                                      stream_bytes=self.stream_bytes, machine=asdict(self.machine),
+                                                      cases=rows), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> LatencyTable:
@@ -109,9 +131,17 @@ class LatencyTable:
                 if not values or not all(np.isfinite(v) and v > 0 for v in values):
                     raise ValueError(f"case {case} has times {values}")
                 seconds[case] = values
-            return cls(str(data["target"]), machine, seconds)
+            fit = data.get("fit")
+            if fit is not None:
+                fit = EngineFit(float(fit["scale"]), float(fit["overhead"]),
+                                tuple((str(f), float(a), float(b)) for f, a, b in fit["points"]))
+            return cls(str(data["target"]), machine, seconds, int(data["stream_bytes"]), fit)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise MixqError(f"{path} is not a latency table written by `mixq bench-device`: {e}") from None
+
+    def products(self, cases: list[Case]) -> float:
+        """The table's sum over `cases` (each must be in the table)."""
+        return sum(self.time(c) for c in cases)
 
     def check_machine(self, kernels: Kernels) -> None:
         """Refuse a table measured on another CPU or with another build of the engine."""
@@ -142,10 +172,14 @@ def profile_cases(profile: Profile, kernels: Kernels, tokens: int = 1) -> set[Ca
     return {case for _, _, case in _cases_of(profile, kernels, tokens) if case is not None}
 
 
+def profile_allowed(profile: Profile) -> np.ndarray:
+    """(T, O): where some estimator has a finite error (one not run is infinite everywhere)."""
+    return np.logical_or.reduce([np.isfinite(e) for e in profile.errors.values()])
+
+
 def _cases_of(profile: Profile, kernels: Kernels, tokens: int):
-    # An option is allowed where some estimator has a finite error (one not run is infinite everywhere).
-    allowed = np.logical_or.reduce([np.isfinite(e) for e in profile.errors.values()])
-    return matmul_cases(profile.tensors, profile.kinds, profile.shapes, profile.options, allowed, kernels, tokens)
+    return matmul_cases(profile.tensors, profile.kinds, profile.shapes, profile.options, profile_allowed(profile),
+                        kernels, tokens)
 
 
 def matmul_cases(tensors: list[str], kinds: list[str], shapes: list[tuple[int, int]], options: list[str],
@@ -162,17 +196,47 @@ def matmul_cases(tensors: list[str], kinds: list[str], shapes: list[tuple[int, i
                 yield t, o, None if lookup else (kernels.kernel_of(Option.parse(option).format), rows, cols, tokens)
 
 
-def measure(cases: set[Case], kernels: Kernels, threads: int, repeats: int, target: str) -> LatencyTable:
-    """Time every case with the target's kernels on this machine."""
+def measure(cases: set[Case], kernels: Kernels, threads: int, repeats: int, target: str, stream_bytes: int
+            ) -> LatencyTable:
+    """Time every case with the target's kernels on this machine, each product streaming through
+    `stream_bytes` of weights (a decoded token reads the whole model: from the cache when it fits
+    there, else from memory, which the time of one matrix alone would not show)."""
     if not cases:
         raise MixqError("no matrix product to time (every planned matrix is only looked up)")
     ordered = sorted(cases, key=lambda c: (c[1] * c[2] * c[3], c))  # small first: early progress
-    return LatencyTable(target, Machine.here(threads, kernels.engine()), kernels.time(ordered, threads, repeats))
+    return LatencyTable(target, Machine.here(threads, kernels.engine()),
+                        kernels.time(ordered, threads, repeats, stream_bytes), stream_bytes)
+
+
+def model_bytes(nbytes: np.ndarray, allowed: np.ndarray) -> int:
+    """A model's weight bytes at a typical plan: each tensor at the median size of its allowed options."""
+    return int(sum(np.median(row[ok]) for row, ok in zip(nbytes, allowed) if ok.any()))
+
+
+def fit_engine(table: LatencyTable, files: list[Path], kernels: Kernels, repeats: int = 5) -> EngineFit:
+    """Run each exported file in the engine's own benchmark and fit measured = scale x products +
+    overhead by least squares (one file: scale 1). Cases of the files missing from the table are
+    timed and added first."""
+    per_file = [kernels.file_cases(Path(f)) for f in files]
+    missing = sorted({c for cases in per_file for c in cases} - set(table.seconds))
+    if missing:
+        table.seconds.update(kernels.time(missing, table.machine.threads, repeats, table.stream_bytes))
+    points = []
+    for f, cases in zip(files, per_file):
+        points.append((Path(f).name, table.products(cases), kernels.decode_seconds(Path(f), table.machine.threads)))
+    x, y = np.array([p[1] for p in points]), np.array([p[2] for p in points])
+    if len(points) >= 2 and np.ptp(x) > 0.05 * x.mean():
+        scale, overhead = np.polyfit(x, y, 1)
+        if scale > 0:
+            return EngineFit(float(scale), float(overhead), tuple(points))
+    # One file, or files whose sums hardly differ (or no positive scale fits them): an offset only.
+    return EngineFit(1.0, float(np.mean(y - x)), tuple(points))
 
 
 def decode_limit(profile: Profile, table: LatencyTable, kernels: Kernels, bound: float) -> Limit:
-    """The plan limit "matrix products per decoded token <= bound" with each (tensor, option)'s time
-    from `table` (which must hold every case the profile can plan)."""
+    """The plan limit "time per decoded token <= bound": each (tensor, option)'s product time from
+    `table` (which must hold every case the profile can plan), corrected by the table's engine fit if
+    it has one (else the products alone)."""
     from mixq.plan import Limit
 
     cost = np.zeros(profile.nbytes.shape)
@@ -188,4 +252,6 @@ def decode_limit(profile: Profile, table: LatencyTable, kernels: Kernels, bound:
         kind, rows, cols, _ = missing[0]
         raise MixqError(f"the latency table has no time for {kind} at {rows}x{cols} (and {len(set(missing)) - 1} "
                         f"more cases): measure this profile's shapes with `mixq bench-device --profile ...`")
-    return Limit("decode time per token", cost, bound, show=show_seconds)
+    if table.fit is None:
+        return Limit("decode time per token", cost, bound, show=lambda s: f"{show_seconds(s)} of matrix products")
+    return Limit("decode time per token", table.fit.scale * cost, bound, show=show_seconds, offset=table.fit.overhead)

@@ -93,9 +93,10 @@ class Limit:
     cost: np.ndarray  # (T, O), finite wherever the option is allowed
     bound: float
     show: Callable[[float], str] = "{:.4g}".format  # a value in the user's units
+    offset: float = 0.0  # a part of the total no plan changes (e.g. an engine's fixed time per token)
 
     def total(self, choice: np.ndarray) -> float:
-        return float(self.cost[np.arange(len(choice)), choice].sum())
+        return float(self.cost[np.arange(len(choice)), choice].sum()) + self.offset
 
 
 class InfeasibleLimits(MixqError):
@@ -157,7 +158,7 @@ def solve(loss: np.ndarray, nbytes: np.ndarray, capacity: int, groups: list[list
     _check_each_limit(L, limits, groups)
     g_idx, o_idx = np.nonzero(np.isfinite(L))  # one binary variable per allowed (group, option)
     rows = [B[g_idx, o_idx].astype(np.float64)] + [_grouped(lim.cost, groups)[g_idx, o_idx] for lim in limits]
-    bounds = [float(capacity)] + [lim.bound for lim in limits]
+    bounds = [float(capacity)] + [lim.bound - lim.offset for lim in limits]
     while True:
         choice_g = _solve_milp(L[g_idx, o_idx], rows, bounds, g_idx, o_idx, len(groups))
         if choice_g is None:
@@ -189,7 +190,7 @@ def _overshoot(lim: Limit, alloc: Allocation) -> float:
 def _check_each_limit(L: np.ndarray, limits: Sequence[Limit], groups: list[list[int]]) -> None:
     """Refuse a limit that no plan meets even alone, naming the least value any plan reaches."""
     for lim in limits:
-        least = float(np.where(np.isfinite(L), _grouped(lim.cost, groups), np.inf).min(axis=1).sum())
+        least = float(np.where(np.isfinite(L), _grouped(lim.cost, groups), np.inf).min(axis=1).sum()) + lim.offset
         if least > lim.bound * (1 + LOSS_RTOL):
             raise InfeasibleLimits(f"no plan has a {lim.name} of at most {lim.show(lim.bound)}; the least in "
                                    f"this option space is {lim.show(least)}")
@@ -217,7 +218,8 @@ def _infeasible_together(what: list[str], rows: list[np.ndarray], bounds: list[f
 def _limit_rows(limits: Sequence[Limit], groups: list[list[int]]):
     """(names, (G, O) rows, bounds, formatters) of further limits, for `_infeasible_together`."""
     return ([lim.name for lim in limits], [_grouped(lim.cost, groups) for lim in limits],
-            [lim.bound for lim in limits], [lim.show for lim in limits])
+            [lim.bound - lim.offset for lim in limits],
+            [lambda v, lim=lim: lim.show(v + lim.offset) for lim in limits])
 
 
 def _solve_milp(cost: np.ndarray, weights: list[np.ndarray], limits: list[float], g_idx: np.ndarray,
@@ -268,7 +270,7 @@ def solve_min_bytes(loss: np.ndarray, nbytes: np.ndarray, max_loss: float, group
     share = excess[g_idx, o_idx] / slack if slack > 0 else np.zeros(len(g_idx))
     size = B[g_idx, o_idx].astype(np.float64)
     rows = [share] + [_grouped(lim.cost, groups)[g_idx, o_idx] for lim in limits]
-    bounds = [1.0] + [lim.bound for lim in limits]
+    bounds = [1.0] + [lim.bound - lim.offset for lim in limits]
     while True:
         choice_g = _solve_milp(size, rows, bounds, g_idx, o_idx, len(groups))
         if choice_g is None:
@@ -284,22 +286,25 @@ def solve_min_bytes(loss: np.ndarray, nbytes: np.ndarray, max_loss: float, group
         bounds = [b - max(o, 0) for b, o in zip(bounds, over)]
 
 
-def frontier(loss: np.ndarray, nbytes: np.ndarray, groups: list[list[int]]) -> list[Allocation]:
-    """Plans on the lower convex hull of (bytes, loss), from the smallest to the least lossy.
+def frontier(loss: np.ndarray, nbytes: np.ndarray, groups: list[list[int]], axis: np.ndarray | None = None
+             ) -> list[Allocation]:
+    """Plans on the lower convex hull of (cost, loss), from the cheapest to the least lossy; the cost
+    is the bytes, or `axis` (a (T, O) cost such as a time per decoded token).
 
-    Each is optimal for its own size: start every group at its smallest option and apply the
-    upgrades along each group's convex hull in order of loss saved per byte.
+    Each is optimal for its own cost: start every group at its cheapest option and apply the
+    upgrades along each group's convex hull in order of loss saved per unit of cost.
     """
     T = loss.shape[0]
     L, B = group_arrays(loss, nbytes, groups)
+    C = B if axis is None else _grouped(axis, groups)
     start = np.empty(len(groups), dtype=np.int64)
-    upgrades = []  # (loss saved per byte, group, option)
+    upgrades = []  # (loss saved per unit of cost, group, option)
     for g in range(len(groups)):
         allowed = np.nonzero(np.isfinite(L[g]))[0]
-        hull = _lower_hull(allowed, B[g], L[g])
+        hull = _lower_hull(allowed, C[g], L[g])
         start[g] = hull[0]
         for a, b in zip(hull, hull[1:]):
-            upgrades.append(((L[g, a] - L[g, b]) / (B[g, b] - B[g, a]), g, b))
+            upgrades.append(((L[g, a] - L[g, b]) / (C[g, b] - C[g, a]), g, b))
     upgrades.sort(key=lambda u: -u[0])  # steepest first; within a group slopes decrease, so order holds
     group_of = np.empty(T, dtype=np.int64)  # tensor -> its group, to expand group choices at once
     for g, members in enumerate(groups):
@@ -317,7 +322,7 @@ def frontier(loss: np.ndarray, nbytes: np.ndarray, groups: list[list[int]]) -> l
 
 
 def _lower_hull(options: np.ndarray, B: np.ndarray, L: np.ndarray) -> list[int]:
-    """Options on the lower-left convex hull of (bytes, loss), by increasing bytes and decreasing loss."""
+    """Options on the lower-left convex hull of (cost B, loss), by increasing cost and decreasing loss."""
     order = sorted(options.tolist(), key=lambda o: (B[o], L[o]))
     hull: list[int] = []
     for o in order:
@@ -434,9 +439,14 @@ def plan_for_loss(profile: Profile, max_loss: float, estimator: str = "hessian+k
     return _plan(profile, alloc, estimator, "milp-loss", limits)
 
 
-def frontier_plans(profile: Profile, estimator: str = "hessian+kl") -> list[Plan]:
+def frontier_plans(profile: Profile, estimator: str = "hessian+kl", axis: Limit | None = None) -> list[Plan]:
+    """The frontier along the bytes, or along `axis` (its bound unused): each plan's total on the axis
+    is in its `limited`."""
     loss = profile.predicted(estimator)
-    return [_plan(profile, a, estimator, "frontier") for a in frontier(loss, profile.nbytes, profile.tie_groups)]
+    cost = None if axis is None else axis.cost
+    limits = [] if axis is None else [axis]
+    return [_plan(profile, a, estimator, "frontier", limits)
+            for a in frontier(loss, profile.nbytes, profile.tie_groups, cost)]
 
 
 def closed_form_plan(profile: Profile, budget: Budget, estimator: str = "hessian+kl") -> tuple[Plan, float]:

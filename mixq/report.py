@@ -50,8 +50,9 @@ def plan_summary(plan) -> str:
     return markdown_table(["option", "tensors"], rows)
 
 
-def plot_frontier(plans, path, title: str) -> None:
-    """Predicted loss against bits per weight, written atomically as a PNG."""
+def plot_frontier(plans, path, title: str, axis=None) -> None:
+    """Predicted loss against bits per weight, or against `axis` (a plan limit, in its plans'
+    `limited`, here a time per decoded token), written atomically as a PNG."""
     import os
 
     import matplotlib
@@ -61,9 +62,11 @@ def plot_frontier(plans, path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     shown = [p for p in plans if p.predicted_loss > 0]  # log axis: the all-16-bit plan has loss 0
-    ax.plot([p.bpw for p in shown], [p.predicted_loss for p in shown], marker=".", lw=1)
+    x = [p.bpw if axis is None else 1e3 * p.limited[axis.name] for p in shown]
+    ax.plot(x, [p.predicted_loss for p in shown], marker=".", lw=1)
+    ax.set_xlabel("bits per weight (whole file, at most)" if axis is None else
+                  f"{axis.name} (ms, predicted from the latency table)")
     ax.set_yscale("log")
-    ax.set_xlabel("bits per weight (whole file, at most)")
     ax.set_ylabel("predicted loss")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)

@@ -1,6 +1,7 @@
 """`mixq report`: one self-contained HTML page about a profile and the runs made from it.
 
-From a profile: the frontier of predicted loss against size, each tensor's sensitivity (its
+From a profile: the frontier of predicted loss against size (and against the time per decoded
+token, given a latency table), each tensor's sensitivity (its
 predicted loss in a middle option) as a heat map over blocks and tensor kinds, and the allocation
 of the plan for a budget. From `mixq quantize` outputs: their measured KL with its 95% interval,
 drawn on the frontier next to what their plan predicted, their allocation, and a table. Figures
@@ -113,26 +114,35 @@ def _pyplot():
     return plt
 
 
-def frontier_figure(profile, runs: list[Run], estimator: str) -> str:
+def frontier_figure(profile, runs: list[Run], estimator: str, axis=None) -> str:
+    """Predicted loss of the frontier against bits per weight, or against `axis` (a plan limit such
+    as the time per decoded token), with the runs' measured KL at their own place on that axis."""
     from mixq.plan import frontier_plans
 
     plt = _pyplot()
-    plans = frontier_plans(profile, estimator)
+    plans = frontier_plans(profile, estimator, axis)
     # Up to where the loss falls below 1e-4 of the smallest plan's: the rest is the 8-16 bit tail.
     plans = [p for p in plans if p.predicted_loss > 1e-4 * plans[0].predicted_loss]
+
+    def place(bpw: float, limited: dict) -> float:
+        return bpw if axis is None else 1e3 * limited[axis.name]
+
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    ax.plot([p.bpw for p in plans], [p.predicted_loss for p in plans], lw=1.2, label=f"frontier, predicted ({estimator})")
+    ax.plot([place(p.bpw, p.limited) for p in plans], [p.predicted_loss for p in plans], lw=1.2,
+            label=f"frontier, predicted ({estimator})")
     for run in runs:
         for _, rep in run.evaluations()[:1]:
-            if rep.get("kl_mean") is None:
+            if rep.get("kl_mean") is None or (axis is not None and set(run.plan) != set(profile.tensors)):
                 continue
+            x = place(run.bpw, {} if axis is None else {axis.name: axis.total(
+                np.array([profile.options.index(run.plan[t]) for t in profile.tensors]))})
             lo, hi = rep.get("kl_ci95") or (rep["kl_mean"], rep["kl_mean"])
-            ax.errorbar([run.bpw], [rep["kl_mean"]], yerr=[[rep["kl_mean"] - lo], [hi - rep["kl_mean"]]], fmt="o",
+            ax.errorbar([x], [rep["kl_mean"]], yerr=[[rep["kl_mean"] - lo], [hi - rep["kl_mean"]]], fmt="o",
                         capsize=3, label=f"{run.path.name}: measured KL, 95% interval")
             if run.predicted_loss:
-                ax.plot([run.bpw], [run.predicted_loss], "x", color="black")
+                ax.plot([x], [run.predicted_loss], "x", color="black")
     ax.set_yscale("log")
-    ax.set_xlabel("bits per weight (whole file)")
+    ax.set_xlabel("bits per weight (whole file)" if axis is None else f"{axis.name} (ms, predicted)")
     ax.set_ylabel("KL to the reference")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
@@ -206,8 +216,10 @@ def _fmt(v) -> str:
     return fmt_value(v)
 
 
-def render(profile, runs: list[Run], estimator: str = "hessian+kl", budget: str | None = None) -> str:
-    """The page's HTML."""
+def render(profile, runs: list[Run], estimator: str = "hessian+kl", budget: str | None = None,
+           latency=None) -> str:
+    """The page's HTML; with `latency` (a plan limit in time per decoded token) also the frontier
+    along it."""
     from mixq.plan import Budget, plan_for_budget
 
     title = profile.model if profile is not None else runs[0].info.get("model", "mixq")
@@ -217,6 +229,10 @@ def render(profile, runs: list[Run], estimator: str = "hessian+kl", budget: str 
                          + (" and the runs' measured KL (points, with 95% bootstrap intervals over windows; "
                             "x: what their plan predicted)" if runs else "") + ".",
                          figure(frontier_figure(profile, runs, estimator))))
+        if latency is not None:
+            sections.append(("Frontier in time", f"Predicted loss of the best plan at each {latency.name}, "
+                             "as the latency table predicts it" + (" (a run's x: its plan's time)" if runs else "")
+                             + ".", figure(frontier_figure(profile, runs, estimator, latency))))
         values, option = sensitivity(profile, estimator)
         sections.append(("Sensitivity", f"Predicted loss of each tensor in {option} alone ({estimator}); "
                          "brighter is more sensitive.", figure(heat_map(values, f"predicted loss in {option}", "loss", log=True))

@@ -1,6 +1,8 @@
 """Latency tables (`mixq bench-device`) and plans limited in time per decoded token."""
 
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 from mixq.cli import main
 from mixq.errors import MixqError
 from mixq.export import get_target
-from mixq.latency import LatencyTable, Machine, decode_limit, parse_latency, profile_cases
+from mixq.latency import EngineFit, LatencyTable, Machine, decode_limit, parse_latency, profile_cases
 from mixq.plan import Budget, plan_for_budget
 from mixq.profile import Profile
 
@@ -31,7 +33,7 @@ def gguf_profile(tiny_llama_dir, text_file, tmp_path_factory) -> Path:
 def made_up_table(profile: Profile, machine: Machine) -> LatencyTable:
     cases = profile_cases(profile, GGUF)
     return LatencyTable("gguf", machine, {c: [SECONDS_PER_WEIGHT[c[0]] * c[1] * c[2] * f for f in (0.9, 1.0, 1.2)]
-                                          for c in cases})
+                                          for c in cases}, stream_bytes=10**6)
 
 
 def here() -> Machine:
@@ -57,6 +59,22 @@ def test_a_latency_limit_is_met_at_the_least_loss(gguf_profile):
     assert total == pytest.approx(limited.limited["decode time per token"], rel=1e-9)
 
 
+def test_an_engine_fit_scales_the_products_and_adds_its_overhead(gguf_profile):
+    profile = Profile.load(gguf_profile)
+    table = made_up_table(profile, here())
+    budget = Budget.parse("16bpw")
+    products = plan_for_budget(profile, budget, "hessian+kl", [decode_limit(profile, table, GGUF, 1.0)])
+    table.fit = EngineFit(scale=1.5, overhead=2e-6, points=())
+    fitted = plan_for_budget(profile, budget, "hessian+kl", [decode_limit(profile, table, GGUF, 1.0)])
+    assert fitted.options == products.options
+    assert fitted.limited["decode time per token"] == pytest.approx(
+        1.5 * products.limited["decode time per token"] + 2e-6, rel=1e-9)
+    # A bound just under the free plan's fitted time binds; the same bound without the fit would not.
+    bound = 0.99 * fitted.limited["decode time per token"]
+    limited = plan_for_budget(profile, budget, "hessian+kl", [decode_limit(profile, table, GGUF, bound)])
+    assert limited.limited["decode time per token"] <= bound * (1 + 1e-9) and limited.options != products.options
+
+
 def test_plan_command_with_a_latency_limit(gguf_profile, tmp_path, capsys):
     profile = Profile.load(gguf_profile)
     made_up_table(profile, here()).save(tmp_path / "t.latency")
@@ -70,6 +88,29 @@ def test_plan_command_with_a_latency_limit(gguf_profile, tmp_path, capsys):
     assert "expected a positive time per token" in capsys.readouterr().err
     assert main(["plan", str(gguf_profile), "--budget", "16bpw", "--max-latency", "1s"]) == 2
     assert "--max-latency needs --latency" in capsys.readouterr().err
+
+
+def test_frontier_along_the_time_per_token(gguf_profile, tmp_path, capsys):
+    """`plan --frontier --axis latency`: plans from the fastest to the least lossy, each time slower
+    and less lossy, drawn; `report --latency` adds the same frontier to the page."""
+    profile = Profile.load(gguf_profile)
+    table = tmp_path / "t.latency"
+    made_up_table(profile, here()).save(table)
+    plot = tmp_path / "frontier.png"
+    assert main(["plan", str(gguf_profile), "--frontier", "--axis", "latency", "--latency", str(table),
+                 "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if "ms/token" in line and line.startswith("|")]
+    times = [float(r[0].split()[0]) for r in rows]
+    losses = [float(r[-1]) for r in rows]
+    assert len(rows) > 3 and times == sorted(times) and losses == sorted(losses, reverse=True)
+    assert times[0] < times[-1] / 2 and plot.read_bytes()[:4] == b"\x89PNG"
+    assert main(["plan", str(gguf_profile), "--frontier", "--axis", "latency"]) == 2
+    assert "--axis latency needs --latency TABLE" in capsys.readouterr().err
+    page = tmp_path / "report.html"
+    assert main(["report", str(gguf_profile), "--latency", str(table), "--out", str(page)]) == 0
+    assert re.findall(r"<h2>(.*?)</h2>", page.read_text()) == ["Frontier", "Frontier in time", "Sensitivity"]
+    assert page.read_text().count("<svg") == 3
 
 
 def test_a_table_from_another_machine_or_model_is_refused(gguf_profile, tmp_path, capsys):
@@ -128,7 +169,7 @@ def test_ggml_kernels_time_larger_products_longer():
     """The timer runs ggml's own kernels: a product with 64 times the weights, or with 64 tokens
     instead of one, takes far longer."""
     cases = [("q4_0", 256, 256, 1), ("q4_0", 2048, 2048, 1), ("q4_0", 2048, 2048, 64)]
-    seconds = {c: np.median(s) for c, s in GGUF.time(cases, 1, 3).items()}
+    seconds = {c: np.median(s) for c, s in GGUF.time(cases, 1, 3, 2**20).items()}
     assert seconds[cases[1]] > 8 * seconds[cases[0]]
     assert seconds[cases[2]] > 4 * seconds[cases[1]]
 
@@ -146,3 +187,31 @@ def test_bench_device_on_a_profile(gguf_profile, tmp_path, capsys):
     assert main(["plan", str(gguf_profile), "--budget", "16bpw", "--max-latency", "1s", "--latency", str(out)]) == 0
     assert main(["bench-device", "--profile", str(gguf_profile), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_engine_fit_predicts_whole_files(smollm2, tmp_path, capsys):
+    """SmolLM2 in three ggml types, each decoded by llama-bench: the table's sums of each file's
+    matrix products rank the files as the engine does, and the fit (scale x sum + overhead) predicts
+    every file's measured time per token."""
+    from mixq.export.llama_cpp import tools_dir
+    from mixq.models import source_gguf
+
+    files = []
+    for kind in ("F16", "Q8_0", "Q4_0"):  # Q4_0 runs in llama.cpp's repacked layout
+        files.append(tmp_path / f"{kind}.gguf")
+        subprocess.run([str(tools_dir() / "llama-quantize"), "--allow-requantize", str(source_gguf(smollm2.spec)),
+                        str(files[-1]), kind, "2"], check=True, capture_output=True, timeout=600)
+    out = tmp_path / "cpu.latency"
+    assert main(["bench-device", "--fit", *map(str, files), "--out", str(out), "--threads", "1",
+                 "--repeats", "3"]) == 0
+    assert "engine fit: measured =" in capsys.readouterr().out
+    table = LatencyTable.load(out)
+    # 30 blocks of 7 matrices, and the tied token embedding, which is also the output product
+    assert all(len(GGUF.file_cases(f)) == 211 and set(GGUF.file_cases(f)) <= set(table.seconds) for f in files)
+    fit = table.fit
+    products, measured = zip(*((p, m) for _, p, m in fit.points))
+    assert products[0] > products[1] > products[2] and measured[0] > measured[2]
+    assert fit.scale > 0.2 and fit.overhead > 0
+    for p, m in zip(products, measured):
+        assert fit.predict(p) == pytest.approx(m, rel=0.1)

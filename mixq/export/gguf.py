@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from mixq.atomic import check_output_dir
 from mixq.errors import MixqError
 from mixq.export import Target, native, register, stored_formats
-from mixq.export.llama_cpp import convert_hf_to_gguf, engine_build, time_matmuls
+from mixq.export.llama_cpp import convert_hf_to_gguf, decode_seconds, engine_build, file_matmuls, time_matmuls
 from mixq.formats import parse_format
 from mixq.formats.ggml import GGMLFormat, equivalent_of, from_int
 from mixq.formats.integer import IntFormat
@@ -396,5 +396,6 @@ TARGET = register(Target(
     formats=("gguf",),
     nbytes=lambda fmt, shape: ggml_format(fmt).nbytes(shape),
     overhead=lambda loaded, planned: overhead_bound(loaded),
-    kernels=Kernels(engine_build, kernel_of=kernel_type, time=time_matmuls),
+    kernels=Kernels(engine_build, kernel_of=kernel_type, time=time_matmuls, file_cases=file_matmuls,
+                    decode_seconds=decode_seconds),
 ))

@@ -22,6 +22,7 @@ from gguf import GGUFReader
 from tqdm import tqdm
 
 from mixq.errors import MixqError
+from mixq.models.gguf_file import read_gguf
 
 BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "build-llama-cpp"
 
@@ -51,12 +52,40 @@ def engine_build() -> str:
     return f"llama.cpp of llama-cpp-python {os.environ.get('LLAMA_CPP_PYTHON_VERSION', default[1])}"
 
 
-def time_matmuls(cases: list[tuple[str, int, int, int]], threads: int, repeats: int
+def file_matmuls(gguf: Path) -> list[tuple[str, int, int, int]]:
+    """The (ggml type, rows, cols, 1) matrix products llama.cpp runs for one decoded token of a GGUF:
+    every matrix but the token embedding, which is looked up (unless the output reuses it)."""
+    tensors = read_gguf(gguf).tensors
+    names = {t.name for t in tensors}
+    cases = []
+    for t in tensors:
+        if len(t.shape) == 3:
+            raise MixqError(f"{gguf}: {t.name} holds experts; timing mixtures of experts is not implemented")
+        if len(t.shape) == 2 and (t.name != "token_embd.weight" or "output.weight" not in names):
+            cols, rows = (int(n) for n in t.shape)
+            cases.append((t.tensor_type.name.lower(), rows, cols, 1))
+    return cases
+
+
+def decode_seconds(gguf: Path, threads: int, tokens: int = 64, repeats: int = 3) -> float:
+    """llama-bench's own measure of a GGUF's decoding: seconds per generated token (mean over
+    `repeats` runs of `tokens` tokens)."""
+    out = subprocess.run([str(tools_dir() / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(tokens), "-t",
+                          str(threads), "-r", str(repeats), "-o", "json"], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise MixqError(f"llama-bench failed on {gguf}: {out.stderr.strip().splitlines()[-1:] or out.returncode}")
+    runs = [r for r in json.loads(out.stdout) if r.get("n_gen", 0) > 0]
+    return 1.0 / runs[0]["avg_ts"]
+
+
+def time_matmuls(cases: list[tuple[str, int, int, int]], threads: int, repeats: int, stream_bytes: int
                  ) -> dict[tuple[str, int, int, int], list[float]]:
     """Each case's (ggml type, rows, cols, tokens) matrix product timed `repeats` times with ggml's CPU
-    kernels, as llama.cpp runs them with `threads` threads."""
+    kernels, as llama.cpp runs them with `threads` threads (its repacked layouts included), cycling
+    through copies of the weights `stream_bytes` in all."""
     proc = subprocess.Popen([str(tools_dir() / "ggml-matmul-time"), "--threads", str(threads), "--repeats",
-                             str(repeats)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                             str(repeats), "--stream-bytes", str(stream_bytes)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
     proc.stdin.write("".join(f"{t} {r} {c} {n}\n" for t, r, c, n in cases))
     proc.stdin.close()
     seconds = {}
