@@ -34,6 +34,7 @@ def steps(text: Path, runs: Path) -> dict[str, list[str]]:
         "models": ["bench/models.py", *t],
         "deploy": ["bench/deploy.py", *t, "--work", str(runs / "deploy")],
         "gguf": ["bench/vs_llama_cpp.py", *t, "--work", str(runs / "gguf")],
+        "latency": ["bench/latency.py", *t, "--work", str(runs / "gguf")],  # reuses the gguf step's files
     }
 
 

@@ -25,6 +25,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -102,9 +103,11 @@ def calibration_text(work: Path, source: Path, n: int, seq_len: int) -> Path:
     return out
 
 
-def measure(binp: Path, work: Path, gguf: Path, text: Path, chunks: int, threads: int, **labels) -> dict:
-    """llama-perplexity --kl-divergence of `gguf` against the reference's logits (cached per file)."""
-    cached = work / "measured" / f"{gguf.name}.json"
+def measure(binp: Path, work: Path, gguf: Path, text: Path, chunks: int, threads: int, into: str = "measured",
+            **labels) -> dict:
+    """llama-perplexity --kl-divergence of `gguf` against the reference's logits (cached per file in
+    the folder `into` of `work`)."""
+    cached = work / into / f"{gguf.name}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
     base = work / "reference.kld"
@@ -172,35 +175,43 @@ def main() -> None:
                     help="run one side (e.g. two processes side by side), or just rewrite the table")
     args = ap.parse_args()
     binp = llama_bin()
+    start = time.time()
+    if args.only == "report":
+        reference_path = reference_gguf(args, binp, args.work)
+        return write_report(args, args.work / reference_path.stem, reference_path, start)
+    work, reference_path, imatrix = prepare(args, binp, need_imatrix=args.only != "mixq")
+    if args.only != "mixq":
+        llama_files(args, work, binp, reference_path, imatrix, lambda: write_report(args, work, reference_path, start))
+    if args.only != "llama":
+        mixq_files(args, work, binp, reference_path, start)
+    write_report(args, work, reference_path, start)
+
+
+def prepare(args, binp: Path, need_imatrix: bool = True) -> tuple[Path, Path, Path]:
+    """(work folder, reference F32 GGUF, imatrix): the reference and its logits on the judged text, the
+    calibration text sampled from it, and llama-imatrix on that text, each made once and cached."""
     args.work.mkdir(parents=True, exist_ok=True)
     reference_path = reference_gguf(args, binp, args.work)
     work = args.work / reference_path.stem
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    if args.only == "report":
-        return write_report(args, work, reference_path, start)
-
     if not (work / "reference.kld").is_file():
         run([str(binp / "llama-perplexity"), "-m", str(reference_path), "-f", str(args.text), "--chunks",
              str(args.chunks), "-t", str(args.threads), "--kl-divergence-base", str(work / "reference.kld.partial")],
             work / "logs" / "reference.kld.log")
         os.replace(work / "reference.kld.partial", work / "reference.kld")
     calib = calibration_text(work, reference_path, args.calib_windows, 512)
-    if args.only != "mixq":
-        imatrix = work / "imatrix.gguf"
-        if not imatrix.is_file():
-            run([str(binp / "llama-imatrix"), "-m", str(reference_path), "-f", str(calib), "-o",
-                 str(work / "imatrix.partial.gguf"), "--chunks", str(args.calib_windows), "-t", str(args.threads)],
-                work / "logs" / "imatrix.log")
-            os.replace(work / "imatrix.partial.gguf", imatrix)
-        llama_files(args, work, binp, reference_path, imatrix, start)
-    if args.only != "llama":
-        mixq_files(args, work, binp, reference_path, start)
-    write_report(args, work, reference_path, start)
+    imatrix = work / "imatrix.gguf"
+    if need_imatrix and not imatrix.is_file():
+        run([str(binp / "llama-imatrix"), "-m", str(reference_path), "-f", str(calib), "-o",
+             str(work / "imatrix.partial.gguf"), "--chunks", str(args.calib_windows), "-t", str(args.threads)],
+            work / "logs" / "imatrix.log")
+        os.replace(work / "imatrix.partial.gguf", imatrix)
+    return work, reference_path, imatrix
 
 
-def llama_files(args, work: Path, binp: Path, f32: Path, imatrix: Path, start: float) -> None:
-    """llama.cpp's files, the imatrix ones first (the strongest); a type llama.cpp refuses is recorded."""
+def llama_files(args, work: Path, binp: Path, f32: Path, imatrix: Path, after_each: Callable[[], None]) -> None:
+    """llama.cpp's files, the imatrix ones first (the strongest); a type llama.cpp refuses is recorded;
+    `after_each` runs once each file is measured (a report rewritten)."""
     jobs = [(t, True) for t in args.llama_types] + [(t, False) for t in args.llama_types if t in args.plain_types]
     for qtype, with_imatrix in jobs:
         name = f"llama-{qtype}{'-imatrix' if with_imatrix else ''}.gguf"
@@ -221,38 +232,14 @@ def llama_files(args, work: Path, binp: Path, f32: Path, imatrix: Path, start: f
             os.replace(work / "partial.gguf", out)
         measure(binp, work, out, args.text, args.chunks, args.threads, maker="llama.cpp", kind=qtype,
                 imatrix=with_imatrix)
-        write_report(args, work, f32, start)
+        after_each()
 
 
 def mixq_files(args, work: Path, binp: Path, source: Path, start: float) -> None:
     """mixq's GGUF at each target llama.cpp type's file size (that file must exist: --only llama makes it)."""
-    from mixq.cli import HELD_OUT_SEED
-    from mixq.data import WindowSpec, load_windows
-    from mixq.export import native
-    from mixq.export.gguf import export_gguf
-    from mixq.formats import parse_format
-    from mixq.methods import MethodSettings
-    from mixq.models import load_model
-    from mixq.options import Option, OptionSpace
     from mixq.plan import Budget, plan_for_budget
-    from mixq.profile import Profile, ProfileSettings, build_profile
-    from mixq.quantize import QuantizedModel
-    import torch
-    from tqdm.auto import tqdm
 
-    settings = MethodSettings(clip_grid=MIXQ_CLIP_GRID)
-    profile_path = work / "mixq.profile"
-    loaded = load_model(str(source))
-    calib = load_windows(loaded, WindowSpec(args.calib_windows, 512, seed=0))  # the text llama-imatrix used
-    if profile_path.is_file():
-        profile = Profile.load(profile_path)
-    else:
-        held_out = load_windows(loaded, WindowSpec(MIXQ_HELD_OUT[0], MIXQ_HELD_OUT[1], seed=HELD_OUT_SEED))
-        space = OptionSpace(formats=MIXQ_FORMATS, methods=("rtn",))
-        profile = build_profile(loaded, calib, held_out, ProfileSettings(
-            space=space, method_settings=settings, fisher_windows=0, measure_every=MIXQ_MEASURE_EVERY,
-            row_fraction=MIXQ_ROW_FRACTION))
-        profile.save(profile_path)
+    loaded, profile = mixq_profile(work / "mixq.profile", source, args.calib_windows, MIXQ_FORMATS)
     for kind in args.sizes:
         theirs = work / f"llama-{kind}-imatrix.gguf"
         if not theirs.is_file():
@@ -261,26 +248,64 @@ def mixq_files(args, work: Path, binp: Path, source: Path, start: float) -> None
         size = theirs.stat().st_size
         out = work / f"mixq-{kind}.gguf"
         if not out.is_file():
-            plan = plan_for_budget(profile, Budget(size, "bytes"), "hessian+kl")
-            t0 = time.time()
-            plannable = loaded.plannable()
-            result = QuantizedModel()
-            for name, option in tqdm(plan.options.items(), desc=f"mixq {kind}", unit="tensor"):
-                option = Option.parse(option)
-                if not option.is_keep:
-                    W = loaded.read(plannable[name].param)
-                    result.tensors[name] = parse_format(option.format).fit(
-                        W, torch.from_numpy(profile.importance[name]), *settings.clip())
-            run_dir = work / f"mixq-{kind}.run"
-            run_dir.mkdir(exist_ok=True)
-            native.save(run_dir, loaded, result, dict(model=loaded.spec, predicted_loss=plan.predicted_loss))
-            export_gguf(run_dir, work / "partial.gguf", overwrite=True)
-            os.replace(work / "partial.gguf", out)
-            (work / "logs" / f"{out.name}.seconds").write_text(f"{time.time() - t0:.0f}")
+            mixq_gguf(loaded, profile, plan_for_budget(profile, Budget(size, "bytes"), "hessian+kl"), out, work)
         written = out.stat().st_size
         assert 0.99 * size <= written <= size, (kind, written, size)
         measure(binp, work, out, args.text, args.chunks, args.threads, maker="mixq", kind=kind, imatrix=True)
         write_report(args, work, source, start)
+
+
+def mixq_profile(path: Path, source: Path, calib_windows: int, formats: tuple[str, ...]):
+    """(the loaded reference, mixq's profile of it over `formats`), the profile made once and cached at
+    `path`, on the calibration windows llama-imatrix also reads."""
+    from mixq.cli import HELD_OUT_SEED
+    from mixq.data import WindowSpec, load_windows
+    from mixq.methods import MethodSettings
+    from mixq.models import load_model
+    from mixq.options import OptionSpace
+    from mixq.profile import Profile, ProfileSettings, build_profile
+
+    loaded = load_model(str(source))
+    if path.is_file():
+        return loaded, Profile.load(path)
+    calib = load_windows(loaded, WindowSpec(calib_windows, 512, seed=0))  # the text llama-imatrix used
+    held_out = load_windows(loaded, WindowSpec(MIXQ_HELD_OUT[0], MIXQ_HELD_OUT[1], seed=HELD_OUT_SEED))
+    profile = build_profile(loaded, calib, held_out, ProfileSettings(
+        space=OptionSpace(formats=formats, methods=("rtn",)), method_settings=MethodSettings(clip_grid=MIXQ_CLIP_GRID),
+        fisher_windows=0, measure_every=MIXQ_MEASURE_EVERY, row_fraction=MIXQ_ROW_FRACTION))
+    profile.save(path)
+    return loaded, profile
+
+
+def mixq_gguf(loaded, profile, plan, out: Path, work: Path) -> None:
+    """The plan as a GGUF at `out`: one-shot RTN of each tensor onto its planned type with the profile's
+    diag(H), exported; the seconds it took go to logs/OUT.seconds."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from mixq.export import native
+    from mixq.export.gguf import export_gguf
+    from mixq.formats import parse_format
+    from mixq.methods import MethodSettings
+    from mixq.options import Option
+    from mixq.quantize import QuantizedModel
+
+    settings = MethodSettings(clip_grid=MIXQ_CLIP_GRID)
+    t0 = time.time()
+    plannable = loaded.plannable()
+    result = QuantizedModel()
+    for name, option in tqdm(plan.options.items(), desc=out.stem, unit="tensor"):
+        option = Option.parse(option)
+        if not option.is_keep:
+            W = loaded.read(plannable[name].param)
+            result.tensors[name] = parse_format(option.format).fit(W, torch.from_numpy(profile.importance[name]),
+                                                                    *settings.clip())
+    run_dir = work / f"{out.stem}.run"
+    run_dir.mkdir(exist_ok=True)
+    native.save(run_dir, loaded, result, dict(model=loaded.spec, predicted_loss=plan.predicted_loss))
+    export_gguf(run_dir, work / "partial.gguf", overwrite=True)
+    os.replace(work / "partial.gguf", out)
+    (work / "logs" / f"{out.name}.seconds").write_text(f"{time.time() - t0:.0f}")
 
 
 def labelled(row: dict) -> dict:
