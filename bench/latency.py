@@ -102,13 +102,18 @@ def main() -> None:
         rows.append(dict(row, maker="llama.cpp", kind=f.stem.split("-")[1], seconds=decode_time(f, work, args.threads)))
 
     from mixq.latency import decode_limit
-    from mixq.plan import Budget, plan_for_budget
+    from mixq.plan import Budget, InfeasibleLimits, plan_for_budget
 
+    refused = []
     table, kernels = latency_table(work / f"latency-t{args.threads}.json", profile, llama, args.threads)
     for kind in args.limits:
         bound = next(r["seconds"] for r in rows if r["kind"] == kind)
         limit = decode_limit(profile, table, kernels, bound)
-        plan = plan_for_budget(profile, Budget(16.0, "bpw"), "hessian+kl", [limit])
+        try:
+            plan = plan_for_budget(profile, Budget(16.0, "bpw"), "hessian+kl", [limit])
+        except InfeasibleLimits as e:  # faster than any plan over mixq's options here: said in the table
+            refused.append(f"- At {kind}'s speed ({bound * 1e3:.2f} ms/token): {e}.")
+            continue
         digest = hashlib.sha256(json.dumps(plan.options, sort_keys=True).encode()).hexdigest()[:8]
         out = work / f"mixq-at-{kind}-speed-t{args.threads}-{digest}.gguf"  # a new table may plan anew
         if not out.is_file():
@@ -116,10 +121,10 @@ def main() -> None:
         row = measure(binp, work, out, args.text, args.chunks, args.threads, into="measured-latency")
         rows.append(dict(row, maker="mixq", kind=kind, limit=bound, predicted=plan.limited[limit.name],
                          seconds=decode_time(out, work, args.threads)))
-    write_report(args, rows, table, reference_path, start)
+    write_report(args, rows, refused, table, reference_path, start)
 
 
-def write_report(args, rows: list[dict], table, reference_path: Path, start: float) -> None:
+def write_report(args, rows: list[dict], refused: list[str], table, reference_path: Path, start: float) -> None:
     from mixq.latency import show_seconds
     from mixq.report import markdown_table
 
@@ -173,6 +178,8 @@ def write_report(args, rows: list[dict], table, reference_path: Path, start: flo
         "",
         markdown_table(["limit (llama.cpp type's ms)", "mixq predicted ms", "mixq measured ms", "predicted error",
                         "mixq KLD", "best llama.cpp as fast", "its KLD", "ratio", f"<= {TARGET_RATIO}"], versus),
+        "",
+        *refused,
         "",
         f"Fastest llama.cpp file: {theirs[0]['kind']} at {show_seconds(theirs[0]['seconds'])}." if theirs else "",
     ])
