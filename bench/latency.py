@@ -21,10 +21,8 @@ count), so a stopped run resumes; bench/results/latency.md is rewritten at the e
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import os
 import shlex
 import sys
 import time
@@ -33,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import REFERENCE_LINE, commit, machine, model_name, reference, write_result  # noqa: E402
 from vs_llama_cpp import (  # noqa: E402  (the head-to-head's reference, files and judge)
-    CACHE, llama_bin, llama_files, measure, mixq_gguf, mixq_profile, prepare,
+    llama_bin, llama_files, measure, mixq_gguf, mixq_profile, prepare, reference_arguments,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,14 +75,7 @@ def latency_table(path: Path, profile, llama: list[Path], threads: int):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--text", type=Path, required=True, help="WikiText-2 test split (wiki.test.raw)")
-    ap.add_argument("--model", type=Path, default=None,
-                    help="reference GGUF (default: the full-precision stand-in of the shipped Qwen2.5-Coder-1.5B)")
-    ap.add_argument("--work", type=Path, default=CACHE / "bench-gguf")
-    ap.add_argument("--chunks", type=int, default=40, help="512-token chunks llama-perplexity evaluates")
-    ap.add_argument("--calib-windows", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of every timing and tool")
+    ap = reference_arguments(__doc__.splitlines()[0])
     ap.add_argument("--llama-types", nargs="+", default=LLAMA_TYPES)
     ap.add_argument("--limits", nargs="+", default=LIMIT_TYPES, help="llama.cpp types whose decode time is a limit")
     args = ap.parse_args()

@@ -158,15 +158,21 @@ def reference_gguf(args, binp: Path, work: Path) -> Path:
     return f32
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def reference_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments of the reference, its judge, the calibration and the cache (shared by the GGUF benches)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--text", type=Path, required=True, help="WikiText-2 test split (wiki.test.raw)")
     ap.add_argument("--model", type=Path, default=None,
                     help="reference GGUF (default: the full-precision stand-in of the shipped Qwen2.5-Coder-1.5B)")
     ap.add_argument("--work", type=Path, default=CACHE / "bench-gguf")
     ap.add_argument("--chunks", type=int, default=40, help="512-token chunks llama-perplexity evaluates")
     ap.add_argument("--calib-windows", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of every llama.cpp tool and timing")
+    return ap
+
+
+def main() -> None:
+    ap = reference_arguments(__doc__.splitlines()[0])
     ap.add_argument("--llama-types", nargs="+", default=LLAMA_TYPES, help="llama.cpp's files, each with an imatrix")
     ap.add_argument("--plain-types", nargs="*", default=LLAMA_TYPES,
                     help="of those, the ones also made without an imatrix")
