@@ -215,6 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--estimator", default="hessian+kl", help="hessian+kl (default), fisher+kl, hessian, fisher")
     pl.add_argument("--out", type=Path, help="write the plan as JSON")
     _add_latency_limit(pl)
+    dv = pl.add_argument_group("devices")
+    dv.add_argument("--device-budget", help="memory of each device, e.g. gpu0=6GiB,cpu=10GiB: blocks are placed "
+                    "in layer order (the host, then the accelerators as named) and typed together so each device "
+                    "holds its blocks' weights and KV cache; without cpu the host keeps only the token embedding "
+                    "(--budget, if given, still limits the whole file)")
+    dv.add_argument("--offload", default="auto", help="with --device-budget: auto (default) solves how many "
+                    "blocks leave the host; a number fixes it, as llama.cpp's -ngl counts (blocks, then the output)")
+    dv.add_argument("--context", type=int, default=4096, help="with --device-budget: tokens of KV cache each "
+                    "device holds for its blocks, in f16 (default 4096; 0 leaves it out)")
     pl.set_defaults(run=cmd_plan)
 
     d = sub.add_parser("bench-device", help="time every matrix shape in every option with the target engine's "
@@ -532,8 +541,10 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from mixq.profile import Profile
     from mixq.report import markdown_table, plan_summary, plot_frontier
 
+    if args.device_budget:
+        return _plan_for_devices(args)
     if not (args.budget or args.frontier or args.max_loss is not None):
-        raise MixqError("give --budget, --max-loss or --frontier")
+        raise MixqError("give --budget, --max-loss, --frontier or --device-budget")
     if args.budget and args.max_loss is not None:
         raise MixqError("give either --budget or --max-loss, not both")
     profile = Profile.load(args.profile)
@@ -584,6 +595,82 @@ def cmd_plan(args: argparse.Namespace) -> None:
               f"predicted loss {plan.predicted_loss:.5g}{_limited(plan)}")
     if args.out and (args.budget or args.max_loss is not None):
         atomic_write_text(args.out, json.dumps(plan.as_dict(), indent=2) + "\n")
+
+
+def _plan_for_devices(args: argparse.Namespace) -> None:
+    """`mixq plan --device-budget`: types and placement solved together, printed per device."""
+    from mixq.placement import DeviceBudget, plan_for_devices, show_bytes
+    from mixq.plan import Budget
+    from mixq.profile import Profile
+    from mixq.report import markdown_table, plan_summary
+
+    if args.max_loss is not None or args.frontier:
+        raise MixqError("--device-budget plans for memory per device (with --budget and --max-latency if given): "
+                        "--max-loss and --frontier do not combine with it")
+    if args.context < 0:
+        raise MixqError(f"--context must be 0 or more tokens, got {args.context}")
+    if args.offload != "auto" and not args.offload.isdigit():
+        raise MixqError(f"--offload is auto or a number of blocks (llama.cpp's -ngl), got {args.offload!r}")
+    devices = DeviceBudget.parse(args.device_budget)
+    profile = Profile.load(args.profile)
+    time_limits = _device_time_limits(args, devices, profile)
+    start = time.perf_counter()
+    plan, placement = plan_for_devices(profile, devices, args.estimator, args.context,
+                                       Budget.parse(args.budget) if args.budget else None,
+                                       None if args.offload == "auto" else int(args.offload), time_limits)
+    seconds = time.perf_counter() - start
+    print(plan_summary(plan))
+    rows = []
+    for name, d in placement.as_dict()["devices"].items():
+        used = d["weights"] + d["kv_cache"] + placement.fixed
+        blocks = f"{d['blocks'][0]}-{d['blocks'][1]}" if d["blocks"] else "-"
+        rows.append([name, blocks, "yes" if d["output"] else "no", show_bytes(d["weights"]), show_bytes(d["kv_cache"]),
+                     show_bytes(used) + ("" if d["capacity"] is None else f" of {show_bytes(d['capacity'])}")])
+    print()
+    print(markdown_table(["device", "blocks", "output", "weights", f"KV cache ({args.context} tokens)", "held"], rows))
+    print(f"\nsolved in {seconds:.2f} s: {plan.bpw:.4f} bpw, at most {plan.max_file_bytes:,} bytes, predicted loss "
+          f"{plan.predicted_loss:.5g}{_limited(plan)}; llama.cpp: {placement.llama_cpp_flags()} -c {args.context} (its compute "
+          "buffers come on top of what is held here)")
+    if args.out:
+        atomic_write_text(args.out, json.dumps(dict(plan.as_dict(), placement=placement.as_dict()), indent=2) + "\n")
+
+
+def _device_time_limits(args: argparse.Namespace, devices, profile) -> list:
+    """One decode-time limit per device for --max-latency with --device-budget: each device that holds
+    blocks needs its own latency table (--latency gpu0=gpu.latency,cpu=cpu.latency; a single table
+    serves a single such device)."""
+    import numpy as np
+
+    from mixq.latency import decode_limit, parse_latency, show_seconds
+    from mixq.plan import Limit
+
+    if args.max_latency is None:
+        if args.latency is not None:
+            raise MixqError("--latency is the table for --max-latency")
+        return []
+    if args.latency is None:
+        raise MixqError("--max-latency needs --latency, the times measured by `mixq bench-device` on each device")
+    bound = parse_latency(args.max_latency)
+    holding = [d.name for d in devices.devices if d.holds_blocks]
+    text = str(args.latency)
+    if "=" in text:
+        paths = dict(part.split("=", 1) for part in text.split(","))
+    elif len(holding) == 1:
+        paths = {holding[0]: text}
+    else:
+        raise MixqError(f"--max-latency over several devices needs a latency table for each of {', '.join(holding)}: "
+                        f"--latency {','.join(f'{d}={d}.latency' for d in holding)}")
+    unknown = sorted(set(paths) - {d.name for d in devices.devices})
+    if unknown or set(holding) - set(paths):
+        raise MixqError(f"--latency names {unknown[0]}, which --device-budget does not" if unknown else
+                        f"--latency has no table for {sorted(set(holding) - set(paths))[0]}")
+    limits = []
+    for d in devices.devices:
+        if d.name in paths:
+            limits.append(decode_limit(profile, *_latency_table(Path(paths[d.name])), bound))
+        else:  # a host the user did not name only looks up the token embedding
+            limits.append(Limit("decode time per token", np.zeros(profile.nbytes.shape), bound, show_seconds))
+    return limits
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:

@@ -133,7 +133,7 @@ def group_arrays(
     return L, B
 
 
-def _allocation(choice_g: np.ndarray, L: np.ndarray, B: np.ndarray, groups: list[list[int]], T: int) -> Allocation:
+def allocation_of(choice_g: np.ndarray, L: np.ndarray, B: np.ndarray, groups: list[list[int]], T: int) -> Allocation:
     choice = np.empty(T, dtype=np.int64)
     for g, members in enumerate(groups):
         choice[members] = choice_g[g]
@@ -165,7 +165,7 @@ def solve(loss: np.ndarray, nbytes: np.ndarray, capacity: int, groups: list[list
             names, rows_g, bounds_g, shown = _limit_rows(limits, groups)
             raise _infeasible_together(["bytes of the planned tensors", *names], [B.astype(np.float64), *rows_g],
                                        [float(capacity), *bounds_g], ["{:,.0f}".format, *shown], np.isfinite(L))
-        alloc = _allocation(choice_g, L, B, groups, T)
+        alloc = allocation_of(choice_g, L, B, groups, T)
         over = [alloc.nbytes - capacity] + [_overshoot(lim, alloc) for lim in limits]
         if all(o <= 0 for o in over):
             break
@@ -278,7 +278,7 @@ def solve_min_bytes(loss: np.ndarray, nbytes: np.ndarray, max_loss: float, group
             allowed = np.isfinite(L)
             raise _infeasible_together(["predicted loss", *names], [np.where(allowed, L, 0.0), *rows_g],
                                        [max_loss, *bounds_g], ["{:.4g}".format, *shown], allowed)
-        alloc = _allocation(choice_g, L, B, groups, T)
+        alloc = allocation_of(choice_g, L, B, groups, T)
         loss_over = (alloc.loss - max_loss) / slack + 1e-9 if alloc.loss > max_loss * (1 + LOSS_RTOL) and slack > 0 else 0
         over = [loss_over] + [_overshoot(lim, alloc) for lim in limits]
         if all(o <= 0 for o in over):
@@ -394,10 +394,10 @@ def plan_from_options(profile: Profile, options: dict[str, str], estimator: str,
     rows = np.arange(len(choice))
     loss = profile.predicted(estimator)[rows, choice]
     alloc = Allocation(choice, int(profile.nbytes[rows, choice].sum()), float(loss.sum()))
-    return _plan(profile, alloc, estimator, solver)
+    return plan_of(profile, alloc, estimator, solver)
 
 
-def _plan(profile: Profile, alloc: Allocation, estimator: str, solver: str, limits: Sequence[Limit] = ()) -> Plan:
+def plan_of(profile: Profile, alloc: Allocation, estimator: str, solver: str, limits: Sequence[Limit] = ()) -> Plan:
     return Plan(
         options={t: profile.options[o] for t, o in zip(profile.tensors, alloc.choice.tolist())},
         estimator=estimator, solver=solver, predicted_loss=alloc.loss, planned_bytes=alloc.nbytes,
@@ -427,7 +427,7 @@ def plan_for_budget(profile: Profile, budget: Budget, estimator: str = "hessian+
         alloc = solve(loss, profile.nbytes, capacity(profile, budget), profile.tie_groups, limits)
     except InfeasibleBudget as e:
         raise budget_infeasible(budget, e.smallest + profile.fixed_bytes + profile.header_bytes, profile.n_weights) from None
-    return _plan(profile, alloc, estimator, "milp", limits)
+    return plan_of(profile, alloc, estimator, "milp", limits)
 
 
 def plan_for_loss(profile: Profile, max_loss: float, estimator: str = "hessian+kl",
@@ -436,7 +436,7 @@ def plan_for_loss(profile: Profile, max_loss: float, estimator: str = "hessian+k
     if not max_loss > 0:
         raise MixqError(f"the loss bound must be positive, got {max_loss}")
     alloc = solve_min_bytes(profile.predicted(estimator), profile.nbytes, max_loss, profile.tie_groups, limits)
-    return _plan(profile, alloc, estimator, "milp-loss", limits)
+    return plan_of(profile, alloc, estimator, "milp-loss", limits)
 
 
 def frontier_plans(profile: Profile, estimator: str = "hessian+kl", axis: Limit | None = None) -> list[Plan]:
@@ -445,7 +445,7 @@ def frontier_plans(profile: Profile, estimator: str = "hessian+kl", axis: Limit 
     loss = profile.predicted(estimator)
     cost = None if axis is None else axis.cost
     limits = [] if axis is None else [axis]
-    return [_plan(profile, a, estimator, "frontier", limits)
+    return [plan_of(profile, a, estimator, "frontier", limits)
             for a in frontier(loss, profile.nbytes, profile.tie_groups, cost)]
 
 
@@ -472,5 +472,5 @@ def closed_form_plan(profile: Profile, budget: Budget, estimator: str = "hessian
         fits = np.isfinite(L[g]) & (B[g] <= b[g] * n[g] / 8 + 1e-9)
         cand = np.nonzero(fits)[0] if fits.any() else [int(np.argmin(np.where(np.isfinite(L[g]), B[g], np.inf)))]
         choice_g[g] = min(cand, key=lambda o: L[g, o])
-    alloc = _allocation(choice_g, L, B, profile.tie_groups, loss.shape[0])
-    return _plan(profile, alloc, estimator, "closed-form"), continuous_loss
+    alloc = allocation_of(choice_g, L, B, profile.tie_groups, loss.shape[0])
+    return plan_of(profile, alloc, estimator, "closed-form"), continuous_loss

@@ -21,10 +21,8 @@ import numpy as np
 
 from mixq.errors import MixqError
 from mixq.export import native
+from mixq.models.layout import block_and_kind
 from mixq.report import QUALITY_HEADERS, quality_row
-
-_BLOCK = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
-
 
 @dataclass(frozen=True)
 class Run:
@@ -64,15 +62,6 @@ def read_inputs(paths: list[Path]):
     if profile is None and not runs:
         raise MixqError("give a profile or a `mixq quantize` output directory")
     return profile, runs
-
-
-def block_and_kind(tensor: str) -> tuple[int | None, str]:
-    """(block index, the tensor's role) from its name; tensors outside the blocks have no index."""
-    m = _BLOCK.search(tensor)
-    if m is None:
-        return None, tensor.rsplit(".", 1)[-1] if "." in tensor else tensor
-    kind = tensor[m.end():]
-    return int(m.group(1)), re.sub(r"\.\d+$", "", kind)  # experts of one stack share a row
 
 
 def grid(values: dict[str, float]) -> tuple[np.ndarray, list[str], int]:

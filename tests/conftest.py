@@ -109,3 +109,15 @@ def smollm2():
     from mixq.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gguf_profile(tiny_llama_dir, text_file, tmp_path_factory) -> Path:
+    """A profile of the tiny llama over the ggml types (rtn, no Fisher pass)."""
+    from mixq.cli import main
+
+    path = tmp_path_factory.mktemp("latency") / "tiny.profile"
+    assert main([str(a) for a in ["-q", "profile", tiny_llama_dir, "--calib-text", text_file, "--calib-windows", 8,
+                                  "--calib-len", 64, "--held-out-windows", 2, "--held-out-len", 64,
+                                  "--fisher-windows", 0, "--formats", "gguf", "--methods", "rtn", "--out", path]]) == 0
+    return path

@@ -21,15 +21,6 @@ SECONDS_PER_WEIGHT = {"q4_0": 1e-9, "q4_1": 1.1e-9, "iq4_nl": 1.2e-9, "q5_0": 1.
                       "q8_0": 2e-9, "f16": 4e-9}
 
 
-@pytest.fixture(scope="module")
-def gguf_profile(tiny_llama_dir, text_file, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("latency") / "tiny.profile"
-    assert main([str(a) for a in ["-q", "profile", tiny_llama_dir, "--calib-text", text_file, "--calib-windows", 8,
-                                  "--calib-len", 64, "--held-out-windows", 2, "--held-out-len", 64,
-                                  "--fisher-windows", 0, "--formats", "gguf", "--methods", "rtn", "--out", path]]) == 0
-    return path
-
-
 def made_up_table(profile: Profile, machine: Machine) -> LatencyTable:
     cases = profile_cases(profile, GGUF)
     return LatencyTable("gguf", machine, {c: [SECONDS_PER_WEIGHT[c[0]] * c[1] * c[2] * f for f in (0.9, 1.0, 1.2)]

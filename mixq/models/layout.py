@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,18 @@ from torch import nn
 from mixq.errors import MixqError
 
 FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_norm", "ln_f")
+
+
+_BLOCK = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
+
+
+def block_and_kind(tensor: str) -> tuple[int | None, str]:
+    """(block index, the tensor's role) from its name; tensors outside the blocks have no index."""
+    m = _BLOCK.search(tensor)
+    if m is None:
+        return None, tensor.rsplit(".", 1)[-1] if "." in tensor else tensor
+    kind = tensor[m.end():]
+    return int(m.group(1)), re.sub(r"\.\d+$", "", kind)  # experts of one stack share a row
 
 
 @dataclass(frozen=True)
