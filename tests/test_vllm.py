@@ -43,7 +43,7 @@ def test_vllm_runs_the_export_as_mixq_evaluates_it(text_file, tmp_path):
 
     (tmp_path / "windows.json").write_text(json.dumps(windows[:2].tolist()))
     run = subprocess.run(
-        [python.stdout.strip().splitlines()[-1], str(ROOT / "bench" / "engines" / "vllm_logprobs.py"),
+        [python.stdout.strip().splitlines()[-1], str(ROOT / "scripts" / "vllm-run.py"),
          str(tmp_path / "ct"), "--windows", str(tmp_path / "windows.json"), "--out", str(tmp_path / "r.json"),
          "--generate", "8"],
         capture_output=True, text=True, timeout=900,
@@ -60,3 +60,38 @@ def test_vllm_runs_the_export_as_mixq_evaluates_it(text_file, tmp_path):
     assert to_mixq.kl_to_engine < to_unquantized.kl_to_engine / 20, (to_mixq, to_unquantized)
     assert to_mixq.kl_from_engine < to_unquantized.kl_from_engine / 20, (to_mixq, to_unquantized)
     assert to_mixq.top1 >= 0.95
+
+
+def test_vllm_kernels_time_an_export_and_fit_its_decoding(text_file, tmp_path, capsys):
+    """bench-device --target vllm times the tiny model's products with vLLM's CPU kernels; the same
+    table covers every product of a --target vllm export (int4 blocks, the 16-bit output layer), and
+    --fit decodes that export in vLLM to add its fixed time per token."""
+    from mixq.cli import main
+    from mixq.export.vllm_cpu import file_matmuls
+    from mixq.latency import LatencyTable
+
+    source = save_tiny_model(tmp_path / "tiny", "llama", tied=False, num_attention_heads=2, num_key_value_heads=1,
+                             head_dim=32)
+    table_path = tmp_path / "vllm.latency"
+    assert main(["bench-device", "--target", "vllm", str(source), "--out", str(table_path), "--threads", "1",
+                 "--repeats", "2"]) == 0
+    table = LatencyTable.load(table_path)
+    assert table.target == "vllm" and table.machine.engine.startswith("vLLM CPU")
+    assert {c[0] for c in table.seconds} == {"dense", "wna16-uint4-g32", "wna16-uint4-g64"}  # the default space
+    assert all(len(s) == 2 and min(s) > 0 for s in table.seconds.values())
+
+    common = ["--calib-text", str(text_file), "--calib-windows", "4", "--calib-len", "64"]
+    assert main(["quantize", str(source), "--format", "int4-g32", "--method", "rtn", "--target", "vllm",
+                 "--out", str(tmp_path / "q"), *common]) == 0
+    assert main(["export", str(tmp_path / "q"), "--to", "vllm", str(tmp_path / "ct")]) == 0
+    cases = file_matmuls(tmp_path / "ct")
+    assert sorted(cases) == sorted([("wna16-uint4-g32", r, c, 1) for r, c in
+                                    [(64, 64), (32, 64), (32, 64), (64, 64), (160, 64), (160, 64), (64, 160)] * 2]
+                                   + [("dense", 77, 64, 1)])
+    capsys.readouterr()
+    assert main(["bench-device", "--target", "vllm", "--fit", str(tmp_path / "ct"), "--out", str(table_path),
+                 "--threads", "1", "--repeats", "1"]) == 0
+    fit = LatencyTable.load(table_path).fit
+    (name, products, measured), = fit.points  # one file: the offset only
+    assert name == "ct" and products == pytest.approx(table.products(cases)) and measured > products
+    assert fit.scale == 1 and fit.overhead == pytest.approx(measured - products)

@@ -5,16 +5,18 @@ CompressedTensorsWNA16, whose CPU kernel (CPUWNA16LinearKernel) takes 4-bit code
 points or symmetric), an even group size (or one per channel), and linears whose input and output
 sizes are multiples of 32. vLLM fuses q/k/v and gate/up into one linear each and refuses different
 schemes inside one, so those share one option (tie "fused"). The embedding and output matrix stay
-at 16 bits, as with compressed-tensors.
+at 16 bits, as with compressed-tensors. The engine's matrix products are timed with its own CPU
+kernels (vllm_cpu.py), so plans for this target can be limited in time per token.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from mixq.export import Target, compressed_tensors, register
+from mixq.export import Target, compressed_tensors, register, vllm_cpu
 from mixq.formats import parse_format
 from mixq.formats.integer import IntFormat
+from mixq.latency import Kernels
 
 BITS = (4,)
 ALIGN = 32  # input and output sizes of a quantized linear
@@ -47,4 +49,6 @@ TARGET = register(Target(
     tie="fused",
     nbytes=compressed_tensors.nbytes,
     overhead=compressed_tensors.header_bound,
+    kernels=Kernels(vllm_cpu.engine_build, kernel_of=vllm_cpu.kernel_of, time=vllm_cpu.time_matmuls,
+                    file_cases=vllm_cpu.file_matmuls, decode_seconds=vllm_cpu.decode_seconds),
 ))

