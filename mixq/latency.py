@@ -20,12 +20,14 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from tqdm import tqdm
 
 from mixq.atomic import atomic_write_text
 from mixq.errors import MixqError
@@ -180,6 +182,24 @@ def profile_allowed(profile: Profile) -> np.ndarray:
 def _cases_of(profile: Profile, kernels: Kernels, tokens: int):
     return matmul_cases(profile.tensors, profile.kinds, profile.shapes, profile.options, profile_allowed(profile),
                         kernels, tokens)
+
+
+def run_timer(command: list[str], cases: list[Case], name: str) -> dict[Case, list[float]]:
+    """Feed `cases` to an engine's timer process, one "KERNEL ROWS COLS TOKENS" line each, and read
+    its answers, one JSON line per case ({"seconds": [...]} or {"error": ...})."""
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    proc.stdin.write("".join(f"{k} {r} {c} {n}\n" for k, r, c, n in cases))
+    proc.stdin.close()
+    seconds = {}
+    for case in tqdm(cases, desc="timing matrix products", unit="case"):
+        row = json.loads(proc.stdout.readline() or "{}")
+        if "seconds" not in row:
+            proc.kill()
+            raise MixqError(f"{name}: {row.get('error', 'no answer')} for {' '.join(map(str, case))}")
+        seconds[case] = row["seconds"]
+    proc.wait()
+    return seconds
 
 
 def matmul_cases(tensors: list[str], kinds: list[str], shapes: list[tuple[int, int]], options: list[str],

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGUFReader
-from tqdm import tqdm
 
 from mixq.errors import MixqError
 from mixq.models.gguf_file import read_gguf
@@ -83,20 +82,10 @@ def time_matmuls(cases: list[tuple[str, int, int, int]], threads: int, repeats: 
     """Each case's (ggml type, rows, cols, tokens) matrix product timed `repeats` times with ggml's CPU
     kernels, as llama.cpp runs them with `threads` threads (its repacked layouts included), cycling
     through copies of the weights `stream_bytes` in all."""
-    proc = subprocess.Popen([str(tools_dir() / "ggml-matmul-time"), "--threads", str(threads), "--repeats",
-                             str(repeats), "--stream-bytes", str(stream_bytes)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    proc.stdin.write("".join(f"{t} {r} {c} {n}\n" for t, r, c, n in cases))
-    proc.stdin.close()
-    seconds = {}
-    for case in tqdm(cases, desc="timing matrix products", unit="case"):
-        row = json.loads(proc.stdout.readline() or "{}")
-        if "seconds" not in row:
-            proc.kill()
-            raise MixqError(f"ggml-matmul-time: {row.get('error', 'no answer')} for {' '.join(map(str, case))}")
-        seconds[case] = row["seconds"]
-    proc.wait()
-    return seconds
+    from mixq.latency import run_timer
+
+    return run_timer([str(tools_dir() / "ggml-matmul-time"), "--threads", str(threads), "--repeats", str(repeats),
+                      "--stream-bytes", str(stream_bytes)], cases, "ggml-matmul-time")
 
 
 def llama_cpp_source() -> Path:

