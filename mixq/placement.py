@@ -19,7 +19,8 @@ Positions k are the blocks 0..K-1 and the output K; p[k,d] = 1 when position k s
                 sum B[g,o] z[g,o,d] + sum_k KV[k] p[k,d] <= C_d - F     (each device's memory)
 
 plus, optionally, the whole file's bytes and a fixed number of positions off the host. The token
-embedding stays on the host; a tied one is also copied to the device that holds the output. F, the
+embedding stays on the host; a tied one is held twice, as llama.cpp loads the output matrix as a
+copy of it (measured on the host: its CPU buffers hold the tied Q4_0 matrix twice). F, the
 parameters no plan decides on (norms), is charged to every device: a bound of a few kilobytes.
 Among the plans of least loss (within TIE_RTOL of it), the fastest wins: the least time per token
 when the devices' latency tables are given, else the most positions off the host.
@@ -258,11 +259,12 @@ class _Problem:
         for dev in range(self.n_dev):
             if not math.isfinite(cap[dev]):
                 continue
-            mine = self.d == dev
-            if dev == 0:  # a tied output matrix placed elsewhere keeps its embedding copy here
-                mine = mine | self.copied_to_host[self.g]
+            held = size * (self.d == dev)
+            if dev == 0:  # the token embedding a tied output matrix is copied from stays here
+                held = held + size * self.copied_to_host[self.g]
+            mine = held > 0
             ps = [self._p(k, dev) for k in range(self.n_pos - 1)]
-            row([*z[mine], *ps], [*size[mine], *self.kv.astype(np.float64)], -np.inf, cap[dev])
+            row([*z[mine], *ps], [*held[mine], *self.kv.astype(np.float64)], -np.inf, cap[dev])
         if file_cap is not None:
             row(z, size, -np.inf, file_cap)
         if time_cap is not None:
@@ -296,7 +298,7 @@ class _Problem:
             k = self.group_pos[gi]
             dev = 0 if k < 0 else int(device_of[k])
             weights[dev] += int(self.B[gi, o])
-            if dev != 0 and self.copied_to_host[gi]:
+            if self.copied_to_host[gi]:
                 weights[0] += int(self.B[gi, o])
             if self.time is not None:
                 seconds += float(self.time[dev, gi, o])
@@ -363,8 +365,8 @@ class _Problem:
             return MixqError(f"no plan within these memory budgets has a decode time per token of at most "
                              f"{show(time_cap + offset)}; the least is {show(seconds)}")
         copy = int(smallest_g[self.copied_to_host].sum())
-        tied = (f", and the output matrix, tied to the token embedding, is held twice when it leaves the host "
-                f"({copy:,} bytes more)") if copy else ""
+        tied = (f", and the output matrix, tied to the token embedding, is held twice ({copy:,} bytes more)"
+                if copy else "")
         return MixqError(f"no split of the blocks over the devices ({devices}) in layer order fits: the smallest "
                          f"plan needs {need:,} bytes ({what}){tied}, and each device holds whole blocks; give "
                          f"the devices more memory, a shorter --context or another --offload")
