@@ -123,10 +123,12 @@ def _add_profile_settings(p: argparse.ArgumentParser) -> None:
 
 def _add_latency_limit(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("latency")
-    g.add_argument("--max-latency", help="with --budget or --max-loss: the plan's time per decoded token (the "
+    g.add_argument("--max-latency", help="with --budget, --max-loss or --device-budget: the plan's time per "
+                   "decoded token (the "
                    "table's matrix products, with its engine fit if it has one) is at most this, as measured here: "
                    "40ms, 40ms/token, 0.04s, or a speed: 25tok/s")
-    g.add_argument("--latency", type=Path, help="the latency table measured on this machine (`mixq bench-device`)")
+    g.add_argument("--latency", type=Path, help="the latency table measured on this machine (`mixq bench-device`); "
+                   "with --device-budget, one per device that holds blocks: cpu=cpu.latency,gpu0=gpu0.latency")
 
 
 def _targets():
@@ -241,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: every logical CPU)")
     d.add_argument("--repeats", type=int, default=5, help="measurements per case (default 5; the table keeps each)")
     d.add_argument("--prefill-tokens", type=int, default=0, help="also time products of this many tokens at once")
-    d.add_argument("--fit", type=Path, nargs="+", help="exported files (e.g. GGUFs of the model in a few types, or vLLM directories) "
+    d.add_argument("--fit", type=Path, nargs="+", help="exported files (e.g. GGUFs of the model in a few types, "
+                   "or vLLM directories) "
                    "to run in the engine's own benchmark: fits what the table misses (measured = scale x products + "
                    "overhead), which --max-latency then uses; alone, adds the fit to the table at --out (or writes "
                    "a table of the files' own products)")
@@ -634,7 +637,8 @@ def _plan_for_devices(args: argparse.Namespace) -> None:
     print()
     print(markdown_table(["device", "blocks", "output", "weights", f"KV cache ({args.context} tokens)", "held"], rows))
     print(f"\nsolved in {seconds:.2f} s: {plan.bpw:.4f} bpw, at most {plan.max_file_bytes:,} bytes, predicted loss "
-          f"{plan.predicted_loss:.5g}{_limited(plan)}; llama.cpp: {placement.llama_cpp_flags()} -c {args.context} (its compute "
+          f"{plan.predicted_loss:.5g}{_limited(plan)}; llama.cpp: {placement.llama_cpp_flags()} -c {args.context} "
+          "(its compute "
           "buffers come on top of what is held here)")
     if args.out:
         atomic_write_text(args.out, json.dumps(dict(plan.as_dict(), placement=placement.as_dict()), indent=2) + "\n")

@@ -70,7 +70,8 @@ class DeviceBudget:
                 raise MixqError(f"device budget {part.strip()!r}: expected NAME=SIZE, e.g. gpu0=6GiB,cpu=10GiB")
             memory = Budget.parse(size)
             if memory.unit != "bytes":
-                raise MixqError(f"device budget {part.strip()!r}: a device's memory is a size (6GiB, 900MB), not {memory}")
+                raise MixqError(f"device budget {part.strip()!r}: a device's memory is a size (6GiB, 900MB), "
+                                f"not {memory}")
             devices.append(Device(name.strip().lower(), memory.total_bytes(0)))
         names = [d.name for d in devices]
         if len(set(names)) < len(names):
@@ -212,7 +213,8 @@ class _Problem:
         self.n = self.nz + n_pos * n_dev  # then p[k, d] at nz + k * n_dev + d
         self.loss = np.zeros(self.n)
         self.loss[: self.nz] = L[self.g, self.o]
-        self.seconds = None if time is None else np.concatenate([time[self.d, self.g, self.o], np.zeros(self.n - self.nz)])
+        self.seconds = (None if time is None else
+                        np.concatenate([time[self.d, self.g, self.o], np.zeros(self.n - self.nz)]))
         self.off_host = np.zeros(self.n)
         self.off_host[[self._p(k, dev) for k in range(n_pos) for dev in range(1, n_dev)]] = 1.0
 
@@ -341,8 +343,9 @@ class _Problem:
                 keep, bounds = [], Bounds(0, np.where(self.loss > 0, 0, 1))
             faster = self._milp(speed, [self._rows(limits), *keep], bounds)
             # HiGHS's tolerances may admit a lossier plan or one over a limit: keep it only if exact.
-            if (faster is not None and speed @ faster < speed @ x and self.loss @ faster <= least * (1 + TIE_RTOL)
-                    and all(np.all(np.asarray(v) <= 0) for v in self._overshoot(faster, (cap, file_cap, time_cap, None)))):
+            within = faster is not None and all(
+                np.all(np.asarray(v) <= 0) for v in self._overshoot(faster, (cap, file_cap, time_cap, None)))
+            if within and speed @ faster < speed @ x and self.loss @ faster <= least * (1 + TIE_RTOL):
                 x = faster
         return self._decode(x)
 
