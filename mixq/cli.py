@@ -131,6 +131,18 @@ def _add_latency_limit(p: argparse.ArgumentParser) -> None:
                    "with --device-budget, one per device that holds blocks: cpu=cpu.latency,gpu0=gpu0.latency")
 
 
+def _add_device_budget(p: argparse.ArgumentParser) -> None:
+    dv = p.add_argument_group("devices")
+    dv.add_argument("--device-budget", help="memory of each device, e.g. gpu0=6GiB,cpu=10GiB: blocks are placed "
+                    "in layer order (the host, then the accelerators as named) and typed together so each device "
+                    "holds its blocks' weights and KV cache; without cpu the host keeps only the token embedding "
+                    "(--budget, if given, still limits the whole file)")
+    dv.add_argument("--offload", default="auto", help="with --device-budget: auto (default) solves how many "
+                    "blocks leave the host; a number fixes it, as llama.cpp's -ngl counts (blocks, then the output)")
+    dv.add_argument("--context", type=int, default=4096, help="with --device-budget: tokens of KV cache each "
+                    "device holds for its blocks, in f16 (default 4096; 0 leaves it out)")
+
+
 def _targets():
     from mixq.export import TARGETS
 
@@ -181,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-len", type=int, help="tokens per window (default 512, or the model's context if shorter)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _add_latency_limit(q)
+    _add_device_budget(q)
     _add_job_settings(q)
     q.set_defaults(run=cmd_quantize)
 
@@ -217,15 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--estimator", default="hessian+kl", help="hessian+kl (default), fisher+kl, hessian, fisher")
     pl.add_argument("--out", type=Path, help="write the plan as JSON")
     _add_latency_limit(pl)
-    dv = pl.add_argument_group("devices")
-    dv.add_argument("--device-budget", help="memory of each device, e.g. gpu0=6GiB,cpu=10GiB: blocks are placed "
-                    "in layer order (the host, then the accelerators as named) and typed together so each device "
-                    "holds its blocks' weights and KV cache; without cpu the host keeps only the token embedding "
-                    "(--budget, if given, still limits the whole file)")
-    dv.add_argument("--offload", default="auto", help="with --device-budget: auto (default) solves how many "
-                    "blocks leave the host; a number fixes it, as llama.cpp's -ngl counts (blocks, then the output)")
-    dv.add_argument("--context", type=int, default=4096, help="with --device-budget: tokens of KV cache each "
-                    "device holds for its blocks, in f16 (default 4096; 0 leaves it out)")
+    _add_device_budget(pl)
     pl.set_defaults(run=cmd_plan)
 
     d = sub.add_parser("bench-device", help="time every matrix shape in every option with the target engine's "
@@ -607,26 +612,44 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 def _plan_for_devices(args: argparse.Namespace) -> None:
     """`mixq plan --device-budget`: types and placement solved together, printed per device."""
-    from mixq.placement import DeviceBudget, plan_for_devices, show_bytes
-    from mixq.plan import Budget
     from mixq.profile import Profile
-    from mixq.report import markdown_table, plan_summary
 
     if args.max_loss is not None or args.frontier:
         raise MixqError("--device-budget plans for memory per device (with --budget and --max-latency if given): "
                         "--max-loss and --frontier do not combine with it")
+    start = time.perf_counter()
+    plan, placement = _device_plan(args, Profile.load(args.profile))
+    seconds = time.perf_counter() - start
+    print(f"\nsolved in {seconds:.2f} s: {plan.bpw:.4f} bpw, at most {plan.max_file_bytes:,} bytes, predicted loss "
+          f"{plan.predicted_loss:.5g}{_limited(plan)}; llama.cpp: {placement.llama_cpp_flags()} -c {args.context} "
+          "(its compute buffers come on top of what is held here)")
+    if args.out:
+        atomic_write_text(args.out, json.dumps(dict(plan.as_dict(), placement=placement.as_dict()), indent=2) + "\n")
+
+
+def _device_budget(args: argparse.Namespace):
+    """--device-budget with --context and --offload, checked."""
+    from mixq.placement import DeviceBudget
+
     if args.context < 0:
         raise MixqError(f"--context must be 0 or more tokens, got {args.context}")
     if args.offload != "auto" and not args.offload.isdigit():
         raise MixqError(f"--offload is auto or a number of blocks (llama.cpp's -ngl), got {args.offload!r}")
-    devices = DeviceBudget.parse(args.device_budget)
-    profile = Profile.load(args.profile)
-    time_limits = _device_time_limits(args, devices, profile)
-    start = time.perf_counter()
+    return DeviceBudget.parse(args.device_budget)
+
+
+def _device_plan(args: argparse.Namespace, profile):
+    """(plan, placement) for --device-budget (with --budget, --offload, --context, --max-latency), and
+    what each device holds, printed."""
+    from mixq.placement import plan_for_devices, show_bytes
+    from mixq.plan import Budget
+    from mixq.report import markdown_table, plan_summary
+
+    devices = _device_budget(args)
     plan, placement = plan_for_devices(profile, devices, args.estimator, args.context,
                                        Budget.parse(args.budget) if args.budget else None,
-                                       None if args.offload == "auto" else int(args.offload), time_limits)
-    seconds = time.perf_counter() - start
+                                       None if args.offload == "auto" else int(args.offload),
+                                       _device_time_limits(args, devices, profile))
     print(plan_summary(plan))
     rows = []
     for name, d in placement.as_dict()["devices"].items():
@@ -636,12 +659,7 @@ def _plan_for_devices(args: argparse.Namespace) -> None:
                      show_bytes(used) + ("" if d["capacity"] is None else f" of {show_bytes(d['capacity'])}")])
     print()
     print(markdown_table(["device", "blocks", "output", "weights", f"KV cache ({args.context} tokens)", "held"], rows))
-    print(f"\nsolved in {seconds:.2f} s: {plan.bpw:.4f} bpw, at most {plan.max_file_bytes:,} bytes, predicted loss "
-          f"{plan.predicted_loss:.5g}{_limited(plan)}; llama.cpp: {placement.llama_cpp_flags()} -c {args.context} "
-          "(its compute "
-          "buffers come on top of what is held here)")
-    if args.out:
-        atomic_write_text(args.out, json.dumps(dict(plan.as_dict(), placement=placement.as_dict()), indent=2) + "\n")
+    return plan, placement
 
 
 def _device_time_limits(args: argparse.Namespace, devices, profile) -> list:
@@ -701,14 +719,18 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     settings = _method_settings(args)
     reconstruct = _reconstruct_settings(args)
     info: dict = {"mixq_version": __version__}
-    planned = args.budget or args.max_kl is not None
+    planned = args.budget or args.max_kl is not None or args.device_budget
     if args.budget and args.max_kl is not None:
         raise MixqError("give either --budget or --max-kl, not both")
+    if args.device_budget:
+        if args.max_kl is not None:
+            raise MixqError("--device-budget plans for memory per device (and --budget): not with --max-kl")
+        _device_budget(args)  # checked before minutes of profiling
     if args.max_kl is not None and not args.max_kl > 0:
         raise MixqError(f"--max-kl must be positive, got {args.max_kl}")
     if (args.max_latency or args.latency) and not planned:
-        raise MixqError("--max-latency limits a plan: give --budget or --max-kl")
-    latency = _latency_setting(args)
+        raise MixqError("--max-latency limits a plan: give --budget, --max-kl or --device-budget")
+    latency = None if args.device_budget else _latency_setting(args)
     if planned:
         budget = Budget.parse(args.budget) if args.budget else None
         profile_settings = None if args.profile else _profile_settings(args)
@@ -723,7 +745,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                 _check_feasible(loaded, budget, profile_settings)  # before minutes of profiling
             profile = _run_profile(loaded, args, profile_settings, checkpoints)
         limits = _latency_limits(latency, profile)
-        if budget is not None:
+        if args.device_budget:
+            plan, placement = _device_plan(args, profile)
+            info["placement"] = placement.as_dict()
+            description = (f"plan for {args.device_budget} ({args.estimator}){_limited(plan)}; llama.cpp: "
+                           f"{placement.llama_cpp_flags()} -c {args.context}")
+        elif budget is not None:
             plan = plan_for_budget(profile, budget, args.estimator, limits)
             description = f"plan for {budget} ({args.estimator}){_limited(plan)}"
         else:

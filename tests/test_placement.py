@@ -231,3 +231,25 @@ def test_a_latency_limit_over_devices_prices_each_block_where_it_runs(gguf_profi
     assert int(re.search(r"-ngl (\d+)", capsys.readouterr().out)[1]) > ngl
     assert main([*common, "--device-budget", "gpu0=1MiB,cpu=1MiB", "--max-latency", "1us"]) == 2
     assert "the least is" in capsys.readouterr().err
+
+
+def test_quantize_for_device_budgets_records_the_split(tiny_llama_dir, gguf_profile, text_file, tmp_path, capsys):
+    """`mixq quantize --device-budget` applies the placed plan: the output holds its options and the
+    split, the same as `mixq plan --device-budget` solves."""
+    from mixq.export import native
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_llama_dir), "--profile", str(gguf_profile), "--device-budget",
+                 "gpu0=130KiB,cpu=130KiB", "--context", "512", "--out", str(out), "--calib-text", str(text_file),
+                 "--calib-windows", "4", "--calib-len", "64"]) == 0
+    printed = capsys.readouterr().out
+    info = json.loads((out / native.INFO_FILE).read_text())
+    devices = info["placement"]["devices"]
+    assert devices["cpu"]["blocks"] == [0, 0] and devices["gpu0"]["blocks"] == [1, 1]
+    assert "llama.cpp: -ngl 1 -c 512" in printed
+    planned = tmp_path / "plan.json"
+    assert main(["plan", str(gguf_profile), "--device-budget", "gpu0=130KiB,cpu=130KiB", "--context", "512",
+                 "--out", str(planned)]) == 0
+    options = json.loads(planned.read_text())["options"]
+    assert all(options[t] == o for t, o in info["plan"].items())  # what was quantized is the placed plan
+    assert all(options[t] == "f16" for t in set(options) - set(info["plan"]))
