@@ -353,9 +353,11 @@ class _Problem:
                    ) -> MixqError:
         """Why no plan meets the limits, with the nearest value that can be met."""
         smallest_g = np.where(np.isfinite(self.L), self.B, np.iinfo(np.int64).max).min(axis=1)
-        need = int(smallest_g.sum() + self.kv.sum())
+        copy = int(smallest_g[self.copied_to_host].sum())
+        need = int(smallest_g.sum() + self.kv.sum()) + copy
         room = sum(c for c in cap if math.isfinite(c))
-        what = f"weights at their smallest options and the KV cache at context {context:,}"
+        what = (f"weights at their smallest options{', the tied output matrix twice' if copy else ''} and the KV "
+                f"cache at context {context:,}")
         if file_cap is not None and smallest_g.sum() > file_cap:
             return MixqError(f"the file budget leaves {file_cap:,} bytes for the planned tensors; the smallest "
                              f"plan needs {int(smallest_g.sum()):,}")
@@ -367,11 +369,8 @@ class _Problem:
             seconds = self.usage(*fastest)[2] + offset
             return MixqError(f"no plan within these memory budgets has a decode time per token of at most "
                              f"{show(time_cap + offset)}; the least is {show(seconds)}")
-        copy = int(smallest_g[self.copied_to_host].sum())
-        tied = (f", and the output matrix, tied to the token embedding, is held twice ({copy:,} bytes more)"
-                if copy else "")
         return MixqError(f"no split of the blocks over the devices ({devices}) in layer order fits: the smallest "
-                         f"plan needs {need:,} bytes ({what}){tied}, and each device holds whole blocks; give "
+                         f"plan needs {need:,} bytes in all ({what}), but each device holds whole blocks; give "
                          f"the devices more memory, a shorter --context or another --offload")
 
 
