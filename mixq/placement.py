@@ -19,8 +19,10 @@ Positions k are the blocks 0..K-1 and the output K; p[k,d] = 1 when position k s
                 sum B[g,o] z[g,o,d] + sum_k KV[k] p[k,d] <= C_d - F     (each device's memory)
 
 plus, optionally, the whole file's bytes and a fixed number of positions off the host. The token
-embedding stays on the host; a tied one is held twice, as llama.cpp loads the output matrix as a
-copy of it (measured on the host: its CPU buffers hold the tied Q4_0 matrix twice). F, the
+embedding stays on the host; a tied one is counted twice: llama.cpp loads the output matrix as a
+copy of it wherever the output's buffer differs from the embedding's (an accelerator, or the host's
+repacked layouts: Q4_0 is held twice there). Where it does not (Q5_0 on the host), llama.cpp shares
+one copy, and the count is one embedding above what it holds: a bound. F, the
 parameters no plan decides on (norms), is charged to every device: a bound of a few kilobytes.
 Among the plans of least loss (within TIE_RTOL of it), the fastest wins: the least time per token
 when the devices' latency tables are given, else the most positions off the host.

@@ -139,11 +139,25 @@ def test_the_llama_cpp_flags_count_blocks_then_the_output():
     assert every.llama_cpp_flags() == "-ngl 6 --tensor-split 3,3"
 
 
+def llama_cpp_host_load(gguf, context: int) -> tuple[float, float]:
+    """(MiB of weights, MiB of KV cache) llama.cpp allocates on the host for `gguf`, loaded without mmap
+    (so each buffer is what it holds)."""
+    from mixq.export.llama_cpp import tools_dir
+
+    log = subprocess.run([str(tools_dir() / "llama-completion"), "-m", str(gguf), "-c", str(context), "-n", "1", "-p",
+                          "hi", "-no-cnv", "-t", "1", "-v", "-lm", "none"], capture_output=True, text=True,
+                         timeout=300).stderr
+    buffers = re.findall(r"load_tensors:\s+(CPU\S*) model buffer size =\s*([0-9.]+) MiB", log)
+    final = dict(buffers[-2:] if buffers[-1][0] == "CPU_REPACK" else buffers[-1:])  # the second load: CPU, CPU_REPACK
+    return sum(map(float, final.values())), float(re.search(r"llama_kv_cache: size =\s*([0-9.]+) MiB", log)[1])
+
+
 @pytest.mark.slow
 def test_the_host_holds_what_llama_cpp_allocates(smollm2, tmp_path):
-    """SmolLM2 in Q4_0 at 2048 tokens, loaded by llama.cpp without mmap (so each buffer is what it
-    holds): its KV cache is what kv_cache_bytes counts, and its weight buffers hold every tensor of
-    the file plus a second copy of the tied token embedding, as the placement counts it."""
+    """SmolLM2 at 2048 tokens in llama.cpp: its KV cache is what kv_cache_bytes counts. Its tied output
+    matrix is a second copy of the token embedding where llama.cpp repacks it (Q4_0: held twice, as the
+    placement counts it) and shares the embedding's memory where it does not (Q5_0: held once, so the
+    placement's count is one embedding above, a bound)."""
     from gguf import GGUFReader
 
     from mixq.export.llama_cpp import tools_dir
@@ -151,18 +165,17 @@ def test_the_host_holds_what_llama_cpp_allocates(smollm2, tmp_path):
 
     refs = list(smollm2.plannable().values())
     kv = kv_cache_bytes([r.name for r in refs], [r.kind for r in refs], [r.shape for r in refs], 2048)
-    q4_0 = tmp_path / "q4_0.gguf"
-    subprocess.run([str(tools_dir() / "llama-quantize"), "--allow-requantize", "--pure", str(source_gguf(smollm2.spec)),
-                    str(q4_0), "Q4_0", "2"], check=True, capture_output=True, timeout=600)
-    log = subprocess.run([str(tools_dir() / "llama-completion"), "-m", str(q4_0), "-c", "2048", "-n", "1", "-p", "hi",
-                          "-no-cnv", "-t", "1", "-v", "-lm", "none"], capture_output=True, text=True, timeout=300).stderr
-    kv_mib = float(re.search(r"llama_kv_cache: size =\s*([0-9.]+) MiB", log)[1])
-    assert len(kv) == 30 and kv.sum() / 2**20 == pytest.approx(kv_mib, abs=0.005)
-    buffers = [float(m) for m in re.findall(r"load_tensors:\s+CPU\S* model buffer size =\s*([0-9.]+) MiB", log)]
-    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(q4_0).tensors}
-    assert "output.weight" not in tensors  # tied
-    held = sum(tensors.values()) + tensors["token_embd.weight"]
-    assert sum(buffers[-2:]) == pytest.approx(held / 2**20, abs=0.02)  # the second load's CPU and CPU_REPACK
+    for kind, copies in [("Q4_0", 2), ("Q5_0", 1)]:
+        gguf = tmp_path / f"{kind}.gguf"
+        subprocess.run([str(tools_dir() / "llama-quantize"), "--allow-requantize", "--pure",
+                        str(source_gguf(smollm2.spec)), str(gguf), kind, "2"], check=True, capture_output=True,
+                       timeout=600)
+        weights_mib, kv_mib = llama_cpp_host_load(gguf, 2048)
+        assert len(kv) == 30 and kv.sum() / 2**20 == pytest.approx(kv_mib, abs=0.005)
+        tensors = {t.name: int(t.n_bytes) for t in GGUFReader(gguf).tensors}
+        assert "output.weight" not in tensors  # tied
+        held = sum(tensors.values()) + (copies - 1) * tensors["token_embd.weight"]
+        assert weights_mib == pytest.approx(held / 2**20, abs=0.02), kind
 
 
 def test_plan_for_device_budgets(gguf_profile, tmp_path, capsys):
