@@ -124,9 +124,8 @@ def _add_profile_settings(p: argparse.ArgumentParser) -> None:
 def _add_latency_limit(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("latency")
     g.add_argument("--max-latency", help="with --budget, --max-loss or --device-budget: the plan's time per "
-                   "decoded token (the "
-                   "table's matrix products, with its engine fit if it has one) is at most this, as measured here: "
-                   "40ms, 40ms/token, 0.04s, or a speed: 25tok/s")
+                   "decoded token (the table's matrix products, with its engine fit if it has one) is at most "
+                   "this, as measured here: 40ms, 40ms/token, 0.04s, or a speed: 25tok/s")
     g.add_argument("--latency", type=Path, help="the latency table measured on this machine (`mixq bench-device`); "
                    "with --device-budget, one per device that holds blocks: cpu=cpu.latency,gpu0=gpu0.latency")
 
@@ -249,10 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--repeats", type=int, default=5, help="measurements per case (default 5; the table keeps each)")
     d.add_argument("--prefill-tokens", type=int, default=0, help="also time products of this many tokens at once")
     d.add_argument("--fit", type=Path, nargs="+", help="exported files (e.g. GGUFs of the model in a few types, "
-                   "or vLLM directories) "
-                   "to run in the engine's own benchmark: fits what the table misses (measured = scale x products + "
-                   "overhead), which --max-latency then uses; alone, adds the fit to the table at --out (or writes "
-                   "a table of the files' own products)")
+                   "or vLLM directories) to run in the engine's own benchmark: fits what the table misses "
+                   "(measured = scale x products + overhead), which --max-latency then uses; alone, adds the fit to "
+                   "the table at --out (or writes a table of the files' own products)")
     d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     d.set_defaults(run=cmd_bench_device)
 
