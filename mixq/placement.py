@@ -141,18 +141,24 @@ def positions(profile: Profile) -> tuple[np.ndarray, int]:
     return np.array(pos), n_blocks
 
 
-def kv_cache_bytes(tensors: list[str], kinds: list[str], shapes: list[tuple[int, int]], context: int) -> np.ndarray:
-    """Bytes of each block's KV cache for `context` tokens: the widths of its k and v projections."""
+def kv_cache_bytes(tensors: list[str], kinds: list[str], shapes: list[tuple[int, int]], context: int,
+                   values_per_token: int | None = None) -> np.ndarray:
+    """Bytes of each block's KV cache for `context` tokens: `values_per_token` per block (the config's
+    keys and values of every KV head) if known, else the widths of the block's k and v projections."""
     blocks = [block_and_kind(t)[0] for t in tensors]
-    kv = np.zeros(1 + max((b for b in blocks if b is not None), default=-1), dtype=np.int64)
+    n_blocks = 1 + max((b for b in blocks if b is not None), default=-1)
     if context == 0:
-        return kv
+        return np.zeros(n_blocks, dtype=np.int64)
+    if values_per_token:
+        return np.full(n_blocks, values_per_token * context * KV_BYTES, dtype=np.int64)
+    kv = np.zeros(n_blocks, dtype=np.int64)
     for b, kind, (rows, _) in zip(blocks, kinds, shapes):
         if b is not None and kind.endswith(_KV_KINDS):
             kv[b] += rows * context * KV_BYTES
-    if len(kv) and not kv.any():
-        raise MixqError("cannot tell the KV cache of this model's blocks from its tensors (no separate k and v "
-                        "projections): give --context 0 to leave the KV cache out of the device budgets")
+    if n_blocks and not kv.any():
+        raise MixqError("cannot tell the KV cache of this model's blocks from its profile (no head counts recorded, "
+                        "no separate k and v projections): profile it again, or give --context 0 to leave the KV "
+                        "cache out of the device budgets")
     return kv
 
 
@@ -383,7 +389,8 @@ def plan_for_devices(profile: Profile, devices: DeviceBudget, estimator: str = "
     the file budget, and the time per token when `time_limits` gives one limit per device);
     `offloaded` fixes how many positions leave the host (llama.cpp's -ngl)."""
     pos, _ = positions(profile)
-    kv = kv_cache_bytes(profile.tensors, profile.kinds, profile.shapes, context)
+    kv = kv_cache_bytes(profile.tensors, profile.kinds, profile.shapes, context,
+                        profile.info.get("kv_values_per_token"))
     tied = "embedding" not in profile.kinds  # the output matrix is also the token embedding, on the host
     alloc, placement = solve_placement(
         profile.predicted(estimator), profile.nbytes, profile.tie_groups, pos, kv,

@@ -495,7 +495,8 @@ def build_profile(
                   container=container(loaded, settings.space, settings.target), target=settings.target,
                   row_fraction=settings.row_fraction,
                   learned_gains={f"{m}:{f}": g for (m, f), g in gains.items()},
-                  rare_experts=rare, expert_tokens=expert_tokens(loaded, tensors, importance)),
+                  rare_experts=rare, expert_tokens=expert_tokens(loaded, tensors, importance),
+                  kv_values_per_token=loaded.kv_values_per_token()),
         importance=importance, fingerprint=weight_fingerprint(loaded, tensors),
     )
 

@@ -172,6 +172,7 @@ def test_the_host_holds_what_llama_cpp_allocates(smollm2, tmp_path):
                        timeout=600)
         weights_mib, kv_mib = llama_cpp_host_load(gguf, 2048)
         assert len(kv) == 30 and kv.sum() / 2**20 == pytest.approx(kv_mib, abs=0.005)
+        assert 30 * smollm2.kv_values_per_token() * 2048 * 2 == kv.sum()  # the config's count, the same
         tensors = {t.name: int(t.n_bytes) for t in GGUFReader(gguf).tensors}
         assert "output.weight" not in tensors  # tied
         held = sum(tensors.values()) + (copies - 1) * tensors["token_embd.weight"]
@@ -266,3 +267,25 @@ def test_quantize_for_device_budgets_records_the_split(tiny_llama_dir, gguf_prof
     options = json.loads(planned.read_text())["options"]
     assert all(options[t] == o for t, o in info["plan"].items())  # what was quantized is the placed plan
     assert all(options[t] == "f16" for t in set(options) - set(info["plan"]))
+
+
+def test_the_kv_cache_of_a_fused_qkv_model_comes_from_its_config(tiny_models, text_file, tmp_path, capsys):
+    """Phi-3 projects q, k and v in one matrix, so the profile records the config's KV heads: each
+    device's KV cache is 2 x KV heads x head dim values per token, per block it holds."""
+    from mixq.models import load_model
+
+    source = tiny_models("phi3")
+    config = load_model(str(source)).config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_block = 2 * config.num_key_value_heads * head_dim * 512 * 2
+    profile = tmp_path / "phi3.profile"
+    assert main([str(a) for a in ["-q", "profile", source, "--calib-text", text_file, "--calib-windows", 4,
+                                  "--calib-len", 64, "--held-out-windows", 2, "--held-out-len", 64,
+                                  "--fisher-windows", 0, "--methods", "rtn", "--out", profile]]) == 0
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(profile), "--device-budget", "gpu0=1GiB,cpu=1GiB", "--context", "512",
+                 "--out", str(out)]) == 0
+    devices = json.loads(out.read_text())["placement"]["devices"]
+    held_blocks = {name: d["blocks"][1] - d["blocks"][0] + 1 if d["blocks"] else 0 for name, d in devices.items()}
+    assert sum(held_blocks.values()) == config.num_hidden_layers
+    assert all(devices[name]["kv_cache"] == n * per_block for name, n in held_blocks.items())

@@ -55,6 +55,17 @@ class LoadedModel:
     def n_blocks(self) -> int:
         return len(self.layout.block_layouts)
 
+    def kv_values_per_token(self) -> int | None:
+        """Values each attention block keeps in its KV cache per token (keys and values of every KV
+        head), from the config; None where the config does not say."""
+        config = self.config.get_text_config()
+        heads = getattr(config, "num_attention_heads", None)
+        if not heads:
+            return None
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return 2 * kv_heads * head_dim
+
     def blocks(self) -> nn.ModuleList:
         return self.model.get_submodule(self.layout.blocks)
 
