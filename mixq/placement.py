@@ -133,12 +133,13 @@ class Placement:
         return {"context": self.context, "kv_bytes_per_value": KV_BYTES, "devices": out}
 
 
-def positions(profile: Profile) -> tuple[np.ndarray, int]:
-    """(position of each tensor: its block, the output K, or -1 for a token embedding of its own; K)."""
+def positions(profile: Profile) -> np.ndarray:
+    """The position of each tensor: its block, the output K (after the K blocks), or -1 for a token
+    embedding of its own."""
     blocks = [block_and_kind(t)[0] for t in profile.tensors]
     n_blocks = 1 + max((b for b in blocks if b is not None), default=-1)
     pos = [b if b is not None else (-1 if kind == "embedding" else n_blocks) for b, kind in zip(blocks, profile.kinds)]
-    return np.array(pos), n_blocks
+    return np.array(pos)
 
 
 def kv_cache_bytes(tensors: list[str], kinds: list[str], shapes: list[tuple[int, int]], context: int,
@@ -388,7 +389,7 @@ def plan_for_devices(profile: Profile, devices: DeviceBudget, estimator: str = "
     """The exact least-loss plan whose blocks, placed in layer order, fit every device's memory (and
     the file budget, and the time per token when `time_limits` gives one limit per device);
     `offloaded` fixes how many positions leave the host (llama.cpp's -ngl)."""
-    pos, _ = positions(profile)
+    pos = positions(profile)
     kv = kv_cache_bytes(profile.tensors, profile.kinds, profile.shapes, context,
                         profile.info.get("kv_values_per_token"))
     tied = "embedding" not in profile.kinds  # the output matrix is also the token embedding, on the host
