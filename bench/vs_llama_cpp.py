@@ -142,6 +142,7 @@ def reference_gguf(args, binp: Path, work: Path) -> Path:
     """The F32 GGUF every file is judged against: --model itself when it is all float, else converted."""
     from gguf import GGMLQuantizationType, GGUFReader
 
+    (work / "logs").mkdir(parents=True, exist_ok=True)
     if args.model is None:
         if not QWEN_STANDIN.is_file():
             run([sys.executable, str(ROOT / "bench" / "standin.py"), "--model", str(qwen_gguf()), "--text", str(args.text)],
