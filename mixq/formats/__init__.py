@@ -33,6 +33,10 @@ class Format(Protocol):
     def levels(self) -> torch.Tensor | None:
         """A codebook format's level per code (w = scale * levels[code] - offset); None: evenly spaced."""
 
+    @property
+    def joint_codes(self) -> bool:
+        """Whether codes are chosen a group of weights at a time (a lattice): only rtn's fit makes them."""
+
     def fit(self, W: torch.Tensor, importance: torch.Tensor, clip_grid: int = 21, clip_min: float = 0.5) -> QTensor: ...
 
     def dequantize(self, q: QTensor) -> torch.Tensor: ...

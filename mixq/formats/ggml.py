@@ -1,5 +1,5 @@
-"""llama.cpp's block formats (ggml types): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the k-quants Q2_K..Q6_K and
-the 4-bit codebook types IQ4_NL and IQ4_XS.
+"""llama.cpp's block formats (ggml types): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the k-quants Q2_K..Q6_K, the
+4-bit codebook types IQ4_NL and IQ4_XS, and the lattice type IQ3_S.
 
 A row is cut into blocks of 32 or 256 weights, stored byte for byte as ggml lays them out, so a
 GGUF writer copies `pack`'s bytes verbatim. Within a block, sub-blocks of 16 or 32 weights share one
@@ -13,6 +13,8 @@ For the k-quants scale = d * sc and offset = dmin * m with integer sc, m; comput
 are exactly those of ggml's own dequantization (tests check this against the `gguf` package).
 IQ4_NL (Q4_0's layout) and IQ4_XS (Q4_K's super-blocks, signed 6-bit sub-block scales, no mins) put
 16 non-uniform levels on the same scales: a weight is scale * levels[code] (`codebook`).
+IQ3_S (`LatticeFormat`) is a codebook of the odd levels -15..15 whose magnitudes, four weights at a
+time, must be one of 512 grid points (signs are free); its sub-block scales are odd multiples of d.
 
 Choosing the parameters (`fit`) is a search weighted by input importance (diag of H, the idea behind
 llama.cpp's imatrix): per sub-block, a grid of range shrinks each followed by a weighted least-squares
@@ -22,12 +24,14 @@ against the same weighted error.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gguf_quants
 from gguf.quants import IQ4_NL
 
 from mixq.errors import MixqError
@@ -46,11 +50,17 @@ class GGMLFormat:
     sub: int  # weights per sub-block (one scale, and one min, each)
     has_min: bool
     sub_scale_range: tuple[int, int] = (0, 0)  # k-quants: integer range of sub-block scales (and mins)
+    sub_scale_step: int = 1  # those integers are lo, lo + step, ..., hi (IQ3_S: the odd 1..31)
     codebook: tuple[int, ...] | None = None  # IQ4 types: the level of each code, ascending
 
     @property
     def levels(self) -> torch.Tensor | None:
         return None if self.codebook is None else torch.tensor(self.codebook, dtype=torch.float32)
+
+    @property
+    def joint_codes(self) -> bool:
+        """Whether codes are chosen a group of weights at a time (a lattice), not each on its own."""
+        return False
 
     @property
     def ggml_type(self) -> GGMLQuantizationType:
@@ -121,10 +131,9 @@ class GGMLFormat:
             scale, offset, super_scale = self._quantize_sub_params(G, imp, scale, offset)
         else:
             scale, offset, super_scale = _fp16(scale), _fp16(offset), None
-        zero = torch.full_like(scale, self.zero)
+        codes = self._codes(G, imp, scale, offset).reshape(W.shape)
         offset = offset if self.has_min else None
-        codes = encode(W, self.expand(scale), self.expand(zero), self.qmax, self.expand(offset), self.levels)
-        return QTensor(self, codes.to(torch.uint8), scale, zero, offset, super_scale)
+        return QTensor(self, codes.to(torch.uint8), scale, torch.full_like(scale, self.zero), offset, super_scale)
 
     def _fit_sub_blocks(
         self, G: torch.Tensor, imp: torch.Tensor, clip_grid: int, clip_min: float
@@ -152,7 +161,8 @@ class GGMLFormat:
                     best = tuple(torch.where(better, new, old) for new, old in zip((err, *candidate), best))
         return best[1], best[2]
 
-    def _codes(self, G: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    def _codes(self, G: torch.Tensor, imp: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """Each weight's nearest code (`imp` matters only to formats that choose codes jointly)."""
         return encode(G, scale.unsqueeze(2), self.zero, self.qmax, offset.unsqueeze(2), self.levels)
 
     def _values(self, codes: torch.Tensor) -> torch.Tensor:
@@ -160,14 +170,14 @@ class GGMLFormat:
         return codes - self.zero if self.codebook is None else self.levels[codes.long()]
 
     def _error(self, G: torch.Tensor, imp: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        w_hat = scale.unsqueeze(2) * self._values(self._codes(G, scale, offset)) - offset.unsqueeze(2)
+        w_hat = scale.unsqueeze(2) * self._values(self._codes(G, imp, scale, offset)) - offset.unsqueeze(2)
         return ((w_hat - G).square() * imp).sum(dim=2)
 
     def _refit(
         self, G: torch.Tensor, imp: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Weighted least squares for (scale, offset) with the codes of (scale, offset) held fixed."""
-        c = self._values(self._codes(G, scale, offset))
+        c = self._values(self._codes(G, imp, scale, offset))
         sw, swc, swx = imp.sum(2), (imp * c).sum(2), (imp * G).sum(2)
         swcc, swcx = (imp * c * c).sum(2), (imp * c * G).sum(2)
         if not self.has_min:
@@ -191,9 +201,10 @@ class GGMLFormat:
         rows, n_sub = scale.shape
         per_block = self.block // self.sub
         lo, hi = self.sub_scale_range
+        step = self.sub_scale_step
         d = self._super(scale.view(rows, -1, per_block), lo, hi)  # (rows, n_blocks)
         d_sub = d.repeat_interleave(per_block, dim=1)
-        sc = _div(scale, d_sub).round().clamp(lo, hi)
+        sc = (((_div(scale, d_sub) - lo) / step).round() * step + lo).clamp(lo, hi)
         if self.has_min:
             dmin = self._super(offset.view(rows, -1, per_block), lo, hi)
             dmin_sub = dmin.repeat_interleave(per_block, dim=1)
@@ -201,7 +212,7 @@ class GGMLFormat:
         else:
             dmin_sub, mn = torch.zeros_like(d_sub), torch.zeros_like(sc)
         best = None
-        for dsc in (0, -1, 1):
+        for dsc in (0, -step, step):
             for dmn in (0, -1, 1) if self.has_min else (0,):
                 s = d_sub * (sc + dsc).clamp(lo, hi)
                 o = dmin_sub * (mn + dmn).clamp(lo, hi)
@@ -253,6 +264,96 @@ class GGMLFormat:
         data = blocks.numpy().reshape(n, self.type_size)
         codes, params = _LAYOUTS[self.name][1](self, data)
         return params.to_qtensor(self, torch.from_numpy(codes.reshape(rows, cols).astype(np.uint8)), rows)
+
+
+SEARCH_NEIGHBOURS = 8  # and while the scales are searched (within about 1% of the error, 8x faster)
+
+
+@dataclass(frozen=True)
+class LatticeFormat(GGMLFormat):
+    """IQ3_S: codes over the levels +-1, +-3, ..., +-15 whose magnitudes, four weights at a time, form
+    one point of the type's grid (`gguf.quants.IQ3_S`'s 512 points); every sign is stored.
+
+    Rounding is therefore per group of four: of the `LATTICE_NEIGHBOURS` grid points nearest to the
+    cell of levels the group's magnitudes round to (all of them when that cell is a grid point), the
+    one of least importance-weighted error (llama.cpp's quantizer searches such neighbour lists too).
+    Only methods that fit whole groups (rtn) produce such codes; GPTQ's and learned rounding's
+    per-weight steps would leave the grid.
+    """
+
+    grid_type: str = "IQ3_S"  # the `gguf.quants` class whose grid this is
+
+    @property
+    def joint_codes(self) -> bool:
+        return True
+
+    def _fit_sub_blocks(
+        self, G: torch.Tensor, imp: torch.Tensor, clip_grid: int, clip_min: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, offset = super()._fit_sub_blocks(G, imp, clip_grid, clip_min)
+        return scale.abs(), offset  # signs are stored per weight: the scale is a magnitude
+
+    def _fit_rows(self, W: torch.Tensor, imp: torch.Tensor, clip_grid: int, clip_min: float) -> QTensor:
+        q = super()._fit_rows(W, imp, clip_grid, clip_min)  # scales searched with SEARCH_NEIGHBOURS
+        G = W.view(W.shape[0], -1, self.sub)
+        return self.with_codes(q, self._codes(G, imp, q.scale, None, LATTICE_NEIGHBOURS).reshape(W.shape).to(torch.uint8))
+
+    def _codes(self, G: torch.Tensor, imp: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+               k: int = SEARCH_NEIGHBOURS) -> torch.Tensor:
+        neighbours, coordinates = _neighbours(self.grid_type)
+        neighbours, coordinates = neighbours[:, :k].contiguous(), coordinates[:, :k].contiguous()
+        width = coordinates.shape[2]
+        x = torch.where(scale.unsqueeze(2) != 0, G / scale.unsqueeze(2), 0)  # a sub-block's scale is common to
+        rows = x.shape[0]                                                     # its groups: nearest in x is in w
+        a = x.abs().reshape(rows, -1, 1, width)
+        w = imp.reshape(1, -1, 1, width)
+        cell = ((a - 1) / 2).round().clamp(0, len(self.codebook) // 2 - 1).to(torch.int64)
+        cells = (cell << (3 * torch.arange(width))).sum(3).reshape(rows, -1)  # (rows, groups)
+        points = torch.empty(cells.shape, dtype=torch.long)
+        step = max(1, LATTICE_SCORES // (cells.shape[1] * k))
+        for r in range(0, rows, step):
+            c = cells[r : r + step]
+            near = coordinates.index_select(0, c.flatten()).view(*c.shape, k, width)  # (rows, groups, k, width)
+            best = (w * (a[r : r + step] - near).square()).sum(3).argmin(dim=2)
+            points[r : r + step] = neighbours.view(-1)[c * k + best]
+        level = torch.from_numpy(_grid(self.grid_type))[points].reshape(x.shape) * torch.where(x < 0, -1.0, 1.0)
+        return (level + self.codebook[-1]) / 2  # the odd levels -15..15 are codes 0..15
+
+
+LATTICE_NEIGHBOURS = 64  # grid points searched per group of weights for the final codes
+LATTICE_SCORES = 1 << 20  # (group, neighbour) errors computed at once by LatticeFormat
+
+
+@functools.cache
+def _grid(grid_type: str) -> np.ndarray:
+    """A lattice type's grid, as gguf-py decodes it (the same tables as llama.cpp's)."""
+    cls = getattr(gguf_quants, grid_type)
+    cls.init_grid()
+    return cls.grid.reshape(cls.grid_shape).astype(np.float32)
+
+
+@functools.cache
+def _neighbours(grid_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each cell of levels (keyed as in `_grid_index`), the LATTICE_NEIGHBOURS grid points nearest to
+    its centre, nearest first: (cells, k) indices and (cells, k, width) magnitudes."""
+    grid = _grid(grid_type)
+    width = grid.shape[1]
+    cells = np.stack(np.meshgrid(*[np.arange(8)] * width, indexing="ij"), axis=-1).reshape(-1, width)
+    centres = np.empty((8**width, width), np.float32)
+    centres[(cells << (3 * np.arange(width))).sum(axis=1)] = 2 * cells + 1
+    distance = ((centres[:, None, :] - grid[None]) ** 2).sum(axis=2)
+    nearest = np.ascontiguousarray(np.argsort(distance, axis=1, kind="stable")[:, :LATTICE_NEIGHBOURS])
+    return torch.from_numpy(nearest), torch.from_numpy(grid[nearest])
+
+
+@functools.cache
+def _grid_index(grid_type: str) -> np.ndarray:
+    """Grid point of each magnitude tuple, keyed by its levels (m - 1) / 2 in 3 bits each; -1 off the grid."""
+    grid = (_grid(grid_type).astype(np.int64) - 1) // 2
+    keys = (grid << (3 * np.arange(grid.shape[1]))).sum(axis=1)
+    index = np.full(1 << (3 * grid.shape[1]), -1, np.int64)
+    index[keys] = np.arange(len(grid))
+    return index
 
 
 def _fp16(x: torch.Tensor) -> torch.Tensor:
@@ -457,6 +558,32 @@ def _unpack_iq4_xs(fmt: GGMLFormat, data: np.ndarray) -> tuple[np.ndarray, _Bloc
     return _unplanes(qs, 4, 16), _BlockParams(_f16(d), np.zeros(n, np.float16), sc, _none(n, 8))
 
 
+def _pack_iq3_s(fmt: GGMLFormat, codes: np.ndarray, p: _BlockParams) -> np.ndarray:
+    """IQ3_S: d, each group of four's grid point (low 8 bits in qs, the 9th in qh), each weight's sign
+    bit, and the eight sub-block scales 2 s + 1 as 4-bit s."""
+    n = codes.shape[0]
+    level = 2 * codes.astype(np.int64) - 15
+    magnitude = (np.abs(level).reshape(n, -1, 4) - 1) // 2
+    point = _grid_index(fmt.grid_type)[(magnitude << (3 * np.arange(4))).sum(axis=2)]
+    if (point < 0).any():
+        raise MixqError(f"{fmt.name}: codes off its grid (a method that rounds each weight on its own made them)")
+    signs = np.packbits(level < 0, axis=1, bitorder="little")
+    qh = np.packbits((point >> 8).astype(np.uint8), axis=1, bitorder="little")
+    s = ((p.sc - 1) // 2).astype(np.uint8)
+    scales = s[:, 0::2] | (s[:, 1::2] << 4)
+    return np.concatenate([_f16_bytes(p.d), (point & 255).astype(np.uint8), qh, signs, scales], axis=1)
+
+
+def _unpack_iq3_s(fmt: GGMLFormat, data: np.ndarray) -> tuple[np.ndarray, _BlockParams]:
+    n = data.shape[0]
+    d, qs, qh, signs, scales = _split(data, [2, 64, 8, 32, 4])
+    point = qs.astype(np.int64) | (np.unpackbits(qh, axis=1, bitorder="little").astype(np.int64) << 8)
+    magnitude = _grid(fmt.grid_type)[point].reshape(n, -1).astype(np.int64)
+    level = np.where(np.unpackbits(signs, axis=1, bitorder="little") == 1, -magnitude, magnitude)
+    sc = 2 * np.stack([scales & 15, scales >> 4], axis=2).reshape(n, 8).astype(np.int64) + 1
+    return ((level + 15) // 2).astype(np.uint8), _BlockParams(_f16(d), np.zeros(n, np.float16), sc, _none(n, 8))
+
+
 _LAYOUTS = {
     **dict.fromkeys(("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"), (_pack_32, _unpack_32)),
     "q2_k": (_pack_q2_k, _unpack_q2_k),
@@ -465,6 +592,7 @@ _LAYOUTS = {
     "q5_k": (_pack_q45_k, _unpack_q45_k),
     "q6_k": (_pack_q6_k, _unpack_q6_k),
     "iq4_xs": (_pack_iq4_xs, _unpack_iq4_xs),
+    "iq3_s": (_pack_iq3_s, _unpack_iq3_s),
 }
 
 GGML_FORMATS = {
@@ -482,13 +610,16 @@ GGML_FORMATS = {
         GGMLFormat("q2_k", 2, 256, 16, has_min=True, sub_scale_range=(0, 15)),
         GGMLFormat("iq4_nl", 4, 32, 32, has_min=False, codebook=IQ4_NL.kvalues),
         GGMLFormat("iq4_xs", 4, 256, 32, has_min=False, sub_scale_range=(-32, 31), codebook=IQ4_NL.kvalues),
+        LatticeFormat("iq3_s", 4, 256, 32, has_min=False, sub_scale_range=(1, 31), sub_scale_step=2,
+                      codebook=tuple(range(-15, 16, 2))),
     )
 }
 
 # llama.cpp's choices (llama-quant.cpp) for rows that are not whole blocks.
-_FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "iq4_xs": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+_FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "iq4_xs": "iq4_nl", "iq3_s": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1",
+             "q6_k": "q8_0"}
 
-_NAME = re.compile(r"^(?:q\d_(?:0|1|k)|iq4_(?:nl|xs))$")
+_NAME = re.compile(r"^(?:q\d_(?:0|1|k)|iq4_(?:nl|xs)|iq3_s)$")
 
 
 def parse(name: str) -> GGMLFormat | None:

@@ -164,6 +164,7 @@ class IntFormat:
 
     # -- codes ------------------------------------------------------------------------------
     levels = None  # evenly spaced: no codebook
+    joint_codes = False  # each weight rounded on its own
 
     def encode(self, W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Codes for W given per-column (broadcastable) scale and zero."""

@@ -23,13 +23,14 @@ import torch
 
 from mixq.formats import Format, QTensor
 from mixq.formats.integer import decode
-from mixq.methods import MethodSettings, output_error, register_method, starting_point
+from mixq.methods import MethodSettings, check_supported, output_error, register_method, starting_point
 
 BLOCK = 128  # columns whose gradient is made by one product and updated in place
 
 
 @register_method("cd")
 def quantize_coordinate_descent(W: torch.Tensor, H: torch.Tensor, fmt: Format, settings: MethodSettings) -> QTensor:
+    check_supported("cd", fmt)
     W = W.float()
     start = starting_point(W, H, fmt, settings)
     q = descend(W, H.float(), start, settings.cd_passes)

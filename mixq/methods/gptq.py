@@ -24,7 +24,7 @@ from mixq.errors import MixqError
 from mixq.formats import Format, QTensor
 from mixq.formats.integer import decode, encode
 from mixq.memory import release_tail
-from mixq.methods import MethodSettings, register_batched, register_method
+from mixq.methods import MethodSettings, check_supported, register_batched, register_method
 
 GPTQ_PRECISION = torch.float32  # the column loop; the Cholesky factorisations run in float64
 
@@ -91,6 +91,8 @@ def quantize_gptq_many(
     The k copies of W are stacked as rows: rows never interact in GPTQ, so they share H's
     factorisation and the column loop, which costs little more for k copies than for one.
     """
+    for f in fmts:
+        check_supported("gptq", f)
     rows, cols = W.shape
     glen = fmts[0].group_len(cols)
     assert all(f.group_len(cols) == glen for f in fmts), "stacked grids must share the group length"
