@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGUFReader
+from gguf import quants as gguf_quants
 from gguf.quants import dequantize, quantize
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -178,29 +179,33 @@ def test_codebook_types_beat_their_uniform_peers_and_refuse_learned_rounding():
     assert "iq4_xs-gptq" in names and "iq4_xs-block" not in names and "q4_k-block" in names
 
 
-def test_a_lattice_type_rounds_each_group_to_its_nearest_grid_point():
-    """IQ3_S: the magnitudes of every four weights are one of the type's 512 grid points, and the
-    point is the nearest under the importance weights: its error is within 0.1% of an exhaustive
-    search over all 512 (the fit searches each group's 64 nearest neighbours)."""
-    from gguf.quants import IQ3_S
-
-    fmt = GGML_FORMATS["iq3_s"]
+@pytest.mark.parametrize("name", ["iq3_s", "iq3_xxs"])
+def test_a_lattice_type_rounds_each_group_to_its_nearest_grid_point(name):
+    """IQ3_S and IQ3_XXS: the magnitudes of every four weights are one of the type's grid points (512
+    and 256), and the point is the nearest under the importance weights: its error is within 0.1% of
+    an exhaustive search over the whole grid (the fit searches each group's 64 nearest neighbours).
+    IQ3_XXS's signs have an even count of minus signs in every 8 weights."""
+    fmt = GGML_FORMATS[name]
     W = weights(16, 512, 3, 0.02)
     importance = torch.rand(512, generator=torch.Generator().manual_seed(3)) * 10 + 0.1
     q = fmt.fit(W, importance)
-    IQ3_S.init_grid()
-    grid = torch.from_numpy(IQ3_S.grid.reshape(512, 4).astype(np.float32))
+    levels = fmt.levels
+    gguf_type = getattr(gguf_quants, fmt.grid_type)
+    gguf_type.init_grid()  # the grid as gguf-py holds it, in units of the type's levels
+    grid = torch.from_numpy(gguf_type.grid.reshape(gguf_type.grid_shape)) * levels[-1] / max(gguf_type.grid_map)
     x = (W.view(16, -1, 32) / q.scale.unsqueeze(2)).abs().reshape(16, -1, 1, 4)
     w = importance.reshape(1, -1, 1, 4)
     exhaustive = (w * (x - grid).square()).sum(3).min(dim=2).values  # (rows, groups), in units of scale^2
-    magnitudes = (2 * q.codes.long() - 15).abs().float().reshape(16, -1, 4)
+    magnitudes = levels[q.codes.long()].abs().reshape(16, -1, 4)
     on_grid = (magnitudes.unsqueeze(2) == grid).all(dim=3).any(dim=2)
     ours = (w.squeeze(2) * (x.squeeze(2) - magnitudes).square()).sum(2)
     assert on_grid.all()
     assert ours.sum() <= 1.001 * exhaustive.sum()
+    if fmt.sign_parity:
+        assert ((levels[q.codes.long()] < 0).reshape(16, -1, 8).sum(dim=2) % 2 == 0).all()
 
 
-def test_iq3_s_beats_q3_k_at_its_size_and_takes_rtn_only():
+def test_iq3_types_beat_k_quants_of_their_size_and_take_rtn_only():
     """On a real tensor with its rounding noise restored (bench/standin.py), IQ3_S's grid fits better than
     Q3_K's even levels at the same 3.44 bits per weight. Methods that round each weight on their own
     would leave the grid: they are refused, and the option space pairs IQ3_S with rtn only."""
@@ -224,6 +229,9 @@ def test_iq3_s_beats_q3_k_at_its_size_and_takes_rtn_only():
 
     assert GGML_FORMATS["iq3_s"].nbytes(W.shape) == GGML_FORMATS["q3_k"].nbytes(W.shape)
     assert rel("iq3_s") < 0.85 * rel("q3_k")
+    # IQ3_XXS (3.06 bits) sits between Q2_K and Q3_K in size, and far nearer Q3_K in error
+    assert GGML_FORMATS["q2_k"].nbytes(W.shape) < GGML_FORMATS["iq3_xxs"].nbytes(W.shape) < GGML_FORMATS["q3_k"].nbytes(W.shape)
+    assert rel("iq3_xxs") < 0.6 * rel("q2_k")
     for method in ("gptq", "cd"):
         with pytest.raises(MixqError, match="iq3_s: its codes lie on a lattice"):
             get_method(method)(W[:8], torch.eye(1536), GGML_FORMATS["iq3_s"], MethodSettings())

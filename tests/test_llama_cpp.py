@@ -10,6 +10,7 @@ KL(llama.cpp || mixq) at most 1.5x the source's (and below 0.03), same top-1 at 
 """
 
 import itertools
+import re
 import subprocess
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def exported(tmp_path_factory):
     loaded = load_model("smollm2-135m")
     # integer grids that are ggml types, written as Q4_0, Q5_1 and Q8_0
     wide = itertools.cycle(["q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl", "int4-g32-sym", "int5-g32", "int8-g32-sym"])
-    k_quants = itertools.cycle(["q6_k", "q5_k", "q4_k", "q3_k", "q2_k", "iq4_xs", "iq3_s"])
+    k_quants = itertools.cycle(["q6_k", "q5_k", "q4_k", "q3_k", "q2_k", "iq4_xs", "iq3_s", "iq3_xxs"])
     result = QuantizedModel()
     for name, ref in loaded.plannable().items():
         W = loaded.read(ref.param)
@@ -53,7 +54,7 @@ def exported(tmp_path_factory):
 
 def test_every_type_is_written_and_metadata_is_kept(exported):
     loaded, path, counts, _ = exported
-    assert {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ3_S", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "IQ4_NL", "F32"} <= set(counts)
+    assert {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ3_S", "IQ3_XXS", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "IQ4_NL", "F32"} <= set(counts)
     ours, source = GGUFReader(path), GGUFReader(loaded_source(loaded))
     for key, field in source.fields.items():
         if key.startswith("GGUF.") or key == "general.file_type":
@@ -121,11 +122,19 @@ def test_llama_quantize_applies_the_recipe(exported, tmp_path):
 
     loaded, path, _, run = exported
     recipe = tmp_path / "types.txt"
-    get_target("llama-quantize-recipe").export(run, recipe, False)
+    message = get_target("llama-quantize-recipe").export(run, recipe, False)
+    assert "--imatrix IMATRIX.gguf MODEL" in message and "iq3_xxs only with an imatrix" in message
     lines = recipe.read_text().split()
+    imatrix = tmp_path / "imatrix.gguf"  # llama-quantize makes IQ3_XXS only with one
+    made = subprocess.run(
+        [str(tools_dir() / "llama-imatrix"), "-m", str(loaded_source(loaded)), "-f", str(TEXT), "-o", str(imatrix),
+         "-c", str(N_CTX), "--chunks", str(N_CHUNKS), "-t", "2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
     out = subprocess.run(
         [str(tools_dir() / "llama-quantize"), "--allow-requantize", "--tensor-type-file", str(recipe),
-         str(loaded_source(loaded)), str(tmp_path / "requantized.gguf"), "Q8_0", "2"],
+         "--imatrix", str(imatrix), str(loaded_source(loaded)), str(tmp_path / "requantized.gguf"), "Q8_0", "2"],
         capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
@@ -134,3 +143,23 @@ def test_llama_quantize_applies_the_recipe(exported, tmp_path):
     matrices = [line.split("=")[0].strip("^$").replace("\\", "") for line in lines]
     assert len(matrices) == 211 and set(matrices) <= set(theirs)
     assert {n: theirs[n] for n in matrices} == {n: ours[n] for n in matrices}
+
+
+def test_rows_a_type_does_not_fit_fall_back_as_llama_quantize_does(exported, tmp_path):
+    """SmolLM2's ffn_gate rows are 576 wide, no multiple of 256: given each 256-wide type in turn,
+    llama-quantize stores the type that mixq's uniform plans fall back to (`GGMLFormat.fallback`)."""
+    from mixq.formats.ggml import GGML_FORMATS
+
+    loaded, _, _, _ = exported
+    wanted = {f"blk.{i}.ffn_gate.weight": name for i, name in enumerate(n for n, f in GGML_FORMATS.items() if f.fallback)}
+    recipe = tmp_path / "types.txt"
+    recipe.write_text("".join(f"^{re.escape(tensor)}$={name}\n" for tensor, name in wanted.items()))
+    out = subprocess.run(
+        [str(tools_dir() / "llama-quantize"), "--allow-requantize", "--tensor-type-file", str(recipe),
+         str(loaded_source(loaded)), str(tmp_path / "requantized.gguf"), "Q8_0", "2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    theirs = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "requantized.gguf").tensors}
+    assert len(wanted) >= 8
+    assert {t: theirs[t] for t in wanted} == {t: GGML_FORMATS[n].fallback.upper() for t, n in wanted.items()}

@@ -49,10 +49,18 @@ def export_recipe(model_dir: Path, out: Path, overwrite: bool = False) -> str:
     loaded = load_model(info["model"])
     formats = stored_formats(model_dir)
     TARGET.check(loaded, formats)
-    lines = recipe_lines(loaded, {n: gguf.ggml_format(f).name for n, (f, _) in formats.items()})
+    types = {n: gguf.ggml_format(f).name for n, (f, _) in formats.items()}
+    lines = recipe_lines(loaded, types)
     atomic_write_text(Path(out), "\n".join(lines) + "\n")
+    needs = sorted(set(types.values()) & NEEDS_IMATRIX)
+    imatrix = "--imatrix IMATRIX.gguf" if needs else "[--imatrix IMATRIX.gguf]"
     return (f"{len(lines)} tensor types; apply with: llama-quantize --tensor-type-file {out} "
-            "[--imatrix IMATRIX.gguf] MODEL-F16.gguf OUT.gguf Q8_0")
+            f"{imatrix} MODEL-F16.gguf OUT.gguf Q8_0"
+            + (f" (llama-quantize makes {', '.join(needs)} only with an imatrix)" if needs else ""))
+
+
+# Types llama-quantize refuses to make without an importance matrix (its tensor_requires_imatrix)
+NEEDS_IMATRIX = frozenset({"iq3_xxs"})
 
 
 TARGET = register(Target(

@@ -271,21 +271,29 @@ SEARCH_NEIGHBOURS = 8  # and while the scales are searched (within about 1% of t
 
 @dataclass(frozen=True)
 class LatticeFormat(GGMLFormat):
-    """IQ3_S: codes over the levels +-1, +-3, ..., +-15 whose magnitudes, four weights at a time, form
-    one point of the type's grid (`gguf.quants.IQ3_S`'s 512 points); every sign is stored.
+    """IQ3_S and IQ3_XXS: codes over 8 magnitudes and a sign whose magnitudes, four weights at a time,
+    form one point of the type's grid (`gguf.quants`' 512 and 256 points). IQ3_S stores every sign;
+    IQ3_XXS stores 7 of each 8 and the 8th makes their count of minus signs even (`sign_parity`).
 
     Rounding is therefore per group of four: of the `LATTICE_NEIGHBOURS` grid points nearest to the
     cell of levels the group's magnitudes round to (all of them when that cell is a grid point), the
-    one of least importance-weighted error (llama.cpp's quantizer searches such neighbour lists too).
-    Only methods that fit whole groups (rtn) produce such codes; GPTQ's and learned rounding's
-    per-weight steps would leave the grid.
+    one of least importance-weighted error (llama.cpp's quantizer searches such neighbour lists too);
+    with `sign_parity`, an 8-weight chunk with an odd count of minus signs then flips the sign that
+    costs least. Only methods that fit whole groups (rtn) produce such codes; GPTQ's and learned
+    rounding's per-weight steps would leave the grid.
     """
 
     grid_type: str = "IQ3_S"  # the `gguf.quants` class whose grid this is
+    sign_parity: bool = False
 
     @property
     def joint_codes(self) -> bool:
         return True
+
+    @property
+    def magnitudes(self) -> tuple[float, ...]:
+        """The positive levels, ascending: the grid's values in units of the sub-block scale."""
+        return self.codebook[len(self.codebook) // 2 :]
 
     def _fit_sub_blocks(
         self, G: torch.Tensor, imp: torch.Tensor, clip_grid: int, clip_min: float
@@ -300,14 +308,15 @@ class LatticeFormat(GGMLFormat):
 
     def _codes(self, G: torch.Tensor, imp: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
                k: int = SEARCH_NEIGHBOURS) -> torch.Tensor:
-        neighbours, coordinates = _neighbours(self.grid_type)
+        neighbours, coordinates = _neighbours(self.grid_type, self.magnitudes)
         neighbours, coordinates = neighbours[:, :k].contiguous(), coordinates[:, :k].contiguous()
         width = coordinates.shape[2]
         x = torch.where(scale.unsqueeze(2) != 0, G / scale.unsqueeze(2), 0)  # a sub-block's scale is common to
         rows = x.shape[0]                                                     # its groups: nearest in x is in w
         a = x.abs().reshape(rows, -1, 1, width)
         w = imp.reshape(1, -1, 1, width)
-        cell = ((a - 1) / 2).round().clamp(0, len(self.codebook) // 2 - 1).to(torch.int64)
+        magnitudes = torch.tensor(self.magnitudes)
+        cell = torch.bucketize(a, (magnitudes[1:] + magnitudes[:-1]) / 2)
         cells = (cell << (3 * torch.arange(width))).sum(3).reshape(rows, -1)  # (rows, groups)
         points = torch.empty(cells.shape, dtype=torch.long)
         step = max(1, LATTICE_SCORES // (cells.shape[1] * k))
@@ -316,8 +325,16 @@ class LatticeFormat(GGMLFormat):
             near = coordinates.index_select(0, c.flatten()).view(*c.shape, k, width)  # (rows, groups, k, width)
             best = (w * (a[r : r + step] - near).square()).sum(3).argmin(dim=2)
             points[r : r + step] = neighbours.view(-1)[c * k + best]
-        level = torch.from_numpy(_grid(self.grid_type))[points].reshape(x.shape) * torch.where(x < 0, -1.0, 1.0)
-        return (level + self.codebook[-1]) / 2  # the odd levels -15..15 are codes 0..15
+        level = torch.from_numpy(_grid_levels(self.grid_type))[points].reshape(x.shape)  # index into magnitudes
+        negative = x < 0
+        if self.sign_parity:
+            cost = (imp.view(1, -1, self.sub) * x.abs() * magnitudes[level]).reshape(rows, -1, 8)
+            chunks = negative.reshape(rows, -1, 8)
+            odd = chunks.sum(dim=2, keepdim=True) % 2 == 1
+            flip = torch.zeros_like(chunks).scatter_(2, cost.argmin(dim=2, keepdim=True), True) & odd
+            negative = (chunks ^ flip).reshape(x.shape)
+        half = len(self.magnitudes)
+        return torch.where(negative, half - 1 - level, half + level).float()
 
 
 LATTICE_NEIGHBOURS = 64  # grid points searched per group of weights for the final codes
@@ -325,22 +342,24 @@ LATTICE_SCORES = 1 << 20  # (group, neighbour) errors computed at once by Lattic
 
 
 @functools.cache
-def _grid(grid_type: str) -> np.ndarray:
-    """A lattice type's grid, as gguf-py decodes it (the same tables as llama.cpp's)."""
+def _grid_levels(grid_type: str) -> np.ndarray:
+    """A lattice type's grid as gguf-py decodes it (llama.cpp's tables), each value as the index of its
+    level: (points, width) integers in [0, 8)."""
     cls = getattr(gguf_quants, grid_type)
     cls.init_grid()
-    return cls.grid.reshape(cls.grid_shape).astype(np.float32)
+    return np.searchsorted(np.array(cls.grid_map), cls.grid.reshape(cls.grid_shape)).astype(np.int64)
 
 
 @functools.cache
-def _neighbours(grid_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _neighbours(grid_type: str, magnitudes: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """For each cell of levels (keyed as in `_grid_index`), the LATTICE_NEIGHBOURS grid points nearest to
     its centre, nearest first: (cells, k) indices and (cells, k, width) magnitudes."""
-    grid = _grid(grid_type)
+    values = np.array(magnitudes, np.float32)
+    grid = values[_grid_levels(grid_type)]
     width = grid.shape[1]
     cells = np.stack(np.meshgrid(*[np.arange(8)] * width, indexing="ij"), axis=-1).reshape(-1, width)
     centres = np.empty((8**width, width), np.float32)
-    centres[(cells << (3 * np.arange(width))).sum(axis=1)] = 2 * cells + 1
+    centres[(cells << (3 * np.arange(width))).sum(axis=1)] = values[cells]
     distance = ((centres[:, None, :] - grid[None]) ** 2).sum(axis=2)
     nearest = np.ascontiguousarray(np.argsort(distance, axis=1, kind="stable")[:, :LATTICE_NEIGHBOURS])
     return torch.from_numpy(nearest), torch.from_numpy(grid[nearest])
@@ -348,12 +367,29 @@ def _neighbours(grid_type: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.cache
 def _grid_index(grid_type: str) -> np.ndarray:
-    """Grid point of each magnitude tuple, keyed by its levels (m - 1) / 2 in 3 bits each; -1 off the grid."""
-    grid = (_grid(grid_type).astype(np.int64) - 1) // 2
+    """Grid point of each tuple of level indices, keyed by them in 3 bits each; -1 off the grid."""
+    grid = _grid_levels(grid_type)
     keys = (grid << (3 * np.arange(grid.shape[1]))).sum(axis=1)
     index = np.full(1 << (3 * grid.shape[1]), -1, np.int64)
     index[keys] = np.arange(len(grid))
     return index
+
+
+def _lattice_points(fmt: LatticeFormat, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(grid point of each group of four, each weight's minus sign) of a lattice type's codes."""
+    n, half = codes.shape[0], len(fmt.magnitudes)
+    negative = codes < half
+    level = np.where(negative, half - 1 - codes.astype(np.int64), codes.astype(np.int64) - half)
+    point = _grid_index(fmt.grid_type)[(level.reshape(n, -1, 4) << (3 * np.arange(4))).sum(axis=2)]
+    if (point < 0).any():
+        raise MixqError(f"{fmt.name}: codes off its grid (a method that rounds each weight on its own made them)")
+    return point, negative
+
+
+def _lattice_codes(fmt: LatticeFormat, point: np.ndarray, negative: np.ndarray) -> np.ndarray:
+    half = len(fmt.magnitudes)
+    level = _grid_levels(fmt.grid_type)[point].reshape(negative.shape)
+    return np.where(negative, half - 1 - level, half + level).astype(np.uint8)
 
 
 def _fp16(x: torch.Tensor) -> torch.Tensor:
@@ -558,30 +594,52 @@ def _unpack_iq4_xs(fmt: GGMLFormat, data: np.ndarray) -> tuple[np.ndarray, _Bloc
     return _unplanes(qs, 4, 16), _BlockParams(_f16(d), np.zeros(n, np.float16), sc, _none(n, 8))
 
 
-def _pack_iq3_s(fmt: GGMLFormat, codes: np.ndarray, p: _BlockParams) -> np.ndarray:
+def _pack_iq3_s(fmt: LatticeFormat, codes: np.ndarray, p: _BlockParams) -> np.ndarray:
     """IQ3_S: d, each group of four's grid point (low 8 bits in qs, the 9th in qh), each weight's sign
     bit, and the eight sub-block scales 2 s + 1 as 4-bit s."""
-    n = codes.shape[0]
-    level = 2 * codes.astype(np.int64) - 15
-    magnitude = (np.abs(level).reshape(n, -1, 4) - 1) // 2
-    point = _grid_index(fmt.grid_type)[(magnitude << (3 * np.arange(4))).sum(axis=2)]
-    if (point < 0).any():
-        raise MixqError(f"{fmt.name}: codes off its grid (a method that rounds each weight on its own made them)")
-    signs = np.packbits(level < 0, axis=1, bitorder="little")
+    point, negative = _lattice_points(fmt, codes)
+    signs = np.packbits(negative, axis=1, bitorder="little")
     qh = np.packbits((point >> 8).astype(np.uint8), axis=1, bitorder="little")
     s = ((p.sc - 1) // 2).astype(np.uint8)
     scales = s[:, 0::2] | (s[:, 1::2] << 4)
     return np.concatenate([_f16_bytes(p.d), (point & 255).astype(np.uint8), qh, signs, scales], axis=1)
 
 
-def _unpack_iq3_s(fmt: GGMLFormat, data: np.ndarray) -> tuple[np.ndarray, _BlockParams]:
+def _unpack_iq3_s(fmt: LatticeFormat, data: np.ndarray) -> tuple[np.ndarray, _BlockParams]:
     n = data.shape[0]
     d, qs, qh, signs, scales = _split(data, [2, 64, 8, 32, 4])
     point = qs.astype(np.int64) | (np.unpackbits(qh, axis=1, bitorder="little").astype(np.int64) << 8)
-    magnitude = _grid(fmt.grid_type)[point].reshape(n, -1).astype(np.int64)
-    level = np.where(np.unpackbits(signs, axis=1, bitorder="little") == 1, -magnitude, magnitude)
+    codes = _lattice_codes(fmt, point, np.unpackbits(signs, axis=1, bitorder="little") == 1)
     sc = 2 * np.stack([scales & 15, scales >> 4], axis=2).reshape(n, 8).astype(np.int64) + 1
-    return ((level + 15) // 2).astype(np.uint8), _BlockParams(_f16(d), np.zeros(n, np.float16), sc, _none(n, 8))
+    return codes, _BlockParams(_f16(d), np.zeros(n, np.float16), sc, _none(n, 8))
+
+
+_SIGN_FIELDS = 7 * np.arange(4, dtype=np.uint32)  # IQ3_XXS: each sub-block's four 7-bit sign fields
+
+
+def _pack_iq3_xxs(fmt: LatticeFormat, codes: np.ndarray, p: _BlockParams) -> np.ndarray:
+    """IQ3_XXS: d, each group of four's 8-bit grid point, then per 32-weight sub-block one uint32: the
+    first 7 signs of each 8 weights in 7 bits each (the 8th is their parity), the scale's s in the top 4."""
+    n = codes.shape[0]
+    point, negative = _lattice_points(fmt, codes)
+    chunks = negative.reshape(n, 8, 4, 8)
+    if (chunks.sum(axis=3) % 2).any():
+        raise MixqError(f"{fmt.name}: an odd number of minus signs in 8 weights, which it cannot store")
+    fields = (chunks[..., :7].astype(np.uint32) << np.arange(7, dtype=np.uint32)).sum(axis=3)  # (n, 8, 4)
+    words = (fields << _SIGN_FIELDS).sum(axis=2) | ((p.sc.astype(np.uint32) - 1) // 2 << 28)
+    return np.concatenate([_f16_bytes(p.d), point.astype(np.uint8), words.astype("<u4").view(np.uint8)], axis=1)
+
+
+def _unpack_iq3_xxs(fmt: LatticeFormat, data: np.ndarray) -> tuple[np.ndarray, _BlockParams]:
+    n = data.shape[0]
+    d, qs, words = _split(data, [2, 64, 32])
+    words = np.ascontiguousarray(words).view("<u4").astype(np.uint32)  # (n, 8)
+    fields = (words[..., None] >> _SIGN_FIELDS) & 127  # (n, 8, 4)
+    first = (fields[..., None] >> np.arange(7, dtype=np.uint32)) & 1  # (n, 8, 4, 7)
+    negative = np.concatenate([first, first.sum(axis=3, keepdims=True) % 2], axis=3).reshape(n, -1) == 1
+    codes = _lattice_codes(fmt, qs.astype(np.int64), negative)
+    sc = 2 * (words >> 28).astype(np.int64) + 1
+    return codes, _BlockParams(_f16(d), np.zeros(n, np.float16), sc, _none(n, 8))
 
 
 _LAYOUTS = {
@@ -593,6 +651,7 @@ _LAYOUTS = {
     "q6_k": (_pack_q6_k, _unpack_q6_k),
     "iq4_xs": (_pack_iq4_xs, _unpack_iq4_xs),
     "iq3_s": (_pack_iq3_s, _unpack_iq3_s),
+    "iq3_xxs": (_pack_iq3_xxs, _unpack_iq3_xxs),
 }
 
 GGML_FORMATS = {
@@ -612,14 +671,19 @@ GGML_FORMATS = {
         GGMLFormat("iq4_xs", 4, 256, 32, has_min=False, sub_scale_range=(-32, 31), codebook=IQ4_NL.kvalues),
         LatticeFormat("iq3_s", 4, 256, 32, has_min=False, sub_scale_range=(1, 31), sub_scale_step=2,
                       codebook=tuple(range(-15, 16, 2))),
+        # IQ3_XXS's sub-block scale is d (s + 1/2) / 2 and its grid values 4, 12, ..., 52, 62: as odd
+        # multiples of d they are levels of 1, 3, ..., 13, 15.5.
+        LatticeFormat("iq3_xxs", 4, 256, 32, has_min=False, sub_scale_range=(1, 31), sub_scale_step=2,
+                      codebook=(-15.5, *range(-13, 0, 2), *range(1, 14, 2), 15.5), grid_type="IQ3_XXS",
+                      sign_parity=True),
     )
 }
 
 # llama.cpp's choices (llama-quant.cpp) for rows that are not whole blocks.
-_FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "iq4_xs": "iq4_nl", "iq3_s": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1",
-             "q6_k": "q8_0"}
+_FALLBACK = {**dict.fromkeys(("iq4_xs", "iq3_s", "iq3_xxs"), "iq4_nl"), "q2_k": "q4_0", "q3_k": "q4_0",
+             "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
-_NAME = re.compile(r"^(?:q\d_(?:0|1|k)|iq4_(?:nl|xs)|iq3_s)$")
+_NAME = re.compile(r"^(?:q\d_(?:0|1|k)|iq4_(?:nl|xs)|iq3_(?:s|xxs))$")
 
 
 def parse(name: str) -> GGMLFormat | None:
