@@ -34,8 +34,9 @@ from mixq.atomic import atomic_write_text  # noqa: E402
 from mixq.data import WindowSpec, load_windows  # noqa: E402
 from mixq.export.gguf import name_map_of, qk_row_order  # noqa: E402
 from mixq.export.llama_cpp import tools_dir  # noqa: E402
+from mixq.export.recipe import NEEDS_IMATRIX  # noqa: E402
 from mixq.formats.ggml import GGML_FORMATS  # noqa: E402
-from mixq.methods import MethodSettings, output_error, quantize_many  # noqa: E402
+from mixq.methods import MethodSettings, output_error, quantize_many, supports  # noqa: E402
 from mixq.models import load_model, source_gguf  # noqa: E402
 from mixq.report import markdown_table  # noqa: E402
 
@@ -73,7 +74,7 @@ def main() -> None:
     heads = {"q_proj": loaded.config.num_attention_heads, "k_proj": loaded.config.num_key_value_heads}
     llama: dict[tuple[str, bool], dict[str, torch.Tensor]] = {}  # (type, imatrix) -> tensor -> W_hat
     for name in GGML_FORMATS:
-        for with_imatrix in (False, True):
+        for with_imatrix in (True,) if name in NEEDS_IMATRIX else (False, True):  # llama.cpp refuses those
             out = work / f"{name}{'-imatrix' if with_imatrix else ''}.gguf"
             if not out.is_file():
                 extra = ["--imatrix", str(imatrix)] if with_imatrix else []
@@ -97,12 +98,13 @@ def main() -> None:
     settings = MethodSettings()
     for tensor, linear in linears.items():
         W, H = loaded.read(linear.param), stats[tensor].H
-        fits = [n for n in GGML_FORMATS if tensor in llama[(n, False)]]
+        fits = [n for n in GGML_FORMATS if tensor in llama[(n, True)]]
         for method in args.methods.split(","):
-            for n, q in zip(fits, quantize_many(method, W, H, [GGML_FORMATS[n] for n in fits], settings)):
+            done = [n for n in fits if supports(method, GGML_FORMATS[n])]  # lattices: rtn only
+            for n, q in zip(done, quantize_many(method, W, H, [GGML_FORMATS[n] for n in done], settings)):
                 errors[n].setdefault(f"mixq {method}", []).append(output_error(W, q.dequantize(), H))
         for n in fits:
-            for with_imatrix in (False, True):
+            for with_imatrix in (True,) if n in NEEDS_IMATRIX else (False, True):
                 maker = "llama.cpp imatrix" if with_imatrix else "llama.cpp"
                 errors[n].setdefault(maker, []).append(output_error(W, llama[(n, with_imatrix)][tensor], H))
     write_report(args, errors, time.time() - start)
