@@ -230,7 +230,8 @@ def test_iq3_types_beat_k_quants_of_their_size_and_take_rtn_only():
     assert GGML_FORMATS["iq3_s"].nbytes(W.shape) == GGML_FORMATS["q3_k"].nbytes(W.shape)
     assert rel("iq3_s") < 0.85 * rel("q3_k")
     # IQ3_XXS (3.06 bits) sits between Q2_K and Q3_K in size, and far nearer Q3_K in error
-    assert GGML_FORMATS["q2_k"].nbytes(W.shape) < GGML_FORMATS["iq3_xxs"].nbytes(W.shape) < GGML_FORMATS["q3_k"].nbytes(W.shape)
+    sizes = {name: GGML_FORMATS[name].nbytes(W.shape) for name in ("q2_k", "iq3_xxs", "q3_k")}
+    assert sizes["q2_k"] < sizes["iq3_xxs"] < sizes["q3_k"]
     assert rel("iq3_xxs") < 0.6 * rel("q2_k")
     for method in ("gptq", "cd"):
         with pytest.raises(MixqError, match="iq3_s: its codes lie on a lattice"):

@@ -54,7 +54,8 @@ def exported(tmp_path_factory):
 
 def test_every_type_is_written_and_metadata_is_kept(exported):
     loaded, path, counts, _ = exported
-    assert {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ3_S", "IQ3_XXS", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "IQ4_NL", "F32"} <= set(counts)
+    assert {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ3_S", "IQ3_XXS", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0",
+            "IQ4_NL", "F32"} <= set(counts)
     ours, source = GGUFReader(path), GGUFReader(loaded_source(loaded))
     for key, field in source.fields.items():
         if key.startswith("GGUF.") or key == "general.file_type":
@@ -151,7 +152,8 @@ def test_rows_a_type_does_not_fit_fall_back_as_llama_quantize_does(exported, tmp
     from mixq.formats.ggml import GGML_FORMATS
 
     loaded, _, _, _ = exported
-    wanted = {f"blk.{i}.ffn_gate.weight": name for i, name in enumerate(n for n, f in GGML_FORMATS.items() if f.fallback)}
+    types = [name for name, fmt in GGML_FORMATS.items() if fmt.fallback]
+    wanted = {f"blk.{i}.ffn_gate.weight": name for i, name in enumerate(types)}
     recipe = tmp_path / "types.txt"
     recipe.write_text("".join(f"^{re.escape(tensor)}$={name}\n" for tensor, name in wanted.items()))
     out = subprocess.run(

@@ -1,5 +1,5 @@
 """llama.cpp's block formats (ggml types): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the k-quants Q2_K..Q6_K, the
-4-bit codebook types IQ4_NL and IQ4_XS, and the lattice type IQ3_S.
+4-bit codebook types IQ4_NL and IQ4_XS, and the lattice types IQ3_S and IQ3_XXS.
 
 A row is cut into blocks of 32 or 256 weights, stored byte for byte as ggml lays them out, so a
 GGUF writer copies `pack`'s bytes verbatim. Within a block, sub-blocks of 16 or 32 weights share one
@@ -13,8 +13,9 @@ For the k-quants scale = d * sc and offset = dmin * m with integer sc, m; comput
 are exactly those of ggml's own dequantization (tests check this against the `gguf` package).
 IQ4_NL (Q4_0's layout) and IQ4_XS (Q4_K's super-blocks, signed 6-bit sub-block scales, no mins) put
 16 non-uniform levels on the same scales: a weight is scale * levels[code] (`codebook`).
-IQ3_S (`LatticeFormat`) is a codebook of the odd levels -15..15 whose magnitudes, four weights at a
-time, must be one of 512 grid points (signs are free); its sub-block scales are odd multiples of d.
+IQ3_S and IQ3_XXS (`LatticeFormat`) are codebooks of 16 levels (+-8 magnitudes) whose magnitudes,
+four weights at a time, must be one of the type's grid points; their sub-block scales are odd
+multiples of d.
 
 Choosing the parameters (`fit`) is a search weighted by input importance (diag of H, the idea behind
 llama.cpp's imatrix): per sub-block, a grid of range shrinks each followed by a weighted least-squares
@@ -51,7 +52,7 @@ class GGMLFormat:
     has_min: bool
     sub_scale_range: tuple[int, int] = (0, 0)  # k-quants: integer range of sub-block scales (and mins)
     sub_scale_step: int = 1  # those integers are lo, lo + step, ..., hi (IQ3_S: the odd 1..31)
-    codebook: tuple[int, ...] | None = None  # IQ4 types: the level of each code, ascending
+    codebook: tuple[float, ...] | None = None  # IQ types: the level of each code, ascending
 
     @property
     def levels(self) -> torch.Tensor | None:
@@ -266,7 +267,9 @@ class GGMLFormat:
         return params.to_qtensor(self, torch.from_numpy(codes.reshape(rows, cols).astype(np.uint8)), rows)
 
 
+LATTICE_NEIGHBOURS = 64  # grid points searched per group of weights for the final codes,
 SEARCH_NEIGHBOURS = 8  # and while the scales are searched (within about 1% of the error, 8x faster)
+LATTICE_SCORES = 1 << 20  # (group, neighbour) errors computed at once by LatticeFormat
 
 
 @dataclass(frozen=True)
@@ -304,7 +307,8 @@ class LatticeFormat(GGMLFormat):
     def _fit_rows(self, W: torch.Tensor, imp: torch.Tensor, clip_grid: int, clip_min: float) -> QTensor:
         q = super()._fit_rows(W, imp, clip_grid, clip_min)  # scales searched with SEARCH_NEIGHBOURS
         G = W.view(W.shape[0], -1, self.sub)
-        return self.with_codes(q, self._codes(G, imp, q.scale, None, LATTICE_NEIGHBOURS).reshape(W.shape).to(torch.uint8))
+        codes = self._codes(G, imp, q.scale, None, LATTICE_NEIGHBOURS)
+        return self.with_codes(q, codes.reshape(W.shape).to(torch.uint8))
 
     def _codes(self, G: torch.Tensor, imp: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
                k: int = SEARCH_NEIGHBOURS) -> torch.Tensor:
@@ -335,10 +339,6 @@ class LatticeFormat(GGMLFormat):
             negative = (chunks ^ flip).reshape(x.shape)
         half = len(self.magnitudes)
         return torch.where(negative, half - 1 - level, half + level).float()
-
-
-LATTICE_NEIGHBOURS = 64  # grid points searched per group of weights for the final codes
-LATTICE_SCORES = 1 << 20  # (group, neighbour) errors computed at once by LatticeFormat
 
 
 @functools.cache
