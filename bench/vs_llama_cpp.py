@@ -264,7 +264,9 @@ def mixq_files(args, work: Path, binp: Path, source: Path, start: float) -> None
 
 def mixq_profile(path: Path, source: Path, calib_windows: int, formats: tuple[str, ...]):
     """(the loaded reference, mixq's profile of it over `formats`), the profile made once and cached at
-    `path`, on the calibration windows llama-imatrix also reads."""
+    `path`, on the calibration windows llama-imatrix also reads; a stopped run resumes from the
+    profile's checkpoints in .PATH.resume (as `mixq profile` does)."""
+    from mixq.checkpoint import Checkpoints, file_identity, work_dir
     from mixq.cli import HELD_OUT_SEED
     from mixq.data import WindowSpec, load_windows
     from mixq.methods import MethodSettings
@@ -277,10 +279,16 @@ def mixq_profile(path: Path, source: Path, calib_windows: int, formats: tuple[st
         return loaded, Profile.load(path)
     calib = load_windows(loaded, WindowSpec(calib_windows, 512, seed=0))  # the text llama-imatrix used
     held_out = load_windows(loaded, WindowSpec(MIXQ_HELD_OUT[0], MIXQ_HELD_OUT[1], seed=HELD_OUT_SEED))
-    profile = build_profile(loaded, calib, held_out, ProfileSettings(
+    settings = ProfileSettings(
         space=OptionSpace(formats=formats, methods=("rtn",)), method_settings=MethodSettings(clip_grid=MIXQ_CLIP_GRID),
-        fisher_windows=0, measure_every=MIXQ_MEASURE_EVERY, row_fraction=MIXQ_ROW_FRACTION))
+        fisher_windows=0, measure_every=MIXQ_MEASURE_EVERY, row_fraction=MIXQ_ROW_FRACTION)
+    checkpoints = Checkpoints(work_dir(path), {"model": file_identity(source), "formats": list(formats),
+                                               "calib_windows": calib_windows, "settings": repr(settings)})
+    if checkpoints.resumed:
+        print(f"resuming mixq's profile from {checkpoints.directory}", flush=True)
+    profile = build_profile(loaded, calib, held_out, settings, checkpoints)
     profile.save(path)
+    checkpoints.discard()
     return loaded, profile
 
 
