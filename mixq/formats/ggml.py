@@ -312,8 +312,7 @@ class LatticeFormat(GGMLFormat):
 
     def _codes(self, G: torch.Tensor, imp: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
                k: int = SEARCH_NEIGHBOURS) -> torch.Tensor:
-        neighbours, coordinates = _neighbours(self.grid_type, self.magnitudes)
-        neighbours, coordinates = neighbours[:, :k].contiguous(), coordinates[:, :k].contiguous()
+        neighbours, coordinates = _neighbours(self.grid_type, self.magnitudes, k)
         width = coordinates.shape[2]
         x = torch.where(scale.unsqueeze(2) != 0, G / scale.unsqueeze(2), 0)  # a sub-block's scale is common to
         rows = x.shape[0]                                                     # its groups: nearest in x is in w
@@ -351,9 +350,9 @@ def _grid_levels(grid_type: str) -> np.ndarray:
 
 
 @functools.cache
-def _neighbours(grid_type: str, magnitudes: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each cell of levels (keyed as in `_grid_index`), the LATTICE_NEIGHBOURS grid points nearest to
-    its centre, nearest first: (cells, k) indices and (cells, k, width) magnitudes."""
+def _neighbours(grid_type: str, magnitudes: tuple[float, ...], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each cell of levels (keyed as in `_grid_index`), the k grid points nearest to its centre,
+    nearest first: (cells, k) indices and (cells, k, width) magnitudes."""
     values = np.array(magnitudes, np.float32)
     grid = values[_grid_levels(grid_type)]
     width = grid.shape[1]
@@ -361,7 +360,7 @@ def _neighbours(grid_type: str, magnitudes: tuple[float, ...]) -> tuple[torch.Te
     centres = np.empty((8**width, width), np.float32)
     centres[(cells << (3 * np.arange(width))).sum(axis=1)] = values[cells]
     distance = ((centres[:, None, :] - grid[None]) ** 2).sum(axis=2)
-    nearest = np.ascontiguousarray(np.argsort(distance, axis=1, kind="stable")[:, :LATTICE_NEIGHBOURS])
+    nearest = np.ascontiguousarray(np.argsort(distance, axis=1, kind="stable")[:, :k])
     return torch.from_numpy(nearest), torch.from_numpy(grid[nearest])
 
 
