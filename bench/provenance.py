@@ -50,7 +50,10 @@ def standin_record(model: str) -> dict | None:
 def model_name(model: str) -> str:
     """A table title's name for `model`."""
     record = standin_record(model)
-    return model if record is None else f"{record['settings']['model']} (full-precision stand-in)"
+    if record is None:
+        return model
+    source = record["settings"]["model"]  # an embedded model's name, or a shipped GGUF's path
+    return f"{Path(source).stem if source.endswith('.gguf') else source} (full-precision stand-in)"
 
 
 def reference(model: str) -> str:
