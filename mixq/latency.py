@@ -206,9 +206,6 @@ def matmul_cases(tensors: list[str], kinds: list[str], shapes: list[tuple[int, i
                  allowed: np.ndarray, kernels: Kernels, tokens: int):
     """(tensor index, option index, case) for every allowed option of every tensor; the case is None
     for a matrix that is only looked up (an input embedding of its own)."""
-    if any(".experts." in name for name in tensors):
-        raise MixqError("latency limits for mixtures of experts are not implemented (each expert's time "
-                        "depends on how often it is routed to)")
     for t, (kind, (rows, cols)) in enumerate(zip(kinds, shapes)):
         for o, option in enumerate(options):
             if allowed[t, o]:
@@ -253,6 +250,24 @@ def fit_engine(table: LatencyTable, files: list[Path], kernels: Kernels, repeats
     return EngineFit(1.0, float(np.mean(y - x)), tuple(points))
 
 
+def products_per_token(profile: Profile) -> np.ndarray:
+    """(T,) how many times each matrix is multiplied per decoded token on average: once, or for an
+    expert, the share of tokens routed to it on the calibration text times the experts each token is
+    routed to (so one layer's experts together cost top-k products of one expert's size)."""
+    runs = np.ones(len(profile.tensors))
+    shares = profile.info.get("expert_tokens") or {}
+    if not shares:
+        return runs
+    top_k = profile.info.get("experts_per_token")
+    if not top_k:
+        raise MixqError("this profile of a mixture of experts does not record how many experts a token is routed "
+                        "to (made before latency limits took experts): profile the model again")
+    for t, name in enumerate(profile.tensors):
+        if name in shares:
+            runs[t] = top_k * shares[name]
+    return runs
+
+
 def decode_limit(profile: Profile, table: LatencyTable, kernels: Kernels, bound: float) -> Limit:
     """The plan limit "time per decoded token <= bound": each (tensor, option)'s product time from
     `table` (which must hold every case the profile can plan), corrected by the table's engine fit if
@@ -261,13 +276,14 @@ def decode_limit(profile: Profile, table: LatencyTable, kernels: Kernels, bound:
 
     cost = np.zeros(profile.nbytes.shape)
     missing = []
+    runs = products_per_token(profile)
     for t, o, case in _cases_of(profile, kernels, 1):
         if case is None:
             continue
         if case not in table.seconds:
             missing.append(case)
             continue
-        cost[t, o] = table.time(case)
+        cost[t, o] = runs[t] * table.time(case)
     if missing:
         kind, rows, cols, _ = missing[0]
         raise MixqError(f"the latency table has no time for {kind} at {rows}x{cols} (and {len(set(missing)) - 1} "

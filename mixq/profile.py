@@ -496,6 +496,7 @@ def build_profile(
                   row_fraction=settings.row_fraction,
                   learned_gains={f"{m}:{f}": g for (m, f), g in gains.items()},
                   rare_experts=rare, expert_tokens=expert_tokens(loaded, tensors, importance),
+                  experts_per_token=loaded.experts_per_token(),
                   kv_values_per_token=loaded.kv_values_per_token()),
         importance=importance, fingerprint=weight_fingerprint(loaded, tensors),
     )

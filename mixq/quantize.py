@@ -276,6 +276,8 @@ def quantize_model(
         sequential = true_sequential and not trained_here
         for stage in [[s] for s in stages] if sequential else [stages]:
             if not any(name in plan and not plan[name].is_keep for group in stage for name in group):
+                # nothing to round: no statistics pass, but the plan's record keeps these matrices
+                result.options.update({name: plan[name] for group in stage for name in group if name in plan})
                 continue
             stats = capture.collect_stats(runner, b, weights, stage, batches)
             release_memory()  # the pass's activations, before the quantizer's large temporaries

@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import save_tiny_model
 from mixq.cli import main
 from mixq.errors import MixqError
-from mixq.export import get_target
+from mixq.export import get_target, native
+from mixq.options import Option
 from mixq.latency import EngineFit, LatencyTable, Machine, decode_limit, parse_latency, profile_cases
 from mixq.plan import Budget, plan_for_budget
 from mixq.profile import Profile
@@ -64,6 +66,62 @@ def test_an_engine_fit_scales_the_products_and_adds_its_overhead(gguf_profile):
     bound = 0.99 * fitted.limited["decode time per token"]
     limited = plan_for_budget(profile, budget, "hessian+kl", [decode_limit(profile, table, GGUF, bound)])
     assert limited.limited["decode time per token"] <= bound * (1 + 1e-9) and limited.options != products.options
+
+
+def test_experts_cost_the_products_a_token_is_routed_to(text_file, tmp_path):
+    """An expert's product runs only for the tokens routed to it: a plan's time counts each expert by
+    its routing share times the experts per token, so a layer's experts (one GGUF tensor of one type)
+    cost top-k products of one expert, which is what llama.cpp runs for the exported file."""
+    from transformers import AutoTokenizer
+
+    from mixq.export.llama_cpp import file_matmuls
+    from mixq.latency import products_per_token
+    from mixq.models import source_gguf
+
+    vocab = source_gguf("smollm2-135m")
+    source = save_tiny_model(tmp_path / "tiny", "mixtral", tied=False,
+                             tokenizer=AutoTokenizer.from_pretrained(vocab.parent, gguf_file=vocab.name))
+    top_k = json.loads((source / "config.json").read_text())["num_experts_per_tok"]
+    path = tmp_path / "moe.profile"
+    assert main([str(a) for a in ["-q", "profile", source, "--target", "gguf", "--formats", "gguf", "--methods", "rtn",
+                                  "--fisher-windows", 0, "--calib-text", text_file, "--calib-windows", 8,
+                                  "--calib-len", 64, "--held-out-windows", 2, "--held-out-len", 64,
+                                  "--out", path]]) == 0
+    profile = Profile.load(path)
+    runs = products_per_token(profile)
+    experts = [t for t, n in enumerate(profile.tensors) if ".experts." in n]
+    stacks = {profile.tensors[t].rsplit(".", 1)[0] for t in experts}
+    assert len(stacks) == 4  # gate/up and down of each of the two blocks
+    for stack in stacks:
+        members = [t for t in experts if profile.tensors[t].startswith(stack + ".")]
+        assert runs[members].sum() == pytest.approx(top_k)
+        assert np.ptp(runs[members]) > 0.05 * runs[members].mean()  # the routers prefer some experts
+    assert (runs[[t for t in range(len(runs)) if t not in experts]] == 1).all()
+
+    table = made_up_table(profile, here())
+    free = plan_for_budget(profile, Budget.parse("16bpw"), "hessian+kl", [decode_limit(profile, table, GGUF, 1.0)])
+    bound = 0.8 * free.limited["decode time per token"]
+    table.save(tmp_path / "t.latency")
+    out, gguf_path = tmp_path / "q", tmp_path / "q.gguf"
+    assert main(["quantize", str(source), "--profile", str(path), "--budget", "16bpw", "--target", "gguf",
+                 "--max-latency", f"{bound * 1e3:.9f}ms", "--latency", str(tmp_path / "t.latency"),
+                 "--calib-text", str(text_file), "--calib-windows", "8", "--calib-len", "64", "--out", str(out)]) == 0
+    assert main(["export", str(out), "--to", "gguf", str(gguf_path)]) == 0
+    planned = json.loads((out / native.INFO_FILE).read_text())["plan"]
+
+    def seconds(case):  # the made-up table's law for any product, the file's split gate and up included
+        return SECONDS_PER_WEIGHT[case[0]] * case[1] * case[2]
+
+    expert_shapes = {tuple(profile.shapes[t]) for t in experts}
+    in_file = sum(seconds(c) for c in file_matmuls(gguf_path)
+                  if (c[1], c[2]) in expert_shapes or (2 * c[1], c[2]) in expert_shapes)
+    in_plan = sum(runs[t] * seconds((GGUF.kernel_of(Option.parse(planned[profile.tensors[t]]).format),
+                                     *profile.shapes[t], 1)) for t in experts)
+    assert in_file == pytest.approx(in_plan, rel=1e-6)
+    assert set(planned) == set(profile.tensors)  # kept stages (nothing to round) are recorded too
+    profile.info.pop("experts_per_token")  # a profile made before latency limits took experts
+    with pytest.raises(MixqError, match="profile the model again"):
+        products_per_token(profile)
 
 
 def test_plan_command_with_a_latency_limit(gguf_profile, tmp_path, capsys):

@@ -53,17 +53,28 @@ def engine_build() -> str:
 
 def file_matmuls(gguf: Path) -> list[tuple[str, int, int, int]]:
     """The (ggml type, rows, cols, 1) matrix products llama.cpp runs for one decoded token of a GGUF:
-    every matrix but the token embedding, which is looked up (unless the output reuses it)."""
-    tensors = read_gguf(gguf).tensors
-    names = {t.name for t in tensors}
+    every matrix but the token embedding, which is looked up (unless the output reuses it), and of a
+    layer's experts (one 3-D tensor) the expert_used_count that a token is routed to."""
+    reader = read_gguf(gguf)
+    names = {t.name for t in reader.tensors}
     cases = []
-    for t in tensors:
-        if len(t.shape) == 3:
-            raise MixqError(f"{gguf}: {t.name} holds experts; timing mixtures of experts is not implemented")
-        if len(t.shape) == 2 and (t.name != "token_embd.weight" or "output.weight" not in names):
+    for t in reader.tensors:
+        if len(t.shape) == 3:  # (cols, rows, experts)
+            cols, rows, _ = (int(n) for n in t.shape)
+            cases += [(t.tensor_type.name.lower(), rows, cols, 1)] * experts_used(reader, gguf)
+        elif len(t.shape) == 2 and (t.name != "token_embd.weight" or "output.weight" not in names):
             cols, rows = (int(n) for n in t.shape)
             cases.append((t.tensor_type.name.lower(), rows, cols, 1))
     return cases
+
+
+def experts_used(reader, gguf: Path) -> int:
+    """A GGUF's experts per token ({arch}.expert_used_count)."""
+    arch = reader.fields.get("general.architecture")
+    field = arch and reader.fields.get(f"{arch.contents()}.expert_used_count")
+    if field is None:
+        raise MixqError(f"{gguf}: it holds experts but no expert_used_count")
+    return int(field.contents())
 
 
 def decode_seconds(gguf: Path, threads: int, tokens: int = 64, repeats: int = 3) -> float:

@@ -66,6 +66,16 @@ class LoadedModel:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return 2 * kv_heads * head_dim
 
+    def experts_per_token(self) -> int | None:
+        """Experts each token is routed to (top-k), from the config; None for a dense model."""
+        if not any(ref.expert is not None for ref in self.plannable().values()):
+            return None
+        k = getattr(self.config.get_text_config(), "num_experts_per_tok", None)
+        if not k:
+            raise MixqError(f"{self.spec}: a mixture of experts whose config does not say how many experts a token "
+                            "is routed to (num_experts_per_tok)")
+        return int(k)
+
     def blocks(self) -> nn.ModuleList:
         return self.model.get_submodule(self.layout.blocks)
 
