@@ -80,3 +80,26 @@ def test_quantize_a_gguf_to_a_ggml_type(converted, text_file, tmp_path, capsys, 
                                   "--eval-windows", 2, "--eval-len", 64, "--out", tmp_path / "q")])
     assert code == 0, capsys.readouterr().err
     assert "KL mean" in capsys.readouterr().out
+
+
+def test_a_mixture_of_experts_from_a_gguf_exports_to_gguf(converted, text_file, tmp_path, capsys):
+    """A mixed plan of a Qwen3-MoE GGUF (each layer's experts one type, their gate and up merged into one
+    stack on load) written back as GGUF: read again, every matrix, each expert's included, is exactly
+    the weights mixq's own output holds."""
+    from mixq.export.native import NativeSource
+
+    _, gguf = converted["qwen3_moe"]
+    out, exported = tmp_path / "q", tmp_path / "q.gguf"
+    code = main([str(a) for a in ("quantize", gguf, "--budget", "8bpw", "--target", "gguf", "--formats", "gguf",
+                                  "--calib-text", text_file, "--calib-windows", 4, "--calib-len", 64,
+                                  "--fisher-windows", 0, "--out", out)])
+    assert code == 0, capsys.readouterr().err
+    assert main(["export", str(out), "--to", "gguf", str(exported)]) == 0
+    ours, written = NativeSource(out), load_model(str(exported))
+    stacks = [p for p in ours.names if ".experts." in p]
+    assert stacks and len({ours._entries[n]["format"] for n in ours._entries if ".experts." in n}) >= 2  # a mix
+    for b in range(written.n_blocks):
+        prefix = written.layout.block_prefix(b)
+        for name, weight in written.block_weights(b).items():
+            if weight.dim() >= 2:
+                assert torch.equal(weight, ours.get(prefix + name)), name

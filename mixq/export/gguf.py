@@ -9,6 +9,8 @@ Everything else comes from a skeleton GGUF, which also says where each parameter
   model parameter (rope frequency tables) as they are; llama.cpp's converter reorders the rows of
   q_proj/k_proj of llama-family models for its rotary embedding (transformers undoes it on load),
   and the same reordering is applied here to whole rows, which every ggml type stores independently;
+  a layer's expert stacks, which transformers' reader merged (gate and up), are placed back in the
+  tensors they came from by handing the reader numbered rows (GGUFSource.row_origins);
 - a Hugging Face source is converted by llama.cpp's own converter (pinned source) with each matrix
   replaced by a column of row numbers: the converter writes the metadata, tokenizer, vectors (after
   whatever it does to them) and extra tensors, and its output shows each matrix's GGUF name and row
@@ -99,7 +101,7 @@ def skeleton(loaded: LoadedModel, shapes: dict[str, tuple[int, ...]], value: Cal
     in the directory `work`, which it needs for as long as it is read."""
     path = source_gguf(loaded.spec)
     if path is not None:
-        return source_skeleton(path, shapes)
+        return source_skeleton(loaded, path, shapes)
     return converted_skeleton(Path(loaded.spec), shapes, value, checkpoint_keys(loaded), work)
 
 
@@ -116,15 +118,24 @@ def checkpoint_keys(loaded: LoadedModel) -> dict[str, list[str]]:
     return out
 
 
-def source_skeleton(path: Path, shapes: dict[str, tuple[int, ...]]) -> Skeleton:
+def source_skeleton(loaded: LoadedModel, path: Path, shapes: dict[str, tuple[int, ...]]) -> Skeleton:
     reader = read_gguf(path)
     arch_name = str(reader.fields["general.architecture"].contents())
     name_map = name_map_of(reader)
     heads = int(reader.fields[f"{arch_name}.attention.head_count"].contents())
     kv_field = reader.fields.get(f"{arch_name}.attention.head_count_kv")
     kv_heads = int(kv_field.contents()) if kv_field is not None else heads
+    experts: dict[str, dict[int, str]] = {}  # expert stack -> expert -> its stored matrix
+    for ref in loaded.quantizable().values():
+        if ref.expert is not None and f"{ref.name}.weight" in shapes:
+            experts.setdefault(ref.param, {})[ref.expert] = f"{ref.name}.weight"
     layout = {}
+    for param, stored in experts.items():
+        layout.update(expert_layout(loaded, param, stored))
+    in_stacks = {name for stored in experts.values() for name in stored.values()}
     for name, shape in shapes.items():
+        if name in in_stacks:
+            continue
         gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise MixqError(f"no GGUF tensor name for parameter {name} of architecture {arch_name}")
@@ -134,6 +145,26 @@ def source_skeleton(path: Path, shapes: dict[str, tuple[int, ...]]) -> Skeleton:
         layout[gguf_name] = [(name, order)]
     params_data = sum(int(t.n_bytes) for t in reader.tensors if t.name in layout)
     return Skeleton(reader, layout, file_overhead(path, reader, params_data))
+
+
+def expert_layout(loaded: LoadedModel, param: str, stored: dict[int, str]) -> dict[str, Pieces]:
+    """The GGUF tensors an expert stack of a GGUF source came from, each as pieces of the stored
+    experts' rows (`stored`: expert -> stored matrix), as transformers' processor mapped them on load."""
+    parts, origins = loaded.source.row_origins(param)  # origins: (experts, rows) -> row number
+    n_experts, n_rows = origins.shape
+    where = np.full(sum(int(np.prod(shape)) for _, shape in parts), -1, dtype=np.int64)
+    where[origins.reshape(-1).numpy()] = np.arange(origins.numel())
+    if (where < 0).any() or len(stored) != n_experts:
+        raise MixqError(f"transformers' reading of {param} from its GGUF tensors is not a reordering of their rows; "
+                        "mixq cannot place its quantized rows")
+    layout, start = {}, 0
+    for gguf_name, shape in parts:
+        position = where[start : start + int(np.prod(shape))]
+        start += len(position)
+        expert, rows = position // n_rows, position % n_rows
+        layout[gguf_name] = [(stored[int(expert[run[0]])], rows[run])
+                             for run in np.split(np.arange(len(position)), np.flatnonzero(np.diff(expert)) + 1)]
+    return layout
 
 
 def converted_skeleton(source: Path, shapes: dict[str, tuple[int, ...]], value: Callable[[str], torch.Tensor],
@@ -368,8 +399,6 @@ def nearest_ggml_type(fmt: IntFormat) -> str:
 def model_refusal(loaded: LoadedModel) -> str | None:
     if gguf_arch(loaded) is None:
         return f"llama.cpp has no architecture for model type {loaded.config.model_type!r}"
-    if source_gguf(loaded.spec) is not None and any(t.expert is not None for t in loaded.quantizable().values()):
-        return "exporting a mixture of experts from a GGUF source is not implemented (from its Hugging Face one it is)"
     return None
 
 

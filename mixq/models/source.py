@@ -216,6 +216,27 @@ class GGUFSource(WeightSource):
             return self._read(name, rows)
         return self.get(name)[rows]
 
+    def row_origins(self, name: str) -> tuple[list[tuple[str, tuple[int, ...]]], torch.Tensor]:
+        """Where each row of parameter `name` comes from: its GGUF tensors (name, rows shape without
+        the row width) and, shaped like `name` without its last dimension, each row's number, counted
+        across those tensors in order. Found by giving transformers' processor numbered rows, so
+        whatever it does to them (merging experts' gate and up) is seen, not restated."""
+        scratch: dict = {"tensors": {}}
+        parts, start = [], 0
+        for t in self._tensors[name]:
+            rows_shape = tuple(int(n) for n in reversed(t.shape.tolist()))[:-1]
+            count = int(np.prod(rows_shape))
+            if start + count > 1 << 24:  # float32 holds every integer below this
+                raise MixqError(f"{name} has over 16.7M rows in its GGUF tensors")
+            numbers = np.arange(start, start + count, dtype=np.float32).reshape(*rows_shape, 1)
+            result = self._processor.process(weights=numbers, name=t.name, tensor_key_mapping=self._to_hf,
+                                             parsed_parameters=scratch)
+            parts.append((t.name, rows_shape))
+            start += count
+        out = scratch["tensors"].get(name)
+        out = torch.as_tensor(np.asarray(result.weights)) if out is None else torch.as_tensor(out)
+        return parts, out[..., 0].round().long()
+
     def _read(self, name: str, rows: slice | None) -> torch.Tensor:
         scratch: dict = {"tensors": {}}
         for t in self._tensors[name]:
