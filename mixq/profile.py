@@ -216,19 +216,23 @@ def calibrate(raw: np.ndarray, measured: np.ndarray, kinds: list[str]) -> np.nda
         return np.where(np.isfinite(raw), np.exp(log_alpha)[:, None] * np.power(raw, beta), np.inf)
 
 
-TIE_RULES = ("none", "fused", "experts")
+TIE_RULES = ("none", "fused", "experts", "all-experts")
 
 
 def tie_groups(loaded: LoadedModel, tensors: list[str], tie: str) -> list[list[int]]:
     """Groups of tensor indices that share one option: none; fused: the matrices of each block that
     read one input (q/k/v, gate/up; an expert stack's experts); experts: only each stack's experts
-    (what engines without per-expert kernels need)."""
+    (what engines without per-expert kernels need); all-experts: every expert of the model (what
+    transformers reads compressed experts with: one scheme)."""
     if tie not in TIE_RULES:
         raise MixqError(f"unknown tie rule {tie!r}: {', '.join(TIE_RULES)}")
     if tie == "none":
         return [[t] for t in range(len(tensors))]
     index = {n: t for t, n in enumerate(tensors)}
     refs = loaded.plannable()
+    if tie == "all-experts":
+        experts = [t for t, n in enumerate(tensors) if refs[n].expert is not None]
+        return [experts] * bool(experts) + [[t] for t, n in enumerate(tensors) if refs[n].expert is None]
     groups = []
     for b in range(loaded.n_blocks):
         for stage in loaded.block_stages(b):
@@ -288,9 +292,14 @@ class OptionTable:
         # The output matrix (the embedding, when tied) is only rounded (rtn): its second role as an
         # embedding has no H, so error compensation through H would be one-sided.
         head_options = [Option(o.format, "rtn") for o in space_options if not o.is_keep]
-        options = list(dict.fromkeys([*space_options, *head_options, KEEP_OPTION]))
+        # A target may store experts in other formats than the space's (compressed-tensors: symmetric twins)
+        has_experts = any(ref.expert is not None for ref in plannable.values())
+        expert_options = space_options if target is None or not has_experts else list(dict.fromkeys(
+            o if o.is_keep else Option(get_target(target).expert_format(o.format)[0], o.method) for o in space_options))
+        options = list(dict.fromkeys([*space_options, *head_options, *expert_options, KEEP_OPTION]))
         shapes = [plannable[t].shape for t in tensors]
-        allowed = np.array([[o in space_options and o.fits(shape) for o in options] for shape in shapes])
+        allowed = np.array([[o in (space_options if plannable[t].expert is None else expert_options) and o.fits(shape)
+                             for o in options] for t, shape in zip(tensors, shapes)])
         for name in loaded.rounded_only():
             t = tensors.index(name)
             allowed[t] = [(o in head_options or (o.is_keep and space.keep_16bit)) and o.fits(shapes[t]) for o in options]

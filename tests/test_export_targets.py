@@ -195,3 +195,50 @@ def test_smollm2_in_transformers_matches_mixq(smollm2, tmp_path):
         theirs = model(windows[:2]).logits.float()
     kl = mean_kl(mixq_logits(smollm2, out, windows[:2]), theirs)
     assert kl < 1e-3 and math.isfinite(kl), kl
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_a_mixture_of_experts_in_transformers(model_type, text_file, tmp_path, capsys):
+    """Quantized for the compressed-tensors target, every expert of the model shares one symmetric grid
+    (transformers reads experts in one scheme, without zero points) while the other linears mix:
+    transformers loads the export (each expert written as the linears its checkpoint lists) and its
+    logits are mixq's within the fp16 rounding of the experts, which transformers decompresses in the
+    scales' dtype."""
+    model_dir = save_tiny_model(tmp_path / model_type, model_type, tied=False)
+    out = tmp_path / "q"
+    assert main(["quantize", str(model_dir), "--budget", "14bpw", "--target", "compressed-tensors",
+                 "--bits-options", "3,4,8", "--group-sizes", "32,64", "--methods", "rtn", "--fisher-windows", "0",
+                 "--calib-text", str(text_file), "--calib-windows", "8", "--calib-len", "64", "--out", str(out)]) == 0
+    info = json.loads((out / native.INFO_FILE).read_text())
+    plan = info["plan"]
+    experts = {o for n, o in plan.items() if ".experts." in n}
+    assert len(experts) == 1 and "-sym" in next(iter(experts)), experts
+    assert len({o for n, o in plan.items() if ".experts." not in n and "embed" not in n}) >= 2  # the rest mixes
+    get_target("compressed-tensors").export(out, tmp_path / "ct", False)
+    qconfig = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert qconfig["config_groups"]["experts"]["targets"] == [compressed_tensors.EXPERTS_TARGET]
+    # the budget is the written model.safetensors (each expert split into its checkpoint's linears)
+    size, predicted = (tmp_path / "ct" / "model.safetensors").stat().st_size, info["plan_summary"]["max_file_bytes"]
+    assert size <= predicted <= Budget.parse("14bpw").total_bytes(info["plan_summary"]["n_weights"])
+    assert predicted - size <= compressed_tensors.header_bound(load_model(str(model_dir)), list(plan))
+
+    loaded = load_model(str(model_dir))
+    ids = load_windows(loaded, WindowSpec(2, 64, text_file), first=True)
+    ours = mixq_logits(loaded, out, ids)
+    theirs = transformers_logits(tmp_path / "ct", ids, torch.float32)
+    assert mean_kl(ours, theirs) < 1e-5, mean_kl(ours, theirs)
+    assert not torch.equal(ours, theirs)  # the experts' fp16 rounding is there: the test sees the experts
+
+
+def test_experts_in_two_grids_or_with_zero_points_are_refused(text_file, tmp_path):
+    model_dir = save_tiny_model(tmp_path / "moe", "qwen3_moe", tied=False)
+    loaded = load_model(str(model_dir))
+    refs = loaded.quantizable()
+    for name, formats in (("two", ("int4-g32-sym", "int8-g32-sym")), ("asym", ("int4-g32", "int4-g32"))):
+        options = {n: Option(formats[ref.expert % 2] if ref.expert is not None else "int8-ch", "rtn")
+                   for n, ref in refs.items()}
+        _, _, out = quantized_dir(model_dir, text_file, tmp_path / name, tuple(options.values()))
+        match = "ties them" if name == "two" else "symmetric grids only"
+        with pytest.raises(MixqError, match=match):
+            get_target("compressed-tensors").export(out, tmp_path / f"{name}-ct", False)
+        assert not (tmp_path / f"{name}-ct").exists()

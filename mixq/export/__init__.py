@@ -42,6 +42,9 @@ class Target:
     # bound); None: a budget for this target measures mixq's own file.
     overhead: Callable[[LoadedModel, list[str]], int] | None = None
     kernels: Kernels | None = None  # its engine's matrix products, timed on this machine; None: not here
+    # The format a mixture of experts' experts take here in place of a format (the option space offers
+    # it to them instead), and why it is not that format itself; identity: experts take any format.
+    expert_format: Callable[[str], tuple[str, str | None]] = lambda fmt: (fmt, None)
 
     def refuses(self, loaded: LoadedModel, name: str, fmt: str, shape: tuple[int, int]) -> str | None:
         """Why tensor `name` of `loaded` cannot be stored here in format `fmt`, or None if it can."""
@@ -49,7 +52,9 @@ class Target:
             return None
         if not self.quantizes_embeddings and name in loaded.rounded_only():
             return f"{self.name} keeps the embedding and output matrix at 16 bits"
-        return self.refusal(fmt, shape)
+        why = self.refusal(fmt, shape)
+        ref = loaded.plannable().get(name)
+        return why if why or ref is None or ref.expert is None else self.expert_format(fmt)[1]
 
     def check(self, loaded: LoadedModel, formats: dict[str, tuple[str, tuple[int, int]]]) -> None:
         """Raise one clear error if `loaded` with `formats` (tensor -> (format, shape)) cannot be exported here."""

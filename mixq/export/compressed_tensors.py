@@ -15,6 +15,11 @@ transformers (`AutoModelForCausalLM.from_pretrained`) and vLLM load.
                             every other parameter as mixq stored it (16-bit matrices, fp32 vectors)
     DIR/tokenizer files, generation_config.json (copied when the source directory has one)
 
+A mixture of experts' experts are written as the linears their checkpoint lists (NAME = ...experts.E.
+gate_proj, up_proj, down_proj; gate and up share the rows of mixq's fused matrix), under one config
+group whose target is EXPERTS_TARGET: transformers decompresses every expert with that one scheme
+(and without zero points) while it loads them into its fused stacks.
+
 mixq's integer convention w = scale * (code - zero), codes in [0, 2^b), is compressed-tensors' signed one
 w = scale * (q - zp) with q = code - 2^(b-1) and zp = zero - 2^(b-1); a symmetric mixq format has
 zero = 2^(b-1), hence zp = 0, which compressed-tensors' symmetric schemes leave out. So every value
@@ -57,11 +62,26 @@ def refusal(fmt_name: str, shape: tuple[int, int]) -> str | None:
     return None
 
 
+# transformers takes the scheme of every expert from the one config group whose "re:" target names experts
+EXPERTS_TARGET = r"re:.*\.experts\.\d+\.[^.]+$"
+
+
 def model_refusal(loaded: LoadedModel) -> str | None:
-    if any(t.expert is not None for t in loaded.quantizable().values()):
-        return ("exporting a mixture of experts is not implemented: mixq stores each expert in its own format, "
-                "transformers' expert stacks take one scheme")
+    for ref in loaded.quantizable().values():
+        if ref.expert is not None and (ref.transposed or loaded.source.expert_keys(ref.param) is None):
+            return (f"exporting the experts of {ref.param} is not implemented: its checkpoint does not list them "
+                    "as one linear each")
     return None
+
+
+def expert_format(fmt_name: str) -> tuple[str, str | None]:
+    """Experts take the symmetric twin of an integer grid: transformers decompresses them without
+    zero points."""
+    fmt = parse_format(fmt_name)
+    if isinstance(fmt, IntFormat) and not fmt.symmetric:
+        return (IntFormat(fmt.bits, fmt.group_size, symmetric=True).name,
+                "transformers decompresses experts without zero points (symmetric grids only)")
+    return fmt_name, None
 
 
 def scheme_args(fmt: IntFormat) -> dict:
@@ -111,41 +131,52 @@ def export_compressed_tensors(model_dir: Path, out: Path, overwrite: bool = Fals
     loaded = load_model(info["model"])
     target.check(loaded, stored_formats(model_dir))
     quantized = {n: e for n, e in entries.items() if e["format"] not in native.KEPT_FORMATS}
+    written = {name: written_as(loaded, name, entry) for name, entry in entries.items()}
 
+    experts = {e["format"] for e in entries.values() if "stack" in e}
+    if len(experts) > 1:
+        raise MixqError(f"transformers reads every expert of a model in one scheme, but the plan gives them "
+                        f"{' and '.join(sorted(experts))}: quantize with --target {target.name}, which ties them")
     groups: dict[str, list[str]] = {}
     for name, entry in quantized.items():
-        groups.setdefault(entry["format"], []).append(name.removesuffix(".weight"))
+        if "stack" not in entry:
+            groups.setdefault(entry["format"], []).append(name.removesuffix(".weight"))
     linears = {n for n, m in loaded.model.named_modules() if isinstance(m, torch.nn.Linear)}
     config_groups = {
         f"group_{i}": QuantizationScheme(targets=sorted(members), format="pack-quantized",
                                          weights=QuantizationArgs(**scheme_args(parse_format(fmt))))
         for i, (fmt, members) in enumerate(sorted(groups.items()))
     }
+    if experts - set(native.KEPT_FORMATS):
+        config_groups["experts"] = QuantizationScheme(targets=[EXPERTS_TARGET], format="pack-quantized",
+                                                      weights=QuantizationArgs(**scheme_args(parse_format(*experts))))
     ignore = sorted(linears - {m for members in groups.values() for m in members})
     # Every linear left out of the groups, the output layer included (tied or not, it stays 16-bit).
     qconfig = QuantizationConfig(config_groups=config_groups, format="pack-quantized",
                                  quantization_status="compressed", ignore=ignore)
 
     specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-    stored_as: dict[str, tuple[str, str]] = {}  # written tensor -> (parameter, part)
+    stored_as: dict[str, tuple[str, slice | None, str | None]] = {}  # written tensor -> (parameter, rows, part)
     for name, entry in entries.items():
-        if name in quantized:
-            for part, spec in _converted_specs(parse_format(entry["format"]), tuple(entry["shape"])).items():
-                specs[f"{name}_{part}"], stored_as[f"{name}_{part}"] = spec, (name, part)
-        else:
-            specs[name] = (native.KEPT_FORMATS[entry["format"]], tuple(entry["shape"]))
+        for module, rows, shape in written[name]:
+            if name in quantized:
+                for part, spec in _converted_specs(parse_format(entry["format"]), shape).items():
+                    specs[f"{module}.weight_{part}"], stored_as[f"{module}.weight_{part}"] = spec, (name, rows, part)
+            else:
+                specs[module], stored_as[module] = (native.KEPT_FORMATS[entry["format"]], shape), (name, rows, None)
 
-    cache: dict[str, dict[str, torch.Tensor]] = {}  # the last parameter converted: its parts come in turn
+    cache: dict[tuple[str, int], dict[str, torch.Tensor]] = {}  # the last matrix converted: parts in turn
 
     def pieces_of(key: str):
-        if key not in stored_as:
-            yield stored.tensor(key)
+        name, rows, part = stored_as[key]
+        if part is None:
+            yield stored.tensor(name) if rows is None else stored.tensor(name)[rows]
             return
-        name, part = stored_as[key]
-        if name not in cache:
+        piece = (name, rows.start if rows else 0)
+        if piece not in cache:
             cache.clear()
-            cache[name] = _converted(stored, name, entries[name])
-        yield cache[name][part]
+            cache[piece] = _converted(stored, name, entries[name], rows)
+        yield cache[piece][part]
 
     with atomic_dir(Path(out), overwrite) as tmp:
         write_safetensors(tmp / "model.safetensors", specs, pieces_of, {"format": "pt"})
@@ -158,15 +189,30 @@ def export_compressed_tensors(model_dir: Path, out: Path, overwrite: bool = Fals
         for file in COPIED_FILES:
             if source.is_dir() and (source / file).is_file():
                 shutil.copyfile(source / file, tmp / file)
-        verify(tmp, stored, quantized)
+        verify(tmp, stored, quantized, written)
     counts = ", ".join(f"{len(members)} {fmt}" for fmt, members in sorted(groups.items(), key=lambda kv: -len(kv[1])))
     return f"{len(quantized)} quantized linears ({counts or 'none'}), {len(ignore)} kept at 16 bits"
 
 
-def _converted(stored: native.StoredModel, name: str, entry: dict) -> dict[str, torch.Tensor]:
-    """The compressed-tensors tensors of quantized parameter `name`, by part (packed, scale, ...)."""
+def written_as(loaded: LoadedModel, name: str, entry: dict) -> list[tuple[str, slice | None, tuple[int, ...]]]:
+    """How a stored parameter is written: (key, its rows or None for all, shape) for each piece. An
+    expert's matrix goes under the keys its checkpoint lists it as, one linear each (gate and up
+    share its rows), the layout transformers and vLLM read experts from; every other parameter under
+    its own name (a quantized one's key is its module's: NAME.weight_packed, ...)."""
+    shape = tuple(entry["shape"])
+    kept = entry["format"] in native.KEPT_FORMATS
+    if "stack" not in entry:
+        return [(name if kept else name.removesuffix(".weight"), None, shape)]
+    keys = loaded.source.expert_keys(entry["stack"])[entry["expert"]]
+    share = shape[0] // len(keys)
+    return [(key if kept else key.removesuffix(".weight"), slice(i * share, (i + 1) * share), (share, *shape[1:]))
+            for i, key in enumerate(keys)]
+
+
+def _converted(stored: native.StoredModel, name: str, entry: dict, rows: slice | None) -> dict[str, torch.Tensor]:
+    """The compressed-tensors tensors of quantized parameter `name` (or its `rows`), by part (packed, scale, ...)."""
     parts = stored.parts(name)
-    return packed(parse_format(entry["format"]).unpack(parts, tuple(entry["shape"])), parts["scales"])
+    return packed(parse_format(entry["format"]).unpack(parts, tuple(entry["shape"]), rows), parts["scales"][rows or slice(None)])
 
 
 def _converted_specs(fmt: IntFormat, shape: tuple[int, int]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -188,28 +234,39 @@ def header_bound(loaded: LoadedModel, planned: list[str]) -> int:
     """An upper bound on model.safetensors' header for any plan over the `planned` tensors: each
     planned weight counted with all four parts, every entry with room for 20-digit numbers."""
     planned_params = {f"{n}.weight" for n in planned}
-    keys = []
+    pieces = {}  # an expert's matrix: the checkpoint keys it is written under (see written_as)
+    for ref in loaded.quantizable().values():
+        listed = loaded.source.expert_keys(ref.param) if ref.expert is not None else None
+        if listed:
+            pieces[f"{ref.name}.weight"] = listed[ref.expert]
+    keys, split_shapes = [], 0
     for name in loaded.stored_tensors():
-        keys += [f"{name}_{part}" for part in ("packed", "scale", "zero_point", "shape")] if name in planned_params else [name]
+        written = pieces.get(name, [name])
+        split_shapes += len(written) - 1  # each piece of a split matrix stores its own int64 (rows, cols)
+        for key in written:
+            keys += ([f"{key.removesuffix('.weight')}.weight_{part}" for part in ("packed", "scale", "zero_point", "shape")]
+                     if name in planned_params else [key])
     entry = len('"":{"dtype":"F16","shape":[,],"data_offsets":[,]},') + 4 * 20
-    return 8 + len('{"__metadata__":{"format":"pt"}}') + sum(len(k) + entry for k in keys) + 8
+    return 8 + len('{"__metadata__":{"format":"pt"}}') + sum(len(k) + entry for k in keys) + 8 + 16 * split_shapes
 
 
-def verify(out: Path, stored: native.StoredModel, quantized: dict[str, dict]) -> None:
-    """Reread every quantized linear from the written file and decompress it with compressed-tensors:
-    it must equal mixq's dequantized weight exactly."""
+def verify(out: Path, stored: native.StoredModel, quantized: dict[str, dict], written: dict[str, list]) -> None:
+    """Reread every quantized linear (each expert's linears too) from the written file and decompress
+    it with compressed-tensors: it must equal mixq's dequantized weight exactly."""
     from safetensors import safe_open
 
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         for name, entry in quantized.items():
             fmt = parse_format(entry["format"])
-            tensors = {part: f.get_tensor(f"{name}_{part}") for part in ("packed", "scale", "shape", "zero_point")
-                       if f"{name}_{part}" in f.keys()}  # noqa: SIM118
-            ours = fmt.unpack(stored.parts(name), tuple(entry["shape"])).dequantize()
-            theirs = dequantized_by_the_package(tensors, fmt)
-            if not torch.equal(ours, theirs):
-                raise MixqError(f"internal error: {name} decompressed by compressed-tensors differs from mixq's "
-                                f"values by up to {(ours - theirs).abs().max().item():.3g}")
+            for module, rows, _ in written[name]:
+                key = f"{module}.weight_"
+                tensors = {part: f.get_tensor(key + part) for part in ("packed", "scale", "shape", "zero_point")
+                           if key + part in f.keys()}  # noqa: SIM118
+                ours = fmt.unpack(stored.parts(name), tuple(entry["shape"]), rows).dequantize()
+                theirs = dequantized_by_the_package(tensors, fmt)
+                if not torch.equal(ours, theirs):
+                    raise MixqError(f"internal error: {module} decompressed by compressed-tensors differs from "
+                                    f"mixq's values by up to {(ours - theirs).abs().max().item():.3g}")
 
 
 TARGET = register(Target(
@@ -219,6 +276,8 @@ TARGET = register(Target(
     export=export_compressed_tensors,
     model_refusal=model_refusal,
     quantizes_embeddings=False,
+    tie="all-experts",
     nbytes=nbytes,
     overhead=header_bound,
+    expert_format=expert_format,
 ))

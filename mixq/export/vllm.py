@@ -35,6 +35,13 @@ def refusal(fmt_name: str, shape: tuple[int, int]) -> str | None:
     return None
 
 
+def model_refusal(loaded) -> str | None:
+    if any(ref.expert is not None for ref in loaded.quantizable().values()):
+        return ("a mixture of experts is not exported for vLLM: its CPU build's expert kernels are not checked "
+                "here (--target compressed-tensors writes one for transformers)")
+    return None
+
+
 def export(model_dir: Path, out: Path, overwrite: bool) -> str:
     return compressed_tensors.export_compressed_tensors(model_dir, out, overwrite, TARGET)
 
@@ -44,7 +51,7 @@ TARGET = register(Target(
     summary="a compressed-tensors directory within vLLM's CPU kernels (4-bit, fused q/k/v and gate/up alike)",
     refusal=refusal,
     export=export,
-    model_refusal=compressed_tensors.model_refusal,
+    model_refusal=model_refusal,
     quantizes_embeddings=False,
     tie="fused",
     nbytes=compressed_tensors.nbytes,
