@@ -212,7 +212,8 @@ def written_as(loaded: LoadedModel, name: str, entry: dict) -> list[tuple[str, s
 def _converted(stored: native.StoredModel, name: str, entry: dict, rows: slice | None) -> dict[str, torch.Tensor]:
     """The compressed-tensors tensors of quantized parameter `name` (or its `rows`), by part (packed, scale, ...)."""
     parts = stored.parts(name)
-    return packed(parse_format(entry["format"]).unpack(parts, tuple(entry["shape"]), rows), parts["scales"][rows or slice(None)])
+    q = parse_format(entry["format"]).unpack(parts, tuple(entry["shape"]), rows)
+    return packed(q, parts["scales"][rows or slice(None)])
 
 
 def _converted_specs(fmt: IntFormat, shape: tuple[int, int]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
