@@ -54,6 +54,8 @@ ROWS = [
     ("block + norm tuning", ["--method", "block", "--norm-tuning"]),
     ("block (sym grid)", ["--method", "block", "--sym"]),
     ("block (25 steps)", ["--method", "block", "--block-steps", "25"]),
+    # AutoRound's default amount of work: 200 steps of 8 windows per block.
+    ("block (200 steps x 8)", ["--method", "block", "--block-steps", "200", "--block-batch", "8"]),
     ("block (start rtn)", ["--method", "block", "--init", "rtn"]),
     ("block (local targets)", ["--method", "block", "--target", "local"]),
     ("block (fp32 training)", ["--method", "block", "--fp32-training"]),
