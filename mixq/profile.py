@@ -632,7 +632,8 @@ def learned_gains(
                     else:  # before and after measured alike (in the reconstruction's precision)
                         run = {n: (originals[n], starts[n]) for n in names}
                         r = reconstruct_block(runner, b, {k: v.clone() for k, v in trial.items()}, run, batches,
-                                              targets, settings.reconstruct, ms.learn_scale)
+                                              targets, settings.reconstruct, ms.learn_scale,
+                                              {n: torch.diag(stats[n].H) for n in names})
                         ratio = r.loss_after / max(r.loss_before, 1e-30)
                     ratios.setdefault((method, f), []).append(ratio)
                     progress.update()

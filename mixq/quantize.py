@@ -290,7 +290,8 @@ def quantize_model(
                     block_stats[name] = layer_stats
         if trained_here or reconstruct.norm_tuning:
             starts = {n: (fp_weights[n], result.tensors[n]) for n in trained_here}
-            r = reconstruct_block(runner, b, weights, starts, batches, targets, reconstruct, settings.learn_scale)
+            r = reconstruct_block(runner, b, weights, starts, batches, targets, reconstruct, settings.learn_scale,
+                                  {n: torch.diag(block_stats[n].H) for n in trained_here})
             for name, q in r.tensors.items():
                 result.tensors[name] = q
                 result.output_errors[name] = output_error(fp_weights[name], q.dequantize(), block_stats[name].H)

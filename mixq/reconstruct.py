@@ -102,12 +102,15 @@ def reconstruct_block(
     targets: list[torch.Tensor],
     settings: ReconstructSettings,
     learn_scale: bool = True,
+    importance: dict[str, torch.Tensor] | None = None,  # tensor name -> diag(H) of its inputs
 ) -> BlockResult:
-    """Train the block's learned rounding (and norms) against the targets; write the result into `weights`."""
+    """Train the block's learned rounding (and norms) against the targets; write the result into `weights`.
+    Given `importance`, each tensor's massive-activation columns keep their start (methods/rounding.py)."""
     loaded = runner.loaded
     runner = runner.in_precision(training_dtype(settings))
     refs, prefix = loaded.block_tensors(b), loaded.layout.block_prefix(b)
-    roundings = {name: LearnedRounding(W, q, learn_scale) for name, (W, q) in starts.items()}
+    roundings = {name: LearnedRounding(W, q, learn_scale, (importance or {}).get(name))
+                 for name, (W, q) in starts.items()}
     norms = norm_weights(loaded.blocks()[b]) if settings.norm_tuning else []
     norm_start = {name: weights[name].clone() for name in norms}
     norm_change = {name: nn.Parameter(torch.zeros_like(weights[name])) for name in norms}

@@ -15,6 +15,12 @@ on which the unrounded value lies (`start_offsets`). With v = 0 and m = 1 the we
 range, scales rounded to the format's storage. Scale multipliers are learned only for formats
 whose group scales are free fp16 values (`IntFormat`); ggml's k-quants derive group scales from
 integer sub-scales times a super-block scale, which learned rounding leaves as the start chose them.
+
+Input columns that carry massive activations (Sun et al., 2024: a few channels whose diag(H) is
+orders of magnitude above the rest, such as SmolLM2's down_proj inputs at blocks 11 and 28) keep the
+start's codes and their groups' scales: one signed step flips a code there by a whole grid step on
+an input hundreds of times larger than the others, and on those blocks training never recovered
+the start's loss. The start (GPTQ) already weighs those columns by H.
 """
 
 from __future__ import annotations
@@ -30,6 +36,13 @@ from mixq.formats.integer import IntFormat
 
 MAX_LOG_SCALE = 0.3  # |log m|: a learned scale stays within [0.74, 1.35] of the start's
 OFF_NEAREST_START = 0.25  # a code off the nearest rounding starts this far from its centre
+MASSIVE_INPUT = 1e4  # an input column whose diag(H) is this many times the median's is left as the start has it
+
+
+def massive_columns(importance: torch.Tensor) -> torch.Tensor:
+    """Which input columns carry massive activations: diag(H) above MASSIVE_INPUT x its median."""
+    median = importance.float().median()
+    return importance.float() > MASSIVE_INPUT * median if median > 0 else torch.zeros_like(importance, dtype=torch.bool)
 
 
 def start_offsets(deviation: torch.Tensor) -> torch.Tensor:
@@ -45,7 +58,9 @@ def start_offsets(deviation: torch.Tensor) -> torch.Tensor:
 
 
 class LearnedRounding(nn.Module):
-    def __init__(self, W: torch.Tensor, start: QTensor, learn_scale: bool = True):
+    def __init__(self, W: torch.Tensor, start: QTensor, learn_scale: bool = True,
+                 importance: torch.Tensor | None = None):
+        """`importance`: diag(H) of W's inputs; columns with massive activations then stay as `start` has them."""
         super().__init__()
         fmt = start.format
         if fmt.levels is not None:
@@ -66,14 +81,24 @@ class LearnedRounding(nn.Module):
         self.v = nn.Parameter(torch.zeros_like(codes))
         self.learn_scale = learn_scale and isinstance(fmt, IntFormat)
         self.log_m = nn.Parameter(torch.zeros_like(start.scale.float()), requires_grad=self.learn_scale)
+        # 1 where a latent may move, 0 on massive-activation columns (and their groups' scales): their
+        # gradients are then zero, so signed steps leave them where they start.
+        frozen = massive_columns(importance) if importance is not None else torch.zeros(cols, dtype=torch.bool)
+        self.register_buffer("free_cols", (~frozen).float().unsqueeze(0))
+        n_groups = start.scale.shape[1]
+        frozen_groups = torch.zeros(n_groups, dtype=torch.bool).index_fill_(0, torch.nonzero(frozen).flatten() // self.glen, True)
+        self.register_buffer("free_groups", (~frozen_groups).float().unsqueeze(0))
+
+    def _log_m(self) -> torch.Tensor:
+        return self.log_m * self.free_groups
 
     def _expand(self, per_group: torch.Tensor) -> torch.Tensor:
         return per_group.repeat_interleave(self.glen, dim=1)[:, : self.cols]
 
     def _codes(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Codes (straight-through rounded) and the expanded scale multiplier (None: not learned)."""
-        m = self._expand(self.log_m.exp()) if self.learn_scale else None
-        u = (self.base_above_zero if m is None else self.base_above_zero / m) + self.zero + self.v
+        m = self._expand(self._log_m().exp()) if self.learn_scale else None
+        u = (self.base_above_zero if m is None else self.base_above_zero / m) + self.zero + self.v * self.free_cols
         rounded = u + (u.round() - u).detach()  # straight-through: round forward, identity backward
         return rounded.clamp(0, self.qmax), m
 
@@ -95,7 +120,7 @@ class LearnedRounding(nn.Module):
         start = self.start
         scale = start.scale
         if self.learn_scale:
-            scale = start.format.storable_scale(start.scale * self.log_m.exp())
+            scale = start.format.storable_scale(start.scale * self._log_m().exp())
         codes, _ = self._codes()
         return QTensor(start.format, codes.round().to(torch.uint8), scale, start.zero, start.offset, start.super_scale)
 
