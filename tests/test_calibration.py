@@ -9,7 +9,7 @@ import torch
 
 from mixq.formats import parse_format
 from mixq.methods import MethodSettings, get_method, output_error
-from mixq.methods.rounding import LearnedRounding
+from mixq.methods.rounding import LearnedRounding, sign_descent
 from mixq.models import load_model
 from mixq.options import Option
 from mixq.quantize import quantize_model, uniform_plan
@@ -70,6 +70,31 @@ def test_a_small_step_keeps_the_codes_gptq_moved_off_nearest_rounding():
         rounding.v.copy_(0.2 * torch.sign(unrounded - start.codes.float()))  # every code pushed toward nearest
     moved = rounding.to_qtensor().codes != start.codes
     assert not moved[off].any()
+
+
+def test_massive_activation_columns_keep_their_start_codes_and_group_scales():
+    """Training moves codes and scales everywhere else; a column whose diag(H) is 10^5 x the median
+    (a massive activation) keeps the start's codes, and its group keeps the start's scales."""
+    W, H = layer(5, rows=16, cols=64)
+    fmt = parse_format("int3-g32")
+    start = get_method("rtn")(W, H, fmt, MethodSettings())
+    importance = torch.diag(H).float()
+    importance[5] = 1e5 * importance.median()
+    target = W + torch.randn(W.shape, generator=torch.Generator().manual_seed(0))  # pulls every weight away
+
+    def trained(importance: torch.Tensor | None):
+        rounding = LearnedRounding(W, start, importance=importance)
+        sign_descent([(list(rounding.parameters()), 0.05)], lambda _: (rounding() - target).square().sum(), 20,
+                     rounding.clamp_)
+        return rounding.to_qtensor()
+
+    free, frozen = trained(None), trained(importance)
+    assert not torch.equal(free.codes[:, 5], start.codes[:, 5])  # without the rule, column 5 moves
+    assert not torch.equal(free.scale[:, 0], start.scale[:, 0])
+    assert torch.equal(frozen.codes[:, 5], start.codes[:, 5])
+    assert torch.equal(frozen.scale[:, 0], start.scale[:, 0])  # column 5 lies in group 0
+    assert not torch.equal(frozen.codes[:, 32:], start.codes[:, 32:])  # the rest still trains
+    assert not torch.equal(frozen.scale[:, 1], start.scale[:, 1])
 
 
 @pytest.mark.parametrize("fmt_name", ["int3-g32", "int4-g64-sym", "int2-g64", "q4_0", "q3_k", "q4_k"])
