@@ -31,6 +31,7 @@ def steps(text: Path, runs: Path) -> dict[str, list[str]]:
         "allocation": ["bench/allocation.py", *t, "--profile", str(runs / "smol-standin.profile")],
         "ggml_rounding": ["bench/ggml_rounding.py", "--work", str(runs / "rounding")],
         "speed": ["bench/speed.py", *t],
+        "phases": ["bench/phases.py", *t, "--work", str(runs / "phases")],
         "models": ["bench/models.py", *t],
         "deploy": ["bench/deploy.py", *t, "--work", str(runs / "deploy")],
         "gguf": ["bench/vs_llama_cpp.py", *t, "--work", str(runs / "gguf")],
