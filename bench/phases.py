@@ -12,13 +12,15 @@ Each command runs in its own process under /usr/bin/time (wall seconds, peak RSS
 phases come from its own clock (`seconds` in the profile's info). The work of a phase is counted as
 the matrix products of its linear layers (attention's score products, norms and elementwise work
 left out), from the model's shapes and what the profile measured:
-- capture: one forward of every block over the calibration tokens (bfloat16 matmuls);
+- capture: one forward of every block over the calibration tokens (bfloat16 matmuls), and
+  H = sum x^T x of each distinct input, the head's included (float32: 2 x tokens x cols^2 each);
 - fisher: forward and backward (3x) of the whole model, head included, over its windows;
 - errors (the profile's quantize phase): per tensor, GPTQ's updates for each stack of grids that
   share a group length (k grids x rows x cols^2) and one (rows x cols) x (cols x cols) product per
   option for tr(dW H dW^T); RTN's fits are elementwise and not counted;
 - KL points: the reference pass, then per point the blocks from its own to the last and the head.
-Each phase's rate is set against the machine's own matmul rate in its precision, measured here.
+Each phase's share of the machine: the time its work would take at the machine's own matmul rate in
+each precision (measured here), over the time it took.
 """
 
 from __future__ import annotations
@@ -58,19 +60,23 @@ def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def timed(cmd: list[str], log: Path) -> tuple[float, float]:
-    """Run `cmd` under /usr/bin/time -v: (wall seconds, peak RSS in MiB). Its output goes to `log`."""
-    print("$", shlex.join(cmd), flush=True)
-    with log.open("w") as out:
-        start = time.perf_counter()
-        subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=out, stderr=subprocess.STDOUT, check=True, cwd=ROOT)
-        wall = time.perf_counter() - start
-    rss_kb = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", log.read_text())
-    return wall, int(rss_kb[-1]) / 1024
+def timed(cmd: list[str], log: Path, resume: bool) -> tuple[float, float]:
+    """Run `cmd` under /usr/bin/time -v: (wall seconds, peak RSS in MiB), both read from its log
+    (`log`, with the command's output); with `resume`, a log of the same command that finished is reused."""
+    line = 'Command being timed: "' + " ".join(cmd) + '"'
+    done = log.is_file() and line in log.read_text() and "Exit status: 0" in log.read_text()
+    if not (resume and done):
+        print("$", shlex.join(cmd), flush=True)
+        with log.open("w") as out:
+            subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=out, stderr=subprocess.STDOUT, check=True, cwd=ROOT)
+    text = log.read_text()
+    h, m, sec = re.findall(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", text)[-1]
+    rss_kb = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", text)[-1]
+    return 3600 * int(h or 0) + 60 * int(m) + float(sec), int(rss_kb) / 1024
 
 
-def phase_gflop(profile: Profile, loaded) -> dict[str, float]:
-    """Matrix-product GFLOP of each phase of the profile (see the module's docstring)."""
+def phase_gflop(profile: Profile, loaded) -> dict[str, dict[str, float]]:
+    """Matrix-product GFLOP of each phase of the profile, per precision (see the module's docstring)."""
     refs = loaded.plannable()
     block_of = {n: b for b in range(loaded.n_blocks) for n in loaded.block_tensors(b)}
     block_params = np.zeros(loaded.n_blocks)
@@ -95,9 +101,13 @@ def phase_gflop(profile: Profile, loaded) -> dict[str, float]:
     points = np.argwhere(np.isfinite(profile.measured))
     measure = 2 * held_out * (later[0] + sum(later[block_of[profile.tensors[t]]] + head
                                               for t, _ in points if profile.tensors[t] in block_of))
-    return {"capture": 2 * calib_tokens * block_params.sum() / 1e9,
-            "fisher": 6 * fisher_tokens * (block_params.sum() + head) / 1e9,
-            "quantize": errors / 1e9, "measure": measure / 1e9}
+    inputs = [refs[stage[0]].shape[1] for b in range(loaded.n_blocks) for stage in loaded.block_stages(b)]
+    if head:
+        inputs.append(refs[loaded.head_name].shape[1])
+    statistics = 2 * calib_tokens * sum(cols**2 for cols in inputs)
+    return {"capture": {"bfloat16": 2 * calib_tokens * block_params.sum() / 1e9, "float32": statistics / 1e9},
+            "fisher": {"float32": 6 * fisher_tokens * (block_params.sum() + head) / 1e9},
+            "quantize": {"float32": errors / 1e9}, "measure": {"float32": measure / 1e9}}
 
 
 def main() -> None:
@@ -111,6 +121,7 @@ def main() -> None:
     ap.add_argument("--llama-type", default="Q4_K_M")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-phases")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "phases.md")
+    ap.add_argument("--resume", action="store_true", help="reuse the commands that finished (their logs in --work)")
     args = ap.parse_args()
     gguf = args.gguf or next(Path(args.model).parent.glob("*-f32.gguf"))
     args.work.mkdir(parents=True, exist_ok=True)
@@ -119,45 +130,56 @@ def main() -> None:
     rates = {"float32": matmul_rate(torch.float32), "bfloat16": matmul_rate(torch.bfloat16)}
     calib = ["--calib-text", str(args.text), "--calib-windows", str(args.calib_windows), "--calib-len", str(args.calib_len)]
     mixq = [sys.executable, "-m", "mixq.cli"]
-    profile_file, out_dir, ct_dir = w / "model.profile", w / "quantized", w / "quantized-ct"
+    profile_file, out_dir = w / "model.profile", w / "quantized"
     commands = {
         "profile": [*mixq, "profile", args.model, *calib, "--out", str(profile_file), "--restart"],
         "plan": [*mixq, "plan", str(profile_file), "--budget", args.budget, "--out", str(w / "plan.json")],
         "quantize": [*mixq, "quantize", args.model, "--profile", str(profile_file), "--budget", args.budget, *calib,
                      "--out", str(out_dir), "--overwrite"],
-        "export": [*mixq, "export", str(out_dir), "--to", "compressed-tensors", str(ct_dir), "--overwrite"],
         "llama-imatrix": [str(tools_dir() / "llama-imatrix"), "-m", str(gguf), "-f", str(args.text), "-c",
                           str(args.calib_len), "--chunks", str(args.calib_windows), "-t", str(threads), "-o",
                           str(w / "imatrix.gguf")],
         "llama-quantize": [str(tools_dir() / "llama-quantize"), "--imatrix", str(w / "imatrix.gguf"), str(gguf),
                            str(w / f"{args.llama_type}.gguf"), args.llama_type, str(threads)],
     }
-    measured = {name: timed(cmd, w / f"{name}.log") for name, cmd in commands.items()}
+    measured = {}
+    for name, cmd in list(commands.items()):
+        measured[name] = timed(cmd, w / f"{name}.log", args.resume)
+        if name == "quantize":  # export where the plan can go: the default space also quantizes what
+            # compressed-tensors keeps at 16 bits (the embedding), which only a --target profile avoids
+            targets = json.loads((out_dir / "mixq.json").read_text())["exportable_to"]
+            if targets:
+                export = [*mixq, "export", str(out_dir), "--to", targets[0], str(w / "exported"), "--overwrite"]
+                commands["export"] = export
+                measured["export"] = timed(export, w / "export.log", args.resume)
 
     profile = Profile.load(profile_file)
     loaded = load_model(args.model)
     gflop = phase_gflop(profile, loaded)
     seconds = profile.info["seconds"]
     info = json.loads((out_dir / "mixq.json").read_text())
-    precision = {"capture": "bfloat16"}
     rows = []
     names = {"capture": "capture (statistics passes)", "fisher": "Fisher (forward + backward)",
              "quantize": "errors (every tensor x option)", "measure": f"KL points ({np.isfinite(profile.measured).sum()})"}
     for phase in ("capture", "fisher", "quantize", "measure"):
-        dtype = precision.get(phase, "float32")
-        rate = gflop[phase] / seconds[phase] if seconds[phase] > 0 else float("nan")
-        rows.append([names[phase], f"{seconds[phase]:.1f}", f"{gflop[phase]:.0f}", f"{rate:.0f}", dtype,
-                     f"{rate / rates[dtype]:.2f}"])
+        work, took = gflop[phase], seconds[phase]
+        at_machine_rate = sum(g / rates[dtype] for dtype, g in work.items())
+        rows.append([names[phase], f"{took:.1f}", " + ".join(f"{g:.0f} {dtype}" for dtype, g in work.items()),
+                     f"{sum(work.values()) / took:.0f}", f"{at_machine_rate:.1f}", f"{at_machine_rate / took:.2f}"])
     load_and_save = measured["profile"][0] - seconds["total"]
     rows.append(["profile: load, sample held-out text, save", f"{load_and_save:.1f}", "", "", "", ""])
     rows.append(["**profile, wall**", f"**{measured['profile'][0]:.1f}**", "", "", "", ""])
     rows.append(["plan (solve, `mixq plan`)", f"{measured['plan'][0]:.1f}", "", "", "", ""])
     rows.append(["quantize to the plan (capture, GPTQ, write)", f"{info['quantize_seconds']:.1f}", "", "", "", ""])
     rows.append(["`mixq quantize --profile`, wall", f"{measured['quantize'][0]:.1f}", "", "", "", ""])
-    rows.append(["export to compressed-tensors, wall", f"{measured['export'][0]:.1f}", "", "", "", ""])
-    mixq_total = sum(measured[k][0] for k in ("profile", "quantize", "export"))
+    if "export" in measured:
+        rows.append([f"export to {commands['export'][5]}, wall", f"{measured['export'][0]:.1f}", "", "", "", ""])
+    else:
+        rows.append(["export: none (the plan quantizes the embedding, which no export target stores)", "", "", "", "", ""])
+    mixq_total = sum(measured[k][0] for k in ("profile", "quantize", "export") if k in measured)
     llama_total = measured["llama-imatrix"][0] + measured["llama-quantize"][0]
-    rows.append(["**mixq: profile + quantize + export**", f"**{mixq_total:.1f}**", "", "", "", ""])
+    rows.append([f"**mixq: {' + '.join(k for k in ('profile', 'quantize', 'export') if k in measured)}**",
+                 f"**{mixq_total:.1f}**", "", "", "", ""])
     rows.append([f"llama-imatrix ({args.calib_windows} x {args.calib_len} tokens)", f"{measured['llama-imatrix'][0]:.1f}",
                  "", "", "", ""])
     rows.append([f"llama-quantize {args.llama_type} with that imatrix", f"{measured['llama-quantize'][0]:.1f}", "", "", "", ""])
@@ -178,9 +200,9 @@ Machine: {machine()}; mixq at commit {commit()}; llama.cpp: {engine_build()}
 - Matmul rate of this machine, measured in this run (2048^3 products, best of 5): {rates['float32']:.0f} GFLOP/s
   float32, {rates['bfloat16']:.0f} GFLOP/s bfloat16.
 - GFLOP: the matrix products of each phase's linear layers (bench/phases.py's docstring says how they
-  are counted); share = achieved rate / the machine's rate in the phase's precision.
+  are counted); share = the seconds its work takes at the machine's rates / the seconds it took.
 
-| phase | seconds | GFLOP | GFLOP/s | precision | share of matmul rate |
+| phase | seconds | GFLOP | GFLOP/s | seconds at the machine's matmul rate | share |
 |---|---|---|---|---|---|
 """ + "\n".join("| " + " | ".join(r) + " |" for r in rows) + f"""
 
