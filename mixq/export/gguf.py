@@ -52,6 +52,7 @@ from mixq.formats.integer import IntFormat
 from mixq.latency import Kernels
 from mixq.models import LoadedModel, source_gguf
 from mixq.models.gguf_file import read_gguf
+from mixq.models.source import GGUFSource
 from mixq.models.architectures import family
 
 SKIPPED_FIELDS = ("GGUF.", "general.architecture", "general.file_type", "general.size_label")
@@ -67,9 +68,8 @@ EXACT_ROW_NUMBERS = 1 << 24  # float32 holds every integer below this
 
 def gguf_arch(loaded: LoadedModel) -> str | None:
     """llama.cpp's architecture name of `loaded`, or None if it has none."""
-    path = source_gguf(loaded.spec)
-    if path is not None:
-        return str(read_gguf(path).fields["general.architecture"].contents())
+    if isinstance(loaded.source, GGUFSource):
+        return loaded.source.arch
     name = GGUF_ARCH.get(loaded.config.model_type, loaded.config.model_type)
     return name if name in MODEL_ARCH_NAMES.values() else None
 

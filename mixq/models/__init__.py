@@ -324,8 +324,9 @@ def load_model(spec: str, in_memory: bool = False) -> LoadedModel:
     transformers.logging.set_verbosity_error()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     spec, location, gguf_file = _resolve(spec)
-    reader = _read_gguf(Path(location) / gguf_file) if gguf_file else None
-    with gguf_metadata_parsed_once():
+    path = Path(location) / gguf_file if gguf_file else None
+    reader = _read_gguf(path) if path else None
+    with gguf_metadata_parsed_once(path, reader):
         return _load(spec, location, gguf_file, reader, in_memory)
 
 

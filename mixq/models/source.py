@@ -25,28 +25,43 @@ from mixq.errors import MixqError
 
 
 @contextlib.contextmanager
-def gguf_metadata_parsed_once() -> Iterator[None]:
-    """Within the block, transformers parses a GGUF file's metadata once, not once per config,
-    tokenizer and tensor map (each parse reads every vocabulary entry in Python: ~20 s each for a
-    152k vocabulary). transformers imports its parser at each call, so patching the module suffices."""
+def gguf_metadata_parsed_once(path: Path | None = None, reader=None) -> Iterator[None]:
+    """Within the block, a GGUF file's metadata is parsed once, not once per config, tokenizer and
+    tensor map (each parse reads every vocabulary entry in Python: ~3 s for SmolLM2's 49k, ~20 s for
+    a 152k vocabulary); `reader`, mixq's checked reader of `path`, stands in for gguf's own there.
+    gguf-py's tensor-name map is built once per architecture, not once per module of the model
+    (transformers' name mapping recurses over ~400 of them). transformers imports its parser,
+    gguf's reader and the name map at each call, so patching the modules suffices."""
+    import functools
+
+    import gguf
     import transformers.modeling_gguf_pytorch_utils as utils
 
-    original = utils.load_gguf_checkpoint
+    originals = {(utils, "load_gguf_checkpoint"): utils.load_gguf_checkpoint,
+                 (gguf, "GGUFReader"): gguf.GGUFReader,
+                 (gguf, "get_tensor_name_map"): gguf.get_tensor_name_map}
+    parse_gguf, gguf_reader, name_map = originals.values()
     cache: dict[str, dict] = {}
 
     def parse(path, return_tensors=False, **kwargs):
         if return_tensors:
-            return original(path, return_tensors=return_tensors, **kwargs)
+            return parse_gguf(path, return_tensors=return_tensors, **kwargs)
         key = str(path)
         if key not in cache:
-            cache[key] = original(path, return_tensors=False, **kwargs)
+            cache[key] = parse_gguf(path, return_tensors=False, **kwargs)
         return copy.deepcopy(cache[key])
 
-    utils.load_gguf_checkpoint = parse
+    def read(file, *args, **kwargs):
+        same = reader is not None and not args and not kwargs and Path(file).resolve() == Path(path).resolve()
+        return reader if same else gguf_reader(file, *args, **kwargs)
+
+    utils.load_gguf_checkpoint, gguf.GGUFReader = parse, read
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
     try:
         yield
     finally:
-        utils.load_gguf_checkpoint = original
+        for (module, name), value in originals.items():
+            setattr(module, name, value)
 
 
 class WeightSource:
@@ -189,8 +204,8 @@ class GGUFSource(WeightSource):
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
         config = utils.load_gguf_checkpoint(str(path), return_tensors=False)["config"]
-        arch = str(reader.fields["general.architecture"].contents())
-        self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
+        self.arch = str(reader.fields["general.architecture"].contents())  # llama.cpp's name of it
+        self._processor = TENSOR_PROCESSORS.get(self.arch, TensorProcessor)(config=config)
         to_hf = get_gguf_hf_weights_map(skeleton, self._processor, model_type=model_type)
         self._tensors: dict[str, list] = {}  # several GGUF tensors may make one (experts' gate and up)
         for t in reader.tensors:
