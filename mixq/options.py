@@ -6,7 +6,8 @@ restricted by CLI flags or a JSON config file, e.g. {"formats": ["int"], "bits":
 "group_sizes": [64, 128], "methods": ["gptq"], "symmetric": false, "keep_16bit": true}.
 
 `formats` names families or formats: "int" is mixq's integer grids (bits x group sizes), "gguf" is
-every ggml type llama.cpp runs (Q2_K..Q6_K, Q4_0..Q5_1, Q8_0); any other entry is one format name.
+every ggml type mixq writes (Q2_K..Q6_K, Q4_0..Q5_1, Q8_0, IQ4_NL/XS, IQ3_S/XXS, IQ2_S/XS/XXS); any
+other entry is one format name.
 A tensor only gets the formats its shape fits (k-quants need rows that are a multiple of 256).
 """
 

@@ -117,7 +117,7 @@ def test_real_tensor_from_smollm2(name):
     packed = fmt.pack(q)["blocks"].numpy()
     assert np.array_equal(dequantize(packed, fmt.ggml_type).reshape(576, 1536), q.dequantize().numpy())
     rel = ((q.dequantize() - W) ** 2).sum() / (W**2).sum()
-    bits = 3 if fmt.joint_codes else fmt.bits  # the IQ3 lattices' 16 levels cost 3.06-3.44 bits per weight
+    bits = min(fmt.bits, 8 * fmt.type_size // fmt.block)  # a lattice's code bits exceed its bits per weight
     assert rel < {2: 0.2, 3: 0.05, 4: 0.015, 5: 0.004, 6: 1e-3, 8: 1e-4}[bits]
 
 
@@ -179,12 +179,13 @@ def test_codebook_types_beat_their_uniform_peers_and_refuse_learned_rounding():
     assert "iq4_xs-gptq" in names and "iq4_xs-block" not in names and "q4_k-block" in names
 
 
-@pytest.mark.parametrize("name", ["iq3_s", "iq3_xxs"])
+@pytest.mark.parametrize("name", ["iq3_s", "iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs"])
 def test_a_lattice_type_rounds_each_group_to_its_nearest_grid_point(name):
-    """IQ3_S and IQ3_XXS: the magnitudes of every four weights are one of the type's grid points (512
-    and 256), and the point is the nearest under the importance weights: its error is within 0.1% of
-    an exhaustive search over the whole grid (the fit searches each group's 64 nearest neighbours).
-    IQ3_XXS's signs have an even count of minus signs in every 8 weights."""
+    """The lattice types: the magnitudes of every four weights (IQ3) or eight (IQ2) are one of the
+    type's grid points (256 to 1024), and the point is the nearest under the importance weights: its
+    error is within 0.1% of an exhaustive search over the whole grid (the fit searches each group's 64
+    nearest neighbours). Where the 8th sign is a parity, every 8 weights have an even count of minus
+    signs."""
     fmt = GGML_FORMATS[name]
     W = weights(16, 512, 3, 0.02)
     importance = torch.rand(512, generator=torch.Generator().manual_seed(3)) * 10 + 0.1
@@ -193,10 +194,11 @@ def test_a_lattice_type_rounds_each_group_to_its_nearest_grid_point(name):
     gguf_type = getattr(gguf_quants, fmt.grid_type)
     gguf_type.init_grid()  # the grid as gguf-py holds it, in units of the type's levels
     grid = torch.from_numpy(gguf_type.grid.reshape(gguf_type.grid_shape)) * levels[-1] / max(gguf_type.grid_map)
-    x = (W.view(16, -1, 32) / q.scale.unsqueeze(2)).abs().reshape(16, -1, 1, 4)
-    w = importance.reshape(1, -1, 1, 4)
+    width = grid.shape[1]
+    x = (W.view(16, -1, fmt.sub) / q.scale.unsqueeze(2)).abs().reshape(16, -1, 1, width)
+    w = importance.reshape(1, -1, 1, width)
     exhaustive = (w * (x - grid).square()).sum(3).min(dim=2).values  # (rows, groups), in units of scale^2
-    magnitudes = levels[q.codes.long()].abs().reshape(16, -1, 4)
+    magnitudes = levels[q.codes.long()].abs().reshape(16, -1, width)
     on_grid = (magnitudes.unsqueeze(2) == grid).all(dim=3).any(dim=2)
     ours = (w.squeeze(2) * (x.squeeze(2) - magnitudes).square()).sum(2)
     assert on_grid.all()
@@ -205,10 +207,11 @@ def test_a_lattice_type_rounds_each_group_to_its_nearest_grid_point(name):
         assert ((levels[q.codes.long()] < 0).reshape(16, -1, 8).sum(dim=2) % 2 == 0).all()
 
 
-def test_iq3_types_beat_k_quants_of_their_size_and_take_rtn_only():
+def test_lattice_types_beat_k_quants_of_their_size_and_take_rtn_only():
     """On a real tensor with its rounding noise restored (bench/standin.py), IQ3_S's grid fits better than
-    Q3_K's even levels at the same 3.44 bits per weight. Methods that round each weight on their own
-    would leave the grid: they are refused, and the option space pairs IQ3_S with rtn only."""
+    Q3_K's even levels at the same 3.44 bits per weight, and IQ2_S's better than Q2_K's at fewer bits.
+    Methods that round each weight on their own would leave the grid: they are refused, and the option
+    space pairs the lattice types with rtn only."""
     import sys
     from pathlib import Path
 
@@ -233,8 +236,12 @@ def test_iq3_types_beat_k_quants_of_their_size_and_take_rtn_only():
     sizes = {name: GGML_FORMATS[name].nbytes(W.shape) for name in ("q2_k", "iq3_xxs", "q3_k")}
     assert sizes["q2_k"] < sizes["iq3_xxs"] < sizes["q3_k"]
     assert rel("iq3_xxs") < 0.6 * rel("q2_k")
+    sizes = {name: GGML_FORMATS[name].nbytes(W.shape) for name in ("iq2_xxs", "iq2_xs", "iq2_s", "q2_k")}
+    assert sizes["iq2_xxs"] < sizes["iq2_xs"] < sizes["iq2_s"] < sizes["q2_k"]
+    assert rel("iq2_s") < 0.9 * rel("q2_k")
     for method in ("gptq", "cd"):
         with pytest.raises(MixqError, match="iq3_s: its codes lie on a lattice"):
             get_method(method)(W[:8], torch.eye(1536), GGML_FORMATS["iq3_s"], MethodSettings())
     names = [o.name for o in OptionSpace(formats=("gguf",), methods=("rtn", "gptq")).options()]
     assert "iq3_s-rtn" in names and "iq3_s-gptq" not in names and "q3_k-gptq" in names
+    assert "iq2_xxs-rtn" in names and "iq2_xxs-gptq" not in names

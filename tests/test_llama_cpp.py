@@ -39,7 +39,8 @@ def exported(tmp_path_factory):
     loaded = load_model("smollm2-135m")
     # integer grids that are ggml types, written as Q4_0, Q5_1 and Q8_0
     wide = itertools.cycle(["q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl", "int4-g32-sym", "int5-g32", "int8-g32-sym"])
-    k_quants = itertools.cycle(["q6_k", "q5_k", "q4_k", "q3_k", "q2_k", "iq4_xs", "iq3_s", "iq3_xxs"])
+    k_quants = itertools.cycle(["q6_k", "q5_k", "q4_k", "q3_k", "q2_k", "iq4_xs", "iq3_s", "iq3_xxs", "iq2_s",
+                                "iq2_xs", "iq2_xxs"])
     result = QuantizedModel()
     for name, ref in loaded.plannable().items():
         W = loaded.read(ref.param)
@@ -54,8 +55,8 @@ def exported(tmp_path_factory):
 
 def test_every_type_is_written_and_metadata_is_kept(exported):
     loaded, path, counts, _ = exported
-    assert {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ3_S", "IQ3_XXS", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0",
-            "IQ4_NL", "F32"} <= set(counts)
+    assert {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "Q8_0",
+            "Q5_1", "Q5_0", "Q4_1", "Q4_0", "IQ4_NL", "F32"} <= set(counts)
     ours, source = GGUFReader(path), GGUFReader(loaded_source(loaded))
     for key, field in source.fields.items():
         if key.startswith("GGUF.") or key == "general.file_type":

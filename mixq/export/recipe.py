@@ -60,7 +60,7 @@ def export_recipe(model_dir: Path, out: Path, overwrite: bool = False) -> str:
 
 
 # Types llama-quantize refuses to make without an importance matrix (its tensor_requires_imatrix)
-NEEDS_IMATRIX = frozenset({"iq3_xxs"})
+NEEDS_IMATRIX = frozenset({"iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s"})
 
 
 TARGET = register(Target(

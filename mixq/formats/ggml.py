@@ -1,5 +1,5 @@
 """llama.cpp's block formats (ggml types): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the k-quants Q2_K..Q6_K, the
-4-bit codebook types IQ4_NL and IQ4_XS, and the lattice types IQ3_S and IQ3_XXS.
+4-bit codebook types IQ4_NL and IQ4_XS, and the lattice types IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS and IQ2_XXS.
 
 A row is cut into blocks of 32 or 256 weights, stored byte for byte as ggml lays them out, so a
 GGUF writer copies `pack`'s bytes verbatim. Within a block, sub-blocks of 16 or 32 weights share one
@@ -14,8 +14,8 @@ are exactly those of ggml's own dequantization (tests check this against the `gg
 IQ4_NL (Q4_0's layout) and IQ4_XS (Q4_K's super-blocks, signed 6-bit sub-block scales, no mins) put
 16 non-uniform levels on the same scales: a weight is scale * levels[code] (`codebook`).
 IQ3_S and IQ3_XXS (`LatticeFormat`) are codebooks of 16 levels (+-8 magnitudes) whose magnitudes,
-four weights at a time, must be one of the type's grid points; their sub-block scales are odd
-multiples of d.
+four weights at a time, must be one of the type's grid points; the IQ2 types likewise with 6 levels
+(+-3 magnitudes), eight weights at a time. Their sub-block scales are odd multiples of d.
 
 Choosing the parameters (`fit`) is a search weighted by input importance (diag of H, the idea behind
 llama.cpp's imatrix): per sub-block, a grid of range shrinks each followed by a weighted least-squares
@@ -269,16 +269,21 @@ class GGMLFormat:
 
 LATTICE_NEIGHBOURS = 64  # grid points searched per group of weights for the final codes,
 SEARCH_NEIGHBOURS = 8  # and while the scales are searched (within about 1% of the error, 8x faster)
+# Range shrinks tried for a lattice type's scales: each costs a neighbour search, and on a SmolLM2
+# down_proj 6 instead of 21 moved IQ2_S's and IQ3_XXS's error by under 0.03%, 2.8x faster.
+LATTICE_CLIP_GRID = 6
 LATTICE_SCORES = 1 << 20  # (group, neighbour) errors computed at once by LatticeFormat
 
 
 @dataclass(frozen=True)
 class LatticeFormat(GGMLFormat):
     """IQ3_S and IQ3_XXS: codes over 8 magnitudes and a sign whose magnitudes, four weights at a time,
-    form one point of the type's grid (`gguf.quants`' 512 and 256 points). IQ3_S stores every sign;
-    IQ3_XXS stores 7 of each 8 and the 8th makes their count of minus signs even (`sign_parity`).
+    form one point of the type's grid (`gguf.quants`' 512 and 256 points); IQ2_S, IQ2_XS and IQ2_XXS:
+    3 magnitudes, eight weights at a time, grids of 1024, 512 and 256 points. IQ3_S and IQ2_S store
+    every sign; the others store 7 of each 8 and the 8th makes their count of minus signs even
+    (`sign_parity`).
 
-    Rounding is therefore per group of four: of the `LATTICE_NEIGHBOURS` grid points nearest to the
+    Rounding is therefore per group: of the `LATTICE_NEIGHBOURS` grid points nearest to the
     cell of levels the group's magnitudes round to (all of them when that cell is a grid point), the
     one of least importance-weighted error (llama.cpp's quantizer searches such neighbour lists too);
     with `sign_parity`, an 8-weight chunk with an odd count of minus signs then flips the sign that
@@ -305,7 +310,7 @@ class LatticeFormat(GGMLFormat):
         return scale.abs(), offset  # signs are stored per weight: the scale is a magnitude
 
     def _fit_rows(self, W: torch.Tensor, imp: torch.Tensor, clip_grid: int, clip_min: float) -> QTensor:
-        q = super()._fit_rows(W, imp, clip_grid, clip_min)  # scales searched with SEARCH_NEIGHBOURS
+        q = super()._fit_rows(W, imp, min(clip_grid, LATTICE_CLIP_GRID), clip_min)  # with SEARCH_NEIGHBOURS
         G = W.view(W.shape[0], -1, self.sub)
         codes = self._codes(G, imp, q.scale, None, LATTICE_NEIGHBOURS)
         return self.with_codes(q, codes.reshape(W.shape).to(torch.uint8))
@@ -313,14 +318,14 @@ class LatticeFormat(GGMLFormat):
     def _codes(self, G: torch.Tensor, imp: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
                k: int = SEARCH_NEIGHBOURS) -> torch.Tensor:
         neighbours, coordinates = _neighbours(self.grid_type, self.magnitudes, k)
-        width = coordinates.shape[2]
+        width, key_bits = coordinates.shape[2], _level_bits(self.grid_type)
         x = torch.where(scale.unsqueeze(2) != 0, G / scale.unsqueeze(2), 0)  # a sub-block's scale is common to
         rows = x.shape[0]                                                     # its groups: nearest in x is in w
         a = x.abs().reshape(rows, -1, 1, width)
         w = imp.reshape(1, -1, 1, width)
         magnitudes = torch.tensor(self.magnitudes)
         cell = torch.bucketize(a, (magnitudes[1:] + magnitudes[:-1]) / 2)
-        cells = (cell << (3 * torch.arange(width))).sum(3).reshape(rows, -1)  # (rows, groups)
+        cells = (cell << (key_bits * torch.arange(width))).sum(3).reshape(rows, -1)  # (rows, groups)
         points = torch.empty(cells.shape, dtype=torch.long)
         step = max(1, LATTICE_SCORES // (cells.shape[1] * k))
         for r in range(0, rows, step):
@@ -343,43 +348,50 @@ class LatticeFormat(GGMLFormat):
 @functools.cache
 def _grid_levels(grid_type: str) -> np.ndarray:
     """A lattice type's grid as gguf-py decodes it (llama.cpp's tables), each value as the index of its
-    level: (points, width) integers in [0, 8)."""
+    level: (points, width) integers in [0, levels)."""
     cls = getattr(gguf_quants, grid_type)
     cls.init_grid()
     return np.searchsorted(np.array(cls.grid_map), cls.grid.reshape(cls.grid_shape)).astype(np.int64)
 
 
+def _level_bits(grid_type: str) -> int:
+    """Bits per coordinate in a key of level indices (3 for IQ3's 8 levels, 2 for IQ2's 3)."""
+    return (len(getattr(gguf_quants, grid_type).grid_map) - 1).bit_length()
+
+
 @functools.cache
 def _neighbours(grid_type: str, magnitudes: tuple[float, ...], k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For each cell of levels (keyed as in `_grid_index`), the k grid points nearest to its centre,
-    nearest first: (cells, k) indices and (cells, k, width) magnitudes."""
+    nearest first: (keys, k) indices and (keys, k, width) magnitudes (zeros at keys no cell has)."""
     values = np.array(magnitudes, np.float32)
     grid = values[_grid_levels(grid_type)]
-    width = grid.shape[1]
-    cells = np.stack(np.meshgrid(*[np.arange(8)] * width, indexing="ij"), axis=-1).reshape(-1, width)
-    centres = np.empty((8**width, width), np.float32)
-    centres[(cells << (3 * np.arange(width))).sum(axis=1)] = values[cells]
-    distance = ((centres[:, None, :] - grid[None]) ** 2).sum(axis=2)
-    nearest = np.ascontiguousarray(np.argsort(distance, axis=1, kind="stable")[:, :k])
+    width, key_bits = grid.shape[1], _level_bits(grid_type)
+    cells = np.stack(np.meshgrid(*[np.arange(len(values))] * width, indexing="ij"), axis=-1).reshape(-1, width)
+    centres = values[cells]
+    # |c - g|^2 as one product: IQ2_S has 3^8 cells by 1024 points
+    distance = (centres**2).sum(axis=1, keepdims=True) - 2 * centres @ grid.T + (grid**2).sum(axis=1)
+    nearest = np.zeros((1 << (key_bits * width), k), np.int64)
+    nearest[(cells << (key_bits * np.arange(width))).sum(axis=1)] = np.argsort(distance, axis=1, kind="stable")[:, :k]
     return torch.from_numpy(nearest), torch.from_numpy(grid[nearest])
 
 
 @functools.cache
 def _grid_index(grid_type: str) -> np.ndarray:
-    """Grid point of each tuple of level indices, keyed by them in 3 bits each; -1 off the grid."""
-    grid = _grid_levels(grid_type)
-    keys = (grid << (3 * np.arange(grid.shape[1]))).sum(axis=1)
-    index = np.full(1 << (3 * grid.shape[1]), -1, np.int64)
+    """Grid point of each tuple of level indices, keyed by them (`_level_bits` each); -1 off the grid."""
+    grid, key_bits = _grid_levels(grid_type), _level_bits(grid_type)
+    keys = (grid << (key_bits * np.arange(grid.shape[1]))).sum(axis=1)
+    index = np.full(1 << (key_bits * grid.shape[1]), -1, np.int64)
     index[keys] = np.arange(len(grid))
     return index
 
 
 def _lattice_points(fmt: LatticeFormat, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(grid point of each group of four, each weight's minus sign) of a lattice type's codes."""
+    """(grid point of each group of weights, each weight's minus sign) of a lattice type's codes."""
     n, half = codes.shape[0], len(fmt.magnitudes)
     negative = codes < half
     level = np.where(negative, half - 1 - codes.astype(np.int64), codes.astype(np.int64) - half)
-    point = _grid_index(fmt.grid_type)[(level.reshape(n, -1, 4) << (3 * np.arange(4))).sum(axis=2)]
+    width, key_bits = _grid_levels(fmt.grid_type).shape[1], _level_bits(fmt.grid_type)
+    point = _grid_index(fmt.grid_type)[(level.reshape(n, -1, width) << (key_bits * np.arange(width))).sum(axis=2)]
     if (point < 0).any():
         raise MixqError(f"{fmt.name}: codes off its grid (a method that rounds each weight on its own made them)")
     return point, negative
@@ -593,15 +605,39 @@ def _unpack_iq4_xs(fmt: GGMLFormat, data: np.ndarray) -> tuple[np.ndarray, _Bloc
     return _unplanes(qs, 4, 16), _BlockParams(_f16(d), np.zeros(n, np.float16), sc, _none(n, 8))
 
 
+def _odd_scale_nibbles(sc: np.ndarray) -> np.ndarray:
+    """Sub-block scales 2 s + 1 as 4-bit s, two to a byte (the first in the low half)."""
+    s = ((sc - 1) // 2).astype(np.uint8)
+    return s[:, 0::2] | (s[:, 1::2] << 4)
+
+
+def _odd_scales(nibbles: np.ndarray) -> np.ndarray:
+    n = nibbles.shape[0]
+    return 2 * np.stack([nibbles & 15, nibbles >> 4], axis=2).reshape(n, -1).astype(np.int64) + 1
+
+
+def _sign_fields(fmt: LatticeFormat, negative: np.ndarray) -> np.ndarray:
+    """The first 7 signs of each 8 weights as a 7-bit field, (n, weights // 8): the 8th sign is their
+    parity (llama.cpp's ksigns table), so a count of minus signs must be even."""
+    chunks = negative.reshape(negative.shape[0], -1, 8)
+    if (chunks.sum(axis=2) % 2).any():
+        raise MixqError(f"{fmt.name}: an odd number of minus signs in 8 weights, which it cannot store")
+    return (chunks[..., :7].astype(np.uint32) << np.arange(7, dtype=np.uint32)).sum(axis=2)
+
+
+def _signs_of_fields(fields: np.ndarray) -> np.ndarray:
+    """Each weight's minus sign from 7-bit sign fields (n, chunks of 8)."""
+    first = (fields[..., None] >> np.arange(7, dtype=np.uint32)) & 1
+    return np.concatenate([first, first.sum(axis=-1, keepdims=True) % 2], axis=-1).reshape(fields.shape[0], -1) == 1
+
+
 def _pack_iq3_s(fmt: LatticeFormat, codes: np.ndarray, p: _BlockParams) -> np.ndarray:
     """IQ3_S: d, each group of four's grid point (low 8 bits in qs, the 9th in qh), each weight's sign
     bit, and the eight sub-block scales 2 s + 1 as 4-bit s."""
     point, negative = _lattice_points(fmt, codes)
     signs = np.packbits(negative, axis=1, bitorder="little")
     qh = np.packbits((point >> 8).astype(np.uint8), axis=1, bitorder="little")
-    s = ((p.sc - 1) // 2).astype(np.uint8)
-    scales = s[:, 0::2] | (s[:, 1::2] << 4)
-    return np.concatenate([_f16_bytes(p.d), (point & 255).astype(np.uint8), qh, signs, scales], axis=1)
+    return np.concatenate([_f16_bytes(p.d), (point & 255).astype(np.uint8), qh, signs, _odd_scale_nibbles(p.sc)], axis=1)
 
 
 def _unpack_iq3_s(fmt: LatticeFormat, data: np.ndarray) -> tuple[np.ndarray, _BlockParams]:
@@ -609,36 +645,91 @@ def _unpack_iq3_s(fmt: LatticeFormat, data: np.ndarray) -> tuple[np.ndarray, _Bl
     d, qs, qh, signs, scales = _split(data, [2, 64, 8, 32, 4])
     point = qs.astype(np.int64) | (np.unpackbits(qh, axis=1, bitorder="little").astype(np.int64) << 8)
     codes = _lattice_codes(fmt, point, np.unpackbits(signs, axis=1, bitorder="little") == 1)
-    sc = 2 * np.stack([scales & 15, scales >> 4], axis=2).reshape(n, 8).astype(np.int64) + 1
-    return codes, _BlockParams(_f16(d), np.zeros(n, np.float16), sc, _none(n, 8))
+    return codes, _BlockParams(_f16(d), np.zeros(n, np.float16), _odd_scales(scales), _none(n, 8))
 
 
-_SIGN_FIELDS = 7 * np.arange(4, dtype=np.uint32)  # IQ3_XXS: each sub-block's four 7-bit sign fields
+_SIGN_FIELDS = 7 * np.arange(4, dtype=np.uint32)  # IQ3_XXS, IQ2_XXS: a sub-block's four 7-bit sign fields
+
+
+def _sub_block_words(fmt: LatticeFormat, negative: np.ndarray, p: _BlockParams) -> np.ndarray:
+    """IQ3_XXS and IQ2_XXS: per 32-weight sub-block one uint32, its four sign fields in 7 bits each
+    and the scale's s in the top 4: (n, 8)."""
+    fields = _sign_fields(fmt, negative).reshape(negative.shape[0], 8, 4)
+    return (fields << _SIGN_FIELDS).sum(axis=2) | ((p.sc.astype(np.uint32) - 1) // 2 << 28)
+
+
+def _words_signs_scales(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each weight's minus sign, and the sub-block scales, from `_sub_block_words`' words."""
+    words = np.ascontiguousarray(words).view("<u4").astype(np.uint32)  # (n, 8)
+    fields = ((words[..., None] >> _SIGN_FIELDS) & 127).reshape(words.shape[0], -1)
+    return _signs_of_fields(fields), 2 * (words >> 28).astype(np.int64) + 1
 
 
 def _pack_iq3_xxs(fmt: LatticeFormat, codes: np.ndarray, p: _BlockParams) -> np.ndarray:
-    """IQ3_XXS: d, each group of four's 8-bit grid point, then per 32-weight sub-block one uint32: the
-    first 7 signs of each 8 weights in 7 bits each (the 8th is their parity), the scale's s in the top 4."""
-    n = codes.shape[0]
+    """IQ3_XXS: d, each group of four's 8-bit grid point, then the sub-blocks' words."""
     point, negative = _lattice_points(fmt, codes)
-    chunks = negative.reshape(n, 8, 4, 8)
-    if (chunks.sum(axis=3) % 2).any():
-        raise MixqError(f"{fmt.name}: an odd number of minus signs in 8 weights, which it cannot store")
-    fields = (chunks[..., :7].astype(np.uint32) << np.arange(7, dtype=np.uint32)).sum(axis=3)  # (n, 8, 4)
-    words = (fields << _SIGN_FIELDS).sum(axis=2) | ((p.sc.astype(np.uint32) - 1) // 2 << 28)
+    words = _sub_block_words(fmt, negative, p)
     return np.concatenate([_f16_bytes(p.d), point.astype(np.uint8), words.astype("<u4").view(np.uint8)], axis=1)
 
 
 def _unpack_iq3_xxs(fmt: LatticeFormat, data: np.ndarray) -> tuple[np.ndarray, _BlockParams]:
     n = data.shape[0]
     d, qs, words = _split(data, [2, 64, 32])
-    words = np.ascontiguousarray(words).view("<u4").astype(np.uint32)  # (n, 8)
-    fields = (words[..., None] >> _SIGN_FIELDS) & 127  # (n, 8, 4)
-    first = (fields[..., None] >> np.arange(7, dtype=np.uint32)) & 1  # (n, 8, 4, 7)
-    negative = np.concatenate([first, first.sum(axis=3, keepdims=True) % 2], axis=3).reshape(n, -1) == 1
-    codes = _lattice_codes(fmt, qs.astype(np.int64), negative)
-    sc = 2 * (words >> 28).astype(np.int64) + 1
+    negative, sc = _words_signs_scales(words)
+    return _lattice_codes(fmt, qs.astype(np.int64), negative), _BlockParams(_f16(d), np.zeros(n, np.float16), sc, _none(n, 8))
+
+
+def _pack_iq2_xxs(fmt: LatticeFormat, codes: np.ndarray, p: _BlockParams) -> np.ndarray:
+    """IQ2_XXS: d, then per 32-weight sub-block its four groups' 8-bit grid points and its word."""
+    n = codes.shape[0]
+    point, negative = _lattice_points(fmt, codes)
+    words = _sub_block_words(fmt, negative, p).astype("<u4").view(np.uint8).reshape(n, 8, 4)
+    return np.concatenate([_f16_bytes(p.d), np.concatenate([point.reshape(n, 8, 4).astype(np.uint8), words], axis=2)
+                           .reshape(n, 64)], axis=1)
+
+
+def _unpack_iq2_xxs(fmt: LatticeFormat, data: np.ndarray) -> tuple[np.ndarray, _BlockParams]:
+    n = data.shape[0]
+    d, qs = _split(data, [2, 64])
+    pairs = qs.reshape(n, 8, 2, 4)
+    negative, sc = _words_signs_scales(np.ascontiguousarray(pairs[:, :, 1]).reshape(n, 32))
+    codes = _lattice_codes(fmt, pairs[:, :, 0].reshape(n, 32).astype(np.int64), negative)
     return codes, _BlockParams(_f16(d), np.zeros(n, np.float16), sc, _none(n, 8))
+
+
+def _pack_iq2_xs(fmt: LatticeFormat, codes: np.ndarray, p: _BlockParams) -> np.ndarray:
+    """IQ2_XS: d, per group of eight one uint16 (9-bit grid point, its 7-bit sign field above), then
+    the sixteen 16-weight sub-block scales 2 s + 1 as 4-bit s."""
+    point, negative = _lattice_points(fmt, codes)
+    qs = (point.astype(np.uint16) | (_sign_fields(fmt, negative).astype(np.uint16) << 9)).astype("<u2")
+    return np.concatenate([_f16_bytes(p.d), qs.view(np.uint8), _odd_scale_nibbles(p.sc)], axis=1)
+
+
+def _unpack_iq2_xs(fmt: LatticeFormat, data: np.ndarray) -> tuple[np.ndarray, _BlockParams]:
+    n = data.shape[0]
+    d, qs, scales = _split(data, [2, 64, 8])
+    qs = np.ascontiguousarray(qs).view("<u2").astype(np.int64)  # (n, 32)
+    codes = _lattice_codes(fmt, qs & 511, _signs_of_fields((qs >> 9).astype(np.uint32)))
+    return codes, _BlockParams(_f16(d), np.zeros(n, np.float16), _odd_scales(scales), _none(n, 16))
+
+
+def _pack_iq2_s(fmt: LatticeFormat, codes: np.ndarray, p: _BlockParams) -> np.ndarray:
+    """IQ2_S: d, each group of eight's grid point (low 8 bits in qs, the high 2 in qh, four to a
+    byte), each weight's sign bit, then the sub-block scales as IQ2_XS stores them."""
+    n = codes.shape[0]
+    point, negative = _lattice_points(fmt, codes)
+    qh = np.bitwise_or.reduce(((point >> 8).reshape(n, 8, 4) << (2 * np.arange(4))).astype(np.uint8), axis=2)
+    signs = np.packbits(negative, axis=1, bitorder="little")
+    return np.concatenate([_f16_bytes(p.d), (point & 255).astype(np.uint8), signs, qh, _odd_scale_nibbles(p.sc)], axis=1)
+
+
+def _unpack_iq2_s(fmt: LatticeFormat, data: np.ndarray) -> tuple[np.ndarray, _BlockParams]:
+    n = data.shape[0]
+    d, qs, signs, qh, scales = _split(data, [2, 32, 32, 8, 8])
+    high = (qh.reshape(n, 8, 1).astype(np.int64) >> (2 * np.arange(4))) & 3
+    codes = _lattice_codes(fmt, qs.astype(np.int64) | (high.reshape(n, 32) << 8),
+                           np.unpackbits(signs, axis=1, bitorder="little") == 1)
+    return codes, _BlockParams(_f16(d), np.zeros(n, np.float16), _odd_scales(scales), _none(n, 16))
 
 
 _LAYOUTS = {
@@ -651,7 +742,14 @@ _LAYOUTS = {
     "iq4_xs": (_pack_iq4_xs, _unpack_iq4_xs),
     "iq3_s": (_pack_iq3_s, _unpack_iq3_s),
     "iq3_xxs": (_pack_iq3_xxs, _unpack_iq3_xxs),
+    "iq2_s": (_pack_iq2_s, _unpack_iq2_s),
+    "iq2_xs": (_pack_iq2_xs, _unpack_iq2_xs),
+    "iq2_xxs": (_pack_iq2_xxs, _unpack_iq2_xxs),
 }
+
+# The IQ2 grids' values 8, 25 and 43 with sub-block scales d (s + 1/2) / 4: as odd multiples of d
+# they are levels of 1, 3.125 and 5.375 (exact in binary, so the products equal gguf-py's).
+IQ2_LEVELS = (-5.375, -3.125, -1.0, 1.0, 3.125, 5.375)  # 6 levels: codes of 3 bits
 
 GGML_FORMATS = {
     f.name: f
@@ -675,14 +773,20 @@ GGML_FORMATS = {
         LatticeFormat("iq3_xxs", 4, 256, 32, has_min=False, sub_scale_range=(1, 31), sub_scale_step=2,
                       codebook=(-15.5, *range(-13, 0, 2), *range(1, 14, 2), 15.5), grid_type="IQ3_XXS",
                       sign_parity=True),
+        LatticeFormat("iq2_s", 3, 256, 16, has_min=False, sub_scale_range=(1, 31), sub_scale_step=2,
+                      codebook=IQ2_LEVELS, grid_type="IQ2_S"),
+        LatticeFormat("iq2_xs", 3, 256, 16, has_min=False, sub_scale_range=(1, 31), sub_scale_step=2,
+                      codebook=IQ2_LEVELS, grid_type="IQ2_XS", sign_parity=True),
+        LatticeFormat("iq2_xxs", 3, 256, 32, has_min=False, sub_scale_range=(1, 31), sub_scale_step=2,
+                      codebook=IQ2_LEVELS, grid_type="IQ2_XXS", sign_parity=True),
     )
 }
 
 # llama.cpp's choices (llama-quant.cpp) for rows that are not whole blocks.
-_FALLBACK = {**dict.fromkeys(("iq4_xs", "iq3_s", "iq3_xxs"), "iq4_nl"), "q2_k": "q4_0", "q3_k": "q4_0",
+_FALLBACK = {**dict.fromkeys(("iq4_xs", "iq3_s", "iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs"), "iq4_nl"), "q2_k": "q4_0", "q3_k": "q4_0",
              "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
-_NAME = re.compile(r"^(?:q\d_(?:0|1|k)|iq4_(?:nl|xs)|iq3_(?:s|xxs))$")
+_NAME = re.compile(r"^(?:q\d_(?:0|1|k)|iq4_(?:nl|xs)|iq[23]_(?:s|xs|xxs))$")
 
 
 def parse(name: str) -> GGMLFormat | None:
