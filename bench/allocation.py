@@ -29,6 +29,7 @@ from scipy.stats import spearmanr
 
 from mixq.cli import HELD_OUT_SEED
 from mixq.atomic import atomic_write_text
+from mixq.checkpoint import Checkpoints, work_dir
 from mixq.data import WindowSpec, load_windows
 from mixq.evaluate import evaluate, reference_hidden
 from mixq.export import native
@@ -132,9 +133,15 @@ def main() -> None:
         space = OptionSpace(bits=tuple(int(b) for b in args.bits_options.split(",")),
                             group_sizes=tuple(int(g) for g in args.group_sizes.split(",")),
                             methods=tuple(args.methods.split(",")))
-        profile = build_profile(loaded, calib, held_out, ProfileSettings(
-            space=space, measure_every=args.measure_every, fisher_windows=args.fisher_windows))
+        settings = ProfileSettings(space=space, measure_every=args.measure_every, fisher_windows=args.fisher_windows)
+        # a stopped run resumes its profile from the last block or KL group it saved
+        checkpoints = Checkpoints(work_dir(args.profile), {"model": args.model, "calib_windows": args.calib_windows,
+                                                           "settings": repr(settings)})
+        if checkpoints.resumed:
+            print(f"resuming the profile from {checkpoints.directory}", flush=True)
+        profile = build_profile(loaded, calib, held_out, settings, checkpoints)
         profile.save(args.profile)
+        checkpoints.discard()
         profile_seconds = profile.info["seconds"]["total"]
 
     learned_methods = [m for m in args.methods.split(",") if m in LEARNED]
