@@ -68,7 +68,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     storages: set[int] = set()
     own = {}
     for k, t in tensors.items():  # safetensors refuses tensors that share memory: those get a copy
-        t = t.contiguous()
+        t = t.contiguous().cpu()  # a device's tensors are stored from the host
         ptr = t.untyped_storage().data_ptr()
         own[k] = t.clone() if ptr in storages else t
         storages.add(ptr)

@@ -16,7 +16,7 @@ import torch
 
 from mixq.models import LoadedModel
 from mixq.models.layout import MatmulCall, MatmulWatcher, TensorRef
-from mixq.runner import BlockRunner, StopForward, release_memory
+from mixq.runner import BlockRunner, StopForward, release_memory, to_device
 
 # H sums x^T x in float32 in place: a batch adds a few thousand products per entry and a run a few
 # dozen batches, far inside float32's precision, and a float64 H (or a per-batch temporary) of an
@@ -33,8 +33,9 @@ class LayerStats:
     x_sum: torch.Tensor | None = None  # (cols,): sum over tokens of x, float64 (None for stand-in statistics)
 
     @classmethod
-    def empty(cls, cols: int) -> LayerStats:
-        return cls(torch.zeros(cols, cols, dtype=STATS_DTYPE), 0, torch.zeros(cols, dtype=torch.float64))
+    def empty(cls, cols: int, device: torch.device | str = "cpu") -> LayerStats:
+        return cls(torch.zeros(cols, cols, dtype=STATS_DTYPE, device=device), 0,
+                   torch.zeros(cols, dtype=torch.float64, device=device))
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, cols)
@@ -74,7 +75,7 @@ def _watched_pass(runner: BlockRunner, b: int, weights: dict[str, torch.Tensor],
     position = {r.param.removeprefix(prefix): i for i, r in enumerate(refs.values())}
     last = max(position[r.param.removeprefix(prefix)] for r in wanted)
     stacks = {r.param.removeprefix(prefix) for r in refs.values() if r.expert is not None}
-    stats = {r.name: LayerStats.empty(r.shape[1]) for r in by_matrix.values()}
+    stats = {r.name: LayerStats.empty(r.shape[1], runner.device) for r in by_matrix.values()}
 
     # Matrices of one stage share their input: once the last stage's first matrix has it, nothing
     # after is needed. An expert stage is seen expert by expert, so it runs until a later matrix.
@@ -110,7 +111,7 @@ def price_rare_experts(stats: dict[str, LayerStats], refs: list[TensorRef]) -> N
     for members in stacks.values():
         total = sum(stats[r.name].n_tokens for r in members)
         if total == 0:
-            mean = torch.eye(members[0].shape[1], dtype=STATS_DTYPE) * 1e-6
+            mean = torch.eye(members[0].shape[1], dtype=STATS_DTYPE, device=stats[members[0].name].H.device) * 1e-6
         else:
             mean = sum(stats[r.name].H for r in members) / total
         for r in members:
@@ -126,15 +127,10 @@ def rare_experts(stats: dict[str, LayerStats], refs: dict[str, TensorRef]) -> di
 
 def head_stats(runner: BlockRunner, batches: list[torch.Tensor]) -> LayerStats:
     """LayerStats of the output layer's input: the final norm of the last block's outputs."""
-    from torch.func import functional_call
-
-    loaded = runner.loaded
-    norm = loaded.model.get_submodule(loaded.layout.final_norm)
-    params = {n: loaded.residents[f"{loaded.layout.final_norm}.{n}"] for n, _ in norm.named_parameters()}
-    stats = LayerStats.empty(batches[0].shape[-1])
+    stats = LayerStats.empty(batches[0].shape[-1], runner.device)
     with torch.no_grad():
         for x in batches:
-            stats.add(functional_call(norm, params, (x,), strict=False))
+            stats.add(runner.normed(x))
     return stats
 
 
@@ -148,18 +144,20 @@ def embedding_stats(loaded: LoadedModel, windows: torch.Tensor) -> LayerStats:
 
 def iter_stats(loaded: LoadedModel, windows: torch.Tensor, batch_size: int,
                matmul_dtype: torch.dtype = torch.float32, start: tuple[int, list[torch.Tensor]] | None = None,
-               ) -> Iterator[tuple[dict[str, LayerStats], dict[str, torch.Tensor], list[torch.Tensor] | None]]:
+               device: torch.device | str = "cpu") -> Iterator[tuple[dict[str, LayerStats], dict[str, torch.Tensor], list[torch.Tensor] | None]]:
     """(LayerStats, float32 matrix) of every plannable tensor with the model's own weights: an untied
     input embedding first, then one block at a time, the output matrix last, so a consumer holds
     one block's weights and statistics at once. The blocks' matmuls run in `matmul_dtype`.
 
     Each item also carries the hidden states after a block (None after the embedding and the head):
-    with them, `start` = (the next block, its input batches) continues a walk that was stopped."""
+    with them, `start` = (the next block, its input batches) continues a walk that was stopped.
+    Blocks run, and statistics and block matrices are yielded, on `device`."""
     from tqdm.auto import tqdm
 
-    runner = BlockRunner(loaded, matmul_dtype)
+    runner = BlockRunner(loaded, matmul_dtype, device)
     layout = loaded.layout
     first, batches = start or (0, None)
+    batches = to_device(batches, runner.device)  # a resumed walk's batches come from a CPU checkpoint
     if start is None:
         if not loaded.tied_embedding:
             yield ({layout.embedding: embedding_stats(loaded, windows)},
@@ -167,7 +165,7 @@ def iter_stats(loaded: LoadedModel, windows: torch.Tensor, batch_size: int,
         batches = runner.embed(windows, batch_size)
     for b in tqdm(range(first, loaded.n_blocks), desc="capturing statistics", unit="block", initial=first,
                   total=loaded.n_blocks):
-        weights = loaded.block_weights(b)
+        weights = runner.block_weights(b)
         refs, prefix = loaded.block_tensors(b), layout.block_prefix(b)
         stats, batches = stats_and_outputs(runner, b, weights, batches)
         yield stats, {n: refs[n].view(weights, prefix) for n in stats}, batches

@@ -57,6 +57,15 @@ def _text_file(value: str) -> Path:
 def _add_memory(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-memory", action="store_true", help="keep every block's weights in memory once read "
                    "(faster on models that fit; default: read each block from the file when it is needed)")
+    p.add_argument("--device", default="auto", help="where the blocks run (sampling, statistics, KL, evaluation): "
+                   "auto (default: CUDA when torch sees it, else the CPU), cpu, cuda or cuda:N; the per-matrix "
+                   "quantizers run on the CPU")
+
+
+def _device(args: argparse.Namespace):
+    from mixq.runner import compute_device
+
+    return compute_device(args.device)
 
 
 def _add_calibration(p: argparse.ArgumentParser) -> None:
@@ -344,7 +353,8 @@ def _profile_settings(args: argparse.Namespace):
                            measure=tuple(args.measure), measure_every=args.measure_every, target=args.target,
                            tie=target.tie if target is not None and target.tie != "none" else args.tie,
                            row_fraction=args.row_fraction, reconstruct=_reconstruct_settings(args),
-                           capture_dtype=torch.float32 if args.fp32_passes else torch.bfloat16)
+                           capture_dtype=torch.float32 if args.fp32_passes else torch.bfloat16,
+                           device=str(_device(args)))
 
 
 def _calibration(args: argparse.Namespace):
@@ -405,8 +415,9 @@ def _run_profile(loaded, args: argparse.Namespace, settings, checkpoints):
     saved = checkpoints.path(PROFILE_FILE)
     if saved.is_file():
         return Profile.load(saved)
-    calib = load_windows(loaded, _calibration(args), first=False)
-    held_out = load_windows(loaded, WindowSpec(args.held_out_windows, args.held_out_len, seed=HELD_OUT_SEED))
+    calib = load_windows(loaded, _calibration(args), first=False, device=settings.device)
+    held_out = load_windows(loaded, WindowSpec(args.held_out_windows, args.held_out_len, seed=HELD_OUT_SEED),
+                            device=settings.device)
     profile = build_profile(loaded, calib, held_out, settings, checkpoints)
     checkpoints.ensure()
     profile.save(saved)
@@ -715,6 +726,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from mixq.quantize import quantize_model, uniform_plan
 
     check_output_dir(args.out, args.overwrite)
+    device = _device(args)
     settings = _method_settings(args)
     reconstruct = _reconstruct_settings(args)
     info: dict = {"mixq_version": __version__}
@@ -771,18 +783,18 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         description = f"{fmt.name} {args.method}"
 
     calib = _calibration(args)
-    windows = load_windows(loaded, calib, first=False)
+    windows = load_windows(loaded, calib, first=False, device=device)
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
         start = time.perf_counter()
         # Finished blocks' tensors wait in the work directory, not in memory, with the last block's state.
         result = quantize_model(loaded, windows, options, settings, reconstruct=reconstruct, checkpoints=checkpoints,
-                                matmul_dtype=torch.float32 if args.fp32_passes else torch.bfloat16)
+                                matmul_dtype=torch.float32 if args.fp32_passes else torch.bfloat16, device=device)
         seconds = time.perf_counter() - start
         info.update(
             model=loaded.spec, method_settings=vars(settings), reconstruct_settings=vars(reconstruct),
             passes="float32" if args.fp32_passes else "bfloat16 matmuls",
             block_losses=result.block_losses, calibration=calib.describe(), quantize_seconds=seconds,
-            threads=torch.get_num_threads(), rare_experts=result.rare_experts,
+            threads=torch.get_num_threads(), device=str(device), rare_experts=result.rare_experts,
             plan={name: opt.name for name, opt in result.options.items()}, output_errors=result.output_errors,
             evaluations={},
         )
@@ -798,7 +810,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         if args.eval_text:
             # Evaluate exactly what was written, so `mixq eval` reproduces these numbers.
             spec = WindowSpec(args.eval_windows, args.eval_len, args.eval_text)
-            report = _evaluate(loaded, native.NativeSource(tmp), spec)
+            report = _evaluate(loaded, native.NativeSource(tmp), spec, device)
             info = native.read_info(tmp)
             info["evaluations"][spec.describe()] = report
             native.write_info(tmp, info)
@@ -826,25 +838,27 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from mixq.export import native
     from mixq.models import load_model
 
+    device = _device(args)
     info = native.read_info(args.dir)
     quantized = native.NativeSource(args.dir)
     loaded = load_model(info["model"], in_memory=args.in_memory)
     _resolve_window_lengths(args, loaded)
     spec = WindowSpec(args.windows, args.seq_len, args.text, seed=EVAL_SEED)
     check_windows(loaded, spec, "--windows/--seq-len")
-    report = _evaluate(loaded, quantized, spec)
+    report = _evaluate(loaded, quantized, spec, device)
     info["evaluations"][spec.describe()] = report
     native.write_info(args.dir, info)
     _print_quality(args.dir, info["storage"]["bpw"], info["quantize_seconds"], report, info.get("plan_summary"))
 
 
-def _evaluate(loaded, quantized, spec) -> dict:
-    """Evaluate the weights of `quantized` against the model's own; sampled windows come from the model."""
+def _evaluate(loaded, quantized, spec, device) -> dict:
+    """Evaluate the weights of `quantized` against the model's own on `device`; sampled windows come
+    from the model."""
     from mixq.data import load_windows
     from mixq.evaluate import evaluate
 
-    windows = load_windows(loaded, spec, first=True)
-    return evaluate(loaded, windows, quantized).as_dict()
+    windows = load_windows(loaded, spec, first=True, device=device)
+    return evaluate(loaded, windows, quantized, device=device).as_dict()
 
 
 def _print_quality(path: Path, bpw: float, quantize_seconds: float, report: dict, plan: dict | None) -> None:

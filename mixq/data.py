@@ -58,15 +58,16 @@ def check_windows(loaded: LoadedModel, spec: WindowSpec, flags: str = "windows")
                         f"GiB of hidden states, more than this machine's {memory / 2**30:.1f} GiB")
 
 
-def load_windows(loaded: LoadedModel, spec: WindowSpec, first: bool = True) -> torch.Tensor:
-    """Windows as a (n_windows, seq_len) int64 tensor.
+def load_windows(loaded: LoadedModel, spec: WindowSpec, first: bool = True,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """Windows as a (n_windows, seq_len) int64 tensor (on the CPU).
 
     From text, `first` takes the first non-overlapping windows (evaluation); otherwise windows
-    start at random offsets drawn with the seed (calibration).
+    start at random offsets drawn with the seed (calibration). Samples are drawn on `device`.
     """
     check_windows(loaded, spec)
     if spec.text is None:
-        return sample_windows(loaded, spec.n_windows, spec.seq_len, spec.seed)
+        return sample_windows(loaded, spec.n_windows, spec.seq_len, spec.seed, device=device)
     ids = tokenize_file(loaded.tokenizer, spec.text)
     n_available = len(ids) // spec.seq_len
     if n_available < 1:
@@ -104,13 +105,14 @@ SAMPLER = "bf16-1"  # names how samples are drawn: part of the cache key, so a n
 
 
 def sample_windows(loaded: LoadedModel, n: int, seq_len: int, seed: int, batch_size: int = 64,
-                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                   dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> torch.Tensor:
     """Sequences sampled from the model in `dtype` (temperature 1, no truncation), cached on disk.
 
     Decoding is memory-bound (each step reads every weight for one token per sequence), so the
     sequences are decoded together in large batches with a preallocated KV cache (`mixq.decode`),
     and tokens are drawn by inverting each row's cumulative distribution (one uniform number per
     row; the exponential draws of `torch.multinomial` cost more than the model's forward here).
+    The model decodes on `device`; the uniform numbers come from a CPU generator on any device.
     """
     key = f"{_model_key(loaded)}-{SAMPLER}-{str(dtype).removeprefix('torch.')}-s{seed}-{n}x{seq_len}"
     cache = CACHE_DIR / "samples" / f"{key}.safetensors"
@@ -119,7 +121,7 @@ def sample_windows(loaded: LoadedModel, n: int, seq_len: int, seed: int, batch_s
     from mixq import decode
     from mixq.models import materialize
 
-    model, tok = materialize(loaded, dtype=dtype), loaded.tokenizer
+    model, tok = materialize(loaded, dtype=dtype).to(device), loaded.tokenizer
     model.set_attn_implementation(decode.ATTENTION)
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     gen = torch.Generator().manual_seed(seed)
@@ -128,12 +130,13 @@ def sample_windows(loaded: LoadedModel, n: int, seq_len: int, seed: int, batch_s
     progress = tqdm(total=n * (seq_len - 1), desc="sampling calibration text", unit="token", unit_scale=True)
     with torch.no_grad():
         for start in range(0, n, batch_size):
-            ids = windows[start : start + batch_size]
+            ids = windows[start : start + batch_size].to(device)
             past = decode.preallocated_cache(loaded.n_blocks, seq_len)
             for pos in range(1, seq_len):
                 logits = model(ids[:, pos - 1 : pos], use_cache=True, **{cache_kwarg: past}).logits[:, -1]
                 ids[:, pos] = draw(logits, gen)
                 progress.update(len(ids))
+            windows[start : start + batch_size] = ids.cpu()
     progress.close()
     del model
     release_memory()
@@ -149,7 +152,7 @@ def draw(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     # Tokens less likely than exp(-80) times the likeliest are never drawn; zeroing them keeps the
     # sums free of subnormal numbers, which slow x86 arithmetic down a hundredfold.
     cdf = torch.where(z > -80, z.exp(), 0.0).cumsum(dim=-1)
-    u = torch.rand(len(cdf), 1, dtype=torch.float64, generator=gen) * cdf[:, -1:]
+    u = torch.rand(len(cdf), 1, dtype=torch.float64, generator=gen).to(cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
 
 

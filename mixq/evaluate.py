@@ -45,15 +45,16 @@ def final_hidden(runner: BlockRunner, windows: torch.Tensor, batch_size: int, so
     loaded = runner.loaded
     batches = runner.embed(windows, batch_size, residents, source)
     for b in tqdm(range(loaded.n_blocks), desc=desc, unit="block"):
-        batches = runner.run(b, loaded.block_weights(b, source), batches)
+        batches = runner.run(b, runner.block_weights(b, source), batches)
         release_memory()
     return batches
 
 
-def reference_hidden(loaded: LoadedModel, windows: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
+def reference_hidden(loaded: LoadedModel, windows: torch.Tensor, batch_size: int = 4,
+                     device: torch.device | str = "cpu") -> list[torch.Tensor]:
     """The reference's last hidden states on `windows`: pass them to `evaluate` to compare many models
     without rerunning it (small: windows x seq_len x hidden floats, not x vocab)."""
-    return final_hidden(BlockRunner(loaded), windows, batch_size, None, loaded.residents, "reference")
+    return final_hidden(BlockRunner(loaded, device=device), windows, batch_size, None, loaded.residents, "reference")
 
 
 class VocabStream:
@@ -63,13 +64,13 @@ class VocabStream:
     under these logits of their difference to another model's."""
 
     def __init__(self, targets: torch.Tensor):
-        n = targets.numel()
+        n, device = targets.numel(), targets.device
         self.targets = targets
-        self.max = torch.full((n,), -math.inf)
-        self.sum = torch.zeros(n, dtype=torch.float64)  # sum exp(logit - max)
-        self.cross = torch.zeros(n, dtype=torch.float64)  # sum exp(logit - max) * (logit - other)
-        self.argmax = torch.zeros(n, dtype=torch.long)
-        self.target_logit = torch.zeros(n)
+        self.max = torch.full((n,), -math.inf, device=device)
+        self.sum = torch.zeros(n, dtype=torch.float64, device=device)  # sum exp(logit - max)
+        self.cross = torch.zeros(n, dtype=torch.float64, device=device)  # sum exp(logit - max) * (logit - other)
+        self.argmax = torch.zeros(n, dtype=torch.long, device=device)
+        self.target_logit = torch.zeros(n, device=device)
 
     def add(self, tokens: slice, vocab: slice, logits: torch.Tensor, other: torch.Tensor | None = None) -> None:
         """Take in `logits` (tokens, vocabulary slice) and optionally the other model's on the same."""
@@ -105,23 +106,24 @@ def evaluate(
     quantized: WeightSource | None = None,
     batch_size: int = 4,
     reference: list[torch.Tensor] | None = None,
+    device: torch.device | str = "cpu",
 ) -> Report:
     """Perplexity on `windows` (n, seq_len) of the model with the weights of `quantized` (default: its
     own); with `quantized`, also KL and top-1 against the model's own weights, the reference (its
     `reference_hidden`, computed here unless given).
 
     Both models stream through the runner block by block; the head streams over slices of the
-    vocabulary (each model's output matrix read a slice at a time) and chunks of tokens.
+    vocabulary (each model's output matrix read a slice at a time) and chunks of tokens, on `device`.
     """
     start = time.perf_counter()
-    runner = BlockRunner(loaded)
+    runner = BlockRunner(loaded, device=device)
     small = loaded.residents_from(quantized, matrices=False)  # norms and biases; the embedding is read on use
     hidden = final_hidden(runner, windows, batch_size, quantized, small,
                           "evaluating" if quantized is not None else "reference")
     if quantized is not None and reference is None:
-        reference = reference_hidden(loaded, windows, batch_size)
+        reference = reference_hidden(loaded, windows, batch_size, device)
     width = loaded.hidden_size
-    targets = windows[:, 1:].reshape(-1)  # the last position predicts nothing here
+    targets = windows[:, 1:].reshape(-1).to(runner.device)  # the last position predicts nothing here
 
     def normed(batches: list[torch.Tensor], residents: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
@@ -146,7 +148,7 @@ def evaluate(
     n, seq_len = windows.shape
     fields: dict = {}
     if ref is not None:
-        kl = ref.kl_to(model).clamp(min=0)  # tiny negatives are rounding
+        kl = ref.kl_to(model).clamp(min=0).cpu()  # tiny negatives are rounding
         fields = dict(kl_mean=kl.mean().item(), kl_p99=torch.quantile(kl, 0.99).item(),
                       top1=(ref.argmax == model.argmax).double().mean().item(),
                       kl_ci95=bootstrap_interval(kl.view(n, seq_len - 1).mean(1)))

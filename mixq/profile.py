@@ -258,6 +258,7 @@ class ProfileSettings:
     gain_blocks: int = 2  # blocks on which the learned-rounding methods' gains are measured
     capture_dtype: torch.dtype = torch.bfloat16  # matmuls of the statistics passes (sums in float32)
     target: str | None = None  # the engine the plan is for (mixq.export): only options it stores
+    device: str = field(default="cpu", repr=False)  # where blocks run (a resumed profile may move)
 
 
 def measure_formats(space: OptionSpace, allowed: frozenset[str] | None = None) -> tuple[str, ...]:
@@ -390,7 +391,8 @@ def build_profile(
         fisher, timings["fisher"] = saved[0], saved[1]["seconds"]
     else:
         # No Fisher windows: no backward pass (large models), and no fisher estimator in this profile.
-        fisher = fisher_diagonal(loaded, calib[: settings.fisher_windows], tensors) if settings.fisher_windows else {}
+        fisher = fisher_diagonal(loaded, calib[: settings.fisher_windows], tensors,
+                                 settings.device) if settings.fisher_windows else {}
         timings["fisher"] = time.perf_counter() - t0
         if checkpoints:
             checkpoints.save(FISHER_CHECKPOINT, fisher, {"seconds": timings["fisher"]})
@@ -414,14 +416,14 @@ def build_profile(
     progress = tqdm(total=T, desc="profiling tensors", unit="tensor", initial=len(importance))
     # one block at a time; after a resume, from the block after the last one saved
     for block_stats, matrices, batches in [] if done else capture.iter_stats(
-            loaded, calib, settings.batch_size, settings.capture_dtype, resume_at):
+            loaded, calib, settings.batch_size, settings.capture_dtype, resume_at, settings.device):
         t1 = time.perf_counter()
         timings["capture"] += t1 - t0
         rare.update(capture.rare_experts(block_stats, plannable))
         for name, layer_stats in block_stats.items():
             t = index[name]
-            W_full = matrices[name]
-            H = layer_stats.H
+            W_full = matrices[name].cpu()  # the quantizers run on the CPU (see quantize.py)
+            H = layer_stats.H.cpu()
             importance[name] = torch.diag(H).float().numpy()
             # Rows are independent in every format and method: a random share of them, scaled up,
             # estimates the whole tensor's error (and, perturbed alone, its KL) at a fraction of the cost.
@@ -487,7 +489,7 @@ def build_profile(
             checkpoints.save(KL_CHECKPOINT, {}, {"points": [[t, o, kl] for (t, o), kl in points.items()]})
 
     for (t, o), kl in measure_kl(loaded, held_out, tensors, chosen, settings.batch_size,
-                                 done=points_done, save=save_points).items():
+                                 done=points_done, save=save_points, device=settings.device).items():
         rows = plannable[tensors[t]].shape[0]
         measured[t, o] = kl * rows / len(sample_rows(rows, settings.row_fraction, seed=t))
     timings["measure"] = time.perf_counter() - t0
@@ -604,12 +606,12 @@ def learned_gains(
     chosen = sorted({(i + 1) * n_blocks // (settings.gain_blocks + 1) for i in range(settings.gain_blocks)})
     ms = settings.method_settings
     ratios: dict[tuple[str, str], list[float]] = {}
-    runner = BlockRunner(loaded)
+    runner = BlockRunner(loaded, device=settings.device)
     batches = runner.embed(calib, settings.batch_size)
     progress = tqdm(total=len(chosen) * len(formats) * len(methods), desc="measuring learned-rounding gains",
                     unit="run")
     for b in range(max(chosen) + 1):
-        weights = loaded.block_weights(b)
+        weights = runner.block_weights(b)
         if b in chosen:
             refs, prefix = loaded.block_tensors(b), loaded.layout.block_prefix(b)
             stats, targets = capture.stats_and_outputs(runner, b, weights, batches)
@@ -617,7 +619,7 @@ def learned_gains(
             for f in formats:
                 fmt = parse_format(f)
                 names = [n for n in refs if fmt.fits(refs[n].shape)]
-                starts = {n: get_method(ms.init)(originals[n], stats[n].H, fmt, ms) for n in names}
+                starts = {n: get_method(ms.init)(originals[n].cpu(), stats[n].H.cpu(), fmt, ms) for n in names}
                 trial = {k: v.clone() for k, v in weights.items()}
                 for n in names:
                     refs[n].view(trial, prefix).copy_(starts[n].dequantize())
@@ -626,7 +628,7 @@ def learned_gains(
                     if method == "adaquant":
                         adjusted = {k: v.clone() for k, v in trial.items()}
                         for n in names:
-                            q = get_method(method)(originals[n], stats[n].H, fmt, ms)
+                            q = get_method(method)(originals[n].cpu(), stats[n].H.cpu(), fmt, ms)
                             refs[n].view(adjusted, prefix).copy_(q.dequantize())
                         ratio = mse(runner.run(b, adjusted, batches), targets) / max(base, 1e-30)
                     else:  # before and after measured alike (in the reconstruction's precision)
@@ -642,24 +644,26 @@ def learned_gains(
     return {k: float(np.median(v)) for k, v in ratios.items()}
 
 
-def fisher_diagonal(loaded: LoadedModel, windows: torch.Tensor, tensors: list[str]) -> dict[str, torch.Tensor]:
+def fisher_diagonal(loaded: LoadedModel, windows: torch.Tensor, tensors: list[str],
+                    device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Sum over windows of the squared gradient of the window's mean next-token loss, per matrix.
 
     Block by block, one block's weights in memory at a time: a forward pass keeps each block's
     input per window; the backward pass walks the blocks from the last, recomputing each one with
     gradients, and carries the gradient of its input to the block before. The embedding's share
-    comes from the gradient reaching block 0 (for a tied matrix it adds to the head's).
+    comes from the gradient reaching block 0 (for a tied matrix it adds to the head's). Computed on
+    `device`, returned on the CPU.
     """
-    runner = BlockRunner(loaded)
+    runner = BlockRunner(loaded, device=device)
     refs = loaded.plannable()
     layout = loaded.layout
     wanted = set(tensors)
-    fisher = {n: torch.zeros(refs[n].shape) for n in tensors}
+    fisher = {n: torch.zeros(refs[n].shape, device=runner.device) for n in tensors}
     inputs: list[list[torch.Tensor]] = []  # inputs[b][w]: window w entering block b
     x = runner.embed(windows, 1)
     for b in tqdm(range(loaded.n_blocks), desc="Fisher (forward)", unit="block"):
         inputs.append(x)
-        x = runner.run(b, loaded.block_weights(b), x)
+        x = runner.run(b, runner.block_weights(b), x)
     grads = []
     residents = dict(runner.head())
     head_key, embedding_key = f"{layout.head}.weight", f"{layout.embedding}.weight"
@@ -669,13 +673,13 @@ def fisher_diagonal(loaded: LoadedModel, windows: torch.Tensor, tensors: list[st
     for ids, h in zip(windows.split(1), x):
         h = h.detach().requires_grad_(True)
         logits = runner.logits(h[:, :-1], residents)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(logits.device))
         g_h, g_head = torch.autograd.grad(loss, [h, residents[head_key]])
         grads.append(g_h)
         if loaded.head_name in wanted:
             fisher[loaded.head_name] += g_head ** 2
     for b in tqdm(reversed(range(loaded.n_blocks)), total=loaded.n_blocks, desc="Fisher (backward)", unit="block"):
-        weights = {k: v.requires_grad_(True) for k, v in loaded.block_weights(b).items()}
+        weights = {k: v.requires_grad_(True) for k, v in runner.block_weights(b).items()}
         block_refs = [r for r in loaded.block_tensors(b).values() if r.name in wanted]
         prefix = layout.block_prefix(b)
         for w in range(len(grads)):
@@ -695,8 +699,8 @@ def fisher_diagonal(loaded: LoadedModel, windows: torch.Tensor, tensors: list[st
         residents[embedding_key] = loaded.embedding().detach().requires_grad_(True)
         for ids, g in zip(windows.split(1), grads):
             h0 = runner.embed_with_grad(ids, residents)
-            fisher[layout.embedding] += torch.autograd.grad(h0, residents[embedding_key], g)[0] ** 2
-    return fisher
+            fisher[layout.embedding] += torch.autograd.grad(h0, residents[embedding_key], g)[0].to(runner.device) ** 2
+    return {n: f.cpu() for n, f in fisher.items()}
 
 
 def sample_rows(n_rows: int, fraction: float, seed: int) -> torch.Tensor:
@@ -743,7 +747,7 @@ class KLToReference:
     @staticmethod
     def _expected_rows(p: torch.Tensor, W: torch.Tensor, rows: int = 8192) -> torch.Tensor:
         """e = p @ W in float64, a slice of vocabulary rows at a time."""
-        e = torch.zeros(p.shape[0], W.shape[1], dtype=torch.float64)
+        e = torch.zeros(p.shape[0], W.shape[1], dtype=torch.float64, device=p.device)
         for v in range(0, W.shape[0], rows):
             e += p[:, v : v + rows].double() @ W[v : v + rows].double()
         return e
@@ -781,6 +785,7 @@ def measure_kl(
     matmul_dtype: torch.dtype = torch.float32,
     done: dict[tuple[int, int], float] | None = None,
     save: Callable[[dict[tuple[int, int], float]], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[tuple[int, int], float]:
     """Mean KL(reference || model) on `windows` with only tensor t replaced: items[(t, o)] holds the
     rows replaced and their QTensor. Points in `done` are taken as measured; `save` is given the
@@ -790,18 +795,18 @@ def measure_kl(
     then run together: each replaces its matrix in that block, and all of them go through the rest
     of the model in one sweep, so each later block is read once per starting block.
     """
-    runner = BlockRunner(loaded, matmul_dtype)
+    runner = BlockRunner(loaded, matmul_dtype, device)
     refs = loaded.plannable()
     layout = loaded.layout
     block_of = {n: b for b in range(loaded.n_blocks) for n in loaded.block_tensors(b)}
     hidden = [runner.embed(windows, batch_size)]  # hidden[b]: the batches entering block b
     for b in tqdm(range(loaded.n_blocks), desc="reference for KL", unit="block"):
-        hidden.append(runner.run(b, loaded.block_weights(b), hidden[-1]))
+        hidden.append(runner.run(b, runner.block_weights(b), hidden[-1]))
     kl_of = KLToReference(runner, hidden[-1])
 
     def replaced(W: torch.Tensor, item: tuple[torch.Tensor, QTensor]) -> torch.Tensor:
         rows, q = item
-        return W.detach().float().index_copy(0, rows, q.dequantize())
+        return W.detach().float().index_copy(0, rows.to(W.device), q.dequantize().to(W.device))
 
     result = dict(done or {})
     by_start: dict[int, list[tuple[int, int]]] = {}
@@ -813,13 +818,14 @@ def measure_kl(
         name = tensors[t]
         residents = dict(runner.head())
         key = f"{name}.weight"
-        residents[key] = replaced(residents[key] if key in residents else loaded.embedding(), items[(t, o)])
+        residents[key] = replaced(residents[key] if key in residents else loaded.embedding().to(runner.device),
+                                  items[(t, o)])
         if loaded.tied_embedding:
             residents[f"{layout.head}.weight"] = residents[f"{layout.embedding}.weight"] = residents[key]
         if name == layout.embedding:  # block 0 reads it: rerun everything
             final = runner.embed(windows, batch_size, residents)
             for b in range(loaded.n_blocks):
-                final = runner.run(b, loaded.block_weights(b), final)
+                final = runner.run(b, runner.block_weights(b), final)
         else:
             final = hidden[-1]
         result[(t, o)] = kl_of(final, residents)
@@ -828,7 +834,7 @@ def measure_kl(
         save(result)
     for start in sorted(by_start):
         points = by_start[start]
-        weights = loaded.block_weights(start)
+        weights = runner.block_weights(start)
         prefix = layout.block_prefix(start)
         streams = []
         for (t, o) in points:
@@ -838,7 +844,7 @@ def measure_kl(
             ref.view(trial, prefix).copy_(replaced(ref.view(weights, prefix), items[(t, o)]))
             streams.append(runner.run(start, trial, hidden[start]))
         for b in range(start + 1, loaded.n_blocks):
-            later = loaded.block_weights(b)
+            later = runner.block_weights(b)
             streams = [runner.run(b, later, x) for x in streams]
         for point, final in zip(points, streams):
             result[point] = kl_of(final)

@@ -161,14 +161,16 @@ class QuantizedModel:
         self.options[name] = option
         if option.is_keep:
             return
-        W = weight.detach().float()  # methods do not write to W; `weight` changes only at the end
-        q = get_method(option.method)(W, stats.H, parse_format(option.format), settings)
+        # The methods run on the CPU (GPTQ factorises H with LAPACK in place) whatever device ran the
+        # block; they do not write to W, and `weight` changes only at the end.
+        W, H = weight.detach().float().cpu(), stats.H.cpu()
+        q = get_method(option.method)(W, H, parse_format(option.format), settings)
         W_hat = q.dequantize()
         self.tensors[name] = q
-        self.output_errors[name] = output_error(W, W_hat, stats.H)
+        self.output_errors[name] = output_error(W, W_hat, H)
         if bias is not None and stats.x_sum is not None:
-            bias += ((W - W_hat) @ stats.x_mean).to(bias.dtype)
-        weight.copy_(W_hat.to(weight.dtype))
+            bias += ((W - W_hat) @ stats.x_mean.cpu()).to(bias.device, bias.dtype)
+        weight.copy_(W_hat.to(weight.device, weight.dtype))
 
 
 def uniform_plan(loaded: LoadedModel, option: Option, target: str | None = None) -> dict[str, Option]:
@@ -217,6 +219,7 @@ def quantize_model(
     spool: Path | None = None,
     matmul_dtype: torch.dtype = torch.bfloat16,
     checkpoints: Checkpoints | None = None,
+    device: torch.device | str = "cpu",
 ) -> QuantizedModel:
     """Quantize every planned tensor, block by block, through the runner; nothing of the model changes.
     With `spool`, each finished block's tensors wait in a file there (QuantizedTensors). Batches hold
@@ -225,9 +228,10 @@ def quantize_model(
 
     With `checkpoints`, the spool is theirs and each finished block's state (the result so far and
     the hidden states entering the next block) is saved there; a run that finds one continues after
-    its block, with the same results as if it had never stopped."""
+    its block, with the same results as if it had never stopped. Blocks run on `device`; the
+    quantized tensors are kept on the CPU."""
     result = QuantizedModel(QuantizedTensors(checkpoints.path("spool") if checkpoints else spool))
-    runner = BlockRunner(loaded, matmul_dtype)
+    runner = BlockRunner(loaded, matmul_dtype, device)
     batch_size = batch_size or windows_per_batch(loaded, windows.shape[1])
     trained = reconstruct.norm_tuning or any(o.method in BLOCK_METHODS for o in plan.values())
     fp_stream = trained and reconstruct.target == "fp"
@@ -237,8 +241,8 @@ def quantize_model(
     if saved:
         tensors, state = saved
         result.restore(tensors, state["result"])
-        batches = [tensors[f"batch.{i}"] for i in range(state["batches"])]
-        fp_batches = [tensors[f"fp.{i}"] for i in range(state["batches"])] if fp_stream else None
+        batches = [tensors[f"batch.{i}"].to(runner.device) for i in range(state["batches"])]
+        fp_batches = [tensors[f"fp.{i}"].to(runner.device) for i in range(state["batches"])] if fp_stream else None
         first = state["block"] + 1
         log.info("resumed after block %d of %d from %s", state["block"], loaded.n_blocks, checkpoints.directory)
     else:
@@ -256,7 +260,7 @@ def quantize_model(
                     initial=first, total=loaded.n_blocks)
     for b in progress:
         refs, prefix = loaded.block_tensors(b), loaded.layout.block_prefix(b)
-        weights = loaded.block_weights(b)
+        weights = runner.block_weights(b)
         # Only norm tuning and bias correction change parameters other than the planned matrices.
         matrices = {r.param.removeprefix(prefix) for r in refs.values()}
         movable = [n for n in weights if n not in matrices] if reconstruct.norm_tuning or \
@@ -293,7 +297,7 @@ def quantize_model(
             r = reconstruct_block(runner, b, weights, starts, batches, targets, reconstruct, settings.learn_scale,
                                   {n: torch.diag(block_stats[n].H) for n in trained_here})
             for name, q in r.tensors.items():
-                result.tensors[name] = q
+                result.tensors[name] = q.to("cpu")
                 result.output_errors[name] = output_error(fp_weights[name], q.dequantize(), block_stats[name].H)
             result.block_losses.append((r.loss_before, r.loss_after))
             progress.set_postfix_str(f"block {b} output MSE {r.loss_before:.3g} -> {r.loss_after:.3g}")
@@ -303,7 +307,7 @@ def quantize_model(
         quantized_params = {refs[n].param for n in result.tensors if n in refs}
         for n in movable:  # norms (norm tuning) and biases (bias correction) that moved
             if prefix + n not in quantized_params and not torch.equal(weights[n], original[n]):
-                result.changed[prefix + n] = weights[n]
+                result.changed[prefix + n] = weights[n].cpu()
         if fp_batches is not None:
             fp_batches = targets
         del weights, original

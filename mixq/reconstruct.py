@@ -109,7 +109,7 @@ def reconstruct_block(
     loaded = runner.loaded
     runner = runner.in_precision(training_dtype(settings))
     refs, prefix = loaded.block_tensors(b), loaded.layout.block_prefix(b)
-    roundings = {name: LearnedRounding(W, q, learn_scale, (importance or {}).get(name))
+    roundings = {name: LearnedRounding(W, q.to(W.device), learn_scale, (importance or {}).get(name))
                  for name, (W, q) in starts.items()}
     norms = norm_weights(loaded.blocks()[b]) if settings.norm_tuning else []
     norm_start = {name: weights[name].clone() for name in norms}

@@ -14,6 +14,12 @@ Every stage (capture, profile, quantize, reconstruct, evaluate) calls blocks thr
   time, for stages that stream the head instead of holding it (evaluation).
 Blocks compute in float32, or with their matmuls in bfloat16 (`matmul_dtype`, autocast: the
 residual stream, norms and what the watchers see stay float32).
+
+A runner computes on one `device` (`compute_device`: CUDA when torch sees one, else the CPU). The
+model's skeleton and residents stay on the CPU, where embedding and recording are cheap; what a
+block, the final norm and the head are called with is moved to the device: the hidden states, the
+recorded kwargs, the block's weights (`block_weights`) and buffers, the head's rows. What leaves for
+storage (quantized tensors, checkpoints) goes back to the CPU at the stage that stores it.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from mixq.errors import MixqError
 from mixq.memory import release_memory  # noqa: F401  (the stages call it between blocks)
 from mixq.models import LoadedModel
 from mixq.models.source import WeightSource
@@ -48,6 +55,36 @@ def windows_per_batch(loaded: LoadedModel, seq_len: int) -> int:
     heads = getattr(loaded.config.get_text_config(), "num_attention_heads", 0) or 0
     per_window = 4 * seq_len * max(widest, heads * seq_len)
     return max(1, ACTIVATION_BYTES // per_window)
+
+
+def compute_device(name: str = "auto") -> torch.device:
+    """The device of `--device`: "auto" is the first CUDA device when torch sees one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise MixqError(f"--device {name!r}: not a device name (cpu, cuda, cuda:1, auto)") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise MixqError(f"--device {name}: mixq computes on cpu or cuda, not {device.type}")
+    if not torch.cuda.is_available():
+        raise MixqError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise MixqError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """`value` with every tensor in it (inside tuples, lists and dicts too) on `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
 
 
 class StopForward(Exception):
@@ -73,11 +110,14 @@ def block_output(y: Any) -> torch.Tensor:
 
 
 class BlockRunner:
-    def __init__(self, loaded: LoadedModel, matmul_dtype: torch.dtype = torch.float32):
+    def __init__(self, loaded: LoadedModel, matmul_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
         self.loaded = loaded
         self.matmul_dtype = matmul_dtype
+        self.device = torch.device(device)
         self._kwargs: dict[tuple[int, int], list[dict[str, Any]]] = {}
         self._head: dict[str, torch.Tensor] | None = None  # the model's own head, read at first use
+        self._buffers: dict[int, dict[str, torch.Tensor]] = {}  # block buffers on a non-CPU device
 
     def in_precision(self, matmul_dtype: torch.dtype) -> BlockRunner:
         """This runner with its blocks' matmuls in `matmul_dtype`, sharing what it has recorded."""
@@ -89,8 +129,12 @@ class BlockRunner:
         """The model's own parameters that `logits` reads (final norm, output matrix), read once per
         runner: a stage that never makes logits never holds an untied output matrix."""
         if self._head is None:
-            self._head = self.loaded.residents_from(None)
+            self._head = to_device(self.loaded.residents_from(None), self.device)
         return self._head
+
+    def block_weights(self, b: int, source: WeightSource | None = None) -> dict[str, torch.Tensor]:
+        """Block `b`'s parameters (`LoadedModel.block_weights`) on this runner's device."""
+        return to_device(self.loaded.block_weights(b, source), self.device)
 
     # -- entering the blocks ------------------------------------------------------------------
     def _record(self, ids: torch.Tensor | None, residents: dict[str, torch.Tensor] | None = None,
@@ -118,15 +162,16 @@ class BlockRunner:
         finally:
             for i, m in enumerate(originals):
                 blocks[i] = m
-        self._kwargs[tuple((ids if embeds is None else embeds).shape[:2])] = kwargs
-        return first[0]
+        self._kwargs[tuple((ids if embeds is None else embeds).shape[:2])] = to_device(kwargs, self.device)
+        return first[0].to(self.device)
 
     def embed(self, windows: torch.Tensor, batch_size: int, residents: dict[str, torch.Tensor] | None = None,
               source: WeightSource | None = None) -> list[torch.Tensor]:
         """Hidden states entering block 0 for every window, in batches. The embedding is that of
         `residents` when they hold one (e.g. a quantized one), else read from `source` (default:
         the model's own) for this call only, and then only the rows of the tokens present."""
-        residents = dict(residents or self.loaded.residents)
+        # the skeleton embeds on the CPU, with residents there (a caller may hold them on the device)
+        residents = to_device(dict(residents or self.loaded.residents), torch.device("cpu"))
         with torch.no_grad():
             if self.loaded.embedding_key in residents:
                 return [self._record(batch, residents) for batch in windows.split(batch_size)]
@@ -161,6 +206,10 @@ class BlockRunner:
     def call(self, b: int, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Block `b` with parameters `weights` (names inside the block) on hidden states `x`."""
         block = self.loaded.blocks()[b]
+        if self.device.type != "cpu":  # the skeleton's buffers live on the CPU
+            if b not in self._buffers:
+                self._buffers[b] = {n: t.to(self.device) for n, t in block.named_buffers()}
+            weights = {**self._buffers[b], **weights}
         with torch.autocast(x.device.type, dtype=self.matmul_dtype, enabled=self.matmul_dtype != torch.float32):
             return block_output(functional_call(block, weights, (x,), self.kwargs(b, x), strict=False))
 
@@ -181,7 +230,7 @@ class BlockRunner:
         (default: the model's own)."""
         r = residents if residents is not None else self.loaded.residents
         norm = self.loaded.model.get_submodule(self.loaded.layout.final_norm)
-        params = {n: r[f"{self.loaded.layout.final_norm}.{n}"] for n, _ in norm.named_parameters()}
+        params = {n: r[f"{self.loaded.layout.final_norm}.{n}"].to(h.device) for n, _ in norm.named_parameters()}
         return functional_call(norm, params, (h,), strict=False)
 
     def scaled(self, logits: torch.Tensor) -> torch.Tensor:
@@ -204,7 +253,8 @@ class BlockRunner:
         """Logits of the final norm's output: output matrix, scaling, soft-cap."""
         r = residents or self.head()
         head = self.loaded.layout.head
-        return self.scaled(F.linear(normed, r[f"{head}.weight"], r.get(f"{head}.bias")).float())
+        return self.scaled(F.linear(normed, r[f"{head}.weight"].to(normed.device),
+                                    to_device(r.get(f"{head}.bias"), normed.device)).float())
 
     def head_slices(self, source: WeightSource | None = None,
                     residents: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None]]:
@@ -214,7 +264,8 @@ class BlockRunner:
         head = f"{self.loaded.layout.head}.weight"
         bias = (residents if residents is not None else self.loaded.residents).get(f"{self.loaded.layout.head}.bias")
         for rows in self.loaded.row_slices(head):
-            yield rows, self.loaded.head_rows(rows, source), None if bias is None else bias[rows]
+            yield rows, self.loaded.head_rows(rows, source).to(self.device), to_device(
+                None if bias is None else bias[rows], self.device)
 
     def token_chunks(self, h: torch.Tensor, width: int | None = None) -> Iterator[slice]:
         """Slices of the flattened tokens of `h` whose logits (over `width` outputs, default the whole

@@ -37,6 +37,7 @@ def test_quantize_then_eval_reproduces_metrics(tiny_llama_dir, text_file, tmp_pa
     assert code == 0, cap.err
     info = json.loads((out / native.INFO_FILE).read_text())
     assert info["settings"]["format"] == "int3-g32" and len(info["plan"]) == 14  # 2 blocks x 7 linears
+    assert info["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
     (first,) = info["evaluations"].values()
     assert math.isfinite(first["ppl"]) and first["kl_mean"] > 0 and 0 < first["top1"] <= 1
     assert "bpw" in cap.out and "KL mean" in cap.out
@@ -84,6 +85,17 @@ def test_failure_leaves_no_output_but_a_resumable_run(tiny_llama_dir, text_file,
 )
 def test_out_of_range_settings(tiny_llama_dir, text_file, tmp_path, capsys, extra, match):
     assert_refused(capsys, tmp_path, *tiny_args(tiny_llama_dir, text_file), *extra, match=match)
+
+
+@pytest.mark.parametrize("device,match", [
+    ("banana", "--device 'banana': not a device name"),
+    ("mps", "--device mps: mixq computes on cpu or cuda"),
+    ("cuda:99", "--device cuda:99: this torch" if not torch.cuda.is_available() else "--device cuda:99: torch sees"),
+])
+def test_unusable_device(tiny_llama_dir, text_file, tmp_path, capsys, device, match):
+    assert_refused(capsys, tmp_path, *tiny_args(tiny_llama_dir, text_file), "--device", device, match=match)
+    code, cap = run(capsys, "eval", tmp_path / "nowhere", "--device", device)
+    assert code == 2 and cap.err.startswith("mixq: error:") and match in cap.err
 
 
 def test_missing_model(tmp_path, capsys):

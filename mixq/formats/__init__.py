@@ -9,7 +9,7 @@ a name parser here, so `parse_format("int3-g128")` and the exporters agree on on
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -74,6 +74,12 @@ class QTensor:
 
     def nbytes(self) -> int:
         return self.format.nbytes(self.shape)
+
+    def to(self, device: torch.device | str) -> QTensor:
+        """This matrix with its codes and parameters on `device`."""
+        moved = {f: getattr(self, f).to(device) for f in ("codes", "scale", "zero", "offset", "super_scale")
+                 if getattr(self, f) is not None}
+        return replace(self, **moved)
 
 
 _PARSERS: dict[str, Callable[[str], Format | None]] = {}

@@ -73,7 +73,7 @@ class LearnedRounding(nn.Module):
         expand = self._expand
         self.register_buffer("scale", expand(start.scale.float()))
         self.register_buffer("zero", expand(start.zero.float()))
-        self.register_buffer("offset", expand(start.offset.float()) if start.offset is not None else torch.zeros(()))
+        self.register_buffer("offset", expand(start.offset.float()) if start.offset is not None else torch.zeros((), device=W.device))
         codes = start.codes.float()
         unrounded = torch.where(self.scale != 0, (W.float() + self.offset) / self.scale, 0) + self.zero
         # Stored relative to the zero point: every step then costs a few elementwise passes fewer.
@@ -83,10 +83,11 @@ class LearnedRounding(nn.Module):
         self.log_m = nn.Parameter(torch.zeros_like(start.scale.float()), requires_grad=self.learn_scale)
         # 1 where a latent may move, 0 on massive-activation columns (and their groups' scales): their
         # gradients are then zero, so signed steps leave them where they start.
-        frozen = massive_columns(importance) if importance is not None else torch.zeros(cols, dtype=torch.bool)
+        frozen = (massive_columns(importance) if importance is not None
+                  else torch.zeros(cols, dtype=torch.bool, device=W.device))
         self.register_buffer("free_cols", (~frozen).float().unsqueeze(0))
         n_groups = start.scale.shape[1]
-        frozen_groups = torch.zeros(n_groups, dtype=torch.bool).index_fill_(0, torch.nonzero(frozen).flatten() // self.glen, True)
+        frozen_groups = torch.zeros(n_groups, dtype=torch.bool, device=W.device).index_fill_(0, torch.nonzero(frozen).flatten() // self.glen, True)
         self.register_buffer("free_groups", (~frozen_groups).float().unsqueeze(0))
 
     def _log_m(self) -> torch.Tensor:
