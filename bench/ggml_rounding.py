@@ -60,7 +60,11 @@ def main() -> None:
     source = source_gguf(loaded.spec)
     calib = load_windows(loaded, WindowSpec(args.calib_windows, 512, seed=0))
     text = work / "calib.txt"
-    text.write_text("\n\n".join(loaded.tokenizer.decode(w, skip_special_tokens=True) for w in calib))
+    calib_text = "\n\n".join(loaded.tokenizer.decode(w, skip_special_tokens=True) for w in calib)
+    if text.is_file() and text.read_text() != calib_text:  # llama.cpp's imatrix was made from other text
+        for stale in [work / "imatrix.gguf", *work.glob("*-imatrix.gguf")]:
+            stale.unlink()
+    text.write_text(calib_text)
     f32 = work / "f32.gguf"
     if not f32.is_file():
         run([str(binp / "llama-quantize"), "--allow-requantize", str(source), str(f32), "F32"], work / "logs" / "f32.log")
