@@ -41,6 +41,9 @@ from mixq.models import load_model, source_gguf  # noqa: E402
 from mixq.report import markdown_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+# llama-quantize's file type whose --pure default is each ggml type: its own name, except that the
+# IQ2_S file type is made of IQ2_XS tensors and IQ2_M of IQ2_S ones (llama-quant.cpp).
+PURE_FILE_TYPE = {"iq2_s": "IQ2_M"}
 CACHE = Path(os.environ.get("MIXQ_CACHE", Path.home() / ".cache" / "mixq"))
 
 
@@ -82,7 +85,8 @@ def main() -> None:
             out = work / f"{name}{'-imatrix' if with_imatrix else ''}.gguf"
             if not out.is_file():
                 extra = ["--imatrix", str(imatrix)] if with_imatrix else []
-                run([str(binp / "llama-quantize"), "--pure", *extra, str(f32), str(out), name.upper()],
+                run([str(binp / "llama-quantize"), "--pure", *extra, str(f32), str(out),
+                     PURE_FILE_TYPE.get(name, name.upper())],
                     work / "logs" / f"{out.name}.log")
             by_name = {t.name: t for t in GGUFReader(out).tensors}
             got = {}
