@@ -64,7 +64,8 @@ def main() -> None:
     calib = load_windows(loaded, WindowSpec(args.calib_windows, 512, seed=0))
     text = work / "calib.txt"
     calib_text = "\n\n".join(loaded.tokenizer.decode(w, skip_special_tokens=True) for w in calib)
-    if text.is_file() and text.read_text() != calib_text:  # llama.cpp's imatrix was made from other text
+    # bytes: the sampled text may hold carriage returns, which reading it as text would translate
+    if text.is_file() and text.read_bytes() != calib_text.encode():  # llama.cpp's imatrix read other text
         for stale in [work / "imatrix.gguf", *work.glob("*-imatrix.gguf")]:
             stale.unlink()
     text.write_text(calib_text)
