@@ -106,3 +106,28 @@ def test_nan_weights_refused():
     W[0, 3] = float("nan")
     with pytest.raises(MixqError, match="not finite"):
         IntFormat(4, 32).qparams(W)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 8), st.sampled_from([0, 16, 32]), st.booleans(), st.integers(0, 2**31 - 1))
+def test_clip_search_picks_the_least_weighted_error(bits, group, symmetric, seed):
+    """The compiled search returns, for every group, a candidate whose importance-weighted error is the
+    least of all candidates (ties to rounding aside), computed here by plain torch."""
+    from mixq.formats.integer import IntFormat
+
+    g = torch.Generator().manual_seed(seed)
+    fmt = IntFormat(bits, group, symmetric)
+    W = torch.randn(6, 48, generator=g) * torch.rand(6, 1, generator=g) * 3
+    importance = torch.rand(48, generator=g) + 0.01
+    q = fmt.fit(W, importance)
+    G, imp = fmt.grouped(W), fmt.grouped(importance.unsqueeze(0))
+    lo, hi = fmt.group_range(G)
+    clips = torch.linspace(1.0, 0.5, 21).view(-1, 1, 1)
+    scales, zeros = fmt.qparams_from_range(lo, hi, clips)
+    s, z = scales.unsqueeze(3), zeros.unsqueeze(3)
+    errors = ((((G / s).round() + z).clamp(0, fmt.qmax) - z) * s - G).square().mul(imp).sum(3)  # (21, rows, groups)
+    chosen = ((((G / q.scale.unsqueeze(2)).round() + q.zero.unsqueeze(2)).clamp(0, fmt.qmax) - q.zero.unsqueeze(2))
+              * q.scale.unsqueeze(2) - G).square().mul(imp).sum(2)
+    least = errors.min(0).values
+    assert (chosen <= least * (1 + 1e-5) + 1e-12).all()
+    assert ((scales == q.scale).any(0)).all()  # the parameters are one of the candidates

@@ -110,3 +110,48 @@ def test_gptq_equals_a_straightforward_reference():
         ours = quantize_gptq(W, H, fmt, settings)
         ref = reference_gptq(W, H, fmt, settings)
         assert (ours.codes.long() != ref).float().mean() < 0.002
+
+
+def torch_column_loop(W, Hinv, scale, zero, offset, qmax, levels, group_of):
+    """GPTQ's column loop over one block as torch calls, one column at a time (what the compiled
+    kernel replaced)."""
+    from mixq.formats.integer import decode, encode
+
+    W, Q, Err = W.clone(), torch.zeros_like(W), torch.zeros_like(W)
+    for i in range(W.shape[1]):
+        g = group_of[i]
+        q = encode(W[:, i], scale[:, g], zero[:, g], qmax, offset[:, g], levels)
+        err = (W[:, i] - decode(q, scale[:, g], zero[:, g], offset[:, g], levels)) / Hinv[i, i].item()
+        Q[:, i], Err[:, i] = q, err
+        W[:, i:] -= err.unsqueeze(1) @ Hinv[i, i:].unsqueeze(0)
+    return W, Q, Err
+
+
+def test_compiled_column_loop_equals_torch_to_the_bit():
+    import numpy as np
+
+    from mixq.methods.gptq_columns import quantize_columns
+
+    g = torch.Generator().manual_seed(1)
+    rows, cols, glen = 40, 96, 32
+    Hinv = torch.linalg.cholesky(torch.linalg.inv(correlated_inputs(300, cols).T @ correlated_inputs(300, cols) / 300
+                                                  + torch.eye(cols)), upper=True).float()
+    W = torch.randn(rows, cols, generator=g)
+    group_of = torch.arange(cols).flip(0) // glen  # visiting order unlike storage order, as with act_order
+    scale = torch.rand(rows, cols // glen, generator=g) * 0.3 + 0.05
+    codebook = torch.tensor([-1.0, -0.6, -0.25, 0.0, 0.2, 0.5, 1.0])
+    for zero, offset, qmax, levels in (
+        (torch.full_like(scale, 8.0), torch.zeros_like(scale), torch.full((rows,), 15.0), None),  # int4
+        (torch.randint(0, 8, scale.shape, generator=g).float(), torch.rand(scale.shape, generator=g),
+         torch.tensor([3.0, 7.0]).repeat(rows // 2), None),  # two grids stacked, with offsets (ggml mins)
+        (torch.zeros_like(scale), torch.zeros_like(scale), torch.full((rows,), 6.0), codebook),
+    ):
+        want_W, want_Q, want_Err = torch_column_loop(W, Hinv, scale, zero, offset, qmax, levels, group_of.tolist())
+        got_W, got_Q, got_Err = W.clone(), torch.zeros(rows, cols), torch.zeros(rows, cols)
+        uniform = torch.zeros(1) if levels is None else levels
+        for start, stop in ((0, 50), (50, cols)):  # stopped part-way, as GPTQ does to fit a new group
+            quantize_columns(Hinv.numpy(), scale.numpy(), zero.numpy(), offset.numpy(), qmax.numpy(), uniform.numpy(),
+                             levels is not None, group_of.numpy(), got_W.numpy(), got_Q.numpy(), got_Err.numpy(),
+                             start, stop, 0, cols)
+        assert torch.equal(got_Q, want_Q) and torch.equal(got_Err, want_Err) and torch.equal(got_W, want_W)
+        assert len(got_Q.unique()) > 3  # the grids were used, not collapsed to one code

@@ -19,6 +19,7 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mixq.errors import MixqError
@@ -28,7 +29,7 @@ from mixq.formats.bitpack import pack_bits, packed_nbytes, unpack_bits
 MIN_BITS, MAX_BITS = 2, 8
 GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # 0 means one group per output channel
 FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal); scales never round to 0
-FIT_ELEMENTS = 1 << 22  # weights x clipping factors tried at once by `fit` (16 MiB of float32)
+FIT_ELEMENTS = 1 << 22  # groups x clipping factors whose parameters `fit` holds at once (16 MiB of float32)
 
 
 def encode(
@@ -138,29 +139,21 @@ class IntFormat:
         """Round-to-nearest codes on the per-group range shrink (of `clip_grid` factors from 1.0 down to
         `clip_min`) with the least error sum_j importance_j (w_j - w_hat_j)^2: the layer's output error
         with H reduced to its diagonal, which separates over groups (llama.cpp's imatrix weighting)."""
-        G = self.grouped(W)  # (rows, n_groups, group_len)
-        imp = self.grouped(importance.unsqueeze(0))  # (1, n_groups, group_len), zero on padding
+        from mixq.formats.clip_search import best_candidates  # compiled on first use
+
+        G = self.grouped(W.float()).contiguous()  # (rows, n_groups, group_len)
+        imp = self.grouped(importance.float().unsqueeze(0))[0]  # (n_groups, group_len), zero on padding
         lo, hi = self.group_range(G)
-        clips = torch.linspace(1.0, clip_min, max(clip_grid, 1))
-        best_err = best_scale = best_zero = None
-        # Several factors at once, (factors, rows, n_groups, group_len), within FIT_ELEMENTS: a
-        # GPTQ group's fit is small, and one factor at a time would spend its time in Python.
-        for chunk in clips.split(max(1, FIT_ELEMENTS // G.numel())):
-            scale, zero = self.qparams_from_range(lo, hi, chunk.view(-1, 1, 1))  # (factors, rows, n_groups)
-            s, z = scale.unsqueeze(3), zero.unsqueeze(3)
-            # squared error of every weight, in place: (scale * (code - zero) - w)^2 * importance
-            e = torch.div(G, s).round_().add_(z).clamp_(0, self.qmax).sub_(z).mul_(s).sub_(G)
-            err = e.square_().mul_(imp).sum(dim=3)  # (factors, rows, n_groups)
-            err, first = err.min(dim=0)  # the first of equal errors: the widest range wins ties
-            scale, zero = scale.gather(0, first[None])[0], zero.gather(0, first[None])[0]
-            if best_err is None:
-                best_err, best_scale, best_zero = err, scale, zero
-            else:
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_scale = torch.where(better, scale, best_scale)
-                best_zero = torch.where(better, zero, best_zero)
-        return self.quantize(W, best_scale, best_zero)
+        clips = torch.linspace(1.0, clip_min, max(clip_grid, 1)).view(-1, 1, 1)
+        scale, zero = torch.empty_like(lo), torch.empty_like(lo)
+        rows = max(1, FIT_ELEMENTS // (len(clips) * G.shape[1]))  # every factor's parameters for this many rows at once
+        for r in range(0, len(G), rows):
+            part = slice(r, r + rows)
+            scales, zeros = self.qparams_from_range(lo[part], hi[part], clips)  # (factors, rows, n_groups)
+            best = torch.from_numpy(best_candidates(G[part].numpy(), imp.numpy(), scales.numpy(), zeros.numpy(),
+                                                    np.float32(self.qmax)))[None]
+            scale[part], zero[part] = scales.gather(0, best)[0], zeros.gather(0, best)[0]
+        return self.quantize(W, scale, zero)
 
     # -- codes ------------------------------------------------------------------------------
     levels = None  # evenly spaced: no codebook

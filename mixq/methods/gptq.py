@@ -22,7 +22,6 @@ import torch
 
 from mixq.errors import MixqError
 from mixq.formats import Format, QTensor
-from mixq.formats.integer import decode, encode
 from mixq.memory import release_tail
 from mixq.methods import MethodSettings, check_supported, register_batched, register_method
 
@@ -132,17 +131,22 @@ def quantize_gptq_many(
     group_of = (perm // glen).tolist()  # group of each visited position
     fitted = {g for g in range(n_groups) if ready[:, g].all()}
     Q = torch.zeros(k * rows, cols)
+    Err1 = torch.empty(k * rows, settings.block_size)
+    from mixq.methods.gptq_columns import quantize_columns  # compiles on first use
+
+    grid_arrays = (scale.numpy(), zero.numpy(), offset.numpy(), qmax.numpy(),
+                   (torch.zeros(1) if levels is None else levels.float()).numpy(), levels is not None,
+                   np.asarray(group_of, dtype=np.int64))
     B = settings.block_size
     for i1 in range(0, cols, B):
         i2 = min(i1 + B, cols)
-        W1 = W[:, i1:i2].clone()  # (k*rows, i2-i1)
-        Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2].contiguous()
-        pivots = Hinv1.diagonal().tolist()
-        for i in range(i2 - i1):
-            g = group_of[i1 + i]
-            if g not in fitted:
-                W[:, i1:i2] = W1  # let the group see its compensated weights
+        i = i1
+        while i < i2:  # the kernel runs up to the next column whose group has no parameters yet
+            stop = next((c for c in range(i, i2) if group_of[c] not in fitted), i2)
+            quantize_columns(Hinv1.numpy(), *grid_arrays, W.numpy(), Q.numpy(), Err1.numpy(), i, stop, i1, i2)
+            if stop < i2:
+                g = group_of[stop]
                 group_cols = slice(g * glen, min((g + 1) * glen, cols))
                 pos = inv_perm[group_cols]  # where the group's columns sit in the visiting order
                 for j in torch.nonzero(~ready[:, g]).flatten().tolist():
@@ -152,13 +156,8 @@ def quantize_gptq_many(
                         offset[copies[j], g] = one.offset[:, 0]
                 ready[:, g] = True
                 fitted.add(g)
-            w = W1[:, i]  # (k*rows,)
-            q = encode(w, scale[:, g], zero[:, g], qmax, offset[:, g], levels)
-            Q[:, i1 + i] = q
-            err = (w - decode(q, scale[:, g], zero[:, g], offset[:, g], levels)) / pivots[i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            i = stop
+        W[:, i2:] -= Err1[:, : i2 - i1] @ Hinv[i1:i2, i2:]
 
     Q = Q[:, inv_perm].to(torch.uint8)
     out = []
@@ -169,3 +168,4 @@ def quantize_gptq_many(
             grid.super_scale if grid is not None else None,
         ))
     return out
+
