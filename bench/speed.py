@@ -12,7 +12,10 @@ On SmolLM2-135M (the embedded default model):
 - one measured KL point of the profile: the full-vocabulary sum over the reference's stored
   log-probabilities (what the profile did before) against `KLToReference`, timed on the KL alone
   (the remaining blocks are the same for both), and the two values compared on real points (every
-  matrix of three blocks quantized alone to int3-g128 and int4-g128 by RTN).
+  matrix of three blocks quantized alone to int3-g128 and int4-g128 by RTN);
+- the blocks after a point's own block: float32 forwards (before) against replaying them from the
+  reference run's tapes with bfloat16 differences (`runner.LinearTape`), timed per block and
+  compared on the same points.
 """
 
 from __future__ import annotations
@@ -104,16 +107,18 @@ def block_rows(loaded, windows: torch.Tensor) -> list[list]:
 
 
 def kl_rows(loaded, windows: torch.Tensor) -> tuple[list[list], list[list]]:
-    """Time of the KL of one point, before and after, and the values of both on real points."""
+    """Times of one KL point's two parts, before and after, and the values both ways on real points."""
     from mixq.formats import parse_format
     from mixq.methods import MethodSettings, get_method
     from mixq.profile import KLToReference
     from mixq.runner import BlockRunner
 
     runner = BlockRunner(loaded)
-    hidden = [runner.embed(windows, len(windows))]
+    hidden, tapes = [runner.embed(windows, len(windows))], []
     for b in range(loaded.n_blocks):
-        hidden.append(runner.run(b, loaded.block_weights(b), hidden[-1]))
+        out, tape = runner.run_taped(b, loaded.block_weights(b), hidden[-1])
+        hidden.append(out)
+        tapes.append(tape)
     reference_log_probs = [torch.cat([F.log_softmax(runner.logits(h.reshape(-1, h.shape[-1])[s]), -1)
                                       for s in runner.token_chunks(h)]) for h in hidden[-1]]
     n_tokens = windows.numel()
@@ -126,11 +131,18 @@ def kl_rows(loaded, windows: torch.Tensor) -> tuple[list[list], list[list]]:
             total += (ref.exp() * (ref - log_q)).sum().item()
         return max(total, 0.0) / n_tokens
 
+    def later_blocks(start: int, x: list[torch.Tensor], taped: bool) -> list[torch.Tensor]:
+        for b in range(start + 1, loaded.n_blocks):
+            weights = loaded.block_weights(b)
+            x = runner.run_from_tapes(b, weights, x, tapes[b]) if taped else runner.run(b, weights, x)
+        return x
+
     setup_s, kl_terms = timed(lambda: KLToReference(runner, hidden[-1]))
     values = []
-    times = {"full": [], "terms": []}
-    blocks = [0, loaded.n_blocks // 2, loaded.n_blocks - 1]
-    for start in blocks:
+    times = {"full": [], "terms": [], "float32": [], "taped": []}
+    blocks_run = 0
+    starts = [0, loaded.n_blocks // 2, loaded.n_blocks - 1]
+    for start in starts:
         weights = loaded.block_weights(start)
         prefix = loaded.layout.block_prefix(start)
         for name, ref in loaded.block_tensors(start).items():
@@ -141,19 +153,26 @@ def kl_rows(loaded, windows: torch.Tensor) -> tuple[list[list], list[list]]:
                 key = ref.param.removeprefix(prefix)
                 trial[key] = weights[key].clone()
                 ref.view(trial, prefix).copy_(q.dequantize())
-                final = runner.run(start, trial, hidden[start])
-                for b in range(start + 1, loaded.n_blocks):
-                    final = runner.run(b, loaded.block_weights(b), final)
+                first = runner.run(start, trial, hidden[start])
+                f32_s, final = timed(lambda: later_blocks(start, first, taped=False))
+                taped_s, final_taped = timed(lambda: later_blocks(start, first, taped=True))
+                blocks_run += loaded.n_blocks - 1 - start
                 full_s, full = timed(lambda: kl_full(final))
                 terms_s, terms = timed(lambda: kl_terms(final))
-                times["full"].append(full_s)
-                times["terms"].append(terms_s)
+                taped = kl_terms(final_taped)
+                for k, v in (("full", full_s), ("terms", terms_s), ("float32", f32_s), ("taped", taped_s)):
+                    times[k].append(v)
                 values.append([name.removeprefix("model.layers."), fmt, f"{full:.6f}", f"{terms:.6f}",
-                               f"{abs(terms - full) / full:.1e}"])
+                               f"{abs(terms - full) / full:.1e}", f"{taped:.6f}", f"{(taped - terms) / terms:+.1e}"])
     full_s, terms_s = (sum(v) / len(v) for v in (times["full"], times["terms"]))
+    f32_s, taped_s = (sum(times[k]) / blocks_run for k in ("float32", "taped"))
     rows = [["KL of one profile point", f"{n_tokens} tokens, vocabulary {loaded.vocab_size}, mean of {len(values)}",
              "stored log-probs, full-vocabulary sum", f"{full_s:.2f} s", "KLToReference",
-             f"{terms_s:.2f} s (+{setup_s:.1f} s once)", f"{full_s / terms_s:.2f}x"]]
+             f"{terms_s:.2f} s (+{setup_s:.1f} s once)", f"{full_s / terms_s:.2f}x"],
+            ["one block after a KL point's own", f"{n_tokens} tokens, mean of {blocks_run} blocks run by the "
+             f"{len(values)} points", "float32 forward", f"{f32_s * 1e3:.0f} ms",
+             "replayed from the reference's tapes (bfloat16 differences)", f"{taped_s * 1e3:.0f} ms",
+             f"{f32_s / taped_s:.2f}x"]]
     return rows, values
 
 
@@ -183,19 +202,22 @@ def main() -> None:
         f"- Command: `{command}`",
         f"- Made at commit {commit()}",
         f"- Machine: {machine()}",
-        f"- Model: {args.model} (its shipped weights, dequantized); windows: the first {args.windows} x "
-        f"{args.seq_len} tokens of {args.text.name}",
+        f"- Model: {args.model}; windows: the first {args.windows} x {args.seq_len} tokens of {args.text.name}",
         "- Baselines measured in the same run (the `before` columns); the KL of a point is timed on",
         "  the KL alone: the blocks after the quantized one run the same way for both.",
         "",
         markdown_table(["stage", "work", "before", "before time", "now", "now time", "speed-up"], rows),
         "",
-        "## The KL of a point, both ways, on real points",
+        "## The KL of a point, every way, on real points",
         "",
         "Every matrix of three blocks quantized alone (RTN) to int3-g128 and int4-g128; the rest of",
-        "the model float32. `relative difference` is |now - before| / before.",
+        "the model as it was. The first three KLs run the later blocks in float32: by the",
+        "full-vocabulary sum (before) and by `KLToReference` (now), `relative difference` being",
+        "|now - before| / before; `KL taped` runs them from the reference's tapes (`runner.LinearTape`,",
+        "what the profile does now) and `change` is its signed relative difference to `KL now`.",
         "",
-        markdown_table(["tensor", "format", "KL before", "KL now", "relative difference"], values),
+        markdown_table(["tensor", "format", "KL before", "KL now", "relative difference", "KL taped", "change"],
+                       values),
         "",
     ])
     atomic_write_text(args.out, text)

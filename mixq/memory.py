@@ -47,3 +47,16 @@ def release_tail(t: torch.Tensor, used_bytes: int) -> None:
     end = (t.data_ptr() + t.numel() * t.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
     if end > first:
         _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first), MADV_DONTNEED)
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free for new tensors on `device`: the kernel's MemAvailable for the CPU (0 where it
+    cannot be read), the driver's free memory for CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0

@@ -34,6 +34,7 @@ from mixq.export import get_target
 from mixq.export.native import header_bound, kept_nbytes
 from mixq.formats import QTensor, parse_format
 from mixq.formats.integer import IntFormat
+from mixq.memory import available_bytes
 from mixq.methods import BLOCK_METHODS, MethodSettings, get_method, output_error, quantize_many
 from mixq.models import LoadedModel, source_gguf
 from mixq.options import KEEP_OPTION, Option, OptionSpace
@@ -259,6 +260,7 @@ class ProfileSettings:
     capture_dtype: torch.dtype = torch.bfloat16  # matmuls of the statistics passes (sums in float32)
     target: str | None = None  # the engine the plan is for (mixq.export): only options it stores
     device: str = field(default="cpu", repr=False)  # where blocks run (a resumed profile may move)
+    taped_kl: bool = True  # KL points: later blocks from the reference's tapes (measure_kl)
 
 
 def measure_formats(space: OptionSpace, allowed: frozenset[str] | None = None) -> tuple[str, ...]:
@@ -489,7 +491,8 @@ def build_profile(
             checkpoints.save(KL_CHECKPOINT, {}, {"points": [[t, o, kl] for (t, o), kl in points.items()]})
 
     for (t, o), kl in measure_kl(loaded, held_out, tensors, chosen, settings.batch_size,
-                                 done=points_done, save=save_points, device=settings.device).items():
+                                 done=points_done, save=save_points, device=settings.device,
+                                 taped=settings.taped_kl).items():
         rows = plannable[tensors[t]].shape[0]
         measured[t, o] = kl * rows / len(sample_rows(rows, settings.row_fraction, seed=t))
     timings["measure"] = time.perf_counter() - t0
@@ -776,6 +779,15 @@ class KLToReference:
         return max(total, 0.0) / self.n_tokens
 
 
+TAPE_SHARE = 0.5  # of the free memory, the most the KL points' tapes may take
+
+
+def tape_bytes(tape: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> int:
+    """Bytes held by one block's tapes (an input shared by several products counted once)."""
+    held = {t.data_ptr(): t.numel() * t.element_size() for batch in tape for pair in batch for t in pair}
+    return sum(held.values())
+
+
 def measure_kl(
     loaded: LoadedModel,
     windows: torch.Tensor,
@@ -786,6 +798,7 @@ def measure_kl(
     done: dict[tuple[int, int], float] | None = None,
     save: Callable[[dict[tuple[int, int], float]], None] | None = None,
     device: torch.device | str = "cpu",
+    taped: bool = True,
 ) -> dict[tuple[int, int], float]:
     """Mean KL(reference || model) on `windows` with only tensor t replaced: items[(t, o)] holds the
     rows replaced and their QTensor. Points in `done` are taken as measured; `save` is given the
@@ -794,14 +807,29 @@ def measure_kl(
     The reference's hidden states and its terms of the KL are computed once. The points of one block
     then run together: each replaces its matrix in that block, and all of them go through the rest
     of the model in one sweep, so each later block is read once per starting block.
+
+    With `taped` (a dense model whose tapes fit in TAPE_SHARE of the free memory), the blocks after
+    a point's own run from the reference run's tapes (`runner.LinearTape`): only the difference to
+    the reference is multiplied, in bfloat16. A point then differs from its float32 value by well
+    under a percent (bench/results/speed.md), at a fraction of the float32 products' time.
     """
     runner = BlockRunner(loaded, matmul_dtype, device)
     refs = loaded.plannable()
     layout = loaded.layout
     block_of = {n: b for b in range(loaded.n_blocks) for n in loaded.block_tensors(b)}
     hidden = [runner.embed(windows, batch_size)]  # hidden[b]: the batches entering block b
+    tapes: list[list] = []  # tapes[b]: block b's products on each batch of the reference run
+    taped = taped and loaded.experts_per_token() is None
     for b in tqdm(range(loaded.n_blocks), desc="reference for KL", unit="block"):
-        hidden.append(runner.run(b, runner.block_weights(b), hidden[-1]))
+        if taped:
+            out, tape = runner.run_taped(b, runner.block_weights(b), hidden[-1])
+            tapes.append(tape)
+            if b == 0 and tape_bytes(tape) * loaded.n_blocks > TAPE_SHARE * available_bytes(runner.device):
+                taped, tapes = False, []
+                log.warning("KL points: the tapes would not fit in memory; the later blocks run in float32")
+        else:
+            out = runner.run(b, runner.block_weights(b), hidden[-1])
+        hidden.append(out)
     kl_of = KLToReference(runner, hidden[-1])
 
     def replaced(W: torch.Tensor, item: tuple[torch.Tensor, QTensor]) -> torch.Tensor:
@@ -845,7 +873,8 @@ def measure_kl(
             streams.append(runner.run(start, trial, hidden[start]))
         for b in range(start + 1, loaded.n_blocks):
             later = runner.block_weights(b)
-            streams = [runner.run(b, later, x) for x in streams]
+            streams = [runner.run_from_tapes(b, later, x, tapes[b]) if taped else runner.run(b, later, x)
+                       for x in streams]
         for point, final in zip(points, streams):
             result[point] = kl_of(final)
             progress.update()

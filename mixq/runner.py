@@ -13,7 +13,9 @@ Every stage (capture, profile, quantize, reconstruct, evaluate) calls blocks thr
   larger than `CHUNK_BYTES`; `head_slices` reads the output matrix a slice of vocabulary rows at a
   time, for stages that stream the head instead of holding it (evaluation).
 Blocks compute in float32, or with their matmuls in bfloat16 (`matmul_dtype`, autocast: the
-residual stream, norms and what the watchers see stay float32).
+residual stream, norms and what the watchers see stay float32). `run_taped` records a block's
+products on a reference run so that `run_from_tapes` can rerun it near that reference with only the
+difference multiplied in bfloat16 (`LinearTape`: how the profile's KL points run).
 
 A runner computes on one `device` (`compute_device`: CUDA when torch sees one, else the CPU). The
 model's skeleton and residents stay on the CPU, where embedding and recording are cheap; what a
@@ -107,6 +109,49 @@ class _Recorder(nn.Module):
 
 def block_output(y: Any) -> torch.Tensor:
     return y[0] if isinstance(y, tuple) else y
+
+
+class LinearTape(torch.overrides.TorchFunctionMode):
+    """The products `F.linear(x, W)` of a block by its own 2-D weights: recorded on a reference run
+    (`tape` empty), or replayed on a run whose inputs are near the reference's.
+
+    Replayed, a product returns the recorded output plus (x - recorded x) W^T in bfloat16. The
+    low precision's rounding then falls on that difference, which is as small as the run's
+    departure from the reference, never on the activations themselves: bfloat16 products of the
+    activations would add rounding jumps of their own to every run (a KL of about 4e-4 on SmolLM2,
+    larger than the smallest effects measured), while this keeps a zero departure exactly zero and
+    a small one accurate to bfloat16's 2^-8 of itself. A block's products run in the same order on
+    every run of a dense block (experts' routing would change which tokens meet which matrix: not
+    for mixtures of experts)."""
+
+    def __init__(self, low: dict[int, torch.Tensor], tape: list[tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__()
+        self.low = low  # id of each of the block's 2-D weights -> its bfloat16 copy (`low_precision`)
+        self.recording = not tape
+        self.tape, self.step = tape, 0
+        self._copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # q, k and v share an input: one copy
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.linear:
+            return func(*args, **kwargs)
+        x, W = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+        if id(W) not in self.low:
+            return func(*args, **kwargs)
+        if self.recording:
+            y = func(*args, **kwargs)
+            seen = self._copies.get(id(x))
+            if seen is None or seen[0] is not x:
+                seen = self._copies[id(x)] = (x, x.clone())
+            self.tape.append((seen[1], y.clone()))  # the block may change its tensors in place later
+            return y
+        x_ref, y_ref = self.tape[self.step]  # (an IndexError here: the block ran other products)
+        self.step += 1
+        return y_ref + F.linear((x - x_ref).to(torch.bfloat16), self.low[id(W)]).float()
+
+    @staticmethod
+    def low_precision(weights: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+        return {id(t): t.to(torch.bfloat16) for t in weights.values() if t.dim() == 2}
 
 
 class BlockRunner:
@@ -222,6 +267,29 @@ class BlockRunner:
                     outs.append(self.call(b, weights, x))
                 except StopForward:
                     continue
+        return outs
+
+    def run_taped(self, b: int, weights: dict[str, torch.Tensor], batches: list[torch.Tensor]
+                  ) -> tuple[list[torch.Tensor], list[list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """Block `b`'s outputs for every batch, and each batch's `LinearTape` of this run."""
+        outs, tapes = [], []
+        low = LinearTape.low_precision(weights)
+        with torch.no_grad():
+            for x in batches:
+                tapes.append([])
+                with LinearTape(low, tapes[-1]):
+                    outs.append(self.call(b, weights, x))
+        return outs, tapes
+
+    def run_from_tapes(self, b: int, weights: dict[str, torch.Tensor], batches: list[torch.Tensor],
+                       tapes: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> list[torch.Tensor]:
+        """Block `b`'s outputs for batches near those its `tapes` were recorded on (`LinearTape`)."""
+        outs = []
+        low = LinearTape.low_precision(weights)
+        with torch.no_grad():
+            for x, tape in zip(batches, tapes, strict=True):
+                with LinearTape(low, tape):
+                    outs.append(self.call(b, weights, x))
         return outs
 
     # -- the head ---------------------------------------------------------------------------------

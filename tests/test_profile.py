@@ -202,11 +202,13 @@ def test_kl_to_reference_equals_its_definition(tiny_models, family):
     assert kl(reference) < 1e-6
 
 
+@pytest.mark.parametrize("taped", [False, True])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_measure_kl_equals_a_full_forward_with_one_matrix_replaced(tiny_models, family):
+def test_measure_kl_equals_a_full_forward_with_one_matrix_replaced(tiny_models, family, taped):
     """Each point of measure_kl (blocks run one by one from the replaced matrix's block, points of a
     block in one sweep, reference terms precomputed) equals the KL of transformers' own forward of
-    the whole model with that matrix replaced."""
+    the whole model with that matrix replaced: to float32's rounding, or with the later blocks
+    replayed from tapes (bfloat16 differences) to a few parts in a thousand."""
     import torch
     import torch.nn.functional as F
 
@@ -226,7 +228,7 @@ def test_measure_kl_equals_a_full_forward_with_one_matrix_replaced(tiny_models, 
         # 40x the weights: a tiny random model barely reacts to its own matrices quantized
         q = get_method("rtn")(40 * W[rows], torch.eye(W.shape[1]), parse_format("int2-g32"), MethodSettings())
         items[(t, 0)] = (rows, q)
-    measured = measure_kl(loaded, windows, tensors, items, batch_size=2)
+    measured = measure_kl(loaded, windows, tensors, items, batch_size=2, taped=taped)
 
     model = materialize(loaded).eval()
     with torch.no_grad():
@@ -239,7 +241,7 @@ def test_measure_kl_equals_a_full_forward_with_one_matrix_replaced(tiny_models, 
             param.data.copy_(original)
             expected = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
             assert expected > 1e-4
-            assert measured[(t, o)] == pytest.approx(expected, rel=1e-4), (tensors[t], measured[(t, o)], expected)
+            assert measured[(t, o)] == pytest.approx(expected, rel=3e-3 if taped else 1e-4), (tensors[t], measured[(t, o)], expected)
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**12) | st.floats(allow_nan=True) | st.text(max_size=8),
