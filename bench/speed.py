@@ -134,7 +134,7 @@ def kl_rows(loaded, windows: torch.Tensor) -> tuple[list[list], list[list]]:
     def later_blocks(start: int, x: list[torch.Tensor], taped: bool) -> list[torch.Tensor]:
         for b in range(start + 1, loaded.n_blocks):
             weights = loaded.block_weights(b)
-            x = runner.run_from_tapes(b, weights, x, tapes[b]) if taped else runner.run(b, weights, x)
+            x = runner.run_from_tapes(b, weights, [x], tapes[b])[0] if taped else runner.run(b, weights, x)
         return x
 
     setup_s, kl_terms = timed(lambda: KLToReference(runner, hidden[-1]))

@@ -873,8 +873,8 @@ def measure_kl(
             streams.append(runner.run(start, trial, hidden[start]))
         for b in range(start + 1, loaded.n_blocks):
             later = runner.block_weights(b)
-            streams = [runner.run_from_tapes(b, later, x, tapes[b]) if taped else runner.run(b, later, x)
-                       for x in streams]
+            streams = runner.run_from_tapes(b, later, streams, tapes[b]) if taped else [
+                runner.run(b, later, x) for x in streams]
         for point, final in zip(points, streams):
             result[point] = kl_of(final)
             progress.update()

@@ -129,7 +129,7 @@ class LinearTape(torch.overrides.TorchFunctionMode):
         self.low = low  # id of each of the block's 2-D weights -> its bfloat16 copy (`low_precision`)
         self.recording = not tape
         self.tape, self.step = tape, 0
-        self._copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # q, k and v share an input: one copy
+        self._copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per input: its copy, or difference
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -147,7 +147,10 @@ class LinearTape(torch.overrides.TorchFunctionMode):
             return y
         x_ref, y_ref = self.tape[self.step]  # (an IndexError here: the block ran other products)
         self.step += 1
-        return y_ref + F.linear((x - x_ref).to(torch.bfloat16), self.low[id(W)]).float()
+        seen = self._copies.get(id(x))
+        if seen is None or seen[0] is not x:  # q, k and v share their input's difference too
+            seen = self._copies[id(x)] = (x, (x - x_ref).to(torch.bfloat16))
+        return F.linear(seen[1], self.low[id(W)]).float().add_(y_ref)
 
     @staticmethod
     def low_precision(weights: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -281,15 +284,18 @@ class BlockRunner:
                     outs.append(self.call(b, weights, x))
         return outs, tapes
 
-    def run_from_tapes(self, b: int, weights: dict[str, torch.Tensor], batches: list[torch.Tensor],
-                       tapes: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> list[torch.Tensor]:
-        """Block `b`'s outputs for batches near those its `tapes` were recorded on (`LinearTape`)."""
+    def run_from_tapes(self, b: int, weights: dict[str, torch.Tensor], runs: list[list[torch.Tensor]],
+                       tapes: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> list[list[torch.Tensor]]:
+        """Block `b`'s outputs for each of several runs whose batches are near those its `tapes` were
+        recorded on (`LinearTape`); the weights are rounded to bfloat16 once for all of them."""
         outs = []
         low = LinearTape.low_precision(weights)
         with torch.no_grad():
-            for x, tape in zip(batches, tapes, strict=True):
-                with LinearTape(low, tape):
-                    outs.append(self.call(b, weights, x))
+            for batches in runs:
+                outs.append([])
+                for x, tape in zip(batches, tapes, strict=True):
+                    with LinearTape(low, tape):
+                        outs[-1].append(self.call(b, weights, x))
         return outs
 
     # -- the head ---------------------------------------------------------------------------------
