@@ -18,7 +18,8 @@ left out), from the model's shapes and what the profile measured:
 - errors (the profile's quantize phase): per tensor, GPTQ's updates for each stack of grids that
   share a group length (k grids x rows x cols^2) and one (rows x cols) x (cols x cols) product per
   option for tr(dW H dW^T); RTN's fits are elementwise and not counted;
-- KL points: the reference pass, then per point the blocks from its own to the last and the head.
+- KL points: the reference pass, then per point the blocks from its own to the last and the head
+  (the blocks after its own in bfloat16 where they ran taped: runner.LinearTape).
 Each phase's share of the machine: the time its work would take at the machine's own matmul rate in
 each precision (measured here), over the time it took.
 """
@@ -97,17 +98,22 @@ def phase_gflop(profile: Profile, loaded) -> dict[str, dict[str, float]]:
                 stacks[glen] = stacks.get(glen, 0) + 1
         errors += sum(k * rows * cols**2 for k in stacks.values())
         errors += sum(2 * rows * cols**2 for option in allowed if option != "f16")
-    later = np.cumsum(block_params[::-1])[::-1]  # parameters of blocks b..last
-    points = np.argwhere(np.isfinite(profile.measured))
-    measure = 2 * held_out * (later[0] + sum(later[block_of[profile.tensors[t]]] + head
-                                              for t, _ in points if profile.tensors[t] in block_of))
+    later = np.append(np.cumsum(block_params[::-1])[::-1], 0)  # parameters of blocks b..last
+    starts = [block_of[profile.tensors[t]] for t, _ in np.argwhere(np.isfinite(profile.measured))
+              if profile.tensors[t] in block_of]
+    # the reference pass, then per point its own block and the head in float32 and the later blocks
+    # in bfloat16 where they ran taped (only the difference to the reference multiplied)
+    own = 2 * held_out * (later[0] + sum(block_params[b] + head for b in starts))
+    after = 2 * held_out * sum(later[b + 1] for b in starts)
+    taped = profile.info.get("kl_later_blocks") == "taped"
+    measure = {"float32": own / 1e9, "bfloat16": after / 1e9} if taped else {"float32": (own + after) / 1e9}
     inputs = [refs[stage[0]].shape[1] for b in range(loaded.n_blocks) for stage in loaded.block_stages(b)]
     if head:
         inputs.append(refs[loaded.head_name].shape[1])
     statistics = 2 * calib_tokens * sum(cols**2 for cols in inputs)
     return {"capture": {"bfloat16": 2 * calib_tokens * block_params.sum() / 1e9, "float32": statistics / 1e9},
             "fisher": {"float32": 6 * fisher_tokens * (block_params.sum() + head) / 1e9},
-            "quantize": {"float32": errors / 1e9}, "measure": {"float32": measure / 1e9}}
+            "quantize": {"float32": errors / 1e9}, "measure": measure}
 
 
 def main() -> None:

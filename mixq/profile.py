@@ -490,9 +490,9 @@ def build_profile(
         if checkpoints:
             checkpoints.save(KL_CHECKPOINT, {}, {"points": [[t, o, kl] for (t, o), kl in points.items()]})
 
+    taped = settings.taped_kl and tapes_fit(loaded, held_out.numel(), torch.device(settings.device))
     for (t, o), kl in measure_kl(loaded, held_out, tensors, chosen, settings.batch_size,
-                                 done=points_done, save=save_points, device=settings.device,
-                                 taped=settings.taped_kl).items():
+                                 done=points_done, save=save_points, device=settings.device, taped=taped).items():
         rows = plannable[tensors[t]].shape[0]
         measured[t, o] = kl * rows / len(sample_rows(rows, settings.row_fraction, seed=t))
     timings["measure"] = time.perf_counter() - t0
@@ -507,7 +507,7 @@ def build_profile(
         info=dict(calibration_windows=list(calib.shape), held_out_windows=list(held_out.shape),
                   fisher_windows=min(settings.fisher_windows, len(calib)), seconds=timings,
                   container=container(loaded, settings.space, settings.target), target=settings.target,
-                  row_fraction=settings.row_fraction,
+                  row_fraction=settings.row_fraction, kl_later_blocks="taped" if taped else "float32",
                   learned_gains={f"{m}:{f}": g for (m, f), g in gains.items()},
                   rare_experts=rare, expert_tokens=expert_tokens(loaded, tensors, importance),
                   experts_per_token=loaded.experts_per_token(),
@@ -782,10 +782,19 @@ class KLToReference:
 TAPE_SHARE = 0.5  # of the free memory, the most the KL points' tapes may take
 
 
-def tape_bytes(tape: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> int:
-    """Bytes held by one block's tapes (an input shared by several products counted once)."""
-    held = {t.data_ptr(): t.numel() * t.element_size() for batch in tape for pair in batch for t in pair}
-    return sum(held.values())
+def tape_bytes(loaded: LoadedModel, tokens: int) -> int:
+    """Bytes of the KL points' tapes (`runner.LinearTape`) over `tokens`: every block's distinct
+    matrix inputs and its matrices' outputs, in float32."""
+    refs = loaded.plannable()
+    per_token = sum(refs[stage[0]].shape[1] + sum(refs[n].shape[0] for n in stage)
+                    for b in range(loaded.n_blocks) for stage in loaded.block_stages(b))
+    return 4 * tokens * per_token
+
+
+def tapes_fit(loaded: LoadedModel, tokens: int, device: torch.device) -> bool:
+    """Whether the KL points can run taped: a dense model (routing would change which tokens meet
+    which matrix) whose tapes take at most TAPE_SHARE of the free memory."""
+    return loaded.experts_per_token() is None and tape_bytes(loaded, tokens) <= TAPE_SHARE * available_bytes(device)
 
 
 def measure_kl(
@@ -798,7 +807,7 @@ def measure_kl(
     done: dict[tuple[int, int], float] | None = None,
     save: Callable[[dict[tuple[int, int], float]], None] | None = None,
     device: torch.device | str = "cpu",
-    taped: bool = True,
+    taped: bool = False,
 ) -> dict[tuple[int, int], float]:
     """Mean KL(reference || model) on `windows` with only tensor t replaced: items[(t, o)] holds the
     rows replaced and their QTensor. Points in `done` are taken as measured; `save` is given the
@@ -808,8 +817,8 @@ def measure_kl(
     then run together: each replaces its matrix in that block, and all of them go through the rest
     of the model in one sweep, so each later block is read once per starting block.
 
-    With `taped` (a dense model whose tapes fit in TAPE_SHARE of the free memory), the blocks after
-    a point's own run from the reference run's tapes (`runner.LinearTape`): only the difference to
+    With `taped` (for a dense model: `tapes_fit`), the blocks after a point's own run from the
+    reference run's tapes (`runner.LinearTape`): only the difference to
     the reference is multiplied, in bfloat16. A point then differs from its float32 value by well
     under a percent (bench/results/speed.md), at a fraction of the float32 products' time.
     """
@@ -824,9 +833,6 @@ def measure_kl(
         if taped:
             out, tape = runner.run_taped(b, runner.block_weights(b), hidden[-1])
             tapes.append(tape)
-            if b == 0 and tape_bytes(tape) * loaded.n_blocks > TAPE_SHARE * available_bytes(runner.device):
-                taped, tapes = False, []
-                log.warning("KL points: the tapes would not fit in memory; the later blocks run in float32")
         else:
             out = runner.run(b, runner.block_weights(b), hidden[-1])
         hidden.append(out)

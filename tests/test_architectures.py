@@ -192,6 +192,8 @@ def test_budget_plan_with_experts_as_options(tiny_models, text_file, tmp_path, c
     profile = Profile.load(out / "mixq.profile")
     experts = [n for n in profile.tensors if ".experts." in n]
     assert bool(experts) == (family in MOE)
+    # routing would send other tokens to the experts of a perturbed run: no tapes there
+    assert profile.info["kl_later_blocks"] == ("float32" if experts else "taped")
     if experts:  # routing shares of one stack sum to one
         shares = profile.info["expert_tokens"]
         stack = [n for n in experts if "layers.0.mlp.experts.gate_up_proj" in n]
