@@ -19,7 +19,6 @@ import math
 import re
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from mixq.errors import MixqError
@@ -29,7 +28,7 @@ from mixq.formats.bitpack import pack_bits, packed_nbytes, unpack_bits
 MIN_BITS, MAX_BITS = 2, 8
 GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # 0 means one group per output channel
 FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal); scales never round to 0
-FIT_ELEMENTS = 1 << 22  # groups x clipping factors whose parameters `fit` holds at once (16 MiB of float32)
+NOT_STORABLE = "weights are not finite or too large for fp16 scales (NaN/inf in the model?)"
 
 
 def encode(
@@ -130,7 +129,7 @@ class IntFormat:
     def storable_scale(scale: torch.Tensor) -> torch.Tensor:
         """Scales as stored: rounded up to fp16, so the grid still spans the range and no weight is off by more than half a step."""
         if not torch.isfinite(scale).all() or scale.max() >= torch.finfo(torch.float16).max:
-            raise MixqError("weights are not finite or too large for fp16 scales (NaN/inf in the model?)")
+            raise MixqError(NOT_STORABLE)
         s16 = scale.clamp(min=FP16_TINY).half()
         s16 = torch.where(s16.float() < scale, torch.nextafter(s16, torch.full_like(s16, torch.inf)), s16)
         return s16.float()
@@ -139,21 +138,7 @@ class IntFormat:
         """Round-to-nearest codes on the per-group range shrink (of `clip_grid` factors from 1.0 down to
         `clip_min`) with the least error sum_j importance_j (w_j - w_hat_j)^2: the layer's output error
         with H reduced to its diagonal, which separates over groups (llama.cpp's imatrix weighting)."""
-        from mixq.formats.clip_search import best_candidates  # compiled on first use
-
-        G = self.grouped(W.float()).contiguous()  # (rows, n_groups, group_len)
-        imp = self.grouped(importance.float().unsqueeze(0))[0]  # (n_groups, group_len), zero on padding
-        lo, hi = self.group_range(G)
-        clips = torch.linspace(1.0, clip_min, max(clip_grid, 1)).view(-1, 1, 1)
-        scale, zero = torch.empty_like(lo), torch.empty_like(lo)
-        rows = max(1, FIT_ELEMENTS // (len(clips) * G.shape[1]))  # every factor's parameters for this many rows at once
-        for r in range(0, len(G), rows):
-            part = slice(r, r + rows)
-            scales, zeros = self.qparams_from_range(lo[part], hi[part], clips)  # (factors, rows, n_groups)
-            best = torch.from_numpy(best_candidates(G[part].numpy(), imp.numpy(), scales.numpy(), zeros.numpy(),
-                                                    np.float32(self.qmax)))[None]
-            scale[part], zero[part] = scales.gather(0, best)[0], zeros.gather(0, best)[0]
-        return self.quantize(W, scale, zero)
+        return self.quantize(W, *fit_stacked([self], W, importance, clip_grid, clip_min))
 
     # -- codes ------------------------------------------------------------------------------
     levels = None  # evenly spaced: no codebook
@@ -209,6 +194,25 @@ class IntFormat:
 
 
 _NAME = re.compile(r"^int(\d+)-(?:g(\d+)|(ch))(-sym)?$")
+
+
+def fit_stacked(fmts: list[IntFormat], W: torch.Tensor, importance: torch.Tensor, clip_grid: int = 21,
+                clip_min: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """`IntFormat.fit`'s scales and zeros (rows, n_groups) for W whose rows are len(fmts) equal
+    blocks, the j-th on fmts[j]'s grid (formats of one group length): GPTQ's stacked grids in one call."""
+    from mixq.formats.clip_search import fit_groups  # compiled on first use
+
+    per = W.shape[0] // len(fmts)
+    assert per * len(fmts) == W.shape[0] and len({f.group_len(W.shape[1]) for f in fmts}) == 1
+    G = fmts[0].grouped(W.float()).contiguous()  # (rows, n_groups, group_len)
+    imp = fmts[0].grouped(importance.float().unsqueeze(0))[0].contiguous()  # zero on padding
+    qmax = torch.tensor([float(f.qmax) for f in fmts]).repeat_interleave(per)
+    symmetric = torch.tensor([f.symmetric for f in fmts]).repeat_interleave(per)
+    clips = torch.linspace(1.0, clip_min, max(clip_grid, 1))
+    scale, zero, storable = fit_groups(G.numpy(), imp.numpy(), clips.numpy(), qmax.numpy(), symmetric.numpy())
+    if not storable:
+        raise MixqError(NOT_STORABLE)
+    return torch.from_numpy(scale), torch.from_numpy(zero)
 
 
 def parse(name: str) -> IntFormat | None:

@@ -22,6 +22,7 @@ import torch
 
 from mixq.errors import MixqError
 from mixq.formats import Format, QTensor
+from mixq.formats.integer import IntFormat, fit_stacked
 from mixq.memory import release_tail
 from mixq.methods import MethodSettings, check_supported, register_batched, register_method
 
@@ -129,6 +130,7 @@ def quantize_gptq_many(
     W = W.repeat(k, 1)[:, perm]  # (k*rows, cols), columns in visiting order
 
     group_of = (perm // glen).tolist()  # group of each visited position
+    integer = all(isinstance(f, IntFormat) for f in fmts)
     fitted = {g for g in range(n_groups) if ready[:, g].all()}
     Q = torch.zeros(k * rows, cols)
     Err1 = torch.empty(k * rows, settings.block_size)
@@ -149,7 +151,10 @@ def quantize_gptq_many(
                 g = group_of[stop]
                 group_cols = slice(g * glen, min((g + 1) * glen, cols))
                 pos = inv_perm[group_cols]  # where the group's columns sit in the visiting order
-                for j in torch.nonzero(~ready[:, g]).flatten().tolist():
+                if integer:  # every grid of the stack in one search
+                    s, z = fit_stacked(fmts, W[:, pos], importance[group_cols], *settings.clip())
+                    scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
+                for j in [] if integer else torch.nonzero(~ready[:, g]).flatten().tolist():
                     one = fmts[j].fit(W[copies[j]][:, pos], importance[group_cols], *settings.clip())
                     scale[copies[j], g], zero[copies[j], g] = one.scale[:, 0], one.zero[:, 0]
                     if one.offset is not None:
