@@ -8,9 +8,10 @@ Where a format's groups are independent (the int family, ggml's 32-wide types), 
 parameters are chosen when its first column comes up, from the group's current (already
 error-compensated) weights, with the format's own importance-weighted search. The k-quants tie
 groups together through their super-block scales, so their grid is chosen once, from W, before the
-column loop, which then rounds onto it with compensation. With `act_order` the columns are visited
-by decreasing diag(H), but codes and parameters are stored in the original column order, so the
-storage layout never depends on the method.
+column loop, which then rounds onto it with compensation. The column loop runs compiled
+(gptq_columns.py), stopping where a group's parameters are to be chosen. With `act_order` the
+columns are visited by decreasing diag(H), but codes and parameters are stored in the original
+column order, so the storage layout never depends on the method.
 """
 
 from __future__ import annotations
@@ -173,4 +174,3 @@ def quantize_gptq_many(
             grid.super_scale if grid is not None else None,
         ))
     return out
-
