@@ -101,11 +101,17 @@ def test_bad_formats_are_refused(bad):
         parse_format(bad)
 
 
-def test_nan_weights_refused():
-    W = torch.ones(2, 32)
-    W[0, 3] = float("nan")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_nan_weights_refused(bad, symmetric):
+    """Weights no fp16 scale can hold: one clear error from the parameters and from the search."""
+    W = torch.ones(2, 64)
+    W[1, 40] = bad
+    fmt = IntFormat(4, 32, symmetric)
     with pytest.raises(MixqError, match="not finite"):
-        IntFormat(4, 32).qparams(W)
+        fmt.qparams(W)
+    with pytest.raises(MixqError, match="not finite"):
+        fmt.fit(W, torch.ones(64))
 
 
 @settings(max_examples=40, deadline=None)
