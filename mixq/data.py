@@ -101,7 +101,7 @@ def tokenize_file(tokenizer, path: Path) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
-SAMPLER = "bf16-1"  # names how samples are drawn: part of the cache key, so a new sampler never reads old samples
+SAMPLER = "bf16-2"  # names how samples are drawn: part of the cache key, so a new sampler never reads old samples
 
 
 def sample_windows(loaded: LoadedModel, n: int, seq_len: int, seed: int, batch_size: int = 64,
@@ -145,15 +145,24 @@ def sample_windows(loaded: LoadedModel, n: int, seq_len: int, seed: int, batch_s
     return windows
 
 
-def draw(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def draw(logits: torch.Tensor, gen: torch.Generator, chunk: int = 1024) -> torch.Tensor:
     """One token per row of `logits` (rows, vocab), drawn from softmax(logits) by inverting its
-    cumulative distribution (float64) at a uniform number from `gen`."""
-    z = logits.double() - logits.max(dim=-1, keepdim=True).values
-    # Tokens less likely than exp(-80) times the likeliest are never drawn; zeroing them keeps the
-    # sums free of subnormal numbers, which slow x86 arithmetic down a hundredfold.
-    cdf = torch.where(z > -80, z.exp(), 0.0).cumsum(dim=-1)
-    u = torch.rand(len(cdf), 1, dtype=torch.float64, generator=gen).to(cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+    cumulative distribution at a uniform number from `gen`: first over the sums of `chunk`
+    consecutive tokens, then within the chosen chunk. Weights in float32, sums in float64; a
+    float64 cumulative sum over the whole vocabulary cost three times as much (bench/results/speed.md)."""
+    rows, vocab = logits.shape
+    z = logits.float()
+    z = z - z.max(dim=-1, keepdim=True).values
+    # Below exp(-80) float32 turns subnormal, which slows x86 arithmetic a hundredfold; a token that
+    # unlikely (2e-35 times the likeliest) is never drawn either way.
+    weights = torch.nn.functional.pad(z.clamp_(min=-80).exp_(), (0, -vocab % chunk)).view(rows, -1, chunk)
+    chunk_cdf = weights.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)
+    u = torch.rand(rows, 1, dtype=torch.float64, generator=gen).to(z.device) * chunk_cdf[:, -1:]
+    picked = torch.searchsorted(chunk_cdf, u, right=True).clamp_(max=chunk_cdf.shape[1] - 1)
+    before = torch.where(picked > 0, chunk_cdf.gather(1, (picked - 1).clamp(min=0)), 0.0)
+    inside = weights[torch.arange(rows, device=z.device), picked.squeeze(1)].double().cumsum(dim=-1)
+    token = torch.searchsorted(inside, u - before, right=True).clamp_(max=chunk - 1)
+    return (picked * chunk + token).squeeze(1).clamp_(max=vocab - 1)
 
 
 def _model_key(loaded: LoadedModel) -> str:

@@ -36,6 +36,7 @@ from mixq.formats import QTensor, parse_format
 from mixq.formats.integer import IntFormat
 from mixq.memory import available_bytes
 from mixq.methods import BLOCK_METHODS, MethodSettings, get_method, output_error, quantize_many
+from mixq.methods.gptq import one_factorisation_per_h
 from mixq.models import LoadedModel, source_gguf
 from mixq.options import KEEP_OPTION, Option, OptionSpace
 from mixq.reconstruct import ReconstructSettings, mse, reconstruct_block
@@ -422,39 +423,42 @@ def build_profile(
         t1 = time.perf_counter()
         timings["capture"] += t1 - t0
         rare.update(capture.rare_experts(block_stats, plannable))
-        for name, layer_stats in block_stats.items():
-            t = index[name]
-            W_full = matrices[name].cpu()  # the quantizers run on the CPU (see quantize.py)
-            H = layer_stats.H.cpu()
-            importance[name] = torch.diag(H).float().numpy()
-            # Rows are independent in every format and method: a random share of them, scaled up,
-            # estimates the whole tensor's error (and, perturbed alone, its KL) at a fraction of the cost.
-            rows = sample_rows(W_full.shape[0], settings.row_fraction, seed=t)
-            W = W_full[rows]
-            row_scale = W_full.shape[0] / len(rows)
-            H32 = H.float()  # for the errors of every option: float32 matmuls are ~3x faster here
-            by_method: dict[str, list[int]] = {}
-            for o in np.nonzero(table.allowed[t])[0].tolist():
-                if options[o].is_keep:
-                    errors["hessian"][t, o] = 0.0
-                    if fisher:
-                        errors["fisher"][t, o] = 0.0
-                else:  # a learned method is priced from its start, scaled by its measured gain below
-                    method = options[o].method
-                    by_method.setdefault(settings.method_settings.init if method in LEARNED else method, []).append(o)
-            for method, opts in by_method.items():
-                fmts = [parse_format(options[o].format) for o in opts]
-                for o, q in zip(opts, quantize_many(method, W, H, fmts, settings.method_settings)):
-                    W_hat = q.dequantize()
-                    errors["hessian"][t, o] = row_scale * output_error(W, W_hat, H32)
-                    if fisher:
-                        errors["fisher"][t, o] = row_scale * float((fisher[name][rows] * (W_hat - W) ** 2).sum())
-                    key = (t, options[o].format)
-                    if measured_tensor[t] and options[o].format in measure_fmts[t] and options[o].method not in LEARNED and (
-                        key not in to_measure or errors["hessian"][t, o] < to_measure[key][1]
-                    ):
-                        to_measure[key] = (o, errors["hessian"][t, o], (rows, q))
-            progress.update()
+        with one_factorisation_per_h():  # a stage's matrices share one H; each is fitted at several group lengths
+            for name, layer_stats in block_stats.items():
+                t = index[name]
+                W_full = matrices[name].cpu()  # the quantizers run on the CPU (see quantize.py)
+                H = layer_stats.H.cpu()
+                importance[name] = torch.diag(H).float().numpy()
+                # Rows are independent in every format and method: a random share of them, scaled up,
+                # estimates the whole tensor's error (and, perturbed alone, its KL) at a fraction of the cost.
+                rows = sample_rows(W_full.shape[0], settings.row_fraction, seed=t)
+                W = W_full[rows]
+                row_scale = W_full.shape[0] / len(rows)
+                H32 = H.float()  # for the errors of every option: float32 matmuls are ~3x faster here
+                by_method: dict[str, list[int]] = {}
+                for o in np.nonzero(table.allowed[t])[0].tolist():
+                    if options[o].is_keep:
+                        errors["hessian"][t, o] = 0.0
+                        if fisher:
+                            errors["fisher"][t, o] = 0.0
+                    else:  # a learned method is priced from its start, scaled by its measured gain below
+                        method = options[o].method
+                        priced_by = settings.method_settings.init if method in LEARNED else method
+                        by_method.setdefault(priced_by, []).append(o)
+                for method, opts in by_method.items():
+                    fmts = [parse_format(options[o].format) for o in opts]
+                    for o, q in zip(opts, quantize_many(method, W, H, fmts, settings.method_settings)):
+                        W_hat = q.dequantize()
+                        errors["hessian"][t, o] = row_scale * output_error(W, W_hat, H32)
+                        if fisher:
+                            errors["fisher"][t, o] = row_scale * float((fisher[name][rows] * (W_hat - W) ** 2).sum())
+                        key = (t, options[o].format)
+                        measurable = measured_tensor[t] and options[o].format in measure_fmts[t]
+                        if measurable and options[o].method not in LEARNED and (
+                            key not in to_measure or errors["hessian"][t, o] < to_measure[key][1]
+                        ):
+                            to_measure[key] = (o, errors["hessian"][t, o], (rows, q))
+                progress.update()
         captured = list(block_stats)
         del block_stats
         t0 = time.perf_counter()

@@ -31,6 +31,7 @@ from mixq.checkpoint import Checkpoints
 from mixq.errors import MixqError
 from mixq.formats import Format, QTensor, parse_format
 from mixq.methods import BLOCK_METHODS, MethodSettings, get_method, output_error
+from mixq.methods.gptq import one_factorisation_per_h
 from mixq.models import LoadedModel
 from mixq.models.layout import TensorRef
 from mixq.options import Option
@@ -286,12 +287,13 @@ def quantize_model(
             stats = capture.collect_stats(runner, b, weights, stage, batches)
             release_memory()  # the pass's activations, before the quantizer's large temporaries
             result.rare_experts.update(capture.rare_experts(stats, refs))
-            for name, layer_stats in stats.items():
-                if name in plan:
-                    bias = bias_of(refs[name], weights, prefix) if reconstruct.bias_correction else None
-                    result.quantize_tensor(name, refs[name].view(weights, prefix), plan[name], layer_stats,
-                                           settings, bias)
-                    block_stats[name] = layer_stats
+            with one_factorisation_per_h():  # the matrices of a stage share one H
+                for name, layer_stats in stats.items():
+                    if name in plan:
+                        bias = bias_of(refs[name], weights, prefix) if reconstruct.bias_correction else None
+                        result.quantize_tensor(name, refs[name].view(weights, prefix), plan[name], layer_stats,
+                                               settings, bias)
+                        block_stats[name] = layer_stats
         if trained_here or reconstruct.norm_tuning:
             starts = {n: (fp_weights[n], result.tensors[n]) for n in trained_here}
             r = reconstruct_block(runner, b, weights, starts, batches, targets, reconstruct, settings.learn_scale,

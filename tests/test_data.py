@@ -1,5 +1,6 @@
 """Windows sampled from the model: the data-free default."""
 
+import pytest
 import torch
 
 from mixq import data
@@ -14,6 +15,19 @@ def test_draw_follows_the_distribution():
     expected = torch.softmax(logits[0].double(), -1)
     assert freq[3] == 0  # probability zero: never drawn
     assert torch.allclose(freq, expected, atol=0.01), (freq, expected)
+
+
+@pytest.mark.parametrize("vocab, chunk", [(3000, 1024), (2048, 1024), (50, 7), (1, 1024)])
+def test_draw_by_chunks_picks_what_inverting_the_whole_distribution_picks(vocab, chunk):
+    """Same uniform numbers, same tokens as a float64 inversion over the whole vocabulary, for
+    vocabularies that are and are not a whole number of chunks."""
+    logits = torch.randn(64, vocab, generator=torch.Generator().manual_seed(vocab)) * 4
+    ours, theirs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for _ in range(20):
+        z = logits.double() - logits.double().max(dim=-1, keepdim=True).values
+        cdf = z.exp().cumsum(dim=-1)
+        u = torch.rand(len(cdf), 1, dtype=torch.float64, generator=theirs) * cdf[:, -1:]
+        assert torch.equal(draw(logits, ours, chunk), torch.searchsorted(cdf, u, right=True).squeeze(1))
 
 
 def test_sampled_windows_equal_decoding_without_a_cache(tiny_llama_dir, tmp_path, monkeypatch):

@@ -2,7 +2,7 @@ import torch
 
 from mixq.formats.integer import IntFormat
 from mixq.methods import MethodSettings, output_error
-from mixq.methods.gptq import quantize_gptq
+from mixq.methods.gptq import _LastFactor, one_factorisation_per_h, quantize_gptq
 from mixq.methods.rtn import quantize_rtn
 
 
@@ -40,6 +40,41 @@ def test_gptq_beats_rtn_on_correlated_inputs():
         rtn = output_error(W, quantize_rtn(W, H, fmt, MethodSettings()).dequantize(), H)
         gptq = output_error(W, quantize_gptq(W, H, fmt, MethodSettings()).dequantize(), H)
         assert gptq < 0.8 * rtn, (fmt.name, gptq, rtn)
+
+
+def test_matrices_of_one_input_share_the_factor_of_exactly_that_h(monkeypatch):
+    """q/k/v share one H object and so one factorisation; a changed H (in place) or other settings
+    must not reuse it: each result equals one made from a fresh copy of its H."""
+    from mixq.methods import gptq
+
+    factorised = []
+    real = gptq.inverse_cholesky
+    monkeypatch.setattr(gptq, "inverse_cholesky", lambda H: factorised.append(H.shape) or real(H))
+    X = correlated_inputs(500, 64)
+    H = X.T @ X
+    W1, W2 = torch.randn(32, 64), torch.randn(16, 64)
+    fmt, s = IntFormat(3, 32), MethodSettings()
+
+    def same(a, b):
+        return torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
+
+    with one_factorisation_per_h():
+        quantize_gptq(W1, H, fmt, s)
+        shared = quantize_gptq(W2, H, fmt, s)
+        assert len(factorised) == 1
+        assert same(shared, quantize_gptq(W2, H.clone(), fmt, s))
+        quantize_gptq(W1, H, fmt, s)
+        H.add_(correlated_inputs(500, 64, seed=1).T @ correlated_inputs(500, 64, seed=1))
+        changed = quantize_gptq(W2, H, fmt, s)
+        assert same(changed, quantize_gptq(W2, H.clone(), fmt, s)) and not same(changed, shared)
+        for other in (MethodSettings(act_order=False), MethodSettings(damp=0.1)):
+            quantize_gptq(W1, H, fmt, s)
+            assert same(quantize_gptq(W2, H, fmt, other), quantize_gptq(W2, H.clone(), fmt, other))
+    assert _LastFactor.entry is None  # nothing kept after the block
+    before = len(factorised)
+    quantize_gptq(W1, H, fmt, s)
+    quantize_gptq(W2, H, fmt, s)
+    assert len(factorised) == before + 2  # outside the block, every call factorises
 
 
 def test_clip_search_never_worse_than_full_range():

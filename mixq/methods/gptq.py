@@ -16,7 +16,9 @@ column order, so the storage layout never depends on the method.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -79,6 +81,55 @@ def _narrowed_in_place(M: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class _LastFactor:
+    """The last H's visiting order and factor, kept inside `one_factorisation_per_h` only. Keyed by
+    the H tensor itself (a weak reference: a new tensor is a new H, whatever its address) and its
+    version counter (an in-place change is a new H), with the settings that shape the factor."""
+
+    enabled = False
+    entry: tuple | None = None
+
+    @classmethod
+    def get(cls, H: torch.Tensor, key: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if cls.entry is not None and cls.entry[0]() is H and cls.entry[1] == (H._version, *key):
+            return cls.entry[2]
+        cls.entry = None  # dropped before the next factorisation, whose float64 copy is GPTQ's peak
+        return None
+
+    @classmethod
+    def put(cls, H: torch.Tensor, key: tuple, value: tuple[torch.Tensor, torch.Tensor]) -> None:
+        if cls.enabled:
+            cls.entry = (weakref.ref(H), (H._version, *key), value)
+
+
+@contextmanager
+def one_factorisation_per_h() -> Iterator[None]:
+    """Within the block, GPTQ factorises each H once however many quantizations use it: the
+    matrices of one stage (q/k/v, gate/up) share one input and so one H, and the profile quantizes
+    each matrix at several group lengths. On leaving, the last factor (as large as H) is dropped."""
+    _LastFactor.enabled = True
+    try:
+        yield
+    finally:
+        _LastFactor.enabled, _LastFactor.entry = False, None
+
+
+def visiting_order_and_factor(H: torch.Tensor, diag: torch.Tensor,
+                              settings: MethodSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The order GPTQ visits the columns in (by decreasing diag(H) with act_order) and the upper
+    Cholesky factor of the damped, permuted H^-1; `diag` is H's diagonal with dead inputs set to 1."""
+    key = (settings.act_order, settings.damp)
+    found = _LastFactor.get(H, key)
+    if found is not None:
+        return found
+    perm = torch.argsort(diag, descending=True) if settings.act_order else torch.arange(len(diag))
+    damped = permuted_float64(H, perm)  # factorised in place: this one copy is GPTQ's peak
+    damped.diagonal().copy_(diag[perm] + settings.damp * diag.mean())
+    found = perm, inverse_cholesky(damped)  # a view over the copy's memory
+    _LastFactor.put(H, key, found)
+    return found
+
+
 def chooses_grid_first(fmt: Format) -> bool:
     return getattr(fmt, "two_level", False)
 
@@ -122,12 +173,8 @@ def quantize_gptq_many(
             ready[j] = True
         grids.append(grid)
 
-    perm = torch.argsort(diag, descending=True) if settings.act_order else torch.arange(cols)
+    perm, Hinv = visiting_order_and_factor(H, diag, settings)
     inv_perm = torch.argsort(perm)
-    H = permuted_float64(H, perm)  # factorised in place: this one copy is GPTQ's peak
-    H.diagonal().copy_(diag[perm] + settings.damp * diag.mean())
-    Hinv = inverse_cholesky(H)  # a view over H's memory
-    del H
     W = W.repeat(k, 1)[:, perm]  # (k*rows, cols), columns in visiting order
 
     group_of = (perm // glen).tolist()  # group of each visited position
