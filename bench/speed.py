@@ -7,6 +7,9 @@ On SmolLM2-135M (the embedded default model):
   `DynamicCache`, SDPA attention, one token per step for a batch of windows) against mixq's
   (`mixq.decode`: bfloat16 weights, a preallocated cache and a one-token attention), both drawing
   with `mixq.data.draw`, on the same batch;
+- drawing the tokens of one decoding step from the model's logits: one float64 inversion over the
+  whole vocabulary (before) against `mixq.data.draw`'s inversion by chunks, from the same uniform
+  numbers (the tokens drawn are compared);
 - one block over a batch of windows, float32 against bfloat16 matmuls (`BlockRunner`'s
   `matmul_dtype`), averaged over every block;
 - one measured KL point of the profile: the full-vocabulary sum over the reference's stored
@@ -82,6 +85,36 @@ def sampling_rows(loaded, n: int, seq_len: int) -> list[list]:
     return [["sampling", f"{n} x {seq_len} tokens, one batch", "transformers float32, DynamicCache, SDPA",
              f"{base_s:.1f} s ({tokens / base_s:.0f} tok/s)", "mixq.decode bfloat16",
              f"{mixq_s:.1f} s ({tokens / mixq_s:.0f} tok/s)", f"{base_s / mixq_s:.2f}x"]]
+
+
+def draw_whole_vocabulary(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """How tokens were drawn before: one float64 inversion over the whole vocabulary."""
+    z = logits.double() - logits.max(dim=-1, keepdim=True).values
+    cdf = torch.where(z > -80, z.exp(), 0.0).cumsum(dim=-1)
+    u = torch.rand(len(cdf), 1, dtype=torch.float64, generator=gen) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+
+
+def draw_rows(loaded, windows: torch.Tensor, rows: int = 64, repeats: int = 50) -> list[list]:
+    """Drawing one token for each of `rows` sequences from the model's bfloat16 logits (those at
+    the first `rows` positions of a window), before and now, from the same uniform numbers."""
+    from mixq.data import draw
+    from mixq.models import materialize
+
+    with torch.no_grad():
+        logits = materialize(loaded, dtype=torch.bfloat16)(windows[:1, :rows]).logits[0]
+    seconds, tokens = {}, {}
+    for name, fn in (("before", draw_whole_vocabulary), ("now", draw)):
+        gen = torch.Generator().manual_seed(0)
+        fn(logits, gen)  # warm-up
+        start = time.perf_counter()
+        tokens[name] = torch.stack([fn(logits, gen) for _ in range(repeats)])
+        seconds[name] = (time.perf_counter() - start) / repeats
+    same = int((tokens["before"] == tokens["now"]).sum())
+    return [["drawing a token per sequence", f"{rows} x {logits.shape[1]} logits, mean of {repeats}",
+             "float64 inversion, whole vocabulary", f"{seconds['before'] * 1e3:.1f} ms",
+             f"by chunks of 1024 (same token {same} of {tokens['now'].numel()} times)",
+             f"{seconds['now'] * 1e3:.1f} ms", f"{seconds['before'] / seconds['now']:.2f}x"]]
 
 
 def block_rows(loaded, windows: torch.Tensor) -> list[list]:
@@ -192,7 +225,7 @@ def main() -> None:
     loaded = load_model(args.model)
     windows = load_windows(loaded, WindowSpec(args.windows, args.seq_len, args.text))
     n, seq = (int(v) for v in args.sample.split("x"))
-    rows = sampling_rows(loaded, n, seq) + block_rows(loaded, windows)
+    rows = sampling_rows(loaded, n, seq) + draw_rows(loaded, windows) + block_rows(loaded, windows)
     kl, values = kl_rows(loaded, windows)
     rows += kl
     command = "python bench/speed.py " + " ".join(a if " " not in a else repr(a) for a in sys.argv[1:])
