@@ -7,9 +7,9 @@ On SmolLM2-135M (the embedded default model):
   `DynamicCache`, SDPA attention, one token per step for a batch of windows) against mixq's
   (`mixq.decode`: bfloat16 weights, a preallocated cache and a one-token attention), both drawing
   with `mixq.data.draw`, on the same batch;
-- drawing the tokens of one decoding step from the model's logits: one float64 inversion over the
-  whole vocabulary (before) against `mixq.data.draw`'s inversion by chunks, from the same uniform
-  numbers (the tokens drawn are compared);
+- within mixq's decoding, drawing the tokens: one float64 inversion of each row's distribution
+  over the whole vocabulary (before) against `mixq.data.draw`'s inversion by chunks, from the same
+  uniform numbers (the windows drawn are compared);
 - one block over a batch of windows, float32 against bfloat16 matmuls (`BlockRunner`'s
   `matmul_dtype`), averaged over every block;
 - one measured KL point of the profile: the full-vocabulary sum over the reference's stored
@@ -74,19 +74,6 @@ def decode_transformers(loaded, n: int, seq_len: int, seed: int) -> torch.Tensor
     return ids
 
 
-def sampling_rows(loaded, n: int, seq_len: int) -> list[list]:
-    from mixq import data
-
-    tokens = n * (seq_len - 1)
-    base_s, _ = timed(lambda: decode_transformers(loaded, n, seq_len, seed=0))
-    with tempfile.TemporaryDirectory() as cache:
-        data.CACHE_DIR = Path(cache)  # nothing cached: every call samples
-        mixq_s, _ = timed(lambda: data.sample_windows(loaded, n, seq_len, seed=0, batch_size=n))
-    return [["sampling", f"{n} x {seq_len} tokens, one batch", "transformers float32, DynamicCache, SDPA",
-             f"{base_s:.1f} s ({tokens / base_s:.0f} tok/s)", "mixq.decode bfloat16",
-             f"{mixq_s:.1f} s ({tokens / mixq_s:.0f} tok/s)", f"{base_s / mixq_s:.2f}x"]]
-
-
 def draw_whole_vocabulary(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """How tokens were drawn before: one float64 inversion over the whole vocabulary."""
     z = logits.double() - logits.max(dim=-1, keepdim=True).values
@@ -95,26 +82,33 @@ def draw_whole_vocabulary(logits: torch.Tensor, gen: torch.Generator) -> torch.T
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
 
 
-def draw_rows(loaded, windows: torch.Tensor, rows: int = 64, repeats: int = 50) -> list[list]:
-    """Drawing one token for each of `rows` sequences from the model's bfloat16 logits (those at
-    the first `rows` positions of a window), before and now, from the same uniform numbers."""
-    from mixq.data import draw
-    from mixq.models import materialize
+def sampling_rows(loaded, n: int, seq_len: int) -> list[list]:
+    """transformers' decoding loop against mixq's; then mixq's with tokens drawn as before (one
+    float64 inversion over the whole vocabulary) against now (by chunks), from the same uniform
+    numbers. Each sampling call gets an empty cache directory."""
+    from mixq import data
 
-    with torch.no_grad():
-        logits = materialize(loaded, dtype=torch.bfloat16)(windows[:1, :rows]).logits[0]
-    seconds, tokens = {}, {}
-    for name, fn in (("before", draw_whole_vocabulary), ("now", draw)):
-        gen = torch.Generator().manual_seed(0)
-        fn(logits, gen)  # warm-up
-        start = time.perf_counter()
-        tokens[name] = torch.stack([fn(logits, gen) for _ in range(repeats)])
-        seconds[name] = (time.perf_counter() - start) / repeats
-    same = int((tokens["before"] == tokens["now"]).sum())
-    return [["drawing a token per sequence", f"{rows} x {logits.shape[1]} logits, mean of {repeats}",
-             "float64 inversion, whole vocabulary", f"{seconds['before'] * 1e3:.1f} ms",
-             f"by chunks of 1024 (same token {same} of {tokens['now'].numel()} times)",
-             f"{seconds['now'] * 1e3:.1f} ms", f"{seconds['before'] / seconds['now']:.2f}x"]]
+    tokens = n * (seq_len - 1)
+    base_s, _ = timed(lambda: decode_transformers(loaded, n, seq_len, seed=0))
+
+    def sample(draw) -> tuple[float, torch.Tensor]:
+        chosen = data.draw
+        with tempfile.TemporaryDirectory() as cache:
+            data.CACHE_DIR, data.draw = Path(cache), draw
+            try:
+                return timed(lambda: data.sample_windows(loaded, n, seq_len, seed=0, batch_size=n))
+            finally:
+                data.draw = chosen
+
+    mixq_s, ids = sample(data.draw)
+    whole_s, ids_whole = sample(draw_whole_vocabulary)
+    same = int((ids == ids_whole).sum())
+    return [["sampling", f"{n} x {seq_len} tokens, one batch", "transformers float32, DynamicCache, SDPA",
+             f"{base_s:.1f} s ({tokens / base_s:.0f} tok/s)", "mixq.decode bfloat16",
+             f"{mixq_s:.1f} s ({tokens / mixq_s:.0f} tok/s)", f"{base_s / mixq_s:.2f}x"],
+            ["sampling: drawing the tokens", "the same, with mixq.decode", "float64 inversion, whole vocabulary",
+             f"{whole_s:.1f} s", f"inversion by chunks of 1024 (same token at {same} of {ids.numel()} places)",
+             f"{mixq_s:.1f} s", f"{whole_s / mixq_s:.2f}x"]]
 
 
 def block_rows(loaded, windows: torch.Tensor) -> list[list]:
@@ -225,7 +219,7 @@ def main() -> None:
     loaded = load_model(args.model)
     windows = load_windows(loaded, WindowSpec(args.windows, args.seq_len, args.text))
     n, seq = (int(v) for v in args.sample.split("x"))
-    rows = sampling_rows(loaded, n, seq) + draw_rows(loaded, windows) + block_rows(loaded, windows)
+    rows = sampling_rows(loaded, n, seq) + block_rows(loaded, windows)
     kl, values = kl_rows(loaded, windows)
     rows += kl
     command = "python bench/speed.py " + " ".join(a if " " not in a else repr(a) for a in sys.argv[1:])
