@@ -91,24 +91,34 @@ def sampling_rows(loaded, n: int, seq_len: int) -> list[list]:
     tokens = n * (seq_len - 1)
     base_s, _ = timed(lambda: decode_transformers(loaded, n, seq_len, seed=0))
 
-    def sample(draw) -> tuple[float, torch.Tensor]:
-        chosen = data.draw
+    def sample(draw) -> tuple[float, float, torch.Tensor]:
+        """Seconds of the whole sampling, seconds inside `draw`, and the windows drawn."""
+        chosen, inside = data.draw, []
+
+        def timed_draw(logits, gen):
+            start = time.perf_counter()
+            tokens = draw(logits, gen)
+            inside.append(time.perf_counter() - start)
+            return tokens
+
         with tempfile.TemporaryDirectory() as cache:
-            data.CACHE_DIR, data.draw = Path(cache), draw
+            data.CACHE_DIR, data.draw = Path(cache), timed_draw
             try:
-                return timed(lambda: data.sample_windows(loaded, n, seq_len, seed=0, batch_size=n))
+                seconds, ids = timed(lambda: data.sample_windows(loaded, n, seq_len, seed=0, batch_size=n))
             finally:
                 data.draw = chosen
+        return seconds, sum(inside), ids
 
-    mixq_s, ids = sample(data.draw)
-    whole_s, ids_whole = sample(draw_whole_vocabulary)
+    mixq_s, draw_s, ids = sample(data.draw)
+    whole_s, whole_draw_s, ids_whole = sample(draw_whole_vocabulary)
     same = int((ids == ids_whole).sum())
     return [["sampling", f"{n} x {seq_len} tokens, one batch", "transformers float32, DynamicCache, SDPA",
              f"{base_s:.1f} s ({tokens / base_s:.0f} tok/s)", "mixq.decode bfloat16",
              f"{mixq_s:.1f} s ({tokens / mixq_s:.0f} tok/s)", f"{base_s / mixq_s:.2f}x"],
-            ["sampling: drawing the tokens", "the same, with mixq.decode", "float64 inversion, whole vocabulary",
-             f"{whole_s:.1f} s", f"inversion by chunks of 1024 (same token at {same} of {ids.numel()} places)",
-             f"{mixq_s:.1f} s", f"{whole_s / mixq_s:.2f}x"]]
+            ["sampling: drawing the tokens", "the same; time inside the draws (whole sampling)",
+             "float64 inversion, whole vocabulary", f"{whole_draw_s:.1f} s ({whole_s:.1f} s)",
+             f"inversion by chunks of 1024 (same token at {same} of {ids.numel()} places)",
+             f"{draw_s:.1f} s ({mixq_s:.1f} s)", f"{whole_draw_s / draw_s:.2f}x"]]
 
 
 def block_rows(loaded, windows: torch.Tensor) -> list[list]:
