@@ -149,7 +149,7 @@ def draw(logits: torch.Tensor, gen: torch.Generator, chunk: int = 1024) -> torch
     """One token per row of `logits` (rows, vocab), drawn from softmax(logits) by inverting its
     cumulative distribution at a uniform number from `gen`: first over the sums of `chunk`
     consecutive tokens, then within the chosen chunk. Weights in float32, sums in float64; a
-    float64 cumulative sum over the whole vocabulary cost three times as much (bench/results/speed.md)."""
+    float64 cumulative sum over the whole vocabulary took twice as long (bench/results/speed.md)."""
     rows, vocab = logits.shape
     z = logits.float()
     z = z - z.max(dim=-1, keepdim=True).values
