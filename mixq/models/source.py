@@ -185,11 +185,22 @@ def dequantize_rows(data: np.ndarray, qtype) -> np.ndarray:
     return out
 
 
+def file_mapping(array: np.ndarray) -> mmap.mmap | None:
+    """The memory map under a view of a GGUF reader's data, however many views deep (the reader's
+    own data is a plain view of its np.memmap), or None for data in memory."""
+    while array is not None:
+        mapping = getattr(array, "_mmap", None)
+        if mapping is not None:
+            return mapping
+        array = getattr(array, "base", None)
+    return None
+
+
 def _drop_pages(t) -> None:
     """Let the kernel drop the mapped file pages of a GGUF tensor just dequantized: they stay in
     the page cache but leave this process's resident set, which would otherwise grow to the whole
     file over a run."""
-    mapping = getattr(t.data.base, "_mmap", None)
+    mapping = file_mapping(t.data)
     if mapping is None:
         return
     start = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
