@@ -15,6 +15,7 @@ the default targets, are carried along as a second stream of hidden states.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -201,6 +202,15 @@ def uniform_plan(loaded: LoadedModel, option: Option, target: str | None = None)
     return plan
 
 
+def matrices_sharing_h(stats: Mapping[str, capture.LayerStats], plan: Mapping[str, Option]) -> list[list[str]]:
+    """The planned matrices of `stats`, grouped by the statistics (the input) they share, in order."""
+    groups: dict[int, list[str]] = {}
+    for name, layer_stats in stats.items():
+        if name in plan:
+            groups.setdefault(id(layer_stats), []).append(name)
+    return list(groups.values())
+
+
 def bias_of(ref: TensorRef, weights: dict[str, torch.Tensor], prefix: str) -> torch.Tensor | None:
     """The bias added to a linear's output (expert stacks: that expert's row of the bias stack)."""
     param = ref.param.removeprefix(prefix)
@@ -287,13 +297,16 @@ def quantize_model(
             stats = capture.collect_stats(runner, b, weights, stage, batches)
             release_memory()  # the pass's activations, before the quantizer's large temporaries
             result.rare_experts.update(capture.rare_experts(stats, refs))
-            with one_factorisation_per_h():  # the matrices of a stage share one H
-                for name, layer_stats in stats.items():
-                    if name in plan:
+            for sharing in matrices_sharing_h(stats, plan):
+                # One factorisation for matrices of one input (q/k/v, gate/up); a matrix alone keeps
+                # none after its own GPTQ (down_proj's would outlive it by its output error: +364 MiB
+                # at Qwen2.5-1.5B's width).
+                with one_factorisation_per_h() if len(sharing) > 1 else contextlib.nullcontext():
+                    for name in sharing:
                         bias = bias_of(refs[name], weights, prefix) if reconstruct.bias_correction else None
-                        result.quantize_tensor(name, refs[name].view(weights, prefix), plan[name], layer_stats,
+                        result.quantize_tensor(name, refs[name].view(weights, prefix), plan[name], stats[name],
                                                settings, bias)
-                        block_stats[name] = layer_stats
+                        block_stats[name] = stats[name]
         if trained_here or reconstruct.norm_tuning:
             starts = {n: (fp_weights[n], result.tensors[n]) for n in trained_here}
             r = reconstruct_block(runner, b, weights, starts, batches, targets, reconstruct, settings.learn_scale,
