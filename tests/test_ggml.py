@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from mixq.errors import MixqError
 from mixq.formats import parse_format
-from mixq.formats.ggml import GGML_FORMATS, equivalent_of, from_int
+from mixq.formats.ggml import GGML_FORMATS, _level_bits, _neighbours, equivalent_of, from_int
+from mixq.formats.lattice_search import nearest_points
 from mixq.formats.integer import IntFormat
 from mixq.methods import MethodSettings
 from mixq.methods.gptq import quantize_gptq
@@ -205,6 +206,31 @@ def test_a_lattice_type_rounds_each_group_to_its_nearest_grid_point(name):
     assert ours.sum() <= 1.001 * exhaustive.sum()
     if fmt.sign_parity:
         assert ((levels[q.codes.long()] < 0).reshape(16, -1, 8).sum(dim=2) % 2 == 0).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(name=st.sampled_from(["iq3_s", "iq3_xxs", "iq2_s", "iq2_xs"]), k=st.sampled_from([1, 8, 64]),
+       seed=st.integers(0, 2**16), spread=st.floats(0.1, 3.0))
+def test_the_compiled_lattice_search_keeps_the_least_error_of_its_cells_neighbours(name, k, seed, spread):
+    """`nearest_points` against the same search written as torch ops: each group's cell is where its
+    magnitudes round to, and the point kept has the least weighted error among that cell's k
+    neighbours (equal errors may pick either)."""
+    fmt = GGML_FORMATS[name]
+    neighbours, coordinates = _neighbours(fmt.grid_type, fmt.magnitudes, k)
+    width, key_bits = coordinates.shape[2], _level_bits(fmt.grid_type)
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(3, 40, width, generator=g) * spread * max(fmt.magnitudes)
+    imp = torch.rand(40, width, generator=g) * 10 + 0.01
+    levels = torch.tensor(fmt.magnitudes)
+    boundaries = (levels[1:] + levels[:-1]) / 2
+    points = torch.from_numpy(nearest_points(a.numpy(), imp.numpy(), boundaries.numpy(), key_bits,
+                                             neighbours.numpy(), coordinates.numpy()))
+    cells = (torch.bucketize(a, boundaries) << (key_bits * torch.arange(width))).sum(2)
+    errors = (imp.unsqueeze(1) * (a.unsqueeze(2) - coordinates[cells]).square()).sum(3)  # (3, 40, k)
+    chosen = (neighbours[cells] == points.unsqueeze(2))
+    assert (chosen.sum(2) >= 1).all()  # the point is one of its cell's neighbours
+    kept = torch.where(chosen, errors, torch.inf).amin(2)
+    assert torch.allclose(kept, errors.amin(2), rtol=1e-6, atol=0)
 
 
 def test_lattice_types_beat_k_quants_of_their_size_and_take_rtn_only():

@@ -38,6 +38,7 @@ from gguf.quants import IQ4_NL
 from mixq.errors import MixqError
 from mixq.formats import QTensor, register_family
 from mixq.formats.integer import IntFormat, decode, encode
+from mixq.formats.lattice_search import nearest_points
 
 
 FIT_CHUNK_ELEMENTS = 1 << 21  # weights fitted at once: the search's temporaries stay cache-sized
@@ -272,7 +273,6 @@ SEARCH_NEIGHBOURS = 8  # and while the scales are searched (within about 1% of t
 # Range shrinks tried for a lattice type's scales: each costs a neighbour search, and on a SmolLM2
 # down_proj 6 instead of 21 moved IQ2_S's and IQ3_XXS's error by under 0.03%, 2.8x faster.
 LATTICE_CLIP_GRID = 6
-LATTICE_SCORES = 1 << 20  # (group, neighbour) errors computed at once by LatticeFormat
 
 
 @dataclass(frozen=True)
@@ -321,19 +321,12 @@ class LatticeFormat(GGMLFormat):
         width, key_bits = coordinates.shape[2], _level_bits(self.grid_type)
         x = torch.where(scale.unsqueeze(2) != 0, G / scale.unsqueeze(2), 0)  # a sub-block's scale is common to
         rows = x.shape[0]                                                     # its groups: nearest in x is in w
-        a = x.abs().reshape(rows, -1, 1, width)
-        w = imp.reshape(1, -1, 1, width)
+        a = x.abs().reshape(rows, -1, width)  # (rows, groups, width)
         magnitudes = torch.tensor(self.magnitudes)
-        cell = torch.bucketize(a, (magnitudes[1:] + magnitudes[:-1]) / 2)
-        cells = (cell << (key_bits * torch.arange(width))).sum(3).reshape(rows, -1)  # (rows, groups)
-        points = torch.empty(cells.shape, dtype=torch.long)
-        step = max(1, LATTICE_SCORES // (cells.shape[1] * k))
-        for r in range(0, rows, step):
-            c = cells[r : r + step]
-            near = coordinates.index_select(0, c.flatten()).view(*c.shape, k, width)  # (rows, groups, k, width)
-            best = (w * (a[r : r + step] - near).square()).sum(3).argmin(dim=2)
-            points[r : r + step] = neighbours.view(-1)[c * k + best]
-        level = torch.from_numpy(_grid_levels(self.grid_type))[points].reshape(x.shape)  # index into magnitudes
+        boundaries = ((magnitudes[1:] + magnitudes[:-1]) / 2).numpy()
+        points = nearest_points(a.numpy(), imp.reshape(-1, width).numpy(), boundaries, key_bits, neighbours.numpy(),
+                                coordinates.numpy())
+        level = torch.from_numpy(_grid_levels(self.grid_type)[points]).reshape(x.shape)  # index into magnitudes
         negative = x < 0
         if self.sign_parity:
             cost = (imp.view(1, -1, self.sub) * x.abs() * magnitudes[level]).reshape(rows, -1, 8)
