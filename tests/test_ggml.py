@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from mixq.errors import MixqError
 from mixq.formats import parse_format
-from mixq.formats.ggml import GGML_FORMATS, _level_bits, _neighbours, equivalent_of, from_int
-from mixq.formats.lattice_search import nearest_points
+from mixq.formats.ggml import GGML_FORMATS, _grid_levels, _level_bits, _neighbours, equivalent_of, from_int
+from mixq.formats.lattice_search import lattice_codes
 from mixq.formats.integer import IntFormat
 from mixq.methods import MethodSettings
 from mixq.methods.gptq import quantize_gptq
@@ -208,29 +208,55 @@ def test_a_lattice_type_rounds_each_group_to_its_nearest_grid_point(name):
         assert ((levels[q.codes.long()] < 0).reshape(16, -1, 8).sum(dim=2) % 2 == 0).all()
 
 
-@settings(max_examples=25, deadline=None)
-@given(name=st.sampled_from(["iq3_s", "iq3_xxs", "iq2_s", "iq2_xs"]), k=st.sampled_from([1, 8, 64]),
-       seed=st.integers(0, 2**16), spread=st.floats(0.1, 3.0))
-def test_the_compiled_lattice_search_keeps_the_least_error_of_its_cells_neighbours(name, k, seed, spread):
-    """`nearest_points` against the same search written as torch ops: each group's cell is where its
-    magnitudes round to, and the point kept has the least weighted error among that cell's k
-    neighbours (equal errors may pick either)."""
-    fmt = GGML_FORMATS[name]
+def torch_lattice_codes(fmt, G, imp, scale, k):
+    """The lattice search written as torch ops over every (group, neighbour) pair: the reference
+    `lattice_codes` is checked against."""
     neighbours, coordinates = _neighbours(fmt.grid_type, fmt.magnitudes, k)
     width, key_bits = coordinates.shape[2], _level_bits(fmt.grid_type)
+    x = torch.where(scale.unsqueeze(2) != 0, G / scale.unsqueeze(2), 0)
+    rows = x.shape[0]
+    a = x.abs().reshape(rows, -1, width)
+    magnitudes = torch.tensor(fmt.magnitudes)
+    cells = (torch.bucketize(a, (magnitudes[1:] + magnitudes[:-1]) / 2) << (key_bits * torch.arange(width))).sum(2)
+    errors = (imp.reshape(1, -1, 1, width) * (a.unsqueeze(2) - coordinates[cells]).square()).sum(3)
+    points = neighbours[cells, errors.argmin(dim=2)]
+    level = torch.from_numpy(_grid_levels(fmt.grid_type))[points].reshape(x.shape)
+    negative = x < 0
+    if fmt.sign_parity:
+        cost = (imp.view(1, -1, fmt.sub) * x.abs() * magnitudes[level]).reshape(rows, -1, 8)
+        chunks = negative.reshape(rows, -1, 8)
+        odd = chunks.sum(dim=2, keepdim=True) % 2 == 1
+        flip = torch.zeros_like(chunks).scatter_(2, cost.argmin(dim=2, keepdim=True), True) & odd
+        negative = (chunks ^ flip).reshape(x.shape)
+    half = len(fmt.magnitudes)
+    return torch.where(negative, half - 1 - level, half + level).float()
+
+
+@settings(max_examples=30, deadline=None)
+@given(name=st.sampled_from(["iq3_s", "iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs"]), k=st.sampled_from([1, 8, 64]),
+       seed=st.integers(0, 2**16), spread=st.floats(0.1, 3.0), zero_scales=st.booleans())
+def test_the_compiled_lattice_codes_are_the_torch_search(name, k, seed, spread, zero_scales):
+    """`lattice_codes` against the same search as torch ops: the codes agree except where two
+    neighbours' errors tie to rounding (then both must have the least error), on scales of either
+    sign and on sub-blocks whose scale is 0."""
+    fmt = GGML_FORMATS[name]
     g = torch.Generator().manual_seed(seed)
-    a = torch.rand(3, 40, width, generator=g) * spread * max(fmt.magnitudes)
-    imp = torch.rand(40, width, generator=g) * 10 + 0.01
-    levels = torch.tensor(fmt.magnitudes)
-    boundaries = (levels[1:] + levels[:-1]) / 2
-    points = torch.from_numpy(nearest_points(a.numpy(), imp.numpy(), boundaries.numpy(), key_bits,
-                                             neighbours.numpy(), coordinates.numpy()))
-    cells = (torch.bucketize(a, boundaries) << (key_bits * torch.arange(width))).sum(2)
-    errors = (imp.unsqueeze(1) * (a.unsqueeze(2) - coordinates[cells]).square()).sum(3)  # (3, 40, k)
-    chosen = (neighbours[cells] == points.unsqueeze(2))
-    assert (chosen.sum(2) >= 1).all()  # the point is one of its cell's neighbours
-    kept = torch.where(chosen, errors, torch.inf).amin(2)
-    assert torch.allclose(kept, errors.amin(2), rtol=1e-6, atol=0)
+    G = torch.randn(3, 4, fmt.sub, generator=g) * 0.02
+    scale = (torch.rand(3, 4, generator=g) - 0.3) * 0.02 / spread
+    if zero_scales:
+        scale[1, 2] = 0
+    imp = torch.rand(4 * fmt.sub, generator=g) * 10 + 0.01
+    neighbours, coordinates = _neighbours(fmt.grid_type, fmt.magnitudes, k)
+    ours = torch.from_numpy(lattice_codes(
+        G.numpy(), scale.numpy(), imp.reshape(4, fmt.sub).numpy(), np.array(fmt.magnitudes, np.float32),
+        _level_bits(fmt.grid_type), neighbours.numpy(), coordinates.numpy(), _grid_levels(fmt.grid_type),
+        fmt.sign_parity))
+    reference = torch_lattice_codes(fmt, G, imp, scale, k)
+    if not torch.equal(ours, reference):  # a tie: both choices' weighted errors must be equal to rounding
+        err = [(imp.view(1, 4, fmt.sub) * (G - scale.unsqueeze(2) * fmt.levels[c.long()]).square()).sum()
+               for c in (ours, reference)]
+        assert torch.allclose(err[0], err[1], rtol=1e-6)
+        assert (ours != reference).float().mean() < 0.05
 
 
 def test_lattice_types_beat_k_quants_of_their_size_and_take_rtn_only():

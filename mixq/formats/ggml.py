@@ -38,7 +38,7 @@ from gguf.quants import IQ4_NL
 from mixq.errors import MixqError
 from mixq.formats import QTensor, register_family
 from mixq.formats.integer import IntFormat, decode, encode
-from mixq.formats.lattice_search import nearest_points
+from mixq.formats.lattice_search import lattice_codes
 
 
 FIT_CHUNK_ELEMENTS = 1 << 21  # weights fitted at once: the search's temporaries stay cache-sized
@@ -318,24 +318,10 @@ class LatticeFormat(GGMLFormat):
     def _codes(self, G: torch.Tensor, imp: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
                k: int = SEARCH_NEIGHBOURS) -> torch.Tensor:
         neighbours, coordinates = _neighbours(self.grid_type, self.magnitudes, k)
-        width, key_bits = coordinates.shape[2], _level_bits(self.grid_type)
-        x = torch.where(scale.unsqueeze(2) != 0, G / scale.unsqueeze(2), 0)  # a sub-block's scale is common to
-        rows = x.shape[0]                                                     # its groups: nearest in x is in w
-        a = x.abs().reshape(rows, -1, width)  # (rows, groups, width)
-        magnitudes = torch.tensor(self.magnitudes)
-        boundaries = ((magnitudes[1:] + magnitudes[:-1]) / 2).numpy()
-        points = nearest_points(a.numpy(), imp.reshape(-1, width).numpy(), boundaries, key_bits, neighbours.numpy(),
-                                coordinates.numpy())
-        level = torch.from_numpy(_grid_levels(self.grid_type)[points]).reshape(x.shape)  # index into magnitudes
-        negative = x < 0
-        if self.sign_parity:
-            cost = (imp.view(1, -1, self.sub) * x.abs() * magnitudes[level]).reshape(rows, -1, 8)
-            chunks = negative.reshape(rows, -1, 8)
-            odd = chunks.sum(dim=2, keepdim=True) % 2 == 1
-            flip = torch.zeros_like(chunks).scatter_(2, cost.argmin(dim=2, keepdim=True), True) & odd
-            negative = (chunks ^ flip).reshape(x.shape)
-        half = len(self.magnitudes)
-        return torch.where(negative, half - 1 - level, half + level).float()
+        codes = lattice_codes(G.contiguous().numpy(), scale.contiguous().numpy(), imp.reshape(G.shape[1:]).numpy(),
+                              np.array(self.magnitudes, np.float32), _level_bits(self.grid_type), neighbours.numpy(),
+                              coordinates.numpy(), _grid_levels(self.grid_type), self.sign_parity)
+        return torch.from_numpy(codes)
 
 
 @functools.cache
