@@ -46,7 +46,7 @@ TARGET_RATIO = 0.6  # mixq's mean KLD over the best llama.cpp file of its size o
 # rows onto each type (RTN with the importance-weighted search, 4 range shrinks, each refitted) and
 # measures KL for every 7th block's tensors on 2 x 256 held-out tokens; each file is then one-shot RTN
 # of the planned type per tensor with the profile's diag(H) (no GPTQ, no sequential pass).
-MIXQ_FORMATS = ("q2_k", "q3_k", "iq4_xs", "iq4_nl", "q4_k", "q5_k", "q6_k")
+MIXQ_FORMATS = ("iq2_s", "q2_k", "iq3_xxs", "q3_k", "iq3_s", "iq4_xs", "iq4_nl", "q4_k", "q5_k", "q6_k")
 MIXQ_CLIP_GRID = 4
 MIXQ_MEASURE_EVERY = 7
 MIXQ_ROW_FRACTION = 1 / 8
