@@ -77,7 +77,7 @@ def kind_of_gguf(name: str) -> str:
 
 def types_line(bits: dict, gguf_kind: str) -> tuple[float, str]:
     """(bits per weight, 'Q4_K x27, Q5_K x1') of one llama.cpp tensor kind in a file."""
-    rows = [v for n, v in bits.items() if kind_of_gguf(n) == gguf_kind]
+    rows = [v for n, v in bits.items() if n.endswith(".weight") and kind_of_gguf(n) == gguf_kind]
     counts: dict[str, int] = {}
     for _, _, t in rows:
         counts[t] = counts.get(t, 0) + 1
