@@ -109,7 +109,7 @@ def main() -> None:
         W, H = loaded.read(linear.param), stats[tensor].H
         fits = [n for n in GGML_FORMATS if tensor in llama[(n, True)]]
         for method in args.methods.split(","):
-            done = [n for n in fits if supports(method, GGML_FORMATS[n])]  # lattices: rtn only
+            done = [n for n in fits if supports(method, GGML_FORMATS[n])]  # lattices: rtn and gptq
             for n, q in zip(done, quantize_many(method, W, H, [GGML_FORMATS[n] for n in done], settings)):
                 errors[n].setdefault(f"mixq {method}", []).append(output_error(W, q.dequantize(), H))
         for n in fits:

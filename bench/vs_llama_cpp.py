@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -44,8 +45,8 @@ TARGET_SIZES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M")
 TARGET_RATIO = 0.6  # mixq's mean KLD over the best llama.cpp file of its size or smaller (issue 15)
 # mixq on a 1.5B model within this machine's time (2 cores): the profile quantizes 1/8 of each tensor's
 # rows onto each type (RTN with the importance-weighted search, 4 range shrinks, each refitted) and
-# measures KL for every 7th block's tensors on 2 x 256 held-out tokens; each file is then one-shot RTN
-# of the planned type per tensor with the profile's diag(H) (no GPTQ, no sequential pass).
+# measures KL for every 7th block's tensors on 2 x 256 held-out tokens (the plan is made from RTN's
+# errors); each file is then quantized as `mixq quantize` does, GPTQ where the type allows (mixq_gguf).
 MIXQ_FORMATS = ("iq2_s", "q2_k", "iq3_xxs", "q3_k", "iq3_s", "iq4_xs", "iq4_nl", "q4_k", "q5_k", "q6_k")
 MIXQ_CLIP_GRID = 4
 MIXQ_MEASURE_EVERY = 7
@@ -255,7 +256,8 @@ def mixq_files(args, work: Path, binp: Path, source: Path, start: float) -> None
         size = theirs.stat().st_size
         out = work / f"mixq-{kind}.gguf"
         if not out.is_file():
-            mixq_gguf(loaded, profile, plan_for_budget(profile, Budget(size, "bytes"), "hessian+kl"), out, work)
+            mixq_gguf(loaded, profile, plan_for_budget(profile, Budget(size, "bytes"), "hessian+kl"), out, work,
+                      args.calib_windows)
         written = out.stat().st_size
         assert 0.99 * size <= written <= size, (kind, written, size)
         measure(binp, work, out, args.text, args.chunks, args.threads, maker="mixq", kind=kind, imatrix=True)
@@ -292,35 +294,54 @@ def mixq_profile(path: Path, source: Path, calib_windows: int, formats: tuple[st
     return loaded, profile
 
 
-def mixq_gguf(loaded, profile, plan, out: Path, work: Path) -> None:
-    """The plan as a GGUF at `out`: one-shot RTN of each tensor onto its planned type with the profile's
-    diag(H), exported; the seconds it took go to logs/OUT.seconds."""
-    import torch
-    from tqdm.auto import tqdm
-
+def mixq_gguf(loaded, profile, plan, out: Path, work: Path, calib_windows: int) -> None:
+    """The plan as a GGUF at `out`, quantized by mixq's own pipeline (`quantize_model`, as `mixq
+    quantize` runs it) on the calibration windows llama-imatrix read: GPTQ, block by block with the
+    quantized blocks' outputs as the next one's inputs, on every tensor whose type GPTQ can round
+    onto (the k-quants, IQ4_NL, IQ4_XS); RTN on the lattice types and the embedding and output
+    matrix (which GPTQ does not take). A stopped file resumes from its checkpoints in OUT.resume;
+    the seconds it took go to logs/OUT.seconds."""
+    from mixq.checkpoint import Checkpoints, file_identity
+    from mixq.data import WindowSpec, load_windows
     from mixq.export import native
     from mixq.export.gguf import export_gguf
-    from mixq.formats import parse_format
     from mixq.methods import MethodSettings
-    from mixq.options import Option
-    from mixq.quantize import QuantizedModel
+    from mixq.quantize import quantize_model
 
-    settings = MethodSettings(clip_grid=MIXQ_CLIP_GRID)
     t0 = time.time()
-    plannable = loaded.plannable()
-    result = QuantizedModel()
-    for name, option in tqdm(plan.options.items(), desc=out.stem, unit="tensor"):
-        option = Option.parse(option)
-        if not option.is_keep:
-            W = loaded.read(plannable[name].param)
-            result.tensors[name] = parse_format(option.format).fit(W, torch.from_numpy(profile.importance[name]),
-                                                                    *settings.clip())
+    settings = MethodSettings(clip_grid=MIXQ_CLIP_GRID)
+    options = file_options(loaded, plan)
+    calib = load_windows(loaded, WindowSpec(calib_windows, 512, seed=0))
+    checkpoints = Checkpoints(work / f"{out.name}.resume", {
+        "model": file_identity(Path(loaded.spec)), "options": {n: o.name for n, o in options.items()},
+        "calib_windows": calib_windows, "settings": repr(settings)})
+    result = quantize_model(loaded, calib, options, settings, checkpoints=checkpoints)
     run_dir = work / f"{out.stem}.run"
-    run_dir.mkdir(exist_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir()
     native.save(run_dir, loaded, result, dict(model=loaded.spec, predicted_loss=plan.predicted_loss))
     export_gguf(run_dir, work / "partial.gguf", overwrite=True)
     os.replace(work / "partial.gguf", out)
+    checkpoints.discard()
     (work / "logs" / f"{out.name}.seconds").write_text(f"{time.time() - t0:.0f}")
+
+
+def file_options(loaded, plan) -> dict:
+    """The plan's formats, each with the strongest one-shot method that can round onto it: GPTQ,
+    else RTN (lattice types; the embedding and output matrix, which have no H)."""
+    from mixq.formats import parse_format
+    from mixq.methods import supports
+    from mixq.options import Option
+
+    rounded_only = set(loaded.rounded_only())
+    options = {}
+    for name, option in plan.options.items():
+        option = Option.parse(option)
+        if not option.is_keep:
+            gptq = name not in rounded_only and supports("gptq", parse_format(option.format))
+            option = Option(option.format, "gptq" if gptq else "rtn")
+        options[name] = option
+    return options
 
 
 def labelled(row: dict) -> dict:
@@ -403,9 +424,9 @@ def write_report(args, work: Path, reference_path: Path, start: float) -> None:
         f"each tensor's rows onto every type (RTN with the importance-weighted search, {MIXQ_CLIP_GRID} range "
         f"shrinks, each refitted) and measured end-to-end KL for every {MIXQ_MEASURE_EVERY}th block's tensors on "
         f"{MIXQ_HELD_OUT[0]} x {MIXQ_HELD_OUT[1]} held-out sampled tokens; each mixq file is the exact (MILP) plan "
-        "of least predicted loss (hessian+kl) within the llama.cpp file's size, then one-shot RTN of each tensor "
-        "onto its planned type with the profile's diag(H): no GPTQ and no sequential pass, for time on this "
-        f"2-core machine. {profile_info}"
+        "of least predicted loss (hessian+kl) within the llama.cpp file's size, quantized by mixq's pipeline on the "
+        "calibration windows, block by block: GPTQ on every tensor of a type it rounds onto (k-quants, IQ4), RTN "
+        f"on the lattice types and the embedding and output matrix. {profile_info}"
         + (f"Each file's quantization took {min(quantize_seconds)}-{max(quantize_seconds)} s." if quantize_seconds
            else ""),
         *refused,

@@ -259,11 +259,11 @@ def test_the_compiled_lattice_codes_are_the_torch_search(name, k, seed, spread, 
         assert (ours != reference).float().mean() < 0.05
 
 
-def test_lattice_types_beat_k_quants_of_their_size_and_take_rtn_only():
+def test_lattice_types_beat_k_quants_of_their_size_and_take_rtn_and_gptq_only():
     """On a real tensor with its rounding noise restored (bench/standin.py), IQ3_S's grid fits better than
     Q3_K's even levels at the same 3.44 bits per weight, and IQ2_S's better than Q2_K's at fewer bits.
     Methods that round each weight on their own would leave the grid: they are refused, and the option
-    space pairs the lattice types with rtn only."""
+    space pairs the lattice types with rtn and gptq (which chooses codes a chunk at a time) only."""
     import sys
     from pathlib import Path
 
@@ -291,9 +291,8 @@ def test_lattice_types_beat_k_quants_of_their_size_and_take_rtn_only():
     sizes = {name: GGML_FORMATS[name].nbytes(W.shape) for name in ("iq2_xxs", "iq2_xs", "iq2_s", "q2_k")}
     assert sizes["iq2_xxs"] < sizes["iq2_xs"] < sizes["iq2_s"] < sizes["q2_k"]
     assert rel("iq2_s") < 0.9 * rel("q2_k")
-    for method in ("gptq", "cd"):
-        with pytest.raises(MixqError, match="iq3_s: its codes lie on a lattice"):
-            get_method(method)(W[:8], torch.eye(1536), GGML_FORMATS["iq3_s"], MethodSettings())
-    names = [o.name for o in OptionSpace(formats=("gguf",), methods=("rtn", "gptq")).options()]
-    assert "iq3_s-rtn" in names and "iq3_s-gptq" not in names and "q3_k-gptq" in names
-    assert "iq2_xxs-rtn" in names and "iq2_xxs-gptq" not in names
+    with pytest.raises(MixqError, match=r"iq3_s: its codes lie on a lattice \(use rtn or gptq\)"):
+        get_method("cd")(W[:8], torch.eye(1536), GGML_FORMATS["iq3_s"], MethodSettings())
+    names = [o.name for o in OptionSpace(formats=("gguf",), methods=("rtn", "gptq", "cd")).options()]
+    assert {"iq3_s-rtn", "iq3_s-gptq", "q3_k-cd", "iq2_xxs-gptq"} <= set(names)
+    assert "iq3_s-cd" not in names and "iq2_xxs-cd" not in names

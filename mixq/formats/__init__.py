@@ -35,7 +35,7 @@ class Format(Protocol):
 
     @property
     def joint_codes(self) -> bool:
-        """Whether codes are chosen a group of weights at a time (a lattice): only rtn's fit makes them."""
+        """Whether codes are chosen a group of weights at a time (a lattice): rtn's fit and GPTQ make them."""
 
     def fit(self, W: torch.Tensor, importance: torch.Tensor, clip_grid: int = 21, clip_min: float = 0.5) -> QTensor: ...
 

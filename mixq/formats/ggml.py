@@ -44,6 +44,13 @@ from mixq.formats.lattice_search import lattice_codes
 FIT_CHUNK_ELEMENTS = 1 << 21  # weights fitted at once: the search's temporaries stay cache-sized
 
 
+def positive_importance(importance: torch.Tensor) -> torch.Tensor:
+    """Per-column importance as the fits weigh errors: float32, with no weight exactly zero (a
+    sub-block of dead inputs still gets a scale)."""
+    imp = importance.float().clamp(min=0)
+    return imp + 1e-9 * imp.mean().clamp(min=1e-30)
+
+
 @dataclass(frozen=True)
 class GGMLFormat:
     name: str  # llama.cpp's type name, lower case: "q4_k"
@@ -113,8 +120,7 @@ class GGMLFormat:
         Rows are independent: they are fitted in chunks, so memory stays bounded on large matrices.
         """
         self._check(tuple(W.shape))
-        imp = importance.float().clamp(min=0)
-        imp = (imp + 1e-9 * imp.mean().clamp(min=1e-30)).view(1, -1, self.sub)  # no all-zero weights
+        imp = positive_importance(importance).view(1, -1, self.sub)
         chunk = max(1, FIT_CHUNK_ELEMENTS // W.shape[1])
         parts = [self._fit_rows(W[r : r + chunk].float(), imp, clip_grid, clip_min) for r in range(0, W.shape[0], chunk)]
         if len(parts) == 1:
@@ -287,8 +293,8 @@ class LatticeFormat(GGMLFormat):
     cell of levels the group's magnitudes round to (all of them when that cell is a grid point), the
     one of least importance-weighted error (llama.cpp's quantizer searches such neighbour lists too);
     with `sign_parity`, an 8-weight chunk with an odd count of minus signs then flips the sign that
-    costs least. Only methods that fit whole groups (rtn) produce such codes; GPTQ's and learned
-    rounding's per-weight steps would leave the grid.
+    costs least. rtn fits whole sub-blocks this way and GPTQ one `chunk` of columns at a time
+    (`chunk_codes`); learned rounding's per-weight steps would leave the grid.
     """
 
     grid_type: str = "IQ3_S"  # the `gguf.quants` class whose grid this is
@@ -314,6 +320,21 @@ class LatticeFormat(GGMLFormat):
         G = W.view(W.shape[0], -1, self.sub)
         codes = self._codes(G, imp, q.scale, None, LATTICE_NEIGHBOURS)
         return self.with_codes(q, codes.reshape(W.shape).to(torch.uint8))
+
+    @property
+    def chunk(self) -> int:
+        """Columns whose codes are chosen together: the weights of one grid point, or the 8 whose
+        signs share a parity."""
+        return 8 if self.sign_parity else _grid_levels(self.grid_type).shape[1]
+
+    def chunk_codes(self, X: torch.Tensor, importance: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Codes (rows, chunk) of the columns X (rows, chunk), which lie within one sub-block whose
+        scales are `scale` (rows,), chosen as `fit` chooses its final codes (`importance`: the
+        chunk's `positive_importance`)."""
+        rows = X.shape[0]
+        codes = self._codes(X.reshape(rows, 1, self.chunk), importance, scale.reshape(rows, 1), None,
+                            LATTICE_NEIGHBOURS)
+        return codes.reshape(rows, self.chunk).to(torch.uint8)
 
     def _codes(self, G: torch.Tensor, imp: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
                k: int = SEARCH_NEIGHBOURS) -> torch.Tensor:

@@ -96,16 +96,16 @@ LEARNED_ROUNDING = frozenset({"adaquant"}) | BLOCK_METHODS  # their latent codes
 
 def supports(method: str, fmt: Format) -> bool:
     """Whether `method` can quantize onto `fmt`: learned rounding needs evenly spaced levels, and a
-    lattice's codes are chosen a group at a time, which only rtn's fit does."""
+    lattice's codes are chosen a group at a time, which rtn's fit and GPTQ do."""
     if fmt.joint_codes:
-        return method == "rtn"
+        return method in ("rtn", "gptq")
     return fmt.levels is None or method not in LEARNED_ROUNDING
 
 
 def check_supported(method: str, fmt: Format) -> None:
     if not supports(method, fmt):
         raise MixqError(f"{method} cannot quantize onto {fmt.name}"
-                        + (": its codes lie on a lattice (use rtn)" if fmt.joint_codes else ": it has a codebook"))
+                        + (": its codes lie on a lattice (use rtn or gptq)" if fmt.joint_codes else ": it has a codebook"))
 
 
 def starting_point(W: torch.Tensor, H: torch.Tensor, fmt: Format, settings: MethodSettings) -> QTensor:

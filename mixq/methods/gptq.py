@@ -11,7 +11,8 @@ groups together through their super-block scales, so their grid is chosen once, 
 column loop, which then rounds onto it with compensation. The column loop runs compiled
 (gptq_columns.py), stopping where a group's parameters are to be chosen. With `act_order` the
 columns are visited by decreasing diag(H), but codes and parameters are stored in the original
-column order, so the storage layout never depends on the method.
+column order, so the storage layout never depends on the method. The lattice types choose codes a
+few columns at a time (`quantize_gptq_lattice`).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from mixq.errors import MixqError
 from mixq.formats import Format, QTensor
+from mixq.formats.ggml import LatticeFormat, positive_importance
 from mixq.formats.integer import IntFormat, fit_stacked
 from mixq.memory import release_tail
 from mixq.methods import MethodSettings, check_supported, register_batched, register_method
@@ -145,6 +148,8 @@ def quantize_gptq_many(
     """
     for f in fmts:
         check_supported("gptq", f)
+    if any(f.joint_codes for f in fmts):
+        return [quantize_gptq_lattice(W, H, f, settings) for f in fmts]
     rows, cols = W.shape
     glen = fmts[0].group_len(cols)
     assert all(f.group_len(cols) == glen for f in fmts), "stacked grids must share the group length"
@@ -221,3 +226,44 @@ def quantize_gptq_many(
             grid.super_scale if grid is not None else None,
         ))
     return out
+
+
+def quantize_gptq_lattice(W: torch.Tensor, H: torch.Tensor, fmt: LatticeFormat, settings: MethodSettings) -> QTensor:
+    """GPTQ onto a lattice type (IQ3_S, IQ3_XXS, the IQ2 types), whose codes are chosen a chunk of
+    columns at a time (the weights of one grid point, or the 8 sharing a sign parity).
+
+    The scales are chosen first, from W, by the format's own fit (as for the k-quants). Columns are
+    then visited in storage order (act_order would split the chunks): each chunk's codes come from
+    its current, error-compensated weights by the same neighbour search rtn's fit uses, and then
+    each of its columns in turn pushes its rounding error onto the columns after it, those of the
+    chunk included (their codes are fixed, their error grows or shrinks), as GPTQ does for one
+    column. With a diagonal H nothing is pushed and the result is rtn's.
+    """
+    rows, cols = W.shape
+    W = W.to(GPTQ_PRECISION, copy=True)
+    diag = torch.diag(H).double()
+    dead = diag == 0
+    diag[dead] = 1
+    W[:, dead] = 0
+    importance = diag.to(GPTQ_PRECISION)
+    grid = fmt.fit(W, importance, *settings.clip())
+    _, Hinv = visiting_order_and_factor(H, diag, replace(settings, act_order=False))
+    imp = positive_importance(importance)
+    scale, levels, chunk = fmt.expand(grid.scale), fmt.levels, fmt.chunk
+    B = settings.block_size - settings.block_size % chunk
+    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    for i1 in range(0, cols, B):
+        i2 = min(i1 + B, cols)
+        block = W[:, i1:i2].T.contiguous()  # the block's columns as rows: each update below is contiguous
+        Err1 = torch.empty_like(block)
+        U = Hinv[i1:i2, i1:i2]
+        for c0 in range(0, i2 - i1, chunk):
+            c1 = c0 + chunk
+            found = fmt.chunk_codes(block[c0:c1].T, imp[i1 + c0 : i1 + c1], scale[:, i1 + c0])
+            codes[:, i1 + c0 : i1 + c1] = found
+            Q = scale[:, i1 + c0 : i1 + c1].T * levels[found.T.long()]
+            for j in range(c0, c1):
+                Err1[j] = (block[j] - Q[j - c0]) / U[j, j]
+                block[j + 1 :] -= U[j, j + 1 :, None] * Err1[j]
+        W[:, i2:] -= Err1.T @ Hinv[i1:i2, i2:]
+    return fmt.with_codes(grid, codes)
