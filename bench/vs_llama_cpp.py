@@ -46,12 +46,14 @@ TARGET_RATIO = 0.6  # mixq's mean KLD over the best llama.cpp file of its size o
 # mixq on a 1.5B model within this machine's time (2 cores): the profile quantizes 1/8 of each tensor's
 # rows onto each type (RTN with the importance-weighted search, 4 range shrinks, each refitted) and
 # measures KL for every 7th block's tensors on 2 x 256 held-out tokens (the plan is made from RTN's
-# errors); each file is then quantized as `mixq quantize` does, GPTQ where the type allows (mixq_gguf).
+# errors). Each plan is written twice: one-shot RTN with the profile's diag(H) (minutes), and as
+# `mixq quantize` does, block by block with GPTQ wherever the type allows (an hour here).
 MIXQ_FORMATS = ("iq2_s", "q2_k", "iq3_xxs", "q3_k", "iq3_s", "iq4_xs", "iq4_nl", "q4_k", "q5_k", "q6_k")
 MIXQ_CLIP_GRID = 4
 MIXQ_MEASURE_EVERY = 7
 MIXQ_ROW_FRACTION = 1 / 8
 MIXQ_HELD_OUT = (2, 256)
+MIXQ_METHODS = ("rtn", "gptq")
 
 
 def run(cmd: list[str], log: Path) -> str:
@@ -179,6 +181,8 @@ def main() -> None:
     ap.add_argument("--plain-types", nargs="*", default=LLAMA_TYPES,
                     help="of those, the ones also made without an imatrix")
     ap.add_argument("--sizes", nargs="+", default=TARGET_SIZES, help="llama.cpp types whose file size mixq is planned to")
+    ap.add_argument("--mixq-methods", nargs="+", choices=MIXQ_METHODS, default=MIXQ_METHODS,
+                    help="how mixq's files are quantized: rtn (one shot), gptq (block by block)")
     ap.add_argument("--only", choices=("llama", "mixq", "report"), default=None,
                     help="run one side (e.g. two processes side by side), or just rewrite the table")
     args = ap.parse_args()
@@ -245,23 +249,36 @@ def llama_files(args, work: Path, binp: Path, f32: Path, imatrix: Path, after_ea
 
 def mixq_files(args, work: Path, binp: Path, source: Path, start: float) -> None:
     """mixq's GGUF at each target llama.cpp type's file size (that file must exist: --only llama makes it)."""
+    from mixq.export.gguf import export_gguf
     from mixq.plan import Budget, plan_for_budget
 
     loaded, profile = mixq_profile(work / "mixq.profile", source, args.calib_windows, MIXQ_FORMATS)
-    for kind in args.sizes:
-        theirs = work / f"llama-{kind}-imatrix.gguf"
-        if not theirs.is_file():
-            print(f"mixq at {kind}'s size: skipped, llama.cpp's {theirs.name} is not made yet", flush=True)
-            continue
-        size = theirs.stat().st_size
-        out = work / f"mixq-{kind}.gguf"
-        if not out.is_file():
-            mixq_gguf(loaded, profile, plan_for_budget(profile, Budget(size, "bytes"), "hessian+kl"), out, work,
-                      args.calib_windows)
-        written = out.stat().st_size
-        assert 0.99 * size <= written <= size, (kind, written, size)
-        measure(binp, work, out, args.text, args.chunks, args.threads, maker="mixq", kind=kind, imatrix=True)
-        write_report(args, work, source, start)
+    for method in args.mixq_methods:
+        for kind in args.sizes:
+            theirs = work / f"llama-{kind}-imatrix.gguf"
+            if not theirs.is_file():
+                print(f"mixq at {kind}'s size: skipped, llama.cpp's {theirs.name} is not made yet", flush=True)
+                continue
+            size = theirs.stat().st_size
+            out = work / f"mixq-{kind}-{method}.gguf"
+            if not out.is_file():
+                t0 = time.time()
+                plan = plan_for_budget(profile, Budget(size, "bytes"), "hessian+kl")
+                run_dir = work / f"{out.stem}.run"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                run_dir.mkdir()
+                if method == "rtn":
+                    rtn_run(loaded, profile, plan, run_dir)
+                else:
+                    gptq_run(loaded, plan, run_dir, work / f"{out.name}.resume", args.calib_windows)
+                export_gguf(run_dir, work / "partial.gguf", overwrite=True)
+                os.replace(work / "partial.gguf", out)
+                (work / "logs" / f"{out.name}.seconds").write_text(f"{time.time() - t0:.0f}")
+            written = out.stat().st_size
+            assert 0.99 * size <= written <= size, (kind, written, size)
+            measure(binp, work, out, args.text, args.chunks, args.threads, maker="mixq", kind=kind, method=method,
+                    imatrix=True)
+            write_report(args, work, source, start)
 
 
 def mixq_profile(path: Path, source: Path, calib_windows: int, formats: tuple[str, ...]):
@@ -294,41 +311,56 @@ def mixq_profile(path: Path, source: Path, calib_windows: int, formats: tuple[st
     return loaded, profile
 
 
-def mixq_gguf(loaded, profile, plan, out: Path, work: Path, calib_windows: int) -> None:
-    """The plan as a GGUF at `out`, quantized by mixq's own pipeline (`quantize_model`, as `mixq
-    quantize` runs it) on the calibration windows llama-imatrix read: GPTQ, block by block with the
-    quantized blocks' outputs as the next one's inputs, on every tensor whose type GPTQ can round
-    onto (the k-quants, IQ4_NL, IQ4_XS); RTN on the lattice types and the embedding and output
-    matrix (which GPTQ does not take). A stopped file resumes from its checkpoints in OUT.resume;
-    the seconds it took go to logs/OUT.seconds."""
+def rtn_run(loaded, profile, plan, run_dir: Path) -> None:
+    """The plan as mixq's native output in `run_dir`: one-shot RTN of each tensor onto its planned type
+    with the profile's diag(H), no pass over the model."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from mixq.export import native
+    from mixq.formats import parse_format
+    from mixq.methods import MethodSettings
+    from mixq.options import Option
+    from mixq.quantize import QuantizedModel
+
+    settings = MethodSettings(clip_grid=MIXQ_CLIP_GRID)
+    plannable = loaded.plannable()
+    result = QuantizedModel()
+    for name, option in tqdm(plan.options.items(), desc=run_dir.stem, unit="tensor"):
+        option = Option.parse(option)
+        if not option.is_keep:
+            W = loaded.read(plannable[name].param)
+            result.tensors[name] = parse_format(option.format).fit(W, torch.from_numpy(profile.importance[name]),
+                                                                    *settings.clip())
+    native.save(run_dir, loaded, result, dict(model=loaded.spec, predicted_loss=plan.predicted_loss))
+
+
+def gptq_run(loaded, plan, run_dir: Path, resume: Path, calib_windows: int) -> None:
+    """The plan as mixq's native output in `run_dir`, quantized by mixq's own pipeline (`quantize_model`,
+    as `mixq quantize` runs it) on the calibration windows llama-imatrix read: block by block, the
+    quantized blocks' outputs the next one's inputs, GPTQ on every tensor (k-quants, IQ4 and lattice
+    types alike), RTN on the embedding and output matrix (which have no H). A stopped run resumes from
+    its checkpoints in `resume`."""
     from mixq.checkpoint import Checkpoints, file_identity
     from mixq.data import WindowSpec, load_windows
     from mixq.export import native
-    from mixq.export.gguf import export_gguf
     from mixq.methods import MethodSettings
     from mixq.quantize import quantize_model
 
-    t0 = time.time()
     settings = MethodSettings(clip_grid=MIXQ_CLIP_GRID)
     options = file_options(loaded, plan)
     calib = load_windows(loaded, WindowSpec(calib_windows, 512, seed=0))
-    checkpoints = Checkpoints(work / f"{out.name}.resume", {
+    checkpoints = Checkpoints(resume, {
         "model": file_identity(Path(loaded.spec)), "options": {n: o.name for n, o in options.items()},
         "calib_windows": calib_windows, "settings": repr(settings)})
     result = quantize_model(loaded, calib, options, settings, checkpoints=checkpoints)
-    run_dir = work / f"{out.stem}.run"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir()
     native.save(run_dir, loaded, result, dict(model=loaded.spec, predicted_loss=plan.predicted_loss))
-    export_gguf(run_dir, work / "partial.gguf", overwrite=True)
-    os.replace(work / "partial.gguf", out)
     checkpoints.discard()
-    (work / "logs" / f"{out.name}.seconds").write_text(f"{time.time() - t0:.0f}")
 
 
 def file_options(loaded, plan) -> dict:
-    """The plan's formats, each with the strongest one-shot method that can round onto it: GPTQ,
-    else RTN (lattice types; the embedding and output matrix, which have no H)."""
+    """The plan's formats, each with GPTQ, or RTN where GPTQ cannot round (the embedding and output
+    matrix, which have no H)."""
     from mixq.formats import parse_format
     from mixq.methods import supports
     from mixq.options import Option
@@ -347,8 +379,10 @@ def file_options(loaded, plan) -> dict:
 def labelled(row: dict) -> dict:
     """Maker, type and imatrix of a measurement, from its file name (llama-Q3_K_S-imatrix.gguf) if absent."""
     stem = row["file"].removesuffix(".gguf")
-    maker, kind = stem.split("-")[:2]
+    maker, kind, *rest = stem.split("-")
     defaults = dict(maker="llama.cpp" if maker == "llama" else maker, kind=kind, imatrix=stem.endswith("-imatrix"))
+    if maker == "mixq":
+        defaults["method"] = rest[0] if rest else "rtn"
     return defaults | row
 
 
@@ -364,7 +398,7 @@ def size_ratios(rows: list[dict]) -> list[list]:
         best = min(theirs, key=lambda r: r["kld"])
         ratio = ours["kld"] / best["kld"]
         label = f"{best['kind']}{' + imatrix' if best.get('imatrix') else ''}"
-        out.append([ours["kind"], ours["bytes"], label, best["bytes"], f"{best['kld']:.5f}", f"{ours['kld']:.5f}",
+        out.append([ours["kind"], ours["method"], ours["bytes"], label, best["bytes"], f"{best['kld']:.5f}", f"{ours['kld']:.5f}",
                     f"{ratio:.3f}", "yes" if ratio <= TARGET_RATIO else "no"])
     return out
 
@@ -389,7 +423,7 @@ def write_report(args, work: Path, reference_path: Path, start: float) -> None:
     rows.sort(key=lambda r: (r["bytes"], r["maker"]))
     n_weights = rows[0]["n_weights"]
     table = [
-        [r["maker"], r["kind"], "yes" if r.get("imatrix") else "no", r["bytes"], f"{8 * r['bytes'] / n_weights:.3f}",
+        [r["maker"] + (f" {r['method']}" if r.get("method") else ""), r["kind"], "yes" if r.get("imatrix") else "no", r["bytes"], f"{8 * r['bytes'] / n_weights:.3f}",
          f"{r['kld']:.5f}", f"{r['kld99']:.4f}", f"{r['same_top']:.4f}", f"{r['ppl']:.4f}"]
         for r in rows
     ]
@@ -403,8 +437,8 @@ def write_report(args, work: Path, reference_path: Path, start: float) -> None:
         seconds = Profile.load(work / "mixq.profile").info["seconds"]
         profile_info = (f"mixq's profile took {seconds['total']:.0f} s (capture {seconds['capture']:.0f}, quantize "
                         f"{seconds['quantize']:.0f}, KL points {seconds['measure']:.0f}). ")
-    quantize_seconds = [int((work / "logs" / f"mixq-{k}.gguf.seconds").read_text()) for k in args.sizes
-                        if (work / "logs" / f"mixq-{k}.gguf.seconds").is_file()]
+    quantize_seconds = {m: [int((work / "logs" / f"mixq-{k}-{m}.gguf.seconds").read_text()) for k in args.sizes
+                            if (work / "logs" / f"mixq-{k}-{m}.gguf.seconds").is_file()] for m in args.mixq_methods}
     formats = ", ".join(f.upper() for f in MIXQ_FORMATS)
     command = "python bench/vs_llama_cpp.py " + shlex.join(without_only(sys.argv[1:]))
     text = "\n".join([
@@ -424,18 +458,18 @@ def write_report(args, work: Path, reference_path: Path, start: float) -> None:
         f"each tensor's rows onto every type (RTN with the importance-weighted search, {MIXQ_CLIP_GRID} range "
         f"shrinks, each refitted) and measured end-to-end KL for every {MIXQ_MEASURE_EVERY}th block's tensors on "
         f"{MIXQ_HELD_OUT[0]} x {MIXQ_HELD_OUT[1]} held-out sampled tokens; each mixq file is the exact (MILP) plan "
-        "of least predicted loss (hessian+kl) within the llama.cpp file's size, quantized by mixq's pipeline on the "
-        "calibration windows, block by block: GPTQ on every tensor of a type it rounds onto (k-quants, IQ4), RTN "
-        f"on the lattice types and the embedding and output matrix. {profile_info}"
-        + (f"Each file's quantization took {min(quantize_seconds)}-{max(quantize_seconds)} s." if quantize_seconds
-           else ""),
+        "of least predicted loss (hessian+kl) within the llama.cpp file's size, quantized either by one-shot RTN of "
+        "each tensor with the profile's diag(H) (mixq rtn), or by mixq's pipeline as `mixq quantize` runs it, block "
+        "by block on the calibration windows with GPTQ on every tensor but the embedding and output matrix "
+        f"(mixq gptq). {profile_info}"
+        + " ".join(f"Each {m} file took {min(t)}-{max(t)} s to make." for m, t in quantize_seconds.items() if t),
         *refused,
         "",
         markdown_table(["maker", "file", "imatrix", "bytes", "bpw", "mean KLD", "KLD p99", "same top", "PPL"], table),
         "",
         f"mixq's mean KLD over the best llama.cpp file of its size or smaller (target <= {TARGET_RATIO}):",
         "",
-        markdown_table(["size of", "mixq bytes", "best llama.cpp file", "its bytes", "its KLD", "mixq KLD", "ratio",
+        markdown_table(["size of", "mixq method", "mixq bytes", "best llama.cpp file", "its bytes", "its KLD", "mixq KLD", "ratio",
                         f"<= {TARGET_RATIO}"], size_ratios(rows)),
         "",
     ])
