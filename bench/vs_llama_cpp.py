@@ -249,7 +249,6 @@ def llama_files(args, work: Path, binp: Path, f32: Path, imatrix: Path, after_ea
 
 def mixq_files(args, work: Path, binp: Path, source: Path, start: float) -> None:
     """mixq's GGUF at each target llama.cpp type's file size (that file must exist: --only llama makes it)."""
-    from mixq.export.gguf import export_gguf
     from mixq.plan import Budget, plan_for_budget
 
     loaded, profile = mixq_profile(work / "mixq.profile", source, args.calib_windows, MIXQ_FORMATS)
@@ -262,18 +261,8 @@ def mixq_files(args, work: Path, binp: Path, source: Path, start: float) -> None
             size = theirs.stat().st_size
             out = work / f"mixq-{kind}-{method}.gguf"
             if not out.is_file():
-                t0 = time.time()
                 plan = plan_for_budget(profile, Budget(size, "bytes"), "hessian+kl")
-                run_dir = work / f"{out.stem}.run"
-                shutil.rmtree(run_dir, ignore_errors=True)
-                run_dir.mkdir()
-                if method == "rtn":
-                    rtn_run(loaded, profile, plan, run_dir)
-                else:
-                    gptq_run(loaded, plan, run_dir, work / f"{out.name}.resume", args.calib_windows)
-                export_gguf(run_dir, work / "partial.gguf", overwrite=True)
-                os.replace(work / "partial.gguf", out)
-                (work / "logs" / f"{out.name}.seconds").write_text(f"{time.time() - t0:.0f}")
+                mixq_gguf(loaded, profile, plan, out, work, method, args.calib_windows)
             written = out.stat().st_size
             assert 0.99 * size <= written <= size, (kind, written, size)
             measure(binp, work, out, args.text, args.chunks, args.threads, maker="mixq", kind=kind, method=method,
@@ -309,6 +298,24 @@ def mixq_profile(path: Path, source: Path, calib_windows: int, formats: tuple[st
     profile.save(path)
     checkpoints.discard()
     return loaded, profile
+
+
+def mixq_gguf(loaded, profile, plan, out: Path, work: Path, method: str = "rtn", calib_windows: int = 32) -> None:
+    """The plan as a GGUF at `out`, quantized by `method` (rtn_run or gptq_run); the seconds it took go
+    to logs/OUT.seconds."""
+    from mixq.export.gguf import export_gguf
+
+    t0 = time.time()
+    run_dir = work / f"{out.stem}.run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir()
+    if method == "rtn":
+        rtn_run(loaded, profile, plan, run_dir)
+    else:
+        gptq_run(loaded, plan, run_dir, work / f"{out.name}.resume", calib_windows)
+    export_gguf(run_dir, work / "partial.gguf", overwrite=True)
+    os.replace(work / "partial.gguf", out)
+    (work / "logs" / f"{out.name}.seconds").write_text(f"{time.time() - t0:.0f}")
 
 
 def rtn_run(loaded, profile, plan, run_dir: Path) -> None:
