@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import ROOT, commit  # noqa: E402
+from vs_llama_cpp import QWEN_STANDIN  # noqa: E402
 
 
 def steps(text: Path, runs: Path) -> dict[str, list[str]]:
@@ -36,6 +37,10 @@ def steps(text: Path, runs: Path) -> dict[str, list[str]]:
         "deploy": ["bench/deploy.py", *t, "--work", str(runs / "deploy")],
         "gguf": ["bench/vs_llama_cpp.py", *t, "--work", str(runs / "gguf")],
         "latency": ["bench/latency.py", *t, "--work", str(runs / "gguf")],  # reuses the gguf step's files
+        # the gguf step's files at Q3_K_M's size, split by tensor kind
+        "attribution": ["bench/attribute_kl.py", *t, "--model", str(QWEN_STANDIN), "--files",
+                        *[str(runs / "gguf" / QWEN_STANDIN.stem / f) for f in
+                          ("mixq-Q3_K_M-rtn.gguf", "mixq-Q3_K_M-gptq.gguf", "llama-Q3_K_M-imatrix.gguf")]],
     }
 
 
