@@ -133,6 +133,17 @@ def visiting_order_and_factor(H: torch.Tensor, diag: torch.Tensor,
     return found
 
 
+def working_copy(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W as the column loop's copy, diag(H) in float64, the importance the fits weigh by). Inputs that
+    were always zero are dead: their weights do not matter and are zeroed, their diagonal set to 1."""
+    W = W.to(GPTQ_PRECISION, copy=True)
+    diag = torch.diag(H).double()
+    dead = diag == 0
+    diag[dead] = 1
+    W[:, dead] = 0
+    return W, diag, diag.to(GPTQ_PRECISION)
+
+
 def chooses_grid_first(fmt: Format) -> bool:
     return getattr(fmt, "two_level", False)
 
@@ -158,13 +169,7 @@ def quantize_gptq_many(
     n_groups, k = fmts[0].n_groups(cols), len(fmts)
     copies = [slice(j * rows, (j + 1) * rows) for j in range(k)]
     qmax = torch.tensor([f.qmax for f in fmts], dtype=GPTQ_PRECISION).repeat_interleave(rows)  # (k*rows,)
-    W = W.to(GPTQ_PRECISION, copy=True)
-
-    diag = torch.diag(H).double()
-    dead = diag == 0  # inputs that were always zero: their weights do not matter
-    diag[dead] = 1
-    W[:, dead] = 0
-    importance = diag.to(GPTQ_PRECISION)
+    W, diag, importance = working_copy(W, H)
 
     scale, zero, offset = (torch.zeros(k * rows, n_groups) for _ in range(3))
     ready = torch.zeros(k, n_groups, dtype=torch.bool)
@@ -240,12 +245,7 @@ def quantize_gptq_lattice(W: torch.Tensor, H: torch.Tensor, fmt: LatticeFormat, 
     column. With a diagonal H nothing is pushed and the result is rtn's.
     """
     rows, cols = W.shape
-    W = W.to(GPTQ_PRECISION, copy=True)
-    diag = torch.diag(H).double()
-    dead = diag == 0
-    diag[dead] = 1
-    W[:, dead] = 0
-    importance = diag.to(GPTQ_PRECISION)
+    W, diag, importance = working_copy(W, H)
     grid = fmt.fit(W, importance, *settings.clip())
     _, Hinv = visiting_order_and_factor(H, diag, replace(settings, act_order=False))
     imp = positive_importance(importance)
