@@ -45,12 +45,12 @@ TARGET_SIZES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M")
 TARGET_RATIO = 0.6  # mixq's mean KLD over the best llama.cpp file of its size or smaller (issue 15)
 # mixq on a 1.5B model within this machine's time (2 cores): the profile quantizes 1/8 of each tensor's
 # rows onto each type (RTN with the importance-weighted search, 4 range shrinks, each refitted) and
-# measures KL for every 7th block's tensors on 2 x 256 held-out tokens (the plan is made from RTN's
-# errors). Each plan is written twice: one-shot RTN with the profile's diag(H) (minutes), and as
+# measures KL for the tensors of every 3rd block and the last on 2 x 256 held-out tokens (the plan is
+# made from RTN's errors). Each plan is written twice: one-shot RTN with the profile's diag(H) (minutes), and as
 # `mixq quantize` does, block by block with GPTQ wherever the type allows (an hour here).
 MIXQ_FORMATS = ("iq2_s", "q2_k", "iq3_xxs", "q3_k", "iq3_s", "iq4_xs", "iq4_nl", "q4_k", "q5_k", "q6_k")
 MIXQ_CLIP_GRID = 4
-MIXQ_MEASURE_EVERY = 7
+MIXQ_MEASURE_EVERY = 3
 MIXQ_ROW_FRACTION = 1 / 8
 MIXQ_HELD_OUT = (2, 256)
 MIXQ_METHODS = ("rtn", "gptq")
@@ -251,7 +251,8 @@ def mixq_files(args, work: Path, binp: Path, source: Path, start: float) -> None
     """mixq's GGUF at each target llama.cpp type's file size (that file must exist: --only llama makes it)."""
     from mixq.plan import Budget, plan_for_budget
 
-    loaded, profile = mixq_profile(work / "mixq.profile", source, args.calib_windows, MIXQ_FORMATS)
+    loaded, profile = mixq_profile(work / "mixq.profile", source, args.calib_windows, MIXQ_FORMATS,
+                                   tuple(f"mixq-*-{m}.gguf" for m in MIXQ_METHODS))
     for method in args.mixq_methods:
         for kind in args.sizes:
             theirs = work / f"llama-{kind}-imatrix.gguf"
@@ -270,31 +271,48 @@ def mixq_files(args, work: Path, binp: Path, source: Path, start: float) -> None
             write_report(args, work, source, start)
 
 
-def mixq_profile(path: Path, source: Path, calib_windows: int, formats: tuple[str, ...]):
+def mixq_profile(path: Path, source: Path, calib_windows: int, formats: tuple[str, ...], derived: tuple[str, ...] = ()):
     """(the loaded reference, mixq's profile of it over `formats`), the profile made once and cached at
     `path`, on the calibration windows llama-imatrix also reads; a stopped run resumes from the
-    profile's checkpoints in .PATH.resume (as `mixq profile` does)."""
+    profile's checkpoints in .PATH.resume (as `mixq profile` does). A cached profile made with other
+    settings is made again, and the files planned from it (`derived`: patterns beside it) are dropped
+    with their measurements."""
     from mixq.checkpoint import Checkpoints, file_identity, work_dir
     from mixq.cli import HELD_OUT_SEED
     from mixq.data import WindowSpec, load_windows
+    from mixq.errors import MixqError
     from mixq.methods import MethodSettings
     from mixq.models import load_model
     from mixq.options import OptionSpace
     from mixq.profile import Profile, ProfileSettings, build_profile
 
     loaded = load_model(str(source))
-    if path.is_file():
-        return loaded, Profile.load(path)
-    calib = load_windows(loaded, WindowSpec(calib_windows, 512, seed=0))  # the text llama-imatrix used
-    held_out = load_windows(loaded, WindowSpec(MIXQ_HELD_OUT[0], MIXQ_HELD_OUT[1], seed=HELD_OUT_SEED))
     settings = ProfileSettings(
         space=OptionSpace(formats=formats, methods=("rtn",)), method_settings=MethodSettings(clip_grid=MIXQ_CLIP_GRID),
         fisher_windows=0, measure_every=MIXQ_MEASURE_EVERY, row_fraction=MIXQ_ROW_FRACTION)
-    checkpoints = Checkpoints(work_dir(path), {"model": file_identity(source), "formats": list(formats),
-                                               "calib_windows": calib_windows, "settings": repr(settings)})
+    key = {"model": file_identity(source), "formats": list(formats), "calib_windows": calib_windows,
+           "held_out": list(MIXQ_HELD_OUT), "settings": repr(settings)}
+    if path.is_file():
+        try:
+            cached = Profile.load(path)
+        except MixqError as e:  # e.g. an older profile version
+            cached, why = None, str(e)
+        else:
+            why = "it was made with other settings"
+        if cached is not None and cached.info.get("bench_key") == key:
+            return loaded, cached
+        print(f"mixq's profile is made again: {why}", flush=True)
+        for stale in [f for pattern in derived for f in path.parent.glob(pattern)]:
+            (path.parent / "measured" / f"{stale.name}.json").unlink(missing_ok=True)
+            stale.unlink()
+        path.unlink()
+    calib = load_windows(loaded, WindowSpec(calib_windows, 512, seed=0))  # the text llama-imatrix used
+    held_out = load_windows(loaded, WindowSpec(MIXQ_HELD_OUT[0], MIXQ_HELD_OUT[1], seed=HELD_OUT_SEED))
+    checkpoints = Checkpoints(work_dir(path), key)
     if checkpoints.resumed:
         print(f"resuming mixq's profile from {checkpoints.directory}", flush=True)
     profile = build_profile(loaded, calib, held_out, settings, checkpoints)
+    profile.info["bench_key"] = key
     profile.save(path)
     checkpoints.discard()
     return loaded, profile
@@ -463,8 +481,9 @@ def write_report(args, work: Path, reference_path: Path, start: float) -> None:
         "default), written out as text for llama-imatrix.",
         f"- mixq's options per tensor: {formats} or F16. Its profile quantized 1/{round(1 / MIXQ_ROW_FRACTION)} of "
         f"each tensor's rows onto every type (RTN with the importance-weighted search, {MIXQ_CLIP_GRID} range "
-        f"shrinks, each refitted) and measured end-to-end KL for every {MIXQ_MEASURE_EVERY}th block's tensors on "
-        f"{MIXQ_HELD_OUT[0]} x {MIXQ_HELD_OUT[1]} held-out sampled tokens; each mixq file is the exact (MILP) plan "
+        f"shrinks, each refitted) and measured end-to-end KL for the tensors of one block in {MIXQ_MEASURE_EVERY} "
+        f"(and the last) on {MIXQ_HELD_OUT[0]} x {MIXQ_HELD_OUT[1]} held-out sampled tokens, the other blocks' error "
+        "model interpolated over depth; each mixq file is the exact (MILP) plan "
         "of least predicted loss (hessian+kl) within the llama.cpp file's size, quantized either by one-shot RTN of "
         "each tensor with the profile's diag(H) (mixq rtn), or by mixq's pipeline as `mixq quantize` runs it, block "
         "by block on the calibration windows with GPTQ on every tensor but the embedding and output matrix "

@@ -46,7 +46,7 @@ LEARNED = ("adaquant", *sorted(BLOCK_METHODS))  # measured on a few blocks, pred
 
 log = logging.getLogger(__name__)
 ESTIMATORS = ("hessian+kl", "fisher+kl", "hessian", "fisher")
-PROFILE_VERSION = "2"  # 2: weight fingerprints
+PROFILE_VERSION = "3"  # 2: weight fingerprints; 3: each tensor's block
 FINGERPRINT_LEN = 64  # weights of each tensor's first row that identify the model a profile measured
 FINGERPRINT_RTOL = 2.0**-7  # storage precision may differ (bf16 keeps 8 bits): anything beyond is another model
 
@@ -56,6 +56,7 @@ class Profile:
     model: str
     tensors: list[str]
     kinds: list[str]  # the tensor's role, shared across blocks: "self_attn.q_proj", "head", ...
+    blocks: list[int]  # the block each tensor is in; -1 outside the blocks (embedding, head)
     shapes: list[tuple[int, int]]
     options: list[str]
     nbytes: np.ndarray  # (T, O) exact bytes of each tensor in each option
@@ -77,7 +78,7 @@ class Profile:
         if raw is None or not np.isfinite(raw).any():
             raise MixqError(f"this profile has no {estimator.split('+')[0]} errors (profiled with --fisher-windows 0?)")
         if estimator.endswith("+kl"):
-            return calibrate(raw, self.measured, self.kinds)
+            return calibrate(raw, self.measured, self.kinds, self.blocks)
         return raw
 
     def check_model(self, loaded: LoadedModel) -> None:
@@ -105,7 +106,7 @@ class Profile:
         arrays.update({f"errors.{k}": v for k, v in self.errors.items()})
         arrays.update({f"importance.{k}": v for k, v in self.importance.items()})
         meta = dict(
-            version=PROFILE_VERSION, model=self.model, tensors=self.tensors, kinds=self.kinds,
+            version=PROFILE_VERSION, model=self.model, tensors=self.tensors, kinds=self.kinds, blocks=self.blocks,
             shapes=self.shapes, options=self.options, fixed_bytes=self.fixed_bytes,
             header_bytes=self.header_bytes, n_weights=self.n_weights,
             tie_groups=self.tie_groups, info=self.info,
@@ -151,8 +152,11 @@ class Profile:
         T, O = len(self.tensors), len(self.options)
         if not all(isinstance(x, str) for x in (self.model, *self.tensors, *self.kinds, *self.options)):
             return "names are not all strings"
-        if len(set(self.tensors)) != T or len(self.kinds) != T or len(self.shapes) != T:
-            return f"{T} tensors but {len(self.kinds)} kinds and {len(self.shapes)} shapes (or repeated names)"
+        if len(set(self.tensors)) != T or len(self.kinds) != T or len(self.shapes) != T or len(self.blocks) != T:
+            return (f"{T} tensors but {len(self.kinds)} kinds, {len(self.shapes)} shapes and {len(self.blocks)} "
+                    "block indices (or repeated names)")
+        if not all(type(b) is int and b >= -1 for b in self.blocks):
+            return "a block index is not an integer of -1 or more"
         if any(len(s) != 2 or min(s) < 1 for s in self.shapes):
             return "a shape is not (rows, columns)"
         for name, table in [("nbytes", self.nbytes), ("measured", self.measured), *self.errors.items()]:
@@ -186,11 +190,15 @@ def weight_fingerprint(loaded: LoadedModel, tensors: list[str]) -> np.ndarray:
     return out
 
 
-def calibrate(raw: np.ndarray, measured: np.ndarray, kinds: list[str]) -> np.ndarray:
+def calibrate(raw: np.ndarray, measured: np.ndarray, kinds: list[str], blocks: list[int]) -> np.ndarray:
     """Predicted KL = alpha_t * raw^beta, fitted on the measured points.
 
     beta is shared by all tensors (fitted within tensors, in log space); alpha_t is per tensor where
-    the tensor has measured points, else the median of its kind (e.g. all v_proj), else of all.
+    the tensor has measured points. Elsewhere it is interpolated over depth (log-linearly by block,
+    the nearest measured block beyond the ends) among the measured tensors of its kind: alpha moves
+    tenfold from the first blocks to the last for v, o and down (the residual stream grows, so one
+    unit of output error matters less), which one value per kind cannot follow. A kind with no
+    measured tensor takes the median of all.
     """
     ok = np.isfinite(measured) & (measured > 0) & np.isfinite(raw) & (raw > 0)
     if not ok.any():
@@ -209,11 +217,16 @@ def calibrate(raw: np.ndarray, measured: np.ndarray, kinds: list[str]) -> np.nda
     has = counts > 0
     log_alpha[has] = np.nanmean(y[has] - beta * x[has], axis=1)
     overall = float(np.nanmedian(log_alpha))
-    by_kind: dict[str, list[float]] = {}
+    by_kind: dict[str, dict[int, list[float]]] = {}  # kind -> block -> log alphas (experts share a block)
     for t in np.nonzero(has)[0]:
-        by_kind.setdefault(kinds[t], []).append(log_alpha[t])
+        by_kind.setdefault(kinds[t], {}).setdefault(blocks[t], []).append(log_alpha[t])
     for t in np.nonzero(~has)[0]:
-        log_alpha[t] = float(np.median(by_kind[kinds[t]])) if kinds[t] in by_kind else overall
+        at = by_kind.get(kinds[t])
+        if at is None:
+            log_alpha[t] = overall
+        else:
+            depth = sorted(at)
+            log_alpha[t] = float(np.interp(blocks[t], depth, [np.median(at[b]) for b in depth]))
     with np.errstate(divide="ignore"):
         return np.where(np.isfinite(raw), np.exp(log_alpha)[:, None] * np.power(raw, beta), np.inf)
 
@@ -254,7 +267,7 @@ class ProfileSettings:
     measure: tuple[str, ...] = ()  # formats measured end to end per tensor (default: measure_formats)
     tie: str = "none"
     batch_size: int = 8
-    measure_every: int = 1  # measure the tensors of every n-th block (others take their kind's fit)
+    measure_every: int = 1  # measure the tensors of every n-th block and the last (others: interpolated)
     row_fraction: float = 1.0  # errors (and measured KL) from this share of each tensor's rows, scaled up
     reconstruct: ReconstructSettings = ReconstructSettings()  # the `block` method's settings
     gain_blocks: int = 2  # blocks on which the learned-rounding methods' gains are measured
@@ -402,7 +415,9 @@ def build_profile(
 
     T, O = len(tensors), len(options)
     block_of = {name: b for b in range(loaded.n_blocks) for name in loaded.block_tensors(b)}
-    measured_tensor = [block_of.get(name, 0) % settings.measure_every == 0 for name in tensors]
+    # The last block too: alpha moves with depth (see calibrate), so both ends are measured.
+    measured_tensor = [block_of.get(name, 0) % settings.measure_every == 0 or block_of.get(name) == loaded.n_blocks - 1
+                       for name in tensors]
     errors = {k: np.full((T, O), np.inf) for k in ("hessian", "fisher")}
     # Per tensor and measured format, the better method's result: the one a plan would pick.
     to_measure: dict[tuple[int, str], tuple[int, float, tuple[torch.Tensor, QTensor]]] = {}
@@ -504,6 +519,7 @@ def build_profile(
 
     return Profile(
         model=loaded.spec, tensors=tensors, kinds=[plannable[n].kind for n in tensors],
+        blocks=[block_of.get(n, -1) for n in tensors],
         shapes=[plannable[n].shape for n in tensors], options=names, nbytes=table.nbytes,
         errors=errors, measured=measured, fixed_bytes=fixed_bytes(loaded, tensors), header_bytes=overhead_bytes(loaded, tensors, settings.space, settings.target),
         n_weights=loaded.n_weights,

@@ -80,10 +80,21 @@ def test_calibration_recovers_a_power_law():
     measured = np.full_like(raw, np.nan)
     measured[:5, :2] = truth[:5, :2]  # tensor 5 has no measurements
     kinds = ["a", "b", "a", "b", "c", "c"]
-    pred = calibrate(raw, measured, kinds)
+    pred = calibrate(raw, measured, kinds, [0, 0, 1, 1, 0, 1])
     assert np.allclose(pred[:5], truth[:5])
     assert np.allclose(pred[5], 5 * raw[5] ** 1.5)  # its kind's alpha (tensor 4)
     assert (pred[:, 3] == 0).all()
+
+
+def test_calibration_interpolates_over_depth():
+    """An unmeasured tensor's alpha comes from the measured ones of its kind at the blocks around it
+    (log-linearly), the nearest beyond the ends; not one value for the whole kind."""
+    raw = np.full((6, 1), 2.0)
+    alphas = np.array([100.0, 10.0, 1.0])  # measured at blocks 0, 4 and 8
+    measured = np.full_like(raw, np.nan)
+    measured[:3, 0] = alphas * raw[:3, 0]
+    pred = calibrate(raw, measured, ["v"] * 6, [0, 4, 8, 2, 6, 9])
+    assert np.allclose(pred[3:, 0] / raw[3:, 0], [np.sqrt(1000), np.sqrt(10), 1.0])
 
 
 def test_fused_tie_groups(tiny_llama_dir, tiny_profile):
@@ -113,17 +124,20 @@ def test_expert_tie_groups(tiny_models, rule):
     assert sorted(n for g in groups for n in g) == sorted(tensors)
 
 
-def test_measure_every_and_no_fisher(tiny_llama_dir, text_file):
-    """--measure-every 2 measures block 0 (and the head) only; --fisher-windows 0 leaves no fisher estimator."""
-    loaded = load_model(str(tiny_llama_dir))
+def test_measure_every_and_no_fisher(tmp_path, text_file):
+    """--measure-every 3 on three blocks measures blocks 0 and 2 (the last; and the embedding) only;
+    --fisher-windows 0 leaves no fisher estimator."""
+    from conftest import save_tiny_model
+
+    loaded = load_model(str(save_tiny_model(tmp_path / "three", num_hidden_layers=3)))
     calib = load_windows(loaded, WindowSpec(4, 64, text_file), first=False)
     held_out = load_windows(loaded, WindowSpec(2, 64, text_file, seed=9), first=False)
     settings = ProfileSettings(space=OptionSpace(bits=(2, 4), group_sizes=(32,), methods=("rtn",)),
-                               measure=("int2-g32", "int4-g32"), fisher_windows=0, measure_every=2, batch_size=4)
+                               measure=("int2-g32", "int4-g32"), fisher_windows=0, measure_every=3, batch_size=4)
     p = build_profile(loaded, calib, held_out, settings)
     measured = {p.tensors[t] for t in np.nonzero(np.isfinite(p.measured).any(axis=1))[0]}
-    assert measured == {n for n in p.tensors if ".layers.0." in n} | {"model.embed_tokens"}
-    assert np.isfinite(p.predicted("hessian+kl")).any()  # unmeasured tensors take their kind's fit
+    assert measured == {n for n in p.tensors if ".layers.0." in n or ".layers.2." in n} | {"model.embed_tokens"}
+    assert np.isfinite(p.predicted("hessian+kl")).all(axis=1).any()  # the middle block: interpolated
     with pytest.raises(MixqError, match="no fisher errors"):
         p.predicted("fisher+kl")
 
