@@ -364,8 +364,8 @@ def gptq_run(loaded, plan, run_dir: Path, resume: Path, calib_windows: int) -> N
     """The plan as mixq's native output in `run_dir`, quantized by mixq's own pipeline (`quantize_model`,
     as `mixq quantize` runs it) on the calibration windows llama-imatrix read: block by block, the
     quantized blocks' outputs the next one's inputs, GPTQ on every tensor (k-quants, IQ4 and lattice
-    types alike), RTN on the embedding and output matrix (which have no H). A stopped run resumes from
-    its checkpoints in `resume`."""
+    types alike), RTN on the input embedding (and a tied output matrix), which have no whole H. A
+    stopped run resumes from its checkpoints in `resume`."""
     from mixq.checkpoint import Checkpoints, file_identity
     from mixq.data import WindowSpec, load_windows
     from mixq.export import native
@@ -384,18 +384,18 @@ def gptq_run(loaded, plan, run_dir: Path, resume: Path, calib_windows: int) -> N
 
 
 def file_options(loaded, plan) -> dict:
-    """The plan's formats, each with GPTQ, or RTN where GPTQ cannot round (the embedding and output
-    matrix, which have no H)."""
+    """The plan's formats, each with GPTQ, or RTN where GPTQ cannot round (the input embedding, and a
+    tied output matrix: no whole H)."""
     from mixq.formats import parse_format
     from mixq.methods import supports
     from mixq.options import Option
 
-    rounded_only = set(loaded.rounded_only())
+    rtn_only = set(loaded.rtn_only())
     options = {}
     for name, option in plan.options.items():
         option = Option.parse(option)
         if not option.is_keep:
-            gptq = name not in rounded_only and supports("gptq", parse_format(option.format))
+            gptq = name not in rtn_only and supports("gptq", parse_format(option.format))
             option = Option(option.format, "gptq" if gptq else "rtn")
         options[name] = option
     return options
@@ -486,8 +486,8 @@ def write_report(args, work: Path, reference_path: Path, start: float) -> None:
         "model interpolated over depth; each mixq file is the exact (MILP) plan "
         "of least predicted loss (hessian+kl) within the llama.cpp file's size, quantized either by one-shot RTN of "
         "each tensor with the profile's diag(H) (mixq rtn), or by mixq's pipeline as `mixq quantize` runs it, block "
-        "by block on the calibration windows with GPTQ on every tensor but the embedding and output matrix "
-        f"(mixq gptq). {profile_info}"
+        "by block on the calibration windows with GPTQ on every tensor with a whole H (all but the input embedding, "
+        f"and a tied output matrix) (mixq gptq). {profile_info}"
         + " ".join(f"Each {m} file took {min(t)}-{max(t)} s to make." for m, t in quantize_seconds.items() if t),
         *refused,
         "",

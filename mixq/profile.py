@@ -306,9 +306,11 @@ class OptionTable:
         plannable = loaded.plannable()
         tensors = list(plannable)
         space_options = space.options()
-        # The output matrix (the embedding, when tied) is only rounded (rtn): its second role as an
-        # embedding has no H, so error compensation through H would be one-sided.
+        # The input embedding (a lookup) has no H, and a tied output matrix's second role is that
+        # embedding, so error compensation through H would be one-sided: both are only rounded (rtn).
+        # An untied output matrix has its whole H (the final hidden states): it also takes GPTQ.
         head_options = [Option(o.format, "rtn") for o in space_options if not o.is_keep]
+        untied_head_options = head_options + [o for o in space_options if o.method == "gptq"]
         # A target may store experts in other formats than the space's (compressed-tensors: symmetric twins)
         has_experts = any(ref.expert is not None for ref in plannable.values())
         expert_options = space_options if target is None or not has_experts else list(dict.fromkeys(
@@ -319,7 +321,8 @@ class OptionTable:
                              for o in options] for t, shape in zip(tensors, shapes)])
         for name in loaded.rounded_only():
             t = tensors.index(name)
-            allowed[t] = [(o in head_options or (o.is_keep and space.keep_16bit)) and o.fits(shapes[t]) for o in options]
+            own = head_options if name in loaded.rtn_only() else untied_head_options
+            allowed[t] = [(o in own or (o.is_keep and space.keep_16bit)) and o.fits(shapes[t]) for o in options]
         if target is not None:
             stores = get_target(target)
             allowed &= np.array([[stores.refuses(loaded, t, o.format, s) is None for o in options]

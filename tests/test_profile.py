@@ -143,7 +143,8 @@ def test_measure_every_and_no_fisher(tmp_path, text_file):
 
 
 def test_untied_embedding_is_planned(tmp_path, text_file):
-    """An untied input embedding is a plannable tensor (rtn or kept), profiled, measured and quantized."""
+    """An untied input embedding is a plannable tensor (rtn or kept), profiled, measured and quantized; the
+    untied output matrix takes GPTQ as well."""
     from conftest import save_tiny_llama
 
     from mixq.plan import Budget, plan_for_budget
@@ -159,12 +160,18 @@ def test_untied_embedding_is_planned(tmp_path, text_file):
     emb = p.tensors.index("model.embed_tokens")
     assert np.isfinite(p.measured[emb]).any()
     assert all(o.endswith(("-rtn", KEEP)) for o, e in zip(p.options, p.errors["hessian"][emb]) if np.isfinite(e))
+    # The untied output matrix has its whole H: GPTQ is offered there, and lowers its error below RTN's.
+    head, int4 = p.tensors.index("lm_head"), [p.options.index(f"int4-g32-{m}") for m in ("rtn", "gptq")]
+    assert p.errors["hessian"][head, int4[1]] < p.errors["hessian"][head, int4[0]] < np.inf
     plan = plan_for_budget(p, Budget(4.5, "bpw"), "hessian+kl")
     options = {t: Option.parse(o) for t, o in plan.options.items()}
+    options["lm_head"] = Option.parse("int4-g32-gptq")
     result = quantize_model(loaded, calib, options, batch_size=4)
     assert "model.embed_tokens" in result.tensors
     before = loaded.embedding()
     assert not result.tensors["model.embed_tokens"].dequantize().equal(before)
+    rtn = quantize_model(loaded, calib, options | {"lm_head": Option.parse("int4-g32-rtn")}, batch_size=4)
+    assert result.output_errors["lm_head"] < rtn.output_errors["lm_head"]
 
 
 def test_row_fraction_estimates_the_whole(tiny_llama_dir, text_file):

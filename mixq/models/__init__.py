@@ -102,9 +102,15 @@ class LoadedModel:
         return self.layout.embedding if self.tied_embedding else self.layout.head
 
     def rounded_only(self) -> list[str]:
-        """Plannable tensors only ever rounded (rtn): an untied input embedding (a lookup, no H) and
-        the output matrix (whose tied second role as the embedding has no H either)."""
+        """Plannable tensors outside the blocks, which no block method rounds: an untied input
+        embedding (a lookup, no H: rtn only) and the output matrix (rtn only when tied, since its second
+        role as the embedding has no H; untied, GPTQ too)."""
         return ([] if self.tied_embedding else [self.layout.embedding]) + [self.head_name]
+
+    def rtn_only(self) -> list[str]:
+        """Of those, the ones without a whole H, which only RTN rounds: the untied input embedding, or
+        the tied output matrix."""
+        return [self.head_name] if self.tied_embedding else [self.layout.embedding]
 
     @property
     def hidden_size(self) -> int:
