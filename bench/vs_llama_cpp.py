@@ -308,6 +308,7 @@ def mixq_profile(path: Path, source: Path, calib_windows: int, formats: tuple[st
         print(f"mixq's profile is made again: {why}", flush=True)
         for stale in [f for pattern in derived for f in path.parent.glob(pattern)]:
             (path.parent / "measured" / f"{stale.name}.json").unlink(missing_ok=True)
+            (path.parent / "logs" / f"{stale.name}.seconds").unlink(missing_ok=True)
             stale.unlink()
         path.unlink()
     calib = load_windows(loaded, WindowSpec(calib_windows, 512, seed=0))  # the text llama-imatrix used
