@@ -124,9 +124,10 @@ def _add_profile_settings(p: argparse.ArgumentParser) -> None:
                    "(default: 3 and 4 bits at the largest group size)")
     g.add_argument("--held-out-windows", type=int, default=4, help="windows for those measurements (default 4)")
     g.add_argument("--row-fraction", type=float, default=1.0, help="profile this share of each tensor's rows "
-                   "and scale up (errors and measured KL; rows are independent in every format): large models")
-    g.add_argument("--measure-every", type=int, default=1, help="measure only every n-th block's tensors and the "
-                   "last block's; the others' error model is interpolated over depth from their kind's measured "
+                   "and scale up (errors and measured KL; rows are independent in every format), never fewer than 512 rows "
+                   "of a matrix: large models")
+    g.add_argument("--measure-every", type=int, default=1, help="measure only the tensors of every n-th block, "
+                   "the first n and the last; the others' error model is interpolated over depth from their kind's measured "
                    "ones (default 1: all; large models: 4)")
     g.add_argument("--held-out-len", type=int, help="tokens per window (default 512, or the model's context if "
                    "shorter)")

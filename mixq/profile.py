@@ -267,8 +267,13 @@ class ProfileSettings:
     measure: tuple[str, ...] = ()  # formats measured end to end per tensor (default: measure_formats)
     tie: str = "none"
     batch_size: int = 8
-    measure_every: int = 1  # measure the tensors of every n-th block and the last (others: interpolated)
+    measure_every: int = 1  # KL points for the tensors of `measured_blocks` only (others: interpolated)
     row_fraction: float = 1.0  # errors (and measured KL) from this share of each tensor's rows, scaled up
+    # ... but never fewer rows than this: the rows of a small matrix (a GQA model's k_proj, 2 heads of
+    # 128 rows in Qwen2.5-1.5B) differ widely in how much their error moves the output (a head's
+    # rotary frequencies): 32 of those 256 rows put k_proj's KL point 1.8x below the whole matrix's,
+    # while keeping them all costs little
+    min_rows: int = 512
     reconstruct: ReconstructSettings = ReconstructSettings()  # the `block` method's settings
     gain_blocks: int = 2  # blocks on which the learned-rounding methods' gains are measured
     capture_dtype: torch.dtype = torch.bfloat16  # matmuls of the statistics passes (sums in float32)
@@ -418,9 +423,8 @@ def build_profile(
 
     T, O = len(tensors), len(options)
     block_of = {name: b for b in range(loaded.n_blocks) for name in loaded.block_tensors(b)}
-    # The last block too: alpha moves with depth (see calibrate), so both ends are measured.
-    measured_tensor = [block_of.get(name, 0) % settings.measure_every == 0 or block_of.get(name) == loaded.n_blocks - 1
-                       for name in tensors]
+    blocks_measured = measured_blocks(loaded.n_blocks, settings.measure_every)
+    measured_tensor = [block_of.get(name, 0) in blocks_measured for name in tensors]
     errors = {k: np.full((T, O), np.inf) for k in ("hessian", "fisher")}
     # Per tensor and measured format, the better method's result: the one a plan would pick.
     to_measure: dict[tuple[int, str], tuple[int, float, tuple[torch.Tensor, QTensor]]] = {}
@@ -449,7 +453,7 @@ def build_profile(
                 importance[name] = torch.diag(H).float().numpy()
                 # Rows are independent in every format and method: a random share of them, scaled up,
                 # estimates the whole tensor's error (and, perturbed alone, its KL) at a fraction of the cost.
-                rows = sample_rows(W_full.shape[0], settings.row_fraction, seed=t)
+                rows = sample_rows(W_full.shape[0], settings.row_fraction, seed=t, min_rows=settings.min_rows)
                 W = W_full[rows]
                 row_scale = W_full.shape[0] / len(rows)
                 H32 = H.float()  # for the errors of every option: float32 matmuls are ~3x faster here
@@ -516,7 +520,7 @@ def build_profile(
     for (t, o), kl in measure_kl(loaded, held_out, tensors, chosen, settings.batch_size,
                                  done=points_done, save=save_points, device=settings.device, taped=taped).items():
         rows = plannable[tensors[t]].shape[0]
-        measured[t, o] = kl * rows / len(sample_rows(rows, settings.row_fraction, seed=t))
+        measured[t, o] = kl * rows / len(sample_rows(rows, settings.row_fraction, seed=t, min_rows=settings.min_rows))
     timings["measure"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
 
@@ -599,6 +603,15 @@ def _restore_capture(checkpoints: Checkpoints, tensors: dict[str, torch.Tensor],
     batches = [tensors[f"batch.{i}"] for i in range(state["batches"])]
     log.info("profile resumed at block %d", state["next_block"])
     return (state["next_block"], batches), state["done"]
+
+
+def measured_blocks(n_blocks: int, every: int) -> set[int]:
+    """The blocks whose tensors get KL points at `--measure-every` n: every n-th, the last, and each of
+    the first n. Alpha moves with depth (see calibrate), so both ends are measured; and it moves
+    fastest at the start: in Qwen2.5-1.5B v_proj's and o_proj's alphas fall about 100x from block 0
+    (where the massive activations are written) to block 3, and interpolating between those two put
+    blocks 1 and 2 an order of magnitude too high."""
+    return set(range(0, n_blocks, every)) | set(range(min(every, n_blocks))) | {n_blocks - 1}
 
 
 def bits_per_weight(fmt: str) -> float:
@@ -729,11 +742,12 @@ def fisher_diagonal(loaded: LoadedModel, windows: torch.Tensor, tensors: list[st
     return {n: f.cpu() for n, f in fisher.items()}
 
 
-def sample_rows(n_rows: int, fraction: float, seed: int) -> torch.Tensor:
-    """Indices of a seeded random `fraction` of `n_rows` rows (all of them at 1.0), sorted."""
-    if fraction >= 1.0:
+def sample_rows(n_rows: int, fraction: float, seed: int, min_rows: int = 1) -> torch.Tensor:
+    """Indices of a seeded random `fraction` of `n_rows` rows (all of them at 1.0), sorted, never
+    fewer than `min_rows` (all, if there are fewer)."""
+    keep = max(min(n_rows, min_rows), round(n_rows * fraction), 1)
+    if keep >= n_rows:
         return torch.arange(n_rows)
-    keep = max(1, round(n_rows * fraction))
     return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))[:keep].sort().values
 
 

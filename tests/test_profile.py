@@ -124,20 +124,28 @@ def test_expert_tie_groups(tiny_models, rule):
     assert sorted(n for g in groups for n in g) == sorted(tensors)
 
 
+def test_measured_blocks():
+    from mixq.profile import measured_blocks
+
+    assert measured_blocks(28, 3) == {0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27}
+    assert measured_blocks(28, 7) == {0, 1, 2, 3, 4, 5, 6, 7, 14, 21, 27}
+    assert measured_blocks(5, 1) == set(range(5)) == measured_blocks(5, 9)
+
+
 def test_measure_every_and_no_fisher(tmp_path, text_file):
-    """--measure-every 3 on three blocks measures blocks 0 and 2 (the last; and the embedding) only;
-    --fisher-windows 0 leaves no fisher estimator."""
+    """--measure-every 2 on five blocks measures blocks 0, 1, 2 and 4 (the first two, every second, the
+    last; and the embedding) only; --fisher-windows 0 leaves no fisher estimator."""
     from conftest import save_tiny_model
 
-    loaded = load_model(str(save_tiny_model(tmp_path / "three", num_hidden_layers=3)))
+    loaded = load_model(str(save_tiny_model(tmp_path / "five", num_hidden_layers=5)))
     calib = load_windows(loaded, WindowSpec(4, 64, text_file), first=False)
     held_out = load_windows(loaded, WindowSpec(2, 64, text_file, seed=9), first=False)
     settings = ProfileSettings(space=OptionSpace(bits=(2, 4), group_sizes=(32,), methods=("rtn",)),
-                               measure=("int2-g32", "int4-g32"), fisher_windows=0, measure_every=3, batch_size=4)
+                               measure=("int2-g32", "int4-g32"), fisher_windows=0, measure_every=2, batch_size=4)
     p = build_profile(loaded, calib, held_out, settings)
     measured = {p.tensors[t] for t in np.nonzero(np.isfinite(p.measured).any(axis=1))[0]}
-    assert measured == {n for n in p.tensors if ".layers.0." in n or ".layers.2." in n} | {"model.embed_tokens"}
-    assert np.isfinite(p.predicted("hessian+kl")).all(axis=1).any()  # the middle block: interpolated
+    assert measured == {n for n in p.tensors if any(f".layers.{b}." in n for b in (0, 1, 2, 4))} | {"model.embed_tokens"}
+    assert np.isfinite(p.predicted("hessian+kl")).all(axis=1).any()  # block 3: interpolated
     with pytest.raises(MixqError, match="no fisher errors"):
         p.predicted("fisher+kl")
 
@@ -182,7 +190,8 @@ def test_row_fraction_estimates_the_whole(tiny_llama_dir, text_file):
     space = OptionSpace(bits=(2, 4), group_sizes=(32,), methods=("rtn",))
 
     def profile(fraction):
-        settings = ProfileSettings(space=space, measure=("int2-g32", "int4-g32"), batch_size=4, row_fraction=fraction)
+        settings = ProfileSettings(space=space, measure=("int2-g32", "int4-g32"), batch_size=4, row_fraction=fraction,
+                                   min_rows=1)
         return build_profile(loaded, calib, held_out, settings)
 
     full, half = profile(1.0), profile(0.5)
@@ -191,6 +200,17 @@ def test_row_fraction_estimates_the_whole(tiny_llama_dir, text_file):
     assert 0.5 < np.median(ratio) < 2.0 and not np.allclose(ratio, 1.0)
     assert set(half.importance) == set(half.tensors) and half.importance["lm_head" if "lm_head" in half.tensors
                                                                           else "model.embed_tokens"].ndim == 1
+
+
+def test_sampled_rows_keep_small_matrices_whole():
+    import torch
+
+    from mixq.profile import sample_rows
+
+    assert sample_rows(256, 1 / 8, seed=3, min_rows=512).equal(torch.arange(256))
+    big = sample_rows(8960, 1 / 8, seed=3, min_rows=512)
+    assert len(big) == 1120 and len(set(big.tolist())) == 1120 and big.equal(big.sort().values)
+    assert len(sample_rows(1536, 1 / 8, seed=3, min_rows=512)) == 512
 
 
 @pytest.mark.parametrize("family", ["llama", "granite", "gemma2"])
