@@ -271,7 +271,7 @@ class ProfileSettings:
     row_fraction: float = 1.0  # errors (and measured KL) from this share of each tensor's rows, scaled up
     # ... but never fewer rows than this: the rows of a small matrix (a GQA model's k_proj, 2 heads of
     # 128 rows in Qwen2.5-1.5B) differ widely in how much their error moves the output (a head's
-    # rotary frequencies): 32 of those 256 rows put k_proj's KL point 1.8x below the whole matrix's,
+    # rotary frequencies): 32 of those 256 rows put k_proj's KL point 1.4-1.8x below the whole matrix's,
     # while keeping them all costs little
     min_rows: int = 512
     reconstruct: ReconstructSettings = ReconstructSettings()  # the `block` method's settings
