@@ -485,9 +485,9 @@ def write_report(args, work: Path, reference_path: Path, start: float) -> None:
         f"- Calibration for both: {args.calib_windows} x 512 tokens sampled from the reference by mixq (its data-free "
         "default), written out as text for llama-imatrix.",
         f"- mixq's options per tensor: {formats} or F16. Its profile quantized 1/{round(1 / MIXQ_ROW_FRACTION)} of "
-        f"each tensor's rows onto every type (RTN with the importance-weighted search, {MIXQ_CLIP_GRID} range "
-        f"shrinks, each refitted) and measured end-to-end KL for the tensors of one block in {MIXQ_MEASURE_EVERY} "
-        f"(and the last) on {MIXQ_HELD_OUT[0]} x {MIXQ_HELD_OUT[1]} held-out sampled tokens, the other blocks' error "
+        f"each tensor's rows (at least 512) onto every type (RTN with the importance-weighted search, {MIXQ_CLIP_GRID} "
+        f"range shrinks, each refitted) and measured end-to-end KL for the tensors of one block in {MIXQ_MEASURE_EVERY} "
+        f"(and the first {MIXQ_MEASURE_EVERY} and the last) on {MIXQ_HELD_OUT[0]} x {MIXQ_HELD_OUT[1]} held-out sampled tokens, the other blocks' error "
         "model interpolated over depth; each mixq file is the exact (MILP) plan "
         "of least predicted loss (hessian+kl) within the llama.cpp file's size, quantized either by one-shot RTN of "
         "each tensor with the profile's diag(H) (mixq rtn), or by mixq's pipeline as `mixq quantize` runs it, block "
