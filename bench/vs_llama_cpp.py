@@ -45,14 +45,16 @@ TARGET_SIZES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M")
 TARGET_RATIO = 0.6  # mixq's mean KLD over the best llama.cpp file of its size or smaller (issue 15)
 # mixq on a 1.5B model within this machine's time (2 cores): the profile quantizes 1/8 of each tensor's
 # rows onto each type (RTN with the importance-weighted search, 4 range shrinks, each refitted) and
-# measures KL for the tensors of every 3rd block and the last on 2 x 256 held-out tokens (the plan is
-# made from RTN's errors). Each plan is written twice: one-shot RTN with the profile's diag(H) (minutes), and as
+# measures KL for the tensors of every 3rd block (and the first 3 and the last) on 2 x 512 held-out
+# tokens (the plan is made from RTN's errors). Windows as long as the judge's: q_proj's and k_proj's
+# KL on 512-token windows is 1.3-1.5x that on 256-token ones, gate_proj's 1.07x, the output
+# matrix's 0.9x (block 12, attribution.md's notes), so shorter windows bias the plan. Each plan is written twice: one-shot RTN with the profile's diag(H) (minutes), and as
 # `mixq quantize` does, block by block with GPTQ wherever the type allows (an hour here).
 MIXQ_FORMATS = ("iq2_s", "q2_k", "iq3_xxs", "q3_k", "iq3_s", "iq4_xs", "iq4_nl", "q4_k", "q5_k", "q6_k")
 MIXQ_CLIP_GRID = 4
 MIXQ_MEASURE_EVERY = 3
 MIXQ_ROW_FRACTION = 1 / 8
-MIXQ_HELD_OUT = (2, 256)
+MIXQ_HELD_OUT = (2, 512)
 MIXQ_METHODS = ("rtn", "gptq")
 # GPTQ's damping (fraction of mean diag(H)): at the default 0.01, GPTQ fitted the 16k sampled
 # calibration tokens and made the Q3_K_M-size file worse than RTN (gguf.md's notes); 0.1 keeps it
