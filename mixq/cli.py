@@ -123,6 +123,9 @@ def _add_profile_settings(p: argparse.ArgumentParser) -> None:
                    help="formats whose end-to-end KL is measured per tensor to calibrate the error model "
                    "(default: 3 and 4 bits at the largest group size)")
     g.add_argument("--held-out-windows", type=int, default=4, help="windows for those measurements (default 4)")
+    g.add_argument("--held-out-text", type=_text_file, help="text for those measurements (default: text sampled "
+                   "from the model; text like what the model will read ranks tensors as its users will, "
+                   "bench/results/heldout.md)")
     g.add_argument("--row-fraction", type=float, default=1.0, help="profile this share of each tensor's rows "
                    "and scale up (errors and measured KL; rows are independent in every format), never fewer than 512 rows "
                    "of a matrix: large models")
@@ -365,6 +368,14 @@ def _calibration(args: argparse.Namespace):
     return WindowSpec(args.calib_windows, args.calib_len, args.calib_text, args.seed)
 
 
+def _held_out(args: argparse.Namespace):
+    """The profile's held-out windows: from --held-out-text at random offsets, else sampled, each with
+    its own seed (not the calibration's)."""
+    from mixq.data import WindowSpec
+
+    return WindowSpec(args.held_out_windows, args.held_out_len, args.held_out_text, HELD_OUT_SEED)
+
+
 def _resolve_window_lengths(args: argparse.Namespace, loaded) -> None:
     """Window lengths left unset become 512 tokens, or the model's context if shorter."""
     context = getattr(loaded.config.get_text_config(), "max_position_embeddings", None) or DEFAULT_SEQ_LEN
@@ -380,7 +391,7 @@ def _check_windows(args: argparse.Namespace, loaded, profiled: bool) -> None:
     _resolve_window_lengths(args, loaded)
     check_windows(loaded, _calibration(args), "--calib-windows/--calib-len")
     if profiled:
-        check_windows(loaded, WindowSpec(args.held_out_windows, args.held_out_len), "--held-out-windows/--held-out-len")
+        check_windows(loaded, _held_out(args), "--held-out-windows/--held-out-len")
     if getattr(args, "eval_text", None):
         check_windows(loaded, WindowSpec(args.eval_windows, args.eval_len), "--eval-windows/--eval-len")
 
@@ -397,7 +408,7 @@ def _checkpoints(args: argparse.Namespace, loaded):
         "mixq_version": __version__, "command": args.command, "threads": torch.get_num_threads(),
         "settings": {k: v for k, v in vars(args).items() if k not in JOB_FLAGS_OF_NO_CONSEQUENCE},
         "model_files": file_identity(files) if files else loaded.spec,
-        **{f"{flag}_file": file_identity(getattr(args, flag)) for flag in ("calib_text", "profile")
+        **{f"{flag}_file": file_identity(getattr(args, flag)) for flag in ("calib_text", "held_out_text", "profile")
            if getattr(args, flag, None)},
     }
     checkpoints = Checkpoints(work_dir(args.out), inputs, restart=args.restart)
@@ -411,16 +422,16 @@ def _checkpoints(args: argparse.Namespace, loaded):
 def _run_profile(loaded, args: argparse.Namespace, settings, checkpoints):
     """The job's profile: measured (resuming its phases from `checkpoints`), or the one an interrupted
     run finished there."""
-    from mixq.data import WindowSpec, load_windows
+    from mixq.data import load_windows
     from mixq.profile import CHECKPOINTS, Profile, build_profile
 
     saved = checkpoints.path(PROFILE_FILE)
     if saved.is_file():
         return Profile.load(saved)
     calib = load_windows(loaded, _calibration(args), first=False, device=settings.device)
-    held_out = load_windows(loaded, WindowSpec(args.held_out_windows, args.held_out_len, seed=HELD_OUT_SEED),
-                            device=settings.device)
+    held_out = load_windows(loaded, _held_out(args), first=False, device=settings.device)
     profile = build_profile(loaded, calib, held_out, settings, checkpoints)
+    profile.info["held_out"] = _held_out(args).describe()
     checkpoints.ensure()
     profile.save(saved)
     checkpoints.remove(CHECKPOINTS)  # the profile holds all they held

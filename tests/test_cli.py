@@ -192,6 +192,30 @@ def test_profile_plan_and_budget(tiny_llama_dir, text_file, tmp_path, capsys):
 
 
 
+def test_held_out_text_calibrates_the_profile(tiny_llama_dir, text_file, tmp_path, capsys):
+    """--held-out-text: the KL points are measured on that text (not on samples) and the profile says so."""
+    import numpy as np
+
+    from mixq.profile import Profile
+
+    common = ["--calib-text", text_file, "--calib-windows", 8, "--calib-len", 64, "--bits-options", "3,4",
+              "--group-sizes", "32", "--methods", "rtn", "--fisher-windows", 0, "--held-out-windows", 2,
+              "--held-out-len", 64]
+    profiles = {}
+    for label, extra in (("sampled", []), ("text", ["--held-out-text", text_file])):
+        profiles[label] = tmp_path / f"{label}.profile"
+        code, cap = run(capsys, "profile", tiny_llama_dir, *common, *extra, "--out", profiles[label])
+        assert code == 0, cap.err
+    sampled, text = (Profile.load(profiles[k]) for k in ("sampled", "text"))
+    assert "samples from the model (seed 2)" in sampled.info["held_out"]
+    assert f"text {text_file}" in text.info["held_out"]
+    measured = np.isfinite(text.measured)
+    assert measured.sum() > 0 and np.array_equal(measured, np.isfinite(sampled.measured))
+    assert not np.allclose(text.measured[measured], sampled.measured[measured], rtol=1e-3)
+    assert_refused(capsys, tmp_path, "profile", tiny_llama_dir, *common, "--held-out-text", tmp_path / "none.txt",
+                   match="none.txt")
+
+
 def test_infeasible_budget_is_refused_before_profiling(tiny_llama_dir, text_file, tmp_path, capsys):
     assert_refused(capsys, tmp_path, "quantize", tiny_llama_dir, "--budget", "1bpw", "--calib-text", text_file,
                    match="infeasible")
