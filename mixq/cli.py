@@ -429,9 +429,10 @@ def _run_profile(loaded, args: argparse.Namespace, settings, checkpoints):
     if saved.is_file():
         return Profile.load(saved)
     calib = load_windows(loaded, _calibration(args), first=False, device=settings.device)
-    held_out = load_windows(loaded, _held_out(args), first=False, device=settings.device)
+    held_out_spec = _held_out(args)
+    held_out = load_windows(loaded, held_out_spec, first=False, device=settings.device)
     profile = build_profile(loaded, calib, held_out, settings, checkpoints)
-    profile.info["held_out"] = _held_out(args).describe()
+    profile.info["held_out"] = held_out_spec.describe()
     checkpoints.ensure()
     profile.save(saved)
     checkpoints.remove(CHECKPOINTS)  # the profile holds all they held
