@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import commit, machine, write_result  # noqa: E402
+from provenance import STANDIN_DIR, commit, machine, model_name, reference, write_result  # noqa: E402
 from vs_llama_cpp import run as sh  # noqa: E402  (a tool's run, logged, failing loudly)
 
 from mixq.evaluate import agreement_with_top_k  # noqa: E402
@@ -49,6 +49,8 @@ PLANS = [
     ("mix 5.0bpw", "gguf", ["--budget", "5.0bpw", "--target", "gguf"]),
 ]
 TOP_K = 100
+# A GGUF, so that llama.cpp tokenizes and scores the reference itself
+SMOLLM2_STANDIN_GGUF = STANDIN_DIR / "smollm2-135m" / "smollm2-135m-standin-f32.gguf"
 GENERATE = 64
 
 
@@ -106,7 +108,9 @@ def vllm_run(ct: Path, windows: torch.Tensor, work: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default=str(SMOLLM2_STANDIN_GGUF),
+                    help="a GGUF model (llama.cpp's tools read it; default: SmolLM2's full-precision stand-in, "
+                         "made by bench/standin.py)")
     ap.add_argument("--text", required=True, type=Path)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=4)
@@ -165,10 +169,9 @@ def main() -> None:
               "|------|------|--------|-------|--------|------------------|-----------|--------------|\n")
     body = "".join(f"| {p} | {f} | {e} | {b:,} | {ld:.1f} | {k:.4f} | {m:.4f} | {s:.1f} |\n"
                    for p, f, e, b, ld, k, m, s in rows)
-    text = (f"# Deploy: mixq's outputs in the engines that run them ({args.model})\n\n"
+    text = (f"# Deploy: mixq's outputs in the engines that run them ({model_name(args.model)})\n\n"
             f"- Machine: {machine()}; commit {commit()}\n"
-            f"- Reference: mixq's float32 evaluation of the unquantized model ({args.model}: its shipped "
-            "weights dequantized, which are themselves quantized)\n"
+            f"- Reference: {reference(args.model)}; mixq's float32 evaluation of it\n"
             f"- Windows: {args.chunks} x {args.ctx} tokens of `{args.text.name}` as llama.cpp tokenizes it; "
             f"KL on the second half of each window ({len(windows) * (args.ctx - 1 - first)} positions), "
             "as llama-perplexity scores it\n"
