@@ -60,6 +60,11 @@ MIXQ_METHODS = ("rtn", "gptq")
 # calibration tokens and made the Q3_K_M-size file worse than RTN (gguf.md's notes); 0.1 keeps it
 # from pushing error into directions that text barely spans.
 MIXQ_GPTQ_DAMP = 0.1
+# ... and GPTQ only where the calibration text has this many tokens per input column, RTN elsewhere:
+# on 16k sampled tokens GPTQ's output error on WikiText was 0.49-1.07x RTN's for the 1536-wide inputs
+# (10.7 tokens a column) but 1.2-1.8x for the 8960-wide down_proj (1.8; bench/gptq_holdout.py), and
+# at Q4_K_M's size GPTQ everywhere measured as RTN did while GPTQ but on down_proj gained 3%.
+MIXQ_GPTQ_TOKENS_PER_COLUMN = 4
 
 
 def run(cmd: list[str], log: Path) -> str:
@@ -370,9 +375,9 @@ def rtn_run(loaded, profile, plan, run_dir: Path) -> None:
 def gptq_run(loaded, plan, run_dir: Path, resume: Path, calib_windows: int) -> None:
     """The plan as mixq's native output in `run_dir`, quantized by mixq's own pipeline (`quantize_model`,
     as `mixq quantize` runs it) on the calibration windows llama-imatrix read: block by block, the
-    quantized blocks' outputs the next one's inputs, GPTQ on every tensor (k-quants, IQ4 and lattice
-    types alike), RTN on the input embedding (and a tied output matrix), which have no whole H. A
-    stopped run resumes from its checkpoints in `resume`."""
+    quantized blocks' outputs the next one's inputs, GPTQ on the tensors `file_options` gives it
+    (k-quants, IQ4 and lattice types alike), RTN on the others. A stopped run resumes from its
+    checkpoints in `resume`."""
     from mixq.checkpoint import Checkpoints, file_identity
     from mixq.data import WindowSpec, load_windows
     from mixq.export import native
@@ -380,8 +385,8 @@ def gptq_run(loaded, plan, run_dir: Path, resume: Path, calib_windows: int) -> N
     from mixq.quantize import quantize_model
 
     settings = MethodSettings(clip_grid=MIXQ_CLIP_GRID, damp=MIXQ_GPTQ_DAMP)
-    options = file_options(loaded, plan)
     calib = load_windows(loaded, WindowSpec(calib_windows, 512, seed=0))
+    options = file_options(loaded, plan, calib.numel())
     checkpoints = Checkpoints(resume, {
         "model": file_identity(Path(loaded.spec)), "options": {n: o.name for n, o in options.items()},
         "calib_windows": calib_windows, "settings": repr(settings)})
@@ -390,19 +395,22 @@ def gptq_run(loaded, plan, run_dir: Path, resume: Path, calib_windows: int) -> N
     checkpoints.discard()
 
 
-def file_options(loaded, plan) -> dict:
+def file_options(loaded, plan, calib_tokens: int) -> dict:
     """The plan's formats, each with GPTQ, or RTN where GPTQ cannot round (the input embedding, and a
-    tied output matrix: no whole H)."""
+    tied output matrix: no whole H) or would fit the calibration text's noise (fewer than
+    MIXQ_GPTQ_TOKENS_PER_COLUMN tokens per input column)."""
     from mixq.formats import parse_format
     from mixq.methods import supports
     from mixq.options import Option
 
     rtn_only = set(loaded.rtn_only())
+    plannable = loaded.plannable()
     options = {}
     for name, option in plan.options.items():
         option = Option.parse(option)
         if not option.is_keep:
-            gptq = name not in rtn_only and supports("gptq", parse_format(option.format))
+            enough_text = calib_tokens >= MIXQ_GPTQ_TOKENS_PER_COLUMN * plannable[name].shape[1]
+            gptq = name not in rtn_only and enough_text and supports("gptq", parse_format(option.format))
             option = Option(option.format, "gptq" if gptq else "rtn")
         options[name] = option
     return options
@@ -493,8 +501,10 @@ def write_report(args, work: Path, reference_path: Path, start: float) -> None:
         "model interpolated over depth; each mixq file is the exact (MILP) plan "
         "of least predicted loss (hessian+kl) within the llama.cpp file's size, quantized either by one-shot RTN of "
         "each tensor with the profile's diag(H) (mixq rtn), or by mixq's pipeline as `mixq quantize` runs it, block "
-        "by block on the calibration windows with GPTQ on every tensor with a whole H (all but the input embedding, "
-        f"and a tied output matrix; damping {MIXQ_GPTQ_DAMP} of mean diag(H)) (mixq gptq). {profile_info}"
+        "by block on the calibration windows with GPTQ on every tensor with a whole H and at least "
+        f"{MIXQ_GPTQ_TOKENS_PER_COLUMN} calibration tokens per input column (all but the input embedding, a tied "
+        f"output matrix, and inputs wider than {args.calib_windows * 512 // MIXQ_GPTQ_TOKENS_PER_COLUMN}; damping "
+        f"{MIXQ_GPTQ_DAMP} of mean diag(H)), RTN on the others (mixq gptq). {profile_info}"
         + " ".join(f"Each {m} file took {min(t)}-{max(t)} s to make." for m, t in quantize_seconds.items() if t),
         *refused,
         "",
