@@ -505,7 +505,8 @@ def write_report(args, work: Path, reference_path: Path, start: float) -> None:
         f"{MIXQ_GPTQ_TOKENS_PER_COLUMN} calibration tokens per input column (all but the input embedding, a tied "
         f"output matrix, and inputs wider than {args.calib_windows * 512 // MIXQ_GPTQ_TOKENS_PER_COLUMN}; damping "
         f"{MIXQ_GPTQ_DAMP} of mean diag(H)), RTN on the others (mixq gptq). {profile_info}"
-        + " ".join(f"Each {m} file took {min(t)}-{max(t)} s to make." for m, t in quantize_seconds.items() if t),
+        + " ".join(f"{m} files took {min(t)}-{max(t)} s each to make." if len(t) > 1 else
+                   f"The {m} file took {t[0]} s to make." for m, t in quantize_seconds.items() if t),
         *refused,
         "",
         markdown_table(["maker", "file", "imatrix", "bytes", "bpw", "mean KLD", "KLD p99", "same top", "PPL"], table),
