@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import STANDIN_DIR, commit, machine, model_name, reference, write_result  # noqa: E402
+from provenance import STANDIN_DIR, commit, machine, model_name, write_result  # noqa: E402
+from provenance import reference as reference_text  # noqa: E402  (`reference` below: its log-probabilities)
 from vs_llama_cpp import run as sh  # noqa: E402  (a tool's run, logged, failing loudly)
 
 from mixq.evaluate import agreement_with_top_k  # noqa: E402
@@ -171,7 +172,7 @@ def main() -> None:
                    for p, f, e, b, ld, k, m, s in rows)
     text = (f"# Deploy: mixq's outputs in the engines that run them ({model_name(args.model)})\n\n"
             f"- Machine: {machine()}; commit {commit()}\n"
-            f"- Reference: {reference(args.model)}; mixq's float32 evaluation of it\n"
+            f"- Reference: {reference_text(args.model)}; mixq's float32 evaluation of it\n"
             f"- Windows: {args.chunks} x {args.ctx} tokens of `{args.text.name}` as llama.cpp tokenizes it; "
             f"KL on the second half of each window ({len(windows) * (args.ctx - 1 - first)} positions), "
             "as llama-perplexity scores it\n"
