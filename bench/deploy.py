@@ -118,6 +118,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/bench-deploy"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "deploy.md")
     args = ap.parse_args()
+    if args.model == str(SMOLLM2_STANDIN_GGUF) and not SMOLLM2_STANDIN_GGUF.is_file():
+        sys.exit(f"mixq: error: {SMOLLM2_STANDIN_GGUF} is missing: make it with "
+                 f"`python bench/standin.py --text {args.text}`")
     args.work.mkdir(parents=True, exist_ok=True)
     loaded = load_model(args.model)
 
