@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from mixq.checkpoint import work_dir
 
 pytestmark = pytest.mark.slow
 N_BLOCKS = 3
+KILLER = Path(__file__).with_name("killed_at_checkpoint.py")
 
 
 @pytest.fixture(scope="module")
@@ -47,32 +49,22 @@ def uninterrupted(job, tmp_path_factory):
     return out, time.perf_counter() - start
 
 
-def checkpoint_marks(resume):
-    """What changes each time a checkpoint is written or dropped: the checkpoint files there and
-    their inodes (each write renames a new file into place)."""
-    try:
-        return tuple(sorted((p.name, p.stat().st_ino) for p in resume.iterdir()
-                            if p.suffix in (".safetensors", ".profile") and not p.name.startswith(".")))
-    except FileNotFoundError:
-        return ()
-
-
 def killed_after(job, out, n_checkpoints=None, seconds=None):
-    """Start the job, SIGKILL it after its n-th checkpoint write (or after `seconds`); True if it was
-    killed before it finished."""
+    """Run the job and SIGKILL it right after its n-th checkpoint change (tests/killed_at_checkpoint.py),
+    or after `seconds`; True if it was killed before it finished."""
+    if n_checkpoints is not None:
+        done = subprocess.run([sys.executable, str(KILLER), str(n_checkpoints), *job, "--out", str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert done.returncode in (0, -signal.SIGKILL), done.stderr[-2000:]
+        return done.returncode == -signal.SIGKILL
     proc = subprocess.Popen(command(job, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    resume, seen, last, start = work_dir(out), 0, (), time.perf_counter()
-    while proc.poll() is None:
-        marks = checkpoint_marks(resume)
-        if marks != last and marks:
-            seen, last = seen + 1, marks
-        if (n_checkpoints is not None and seen >= n_checkpoints) or \
-                (seconds is not None and time.perf_counter() - start >= seconds):
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return True
-        time.sleep(0.002)
-    return False
+    try:
+        proc.wait(timeout=seconds)
+        return False
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return True
 
 
 def assert_same_output(out, whole):
