@@ -117,7 +117,7 @@ def _add_profile_settings(p: argparse.ArgumentParser) -> None:
                    "methods, symmetric, keep_16bit); flags override it")
     g.add_argument("--tie", default="none", help="none; fused: matrices of a block that read one input share "
                    "one option (q/k/v, gate/up, all experts of a stack); experts: only each stack's experts do; "
-                   "all-experts: every expert of the model does")
+                   "all-experts: every expert of the model does; fused+all-experts: both")
     g.add_argument("--fisher-windows", type=int, default=8, help="calibration windows with a backward pass (default 8)")
     g.add_argument("--measure", type=_str_list, default=(),
                    help="formats whose end-to-end KL is measured per tensor to calibrate the error model "

@@ -231,23 +231,25 @@ def calibrate(raw: np.ndarray, measured: np.ndarray, kinds: list[str], blocks: l
         return np.where(np.isfinite(raw), np.exp(log_alpha)[:, None] * np.power(raw, beta), np.inf)
 
 
-TIE_RULES = ("none", "fused", "experts", "all-experts")
+TIE_RULES = ("none", "fused", "experts", "all-experts", "fused+all-experts")
 
 
 def tie_groups(loaded: LoadedModel, tensors: list[str], tie: str) -> list[list[int]]:
     """Groups of tensor indices that share one option: none; fused: the matrices of each block that
     read one input (q/k/v, gate/up; an expert stack's experts); experts: only each stack's experts
     (what engines without per-expert kernels need); all-experts: every expert of the model (what
-    transformers reads compressed experts with: one scheme)."""
+    transformers reads compressed experts with: one scheme); fused+all-experts: both (vLLM, which
+    fuses q/k/v and gate/up, and reads a compressed-tensors export's experts in one scheme)."""
     if tie not in TIE_RULES:
         raise MixqError(f"unknown tie rule {tie!r}: {', '.join(TIE_RULES)}")
     if tie == "none":
         return [[t] for t in range(len(tensors))]
-    index = {n: t for t, n in enumerate(tensors)}
     refs = loaded.plannable()
-    if tie == "all-experts":
-        experts = [t for t, n in enumerate(tensors) if refs[n].expert is not None]
-        return [experts] * bool(experts) + [[t] for t, n in enumerate(tensors) if refs[n].expert is None]
+    if tie in ("all-experts", "fused+all-experts"):
+        others = tie_groups(loaded, tensors, "none" if tie == "all-experts" else "fused")
+        experts = [t for g in others for t in g if refs[tensors[t]].expert is not None]
+        return [experts] * bool(experts) + [g for g in others if refs[tensors[g[0]]].expert is None]
+    index = {n: t for t, n in enumerate(tensors)}
     groups = []
     for b in range(loaded.n_blocks):
         for stage in loaded.block_stages(b):

@@ -124,6 +124,20 @@ def test_expert_tie_groups(tiny_models, rule):
     assert sorted(n for g in groups for n in g) == sorted(tensors)
 
 
+def test_fused_and_all_experts_tie_groups(tiny_models):
+    """vLLM's rule: q/k/v and gate/up tied as fused, and every expert of the model in one group."""
+    from mixq.profile import tie_groups
+
+    loaded = load_model(str(tiny_models("qwen3_moe")))
+    tensors = list(loaded.plannable())
+    groups = [[tensors[t] for t in g] for g in tie_groups(loaded, tensors, "fused+all-experts")]
+    experts = [g for g in groups if any(".experts." in n for n in g)]
+    assert len(experts) == 1 and len(experts[0]) == 2 * 2 * 4  # 2 blocks x (gate/up, down) x 4 experts
+    assert all(".experts." in n for n in experts[0])
+    assert sum(1 for g in groups if g[0].endswith("q_proj") and len(g) == 3) == 2  # q/k/v of each block
+    assert sorted(n for g in groups for n in g) == sorted(tensors)
+
+
 def test_measured_blocks():
     from mixq.profile import measured_blocks
 

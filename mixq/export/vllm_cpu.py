@@ -57,18 +57,26 @@ def time_matmuls(cases: list[tuple[str, int, int, int]], threads: int, repeats: 
 def file_matmuls(model_dir: Path) -> list[tuple[str, int, int, int]]:
     """The (kernel, rows, cols, 1) products vLLM runs for one decoded token of a compressed-tensors
     directory: every linear (the output layer included) but the looked-up token embedding; each in
-    the scheme of its config group, 16-bit where it is in none."""
+    the scheme of its config group, 16-bit where it is in none. Of a layer's experts, those a token
+    is routed to (num_experts_per_tok), each timed as the linear kernel of its scheme, as the GGUF
+    target times llama.cpp's expert products."""
     from safetensors import safe_open
 
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    schemes = {}
+    schemes, patterns = {}, []
     for group in config.get("quantization_config", {}).get("config_groups", {}).values():
         w = group["weights"]
         if w["num_bits"] != 4 or w["type"] != "int":
             raise MixqError(f"{model_dir}: a {w['num_bits']}-bit {w['type']} scheme; vLLM's CPU build runs 4-bit "
                             "integer weights only")
         fmt = IntFormat(4, w.get("group_size") or 0, bool(w["symmetric"]))
-        schemes.update({name: kernel_of(fmt.name) for name in group["targets"]})
+        schemes.update({name: kernel_of(fmt.name) for name in group["targets"] if not name.startswith("re:")})
+        patterns += [(re.compile(name[3:]), kernel_of(fmt.name)) for name in group["targets"] if name.startswith("re:")]
+    routed = config.get("num_experts_per_tok", 0)
+
+    def scheme(name: str) -> str:
+        return schemes.get(name) or next(kernel for pattern, kernel in patterns if pattern.fullmatch(name))
+
     cases = []
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
@@ -78,9 +86,14 @@ def file_matmuls(model_dir: Path) -> list[tuple[str, int, int, int]]:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 shape = f.get_slice(key).get_shape()
+                expert = re.search(r"\.experts\.(\d+)\.", key)
+                if expert and not routed:
+                    raise MixqError(f"{model_dir}: it holds experts but its config.json no num_experts_per_tok")
+                if expert and int(expert[1]) >= routed:
+                    continue  # the first `routed` experts of a layer stand for the ones a token is sent to
                 if key.endswith(".weight_packed"):
                     name = key.removesuffix(".weight_packed")
-                    cases.append((schemes[name], shape[0], shape[1] * 8, 1))  # 8 4-bit codes per int32
+                    cases.append((scheme(name), shape[0], shape[1] * 8, 1))  # 8 4-bit codes per int32
                 elif key.endswith(".weight") and len(shape) == 2 and ("embed_tokens" not in key or tied):
                     cases.append(("dense", shape[0], shape[1], 1))
     return cases

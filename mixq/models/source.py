@@ -83,6 +83,10 @@ class WeightSource:
         their own, else None."""
         return None
 
+    def checkpoint_key(self, name: str) -> str:
+        """The key parameter `name` is stored under in the source (what other engines load it by)."""
+        return name
+
     def __contains__(self, name: str) -> bool:
         return name in self.names
 
@@ -129,18 +133,21 @@ class SafetensorsSource(WeightSource):
     def rows(self, name: str, rows: slice) -> torch.Tensor:
         return self._read(name, rows)
 
-    def _read(self, name: str, rows: slice | None) -> torch.Tensor:
+    def checkpoint_key(self, name: str) -> str:
         renamed = name.replace(".mlp.", ".block_sparse_moe.")  # Mixtral's checkpoint name of its MoE
-        for key in (name, renamed):
-            if key in self._where:
-                # A view of the file, mapped while the view lives: the file is opened per tensor so
-                # that pages read once do not stay resident (a handle kept open keeps every page it
-                # touched, the whole model by the end of a run).
-                try:
-                    with safe_open(str(self._where[key]), framework="pt") as f:
-                        return f.get_tensor(key) if rows is None else f.get_slice(key)[rows]
-                except Exception as e:  # the file changed since it was opened, or lies about a tensor
-                    raise MixqError(f"cannot read {key} from {self._where[key]}: {e}") from None
+        return renamed if name not in self._where and renamed in self._where else name
+
+    def _read(self, name: str, rows: slice | None) -> torch.Tensor:
+        key = self.checkpoint_key(name)
+        if key in self._where:
+            # A view of the file, mapped while the view lives: the file is opened per tensor so that
+            # pages read once do not stay resident (a handle kept open keeps every page it touched,
+            # the whole model by the end of a run).
+            try:
+                with safe_open(str(self._where[key]), framework="pt") as f:
+                    return f.get_tensor(key) if rows is None else f.get_slice(key)[rows]
+            except Exception as e:  # the file changed since it was opened, or lies about a tensor
+                raise MixqError(f"cannot read {key} from {self._where[key]}: {e}") from None
         stack = self._stack(name)
         return stack if rows is None else stack[rows]
 
