@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import REFERENCE_LINE, commit, machine, model_name, reference, write_result  # noqa: E402
 from vs_llama_cpp import (  # noqa: E402  (the head-to-head's reference, files and judge)
-    llama_bin, llama_files, measure, mixq_gguf, mixq_profile, prepare, reference_arguments,
+    llama_bin, llama_files, measure, mixq_gguf, mixq_profile, prepare, ratio_interval, reference_arguments,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,10 +112,11 @@ def main() -> None:
         row = measure(binp, work, out, args.text, args.chunks, args.threads, into="measured-latency")
         rows.append(dict(row, maker="mixq", kind=kind, limit=bound, predicted=plan.limited[limit.name],
                          seconds=decode_time(out, work, args.threads)))
-    write_report(args, rows, refused, table, reference_path, start)
+    write_report(args, work, rows, refused, table, reference_path, start)
 
 
-def write_report(args, rows: list[dict], refused: list[str], table, reference_path: Path, start: float) -> None:
+def write_report(args, work: Path, rows: list[dict], refused: list[str], table, reference_path: Path,
+                 start: float) -> None:
     from mixq.latency import show_seconds
     from mixq.report import markdown_table
 
@@ -139,7 +140,7 @@ def write_report(args, rows: list[dict], refused: list[str], table, reference_pa
             f"{r['predicted'] / r['seconds'] - 1:+.1%}", f"{r['kld']:.5f}",
             f"{best['kind']} ({ms(best['seconds'])})" if best else "none as fast",
             f"{best['kld']:.5f}" if best else "", f"{ratio:.3f}" if ratio else "",
-            ("yes" if ratio <= TARGET_RATIO else "no") if ratio else ""])
+            ratio_interval(work, r, best) if best else "", ("yes" if ratio <= TARGET_RATIO else "no") if ratio else ""])
     fit = table.fit
     command = "python bench/latency.py " + shlex.join(sys.argv[1:])
     text = "\n".join([
@@ -165,10 +166,12 @@ def write_report(args, rows: list[dict], refused: list[str], table, reference_pa
         files,
         "",
         f"Each mixq file against the llama.cpp file of least KLD among those measured at least as fast (target: "
-        f"KLD ratio <= {TARGET_RATIO}), and mixq's predicted time against its measured one (target: within 10%):",
+        f"KLD ratio <= {TARGET_RATIO}; its 95% interval bootstraps both files' per-chunk KLDs over the {args.chunks} "
+        "chunks together), and mixq's predicted time against its measured one (target: within 10%):",
         "",
         markdown_table(["limit (llama.cpp type's ms)", "mixq predicted ms", "mixq measured ms", "predicted error",
-                        "mixq KLD", "best llama.cpp as fast", "its KLD", "ratio", f"<= {TARGET_RATIO}"], versus),
+                        "mixq KLD", "best llama.cpp as fast", "its KLD", "ratio", "ratio 95% interval",
+                        f"<= {TARGET_RATIO}"], versus),
         "",
         *refused,
         "",

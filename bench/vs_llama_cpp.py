@@ -426,7 +426,37 @@ def labelled(row: dict) -> dict:
     return defaults | row
 
 
-def size_ratios(rows: list[dict]) -> list[list]:
+def chunk_klds(work: Path, gguf_name: str) -> torch.Tensor | None:
+    """Each chunk's mean KLD from llama-perplexity's log of `gguf_name` (it prints the running mean after
+    each chunk, every chunk scoring the same number of tokens), or None without a log."""
+    import torch
+
+    log = work / "logs" / f"{gguf_name}.ppl.log"
+    if not log.is_file():
+        return None
+    running = [float(m[1]) for m in re.finditer(
+        r"^\s*\d+\s+[\d.]+ ±\s+[\d.]+\s+-?[\d.]+ ±\s+[\d.]+\s+(-?[\d.]+) ±", log.read_text(), re.M)]
+    totals = torch.tensor(running, dtype=torch.float64) * torch.arange(1, len(running) + 1)
+    return torch.diff(totals, prepend=torch.zeros(1, dtype=torch.float64))
+
+
+def ratio_interval(work: Path, ours: dict, theirs: dict, level: float = 0.95) -> str:
+    """The percentile bootstrap interval of the KLD ratio of two files judged on the same chunks (the
+    chunks resampled together, so what they share cancels)."""
+    import torch
+
+    from mixq.evaluate import BOOTSTRAP_RESAMPLES
+
+    a, b = chunk_klds(work, ours["file"]), chunk_klds(work, theirs["file"])
+    if a is None or b is None or len(a) != len(b) or not len(a):
+        return "-"
+    picks = torch.randint(0, len(a), (BOOTSTRAP_RESAMPLES, len(a)), generator=torch.Generator().manual_seed(0))
+    ratios = a[picks].sum(1) / b[picks].sum(1)
+    lo, hi = torch.quantile(ratios, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return f"{lo:.3f} - {hi:.3f}"
+
+
+def size_ratios(rows: list[dict], work: Path) -> list[list]:
     """Each mixq file against the llama.cpp file of least KLD among those no larger than the file of the
     type mixq was planned to (mixq's own file is that size or a few bytes smaller)."""
     out = []
@@ -439,7 +469,7 @@ def size_ratios(rows: list[dict]) -> list[list]:
         ratio = ours["kld"] / best["kld"]
         label = f"{best['kind']}{' + imatrix' if best.get('imatrix') else ''}"
         out.append([ours["kind"], ours["method"], ours["bytes"], label, best["bytes"], f"{best['kld']:.5f}", f"{ours['kld']:.5f}",
-                    f"{ratio:.3f}", "yes" if ratio <= TARGET_RATIO else "no"])
+                    f"{ratio:.3f}", ratio_interval(work, ours, best), "yes" if ratio <= TARGET_RATIO else "no"])
     return out
 
 
@@ -511,10 +541,12 @@ def write_report(args, work: Path, reference_path: Path, start: float) -> None:
         "",
         markdown_table(["maker", "file", "imatrix", "bytes", "bpw", "mean KLD", "KLD p99", "same top", "PPL"], table),
         "",
-        f"mixq's mean KLD over the best llama.cpp file of its size or smaller (target <= {TARGET_RATIO}):",
+        f"mixq's mean KLD over the best llama.cpp file of its size or smaller (target <= {TARGET_RATIO}), with a 95% "
+        f"interval: both files' per-chunk KLDs (from llama-perplexity's running means) bootstrapped over the "
+        f"{args.chunks} chunks together:",
         "",
         markdown_table(["size of", "mixq method", "mixq bytes", "best llama.cpp file", "its bytes", "its KLD", "mixq KLD", "ratio",
-                        f"<= {TARGET_RATIO}"], size_ratios(rows)),
+                        "ratio 95% interval", f"<= {TARGET_RATIO}"], size_ratios(rows, work)),
         "",
     ])
     write_result(ROOT / "bench" / "results" / "gguf.md", text, [command])
