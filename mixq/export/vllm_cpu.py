@@ -88,7 +88,7 @@ def file_matmuls(model_dir: Path) -> list[tuple[str, int, int, int]]:
                 shape = f.get_slice(key).get_shape()
                 expert = re.search(r"\.experts\.(\d+)\.", key)
                 if expert and not routed:
-                    raise MixqError(f"{model_dir}: it holds experts but its config.json no num_experts_per_tok")
+                    raise MixqError(f"{model_dir}: it holds experts but its config.json has no num_experts_per_tok")
                 if expert and int(expert[1]) >= routed:
                     continue  # the first `routed` experts of a layer stand for the ones a token is sent to
                 if key.endswith(".weight_packed"):
