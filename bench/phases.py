@@ -12,8 +12,9 @@ Each command runs in its own process under /usr/bin/time (wall seconds, peak RSS
 phases come from its own clock (`seconds` in the profile's info). The work of a phase is counted as
 the matrix products of its linear layers (attention's score products, norms and elementwise work
 left out), from the model's shapes and what the profile measured:
-- capture: one forward of every block over the calibration tokens (bfloat16 matmuls), and
-  H = sum x^T x of each distinct input, the head's included (float32: 2 x tokens x cols^2 each);
+- capture: one forward of every block over the calibration tokens (in the profile's `passes`
+  precision: bfloat16 where the CPU multiplies it in hardware), and H = sum x^T x of each distinct
+  input, the head's included (float32: 2 x tokens x cols^2 each);
 - fisher: forward and backward (3x) of the whole model, head included, over its windows;
 - errors (the profile's quantize phase): per tensor, GPTQ's updates for each stack of grids that
   share a group length (k grids x rows x cols^2) and one (rows x cols) x (cols x cols) product per
@@ -111,7 +112,10 @@ def phase_gflop(profile: Profile, loaded) -> dict[str, dict[str, float]]:
     if head:
         inputs.append(refs[loaded.head_name].shape[1])
     statistics = 2 * calib_tokens * sum(cols**2 for cols in inputs)
-    return {"capture": {"bfloat16": 2 * calib_tokens * block_params.sum() / 1e9, "float32": statistics / 1e9},
+    capture = {"float32": statistics / 1e9}
+    passes = "float32" if profile.info.get("passes") == "float32" else "bfloat16"  # bfloat16 before it was recorded
+    capture[passes] = capture.get(passes, 0.0) + 2 * calib_tokens * block_params.sum() / 1e9
+    return {"capture": capture,
             "fisher": {"float32": 6 * fisher_tokens * (block_params.sum() + head) / 1e9},
             "quantize": {"float32": errors / 1e9}, "measure": measure}
 

@@ -5,8 +5,9 @@
 On SmolLM2-135M (the embedded default model):
 - sampling calibration text (the data-free default): transformers' own decoding (float32 weights,
   `DynamicCache`, SDPA attention, one token per step for a batch of windows) against mixq's
-  (`mixq.decode`: bfloat16 weights, a preallocated cache and a one-token attention), both drawing
-  with `mixq.data.draw`, on the same batch;
+  (`mixq.decode`: weights in the device's fast precision, a preallocated cache and a one-token
+  attention), both drawing with `mixq.data.draw`, on the same batch; and mixq's decoding in the
+  other precision;
 - within mixq's decoding, drawing the tokens: one float64 inversion of each row's distribution
   over the whole vocabulary (before) against `mixq.data.draw`'s inversion by chunks, from the same
   uniform numbers (the windows drawn are compared);
@@ -16,9 +17,14 @@ On SmolLM2-135M (the embedded default model):
   log-probabilities (what the profile did before) against `KLToReference`, timed on the KL alone
   (the remaining blocks are the same for both), and the two values compared on real points (every
   matrix of three blocks quantized alone to int3-g128 and int4-g128 by RTN);
-- the blocks after a point's own block: float32 forwards (before) against replaying them from the
+- the blocks after a point's own block: float32 forwards against replaying them from the
   reference run's tapes with bfloat16 differences (`runner.LinearTape`), timed per block and
   compared on the same points.
+
+"now" is what mixq does on this machine: its passes multiply in `runner.fast_matmul_dtype` (bfloat16
+only where the CPU has it in hardware) and its KL points run taped only there (`profile.tapes_fit`);
+"before" is the other way, which mixq did before it chose (bfloat16 passes and tapes on any CPU, or
+float32 passes before bfloat16 ones came in).
 """
 
 from __future__ import annotations
@@ -51,6 +57,18 @@ def timed(fn, repeats: int = 1) -> tuple[float, object]:
         out = fn()
         best = min(best, time.perf_counter() - start)
     return best, out
+
+
+def precisions() -> tuple[torch.dtype, torch.dtype]:
+    """(the precision mixq's passes take on this CPU, the other one)."""
+    from mixq.runner import fast_matmul_dtype
+
+    picked = fast_matmul_dtype("cpu")
+    return picked, torch.float32 if picked == torch.bfloat16 else torch.bfloat16
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def decode_transformers(loaded, n: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -91,8 +109,10 @@ def sampling_rows(loaded, n: int, seq_len: int) -> list[list]:
     tokens = n * (seq_len - 1)
     base_s, _ = timed(lambda: decode_transformers(loaded, n, seq_len, seed=0))
 
-    def sample(draw) -> tuple[float, float, torch.Tensor]:
-        """Seconds of the whole sampling, seconds inside `draw`, and the windows drawn."""
+    picked, other = precisions()
+
+    def sample(draw, dtype: torch.dtype = picked) -> tuple[float, float, torch.Tensor]:
+        """Seconds of the whole sampling in `dtype`, seconds inside `draw`, and the windows drawn."""
         chosen, inside = data.draw, []
 
         def timed_draw(logits, gen):
@@ -104,17 +124,22 @@ def sampling_rows(loaded, n: int, seq_len: int) -> list[list]:
         with tempfile.TemporaryDirectory() as cache:
             data.CACHE_DIR, data.draw = Path(cache), timed_draw
             try:
-                seconds, ids = timed(lambda: data.sample_windows(loaded, n, seq_len, seed=0, batch_size=n))
+                seconds, ids = timed(lambda: data.sample_windows(loaded, n, seq_len, seed=0, batch_size=n,
+                                                                 dtype=dtype))
             finally:
                 data.draw = chosen
         return seconds, sum(inside), ids
 
     mixq_s, draw_s, ids = sample(data.draw)
+    other_s, _, _ = sample(data.draw, other)
     whole_s, whole_draw_s, ids_whole = sample(draw_whole_vocabulary)
     same = int((ids == ids_whole).sum())
     return [["sampling", f"{n} x {seq_len} tokens, one batch", "transformers float32, DynamicCache, SDPA",
-             f"{base_s:.1f} s ({tokens / base_s:.0f} tok/s)", "mixq.decode bfloat16",
+             f"{base_s:.1f} s ({tokens / base_s:.0f} tok/s)", f"mixq.decode {dtype_name(picked)}",
              f"{mixq_s:.1f} s ({tokens / mixq_s:.0f} tok/s)", f"{base_s / mixq_s:.2f}x"],
+            ["sampling: precision", "the same", f"mixq.decode {dtype_name(other)}",
+             f"{other_s:.1f} s ({tokens / other_s:.0f} tok/s)", f"mixq.decode {dtype_name(picked)}",
+             f"{mixq_s:.1f} s ({tokens / mixq_s:.0f} tok/s)", f"{other_s / mixq_s:.2f}x"],
             ["sampling: drawing the tokens", "the same; time inside the draws (whole sampling)",
              "float64 inversion, whole vocabulary", f"{whole_draw_s:.1f} s ({whole_s:.1f} s)",
              f"inversion by chunks of 1024 (same token at {same} of {ids.numel()} places)",
@@ -137,17 +162,18 @@ def block_rows(loaded, windows: torch.Tensor) -> list[list]:
             if dtype == torch.float32:
                 batches = out  # each block on its true input (bfloat16 timed on the same inputs)
         seconds[dtype] = total / loaded.n_blocks
-    f32, b16 = seconds[torch.float32], seconds[torch.bfloat16]
-    tokens = windows.numel()
-    return [["one block pass", f"{tokens} tokens, mean of {loaded.n_blocks} blocks", "float32 matmuls",
-             f"{f32 * 1e3:.0f} ms", "bfloat16 matmuls (autocast)", f"{b16 * 1e3:.0f} ms", f"{f32 / b16:.2f}x"]]
+    picked, other = precisions()
+    label = {torch.float32: "float32 matmuls", torch.bfloat16: "bfloat16 matmuls (autocast)"}
+    return [["one block pass", f"{windows.numel()} tokens, mean of {loaded.n_blocks} blocks", label[other],
+             f"{seconds[other] * 1e3:.0f} ms", label[picked], f"{seconds[picked] * 1e3:.0f} ms",
+             f"{seconds[other] / seconds[picked]:.2f}x"]]
 
 
 def kl_rows(loaded, windows: torch.Tensor) -> tuple[list[list], list[list]]:
     """Times of one KL point's two parts, before and after, and the values both ways on real points."""
     from mixq.formats import parse_format
     from mixq.methods import MethodSettings, get_method
-    from mixq.profile import KLToReference
+    from mixq.profile import KLToReference, tapes_fit
     from mixq.runner import BlockRunner
 
     runner = BlockRunner(loaded)
@@ -202,14 +228,16 @@ def kl_rows(loaded, windows: torch.Tensor) -> tuple[list[list], list[list]]:
                 values.append([name.removeprefix("model.layers."), fmt, f"{full:.6f}", f"{terms:.6f}",
                                f"{abs(terms - full) / full:.1e}", f"{taped:.6f}", f"{(taped - terms) / terms:+.1e}"])
     full_s, terms_s = (sum(v) / len(v) for v in (times["full"], times["terms"]))
-    f32_s, taped_s = (sum(times[k]) / blocks_run for k in ("float32", "taped"))
+    per_block = {k: sum(times[k]) / blocks_run for k in ("float32", "taped")}
+    label = {"float32": "float32 forward", "taped": "replayed from the reference's tapes (bfloat16 differences)"}
+    now = "taped" if tapes_fit(loaded, n_tokens, torch.device("cpu")) else "float32"
+    before = "float32" if now == "taped" else "taped"
     rows = [["KL of one profile point", f"{n_tokens} tokens, vocabulary {loaded.vocab_size}, mean of {len(values)}",
              "stored log-probs, full-vocabulary sum", f"{full_s:.2f} s", "KLToReference",
              f"{terms_s:.2f} s (+{setup_s:.1f} s once)", f"{full_s / terms_s:.2f}x"],
             ["one block after a KL point's own", f"{n_tokens} tokens, mean of {blocks_run} blocks run by the "
-             f"{len(values)} points", "float32 forward", f"{f32_s * 1e3:.0f} ms",
-             "replayed from the reference's tapes (bfloat16 differences)", f"{taped_s * 1e3:.0f} ms",
-             f"{f32_s / taped_s:.2f}x"]]
+             f"{len(values)} points", label[before], f"{per_block[before] * 1e3:.0f} ms",
+             label[now], f"{per_block[now] * 1e3:.0f} ms", f"{per_block[before] / per_block[now]:.2f}x"]]
     return rows, values
 
 
@@ -242,6 +270,8 @@ def main() -> None:
         f"- Model: {args.model}; windows: the first {args.windows} x {args.seq_len} tokens of {args.text.name}",
         "- Baselines measured in the same run (the `before` columns); the KL of a point is timed on",
         "  the KL alone: the blocks after the quantized one run the same way for both.",
+        f"- mixq's choice on this machine (`now`): passes in {dtype_name(precisions()[0])} "
+        "(`runner.fast_matmul_dtype`); `before`: the other way.",
         "",
         markdown_table(["stage", "work", "before", "before time", "now", "now time", "speed-up"], rows),
         "",
@@ -251,7 +281,8 @@ def main() -> None:
         "the model as it was. The first three KLs run the later blocks in float32: by the",
         "full-vocabulary sum (before) and by `KLToReference` (now), `relative difference` being",
         "|now - before| / before; `KL taped` runs them from the reference's tapes (`runner.LinearTape`,",
-        "what the profile does now) and `change` is its signed relative difference to `KL now`.",
+        "what the profile does where bfloat16 products are fast) and `change` is its signed relative",
+        "difference to `KL now`.",
         "",
         markdown_table(["tensor", "format", "KL before", "KL now", "relative difference", "KL taped", "change"],
                        values),

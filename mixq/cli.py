@@ -68,6 +68,16 @@ def _device(args: argparse.Namespace):
     return compute_device(args.device)
 
 
+def _passes_dtype(args: argparse.Namespace, device):
+    """The matmul precision of the passes over the calibration windows: float32 with --fp32-passes,
+    else the device's fast one (bfloat16 where it multiplies it in hardware)."""
+    import torch
+
+    from mixq.runner import fast_matmul_dtype
+
+    return torch.float32 if args.fp32_passes else fast_matmul_dtype(device)
+
+
 def _add_calibration(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--calib-text", type=_text_file, help="calibration text file (default: text sampled "
@@ -93,11 +103,12 @@ def _add_method_settings(p: argparse.ArgumentParser) -> None:
                    "full-precision model's block outputs (fp, default) or the fp block on quantized inputs (local)")
     g.add_argument("--norm-tuning", action="store_true", help="train each block's norm weights on its output")
     g.add_argument("--fp32-training", action="store_true", help="block and norm tuning: matmuls in float32 "
-                   "(default: bfloat16 in their training and forward passes, 2.3-3x faster)")
+                   "(default: bfloat16 in their training and forward passes where the device multiplies bfloat16 in "
+                   "hardware, 2.3-3x faster there)")
     g.add_argument("--bias-correction", action="store_true", help="biases absorb their layer's mean output error")
     g.add_argument("--fp32-passes", action="store_true", help="the passes over the calibration windows that "
-                   "capture each layer's inputs (quantize and profile), in float32 (default: bfloat16 matmuls, "
-                   "float32 statistics)")
+                   "capture each layer's inputs (quantize and profile), in float32 (default: bfloat16 matmuls "
+                   "where the device multiplies bfloat16 in hardware, float32 statistics either way)")
 
 
 def _add_profile_settings(p: argparse.ArgumentParser) -> None:
@@ -341,8 +352,6 @@ def _reconstruct_settings(args: argparse.Namespace):
 def _profile_settings(args: argparse.Namespace):
     import dataclasses
 
-    import torch
-
     from mixq.options import OptionSpace
     from mixq.profile import ProfileSettings
 
@@ -358,8 +367,7 @@ def _profile_settings(args: argparse.Namespace):
                            measure=tuple(args.measure), measure_every=args.measure_every, target=args.target,
                            tie=target.tie if target is not None and target.tie != "none" else args.tie,
                            row_fraction=args.row_fraction, reconstruct=_reconstruct_settings(args),
-                           capture_dtype=torch.float32 if args.fp32_passes else torch.bfloat16,
-                           device=str(_device(args)))
+                           capture_dtype=_passes_dtype(args, _device(args)), device=str(_device(args)))
 
 
 def _calibration(args: argparse.Namespace):
@@ -798,15 +806,16 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     calib = _calibration(args)
     windows = load_windows(loaded, calib, first=False, device=device)
+    passes = _passes_dtype(args, device)
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
         start = time.perf_counter()
         # Finished blocks' tensors wait in the work directory, not in memory, with the last block's state.
         result = quantize_model(loaded, windows, options, settings, reconstruct=reconstruct, checkpoints=checkpoints,
-                                matmul_dtype=torch.float32 if args.fp32_passes else torch.bfloat16, device=device)
+                                matmul_dtype=passes, device=device)
         seconds = time.perf_counter() - start
         info.update(
             model=loaded.spec, method_settings=vars(settings), reconstruct_settings=vars(reconstruct),
-            passes="float32" if args.fp32_passes else "bfloat16 matmuls",
+            passes="bfloat16 matmuls" if passes == torch.bfloat16 else "float32",
             block_losses=result.block_losses, calibration=calib.describe(), quantize_seconds=seconds,
             threads=torch.get_num_threads(), device=str(device), rare_experts=result.rare_experts,
             plan={name: opt.name for name, opt in result.options.items()}, output_errors=result.output_errors,

@@ -21,6 +21,7 @@ from mixq.atomic import save_tensors
 from mixq.errors import MixqError
 from mixq.memory import release_memory
 from mixq.models import LoadedModel
+from mixq.runner import fast_matmul_dtype
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,10 @@ SAMPLER = "bf16-2"  # names how samples are drawn: part of the cache key, so a n
 
 
 def sample_windows(loaded: LoadedModel, n: int, seq_len: int, seed: int, batch_size: int = 64,
-                   dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> torch.Tensor:
+                   dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
     """Sequences sampled from the model in `dtype` (temperature 1, no truncation), cached on disk.
+    By default the model decodes in the device's fast precision (`runner.fast_matmul_dtype`:
+    bfloat16 where the device multiplies it in hardware, else float32), which the cache key names.
 
     Decoding is memory-bound (each step reads every weight for one token per sequence), so the
     sequences are decoded together in large batches with a preallocated KV cache (`mixq.decode`),
@@ -114,6 +117,7 @@ def sample_windows(loaded: LoadedModel, n: int, seq_len: int, seed: int, batch_s
     row; the exponential draws of `torch.multinomial` cost more than the model's forward here).
     The model decodes on `device`; the uniform numbers come from a CPU generator on any device.
     """
+    dtype = dtype or fast_matmul_dtype(device)
     key = f"{_model_key(loaded)}-{SAMPLER}-{str(dtype).removeprefix('torch.')}-s{seed}-{n}x{seq_len}"
     cache = CACHE_DIR / "samples" / f"{key}.safetensors"
     if cache.is_file():

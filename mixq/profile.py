@@ -40,7 +40,7 @@ from mixq.methods.gptq import one_factorisation_per_h
 from mixq.models import LoadedModel, source_gguf
 from mixq.options import KEEP_OPTION, Option, OptionSpace
 from mixq.reconstruct import ReconstructSettings, mse, reconstruct_block
-from mixq.runner import BlockRunner
+from mixq.runner import BlockRunner, fast_matmul_dtype
 
 LEARNED = ("adaquant", *sorted(BLOCK_METHODS))  # measured on a few blocks, predicted for the rest
 
@@ -278,10 +278,12 @@ class ProfileSettings:
     min_rows: int = 512
     reconstruct: ReconstructSettings = ReconstructSettings()  # the `block` method's settings
     gain_blocks: int = 2  # blocks on which the learned-rounding methods' gains are measured
-    capture_dtype: torch.dtype = torch.bfloat16  # matmuls of the statistics passes (sums in float32)
+    # matmuls of the statistics passes (sums in float32); None: the device's fast one (fast_matmul_dtype)
+    capture_dtype: torch.dtype | None = None
     target: str | None = None  # the engine the plan is for (mixq.export): only options it stores
     device: str = field(default="cpu", repr=False)  # where blocks run (a resumed profile may move)
-    taped_kl: bool = True  # KL points: later blocks from the reference's tapes (measure_kl)
+    # KL points: later blocks from the reference's tapes (measure_kl), where bfloat16 products are fast
+    taped_kl: bool = True
 
 
 def measure_formats(space: OptionSpace, allowed: frozenset[str] | None = None) -> tuple[str, ...]:
@@ -439,11 +441,12 @@ def build_profile(
     saved = checkpoints.load(CAPTURE_CHECKPOINT) if checkpoints else None
     if saved:
         resume_at, done = _restore_capture(checkpoints, *saved, errors, importance, to_measure, written, rare, timings)
+    passes = settings.capture_dtype or fast_matmul_dtype(settings.device)
     t0 = time.perf_counter()
     progress = tqdm(total=T, desc="profiling tensors", unit="tensor", initial=len(importance))
     # one block at a time; after a resume, from the block after the last one saved
     for block_stats, matrices, batches in [] if done else capture.iter_stats(
-            loaded, calib, settings.batch_size, settings.capture_dtype, resume_at, settings.device):
+            loaded, calib, settings.batch_size, passes, resume_at, settings.device):
         t1 = time.perf_counter()
         timings["capture"] += t1 - t0
         rare.update(capture.rare_experts(block_stats, plannable))
@@ -537,6 +540,7 @@ def build_profile(
                   fisher_windows=min(settings.fisher_windows, len(calib)), seconds=timings,
                   container=container(loaded, settings.space, settings.target), target=settings.target,
                   row_fraction=settings.row_fraction, kl_later_blocks="taped" if taped else "float32",
+                  passes="bfloat16 matmuls" if passes == torch.bfloat16 else "float32",
                   learned_gains={f"{m}:{f}": g for (m, f), g in gains.items()},
                   rare_experts=rare, expert_tokens=expert_tokens(loaded, tensors, importance),
                   experts_per_token=loaded.experts_per_token(),
@@ -832,8 +836,10 @@ def tape_bytes(loaded: LoadedModel, tokens: int) -> int:
 
 def tapes_fit(loaded: LoadedModel, tokens: int, device: torch.device) -> bool:
     """Whether the KL points can run taped: a dense model (routing would change which tokens meet
-    which matrix) whose tapes take at most TAPE_SHARE of the free memory."""
-    return loaded.experts_per_token() is None and tape_bytes(loaded, tokens) <= TAPE_SHARE * available_bytes(device)
+    which matrix) on a device that multiplies bfloat16 fast (replayed in float32, a block costs more
+    than its plain float32 run), whose tapes take at most TAPE_SHARE of the free memory."""
+    return (loaded.experts_per_token() is None and fast_matmul_dtype(device) == torch.bfloat16
+            and tape_bytes(loaded, tokens) <= TAPE_SHARE * available_bytes(device))
 
 
 def measure_kl(

@@ -37,7 +37,7 @@ from mixq.models import LoadedModel
 from mixq.models.layout import TensorRef
 from mixq.options import Option
 from mixq.reconstruct import ReconstructSettings, reconstruct_block, training_dtype
-from mixq.runner import BlockRunner, release_memory, windows_per_batch
+from mixq.runner import BlockRunner, fast_matmul_dtype, release_memory, windows_per_batch
 
 log = logging.getLogger(__name__)
 BLOCKS_CHECKPOINT = "blocks.safetensors"  # the state after the last finished block
@@ -228,21 +228,22 @@ def quantize_model(
     true_sequential: bool = True,
     reconstruct: ReconstructSettings = ReconstructSettings(),
     spool: Path | None = None,
-    matmul_dtype: torch.dtype = torch.bfloat16,
+    matmul_dtype: torch.dtype | None = None,
     checkpoints: Checkpoints | None = None,
     device: torch.device | str = "cpu",
 ) -> QuantizedModel:
     """Quantize every planned tensor, block by block, through the runner; nothing of the model changes.
     With `spool`, each finished block's tensors wait in a file there (QuantizedTensors). Batches hold
     `batch_size` windows (default: as many as `windows_per_batch` allows). The blocks' passes run
-    their matmuls in `matmul_dtype`; statistics are accumulated in float32 either way.
+    their matmuls in `matmul_dtype` (default: the device's fast one, `fast_matmul_dtype`); statistics
+    are accumulated in float32 either way.
 
     With `checkpoints`, the spool is theirs and each finished block's state (the result so far and
     the hidden states entering the next block) is saved there; a run that finds one continues after
     its block, with the same results as if it had never stopped. Blocks run on `device`; the
     quantized tensors are kept on the CPU."""
     result = QuantizedModel(QuantizedTensors(checkpoints.path("spool") if checkpoints else spool))
-    runner = BlockRunner(loaded, matmul_dtype, device)
+    runner = BlockRunner(loaded, matmul_dtype or fast_matmul_dtype(device), device)
     batch_size = batch_size or windows_per_batch(loaded, windows.shape[1])
     trained = reconstruct.norm_tuning or any(o.method in BLOCK_METHODS for o in plan.values())
     fp_stream = trained and reconstruct.target == "fp"
@@ -281,7 +282,7 @@ def quantize_model(
         targets = None
         if trained_here or reconstruct.norm_tuning:
             # the full-precision stream only feeds reconstruction: in its precision
-            targets = runner.in_precision(training_dtype(reconstruct)).run(
+            targets = runner.in_precision(training_dtype(reconstruct, runner.device)).run(
                 b, weights, fp_batches if fp_batches is not None else batches)
         fp_weights = {n: refs[n].view(weights, prefix).detach().float().clone() for n in trained_here}
         block_stats: dict[str, capture.LayerStats] = {}

@@ -76,6 +76,9 @@ def _product(kernel: str, rows: int, cols: int, ops, utils, torch):
     parts = kernel.split("-")
     if len(parts) != 3 or parts[0] != "wna16" or parts[1] not in ("uint4", "uint4b8") or not parts[2].startswith("g"):
         raise ValueError("unknown kernel (wna16-uint4b8-gG, wna16-uint4-gG or dense)")
+    if not hasattr(torch.ops._C, "cpu_gemm_wna16"):  # vLLM loads its AVX2 library on a CPU without AVX512
+        raise RuntimeError("vLLM's CPU build has no int4 product on this CPU (cpu_gemm_wna16 is built for AVX512 "
+                           "CPUs only)")
     group = cols if parts[2] == "gchannel" else int(parts[2][1:])
     if rows % 32 or cols % 32 or group % 2 or cols % group:
         raise ValueError("CPUWNA16 needs sizes that are multiples of 32 and whole groups of an even size")

@@ -6,6 +6,7 @@ router sends them), and a quantized model saved and reloaded evaluates the same.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from mixq.cli import main
 from mixq.evaluate import final_hidden
 from mixq.export import native
 from mixq.models import load_model, materialize
-from mixq.runner import BlockRunner
+from mixq.runner import BlockRunner, fast_matmul_dtype
 
 FAMILIES = list(FAMILY_CONFIGS)
 
@@ -192,13 +193,26 @@ def test_budget_plan_with_experts_as_options(tiny_models, text_file, tmp_path, c
     profile = Profile.load(out / "mixq.profile")
     experts = [n for n in profile.tensors if ".experts." in n]
     assert bool(experts) == (family in MOE)
-    # routing would send other tokens to the experts of a perturbed run: no tapes there
-    assert profile.info["kl_later_blocks"] == ("float32" if experts else "taped")
+    # routing would send other tokens to the experts of a perturbed run: no tapes there; nor where
+    # bfloat16 products are emulated (slower than float32)
+    fast_bf16 = fast_matmul_dtype("cpu") == torch.bfloat16
+    assert profile.info["kl_later_blocks"] == ("taped" if fast_bf16 and not experts else "float32")
+    assert profile.info["passes"] == ("bfloat16 matmuls" if fast_bf16 else "float32")
     if experts:  # routing shares of one stack sum to one
         shares = profile.info["expert_tokens"]
         stack = [n for n in experts if "layers.0.mlp.experts.gate_up_proj" in n]
         assert sum(shares[n] for n in stack) == pytest.approx(1.0)
         assert len({info["plan"][n] for n in experts}) >= 1
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the CPU's features from /proc/cpuinfo")
+def test_passes_multiply_in_bfloat16_only_where_the_cpu_does_it_in_hardware():
+    """Emulated bfloat16 products cost more than float32 ones (4.8x on an AVX2 CPU): the passes'
+    precision follows the CPU's features as the kernel lists them."""
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    expected = torch.bfloat16 if flags & {"amx_bf16", "avx512_bf16"} else torch.float32
+    assert fast_matmul_dtype("cpu") == expected
+    assert fast_matmul_dtype(torch.device("cpu")) == expected
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3"])

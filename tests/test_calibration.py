@@ -202,10 +202,11 @@ def test_bias_correction_removes_the_mean_output_error():
 
 def test_reconstruction_runs_in_its_own_precision_whatever_the_runner(tiny_llama_dir, text_file):
     """--fp32-training means float32 block passes even when the stage's runner is bfloat16 (quantize's
-    default), and bfloat16 training stays bfloat16 under a float32 runner."""
+    default on a CPU with bfloat16 products), and bfloat16 training stays bfloat16 under a float32
+    runner; on a CPU that would emulate bfloat16, training runs in float32 either way."""
     from mixq.data import WindowSpec, load_windows
     from mixq.reconstruct import reconstruct_block
-    from mixq.runner import BlockRunner
+    from mixq.runner import BlockRunner, fast_matmul_dtype
 
     loaded = load_model(str(tiny_llama_dir))
     windows = load_windows(loaded, WindowSpec(4, 64, text_file), first=False)
@@ -228,4 +229,5 @@ def test_reconstruction_runs_in_its_own_precision_whatever_the_runner(tiny_llama
             losses[bf16, runner_dtype] = r.loss_before
     assert losses[False, torch.float32] == losses[False, torch.bfloat16]
     assert losses[True, torch.float32] == losses[True, torch.bfloat16]
-    assert losses[True, torch.float32] != losses[False, torch.float32]
+    trains_in_bfloat16 = fast_matmul_dtype("cpu") == torch.bfloat16
+    assert (losses[True, torch.float32] != losses[False, torch.float32]) == trains_in_bfloat16

@@ -22,6 +22,9 @@ from mixq.options import Option
 from mixq.quantize import quantize_model
 
 pytestmark = pytest.mark.slow
+# vLLM loads its AVX2 library on a CPU without AVX512, and that one has no int4 product (cpu_gemm_wna16)
+HAS_INT4_KERNEL = torch.cpu._is_avx512_supported()
+needs_int4_kernel = pytest.mark.skipif(not HAS_INT4_KERNEL, reason="vLLM's CPU build has no int4 kernel without AVX512")
 ROOT = Path(__file__).resolve().parents[1]
 # fused modules share one scheme (vLLM refuses mixed schemes inside one); the down projection stays 16-bit
 PLAN = {"q_proj": "int4-g32", "k_proj": "int4-g32", "v_proj": "int4-g32", "o_proj": "int4-g32-sym",
@@ -47,6 +50,7 @@ def engine_agreement(export: Path, loaded, mixq_out: Path, windows: torch.Tensor
     return agreement_with_top_k(engine, ours), agreement_with_top_k(engine, unquantized)
 
 
+@needs_int4_kernel
 def test_vllm_runs_the_export_as_mixq_evaluates_it(text_file, tmp_path):
     source = save_tiny_model(tmp_path / "tiny", "llama", tied=False, initializer_range=0.2, num_attention_heads=2,
                              num_key_value_heads=1, head_dim=32)  # vLLM's CPU attention takes head_dim 32 and up
@@ -67,6 +71,7 @@ def test_vllm_runs_the_export_as_mixq_evaluates_it(text_file, tmp_path):
     assert to_mixq.top1 >= 0.95
 
 
+@needs_int4_kernel
 @pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(),
                     reason="vLLM's CPU int4 expert kernel (CPUExpertsInt4) runs on AMX CPUs only")
 @pytest.mark.parametrize("model_type, budget", [("qwen3_moe", "7bpw"), ("mixtral", "6bpw")])  # some attention in int4
@@ -104,6 +109,7 @@ def test_vllm_runs_a_mixture_of_experts_as_mixq_evaluates_it(model_type, budget,
     assert to_mixq.top1 >= 0.95
 
 
+@needs_int4_kernel
 def test_vllm_kernels_time_an_export_and_fit_its_decoding(text_file, tmp_path, capsys):
     """bench-device --target vllm times the tiny model's products with vLLM's CPU kernels; the same
     table covers every product of a --target vllm export (int4 blocks, the 16-bit output layer), and
@@ -137,3 +143,20 @@ def test_vllm_kernels_time_an_export_and_fit_its_decoding(text_file, tmp_path, c
     (name, products, measured), = fit.points  # one file: the offset only
     assert name == "ct" and products == pytest.approx(table.products(cases)) and measured > products
     assert fit.scale == 1 and fit.overhead == pytest.approx(measured - products)
+
+
+@pytest.mark.skipif(HAS_INT4_KERNEL, reason="a CPU without AVX512, where vLLM has no int4 product")
+def test_vllm_kernels_without_an_int4_product_are_one_clear_error(tmp_path, capsys):
+    """On a CPU without AVX512 vLLM's CPU build has no int4 kernel: timing its products for --target vllm
+    says so in one line and writes no table."""
+    from mixq.cli import main
+
+    source = save_tiny_model(tmp_path / "tiny", "llama", tied=False, num_attention_heads=2, num_key_value_heads=1,
+                             head_dim=32)
+    capsys.readouterr()
+    assert main(["bench-device", "--target", "vllm", str(source), "--out", str(tmp_path / "vllm.latency"),
+                 "--threads", "1", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err  # after the timing's progress bar
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("mixq: error: vllm-matmul-time: wna16-uint4") and "no int4 product on this CPU" in line, err
+    assert err.count("mixq: error") == 1 and not (tmp_path / "vllm.latency").exists()
