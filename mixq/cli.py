@@ -363,11 +363,12 @@ def _profile_settings(args: argparse.Namespace):
     space = dataclasses.replace(space, **{k: v for k, v in overrides.items() if v},
                                 symmetric=args.sym or space.symmetric, keep_16bit=space.keep_16bit and not args.no_keep)
     space.options()  # validates bits, group sizes and methods before any long work
+    device = _device(args)
     return ProfileSettings(space=space, method_settings=_method_settings(args), fisher_windows=args.fisher_windows,
                            measure=tuple(args.measure), measure_every=args.measure_every, target=args.target,
                            tie=target.tie if target is not None and target.tie != "none" else args.tie,
                            row_fraction=args.row_fraction, reconstruct=_reconstruct_settings(args),
-                           capture_dtype=_passes_dtype(args, _device(args)), device=str(_device(args)))
+                           capture_dtype=_passes_dtype(args, device), device=str(device))
 
 
 def _calibration(args: argparse.Namespace):
