@@ -14,7 +14,8 @@ the matrix products of its linear layers (attention's score products, norms and 
 left out), from the model's shapes and what the profile measured:
 - capture: one forward of every block over the calibration tokens (in the profile's `passes`
   precision: bfloat16 where the CPU multiplies it in hardware), and H = sum x^T x of each distinct
-  input, the head's included (float32: 2 x tokens x cols^2 each);
+  input, the head's included (float32: the products of `capture.add_gram`'s panels, about
+  tokens x cols^2 each);
 - fisher: forward and backward (3x) of the whole model, head included, over its windows;
 - errors (the profile's quantize phase): per tensor, GPTQ's updates for each stack of grids that
   share a group length (k grids x rows x cols^2) and one (rows x cols) x (cols x cols) product per
@@ -42,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import REFERENCE_LINE, SMOLLM2_STANDIN, commit, machine, model_name, reference, write_result  # noqa: E402
 
+from mixq.capture import gram_panels  # noqa: E402
 from mixq.export.llama_cpp import engine_build, tools_dir  # noqa: E402
 from mixq.formats import parse_format  # noqa: E402
 from mixq.models import load_model  # noqa: E402
@@ -111,7 +113,7 @@ def phase_gflop(profile: Profile, loaded) -> dict[str, dict[str, float]]:
     inputs = [refs[stage[0]].shape[1] for b in range(loaded.n_blocks) for stage in loaded.block_stages(b)]
     if head:
         inputs.append(refs[loaded.head_name].shape[1])
-    statistics = 2 * calib_tokens * sum(cols**2 for cols in inputs)
+    statistics = 2 * calib_tokens * sum((j - i) * (cols - i) for cols in inputs for i, j in gram_panels(cols))
     capture = {"float32": statistics / 1e9}
     passes = "float32" if profile.info.get("passes") == "float32" else "bfloat16"  # bfloat16 before it was recorded
     capture[passes] = capture.get(passes, 0.0) + 2 * calib_tokens * block_params.sum() / 1e9

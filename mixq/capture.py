@@ -41,13 +41,33 @@ class LayerStats:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, cols)
-        self.H.addmm_(x.T, x)
+        add_gram(self.H, x)
         self.x_sum += x.sum(dim=0)
         self.n_tokens += x.shape[0]
 
     @property
     def x_mean(self) -> torch.Tensor:
         return (self.x_sum / max(self.n_tokens, 1)).float()
+
+
+def add_gram(H: torch.Tensor, x: torch.Tensor) -> None:
+    """H += x^T x for a symmetric H, in about half the products of the whole: each panel of rows is
+    multiplied from its diagonal on (a few wide GEMMs, as fast per product as one), then mirrored
+    below, so H stays exactly symmetric. The H of a wide input (an MLP's down_proj: 8960^2 per token
+    in Qwen2.5-1.5B) costs more than its block's own products."""
+    cols = x.shape[1]
+    for i, j in gram_panels(cols):
+        H[i:j, i:].addmm_(x[:, i:j].T, x[:, i:])
+        diagonal = H[i:j, i:j]
+        diagonal.copy_(diagonal.triu() + diagonal.triu(1).T)
+        H[j:, i:j] = H[i:j, j:].T
+
+
+def gram_panels(cols: int, panels: int = 8, min_width: int = 128) -> list[tuple[int, int]]:
+    """The row panels [i, j) in which `add_gram` multiplies: 8 of them take 56% of a full product's
+    work, and panels narrower than 128 rows make slower GEMMs."""
+    width = -(-max(cols // panels, min_width) // 16) * 16
+    return [(i, min(i + width, cols)) for i in range(0, cols, width)]
 
 
 def collect_stats(runner: BlockRunner, b: int, weights: dict[str, torch.Tensor], stages: Sequence[Sequence[str]],
