@@ -49,6 +49,7 @@ from mixq.formats import parse_format  # noqa: E402
 from mixq.models import load_model  # noqa: E402
 from mixq.profile import Profile  # noqa: E402
 from mixq.report import markdown_table  # noqa: E402
+from mixq.runner import fast_matmul_dtype  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,7 +140,10 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     w = args.work
     threads = torch.get_num_threads()
-    rates = {"float32": matmul_rate(torch.float32), "bfloat16": matmul_rate(torch.bfloat16)}
+    # Where the CPU has no bfloat16 products torch emulates them, hundreds of times slower: mixq then
+    # computes in float32, and the emulated rate is only shown, from smaller products.
+    bf16_fast = fast_matmul_dtype("cpu") == torch.bfloat16
+    rates = {"float32": matmul_rate(torch.float32), "bfloat16": matmul_rate(torch.bfloat16, 2048 if bf16_fast else 512)}
     calib = ["--calib-text", str(args.text), "--calib-windows", str(args.calib_windows), "--calib-len", str(args.calib_len)]
     mixq = [sys.executable, "-m", "mixq.cli"]
     profile_file, out_dir = w / "model.profile", w / "quantized"
@@ -210,7 +214,7 @@ Machine: {machine()}; mixq at commit {commit()}; llama.cpp: {engine_build()}
 - mixq: the default option space ({len(profile.options)} options, {len(profile.tensors)} tensors), plan and quantize
   at {args.budget}; llama.cpp: {args.llama_type} with the imatrix.
 - Matmul rate of this machine, measured in this run (2048^3 products, best of 5): {rates['float32']:.0f} GFLOP/s
-  float32, {rates['bfloat16']:.0f} GFLOP/s bfloat16.
+  float32, {rates['bfloat16']:.0f} GFLOP/s bfloat16{"" if bf16_fast else " (512^3 products: emulated by torch on this CPU, so mixq's passes run in float32)"}.
 - GFLOP: the matrix products of each phase's linear layers (bench/phases.py's docstring says how they
   are counted); share = the seconds its work takes at the machine's rates / the seconds it took.
 

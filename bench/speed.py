@@ -13,6 +13,9 @@ On SmolLM2-135M (the embedded default model):
   uniform numbers (the windows drawn are compared);
 - one block over a batch of windows, float32 against bfloat16 matmuls (`BlockRunner`'s
   `matmul_dtype`), averaged over every block;
+- capture's H += x^T x over one batch (random rows, as many as the block pass's tokens) for each
+  input width of the model and Qwen2.5-1.5B's 8960-wide down_proj: one whole product against
+  `capture.add_gram`'s panels (and whether their bits agree);
 - one measured KL point of the profile: the full-vocabulary sum over the reference's stored
   log-probabilities (what the profile did before) against `KLToReference`, timed on the KL alone
   (the remaining blocks are the same for both), and the two values compared on real points (every
@@ -169,6 +172,31 @@ def block_rows(loaded, windows: torch.Tensor) -> list[list]:
              f"{seconds[other] / seconds[picked]:.2f}x"]]
 
 
+def gram_rows(loaded, tokens: int, extra_widths: tuple[int, ...]) -> list[list]:
+    """H += x^T x over one batch of `tokens` random rows, per distinct matrix input width of the
+    model and of `extra_widths`: one product (before) against capture's panels."""
+    from mixq.capture import add_gram
+
+    widths = sorted({loaded.plannable()[stage[0]].shape[1] for b in range(loaded.n_blocks)
+                     for stage in loaded.block_stages(b)})
+    rows = []
+    for cols in widths + [c for c in extra_widths if c not in widths]:
+        x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(cols))
+        whole, panels = torch.zeros(cols, cols), torch.zeros(cols, cols)
+        before, _ = timed(lambda: whole.addmm_(x.T, x), repeats=5)
+        now, _ = timed(lambda: add_gram(panels, x), repeats=5)
+        whole.zero_().addmm_(x.T, x)
+        panels.zero_()
+        add_gram(panels, x)
+        same = "the same bits" if torch.equal(whole, panels) else \
+            f"max relative difference {((whole - panels).abs().max() / whole.abs().max()).item():.1e}"
+        where = "" if cols in widths else " (not this model's: Qwen2.5-1.5B's down_proj)"
+        rows.append([f"H += x^T x, {cols} columns{where}", f"{tokens} tokens; {same}", "one product",
+                     f"{before * 1e3:.0f} ms", "panels (`capture.add_gram`)", f"{now * 1e3:.0f} ms",
+                     f"{before / now:.2f}x"])
+    return rows
+
+
 def kl_rows(loaded, windows: torch.Tensor) -> tuple[list[list], list[list]]:
     """Times of one KL point's two parts, before and after, and the values both ways on real points."""
     from mixq.formats import parse_format
@@ -248,6 +276,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=4, help="windows of --seq-len tokens for blocks and KL")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--sample", default="64x128", help="sampled windows x tokens (default 64x128)")
+    ap.add_argument("--gram-widths", type=int, nargs="*", default=[8960],
+                    help="input widths timed for H besides the model's own (default: Qwen2.5-1.5B's down_proj)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speed.md")
     args = ap.parse_args()
 
@@ -257,7 +287,8 @@ def main() -> None:
     loaded = load_model(args.model)
     windows = load_windows(loaded, WindowSpec(args.windows, args.seq_len, args.text))
     n, seq = (int(v) for v in args.sample.split("x"))
-    rows = sampling_rows(loaded, n, seq) + block_rows(loaded, windows)
+    rows = sampling_rows(loaded, n, seq) + block_rows(loaded, windows) + gram_rows(
+        loaded, windows.numel(), tuple(args.gram_widths))
     kl, values = kl_rows(loaded, windows)
     rows += kl
     command = "python bench/speed.py " + " ".join(a if " " not in a else repr(a) for a in sys.argv[1:])
