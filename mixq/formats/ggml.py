@@ -19,7 +19,8 @@ four weights at a time, must be one of the type's grid points; the IQ2 types lik
 
 Choosing the parameters (`fit`) is a search weighted by input importance (diag of H, the idea behind
 llama.cpp's imatrix): per sub-block, a grid of range shrinks and of small moves of the range's top
-(its bottom held, as llama.cpp's own searches do), each followed by a weighted least-squares refit; then, for the k-quants, the integer sub-block scales around the rounded ones are searched again
+(its bottom held, as llama.cpp's own searches do), each followed by a weighted least-squares refit;
+then, for the k-quants, the integer sub-block scales around the rounded ones are searched again
 against the same weighted error.
 """
 

@@ -21,7 +21,7 @@ class MethodSettings:
     """Tuning knobs of the per-layer methods (each method reads the ones it uses)."""
 
     clip_search: bool = True  # search a per-group range shrink that minimises the layer's error
-    clip_grid: int = 21  # shrink factors tried, evenly from 1.0 down to clip_min (ggml grids: also stretches)
+    clip_grid: int = 21  # ranges tried per group: shrinks from 1.0 down to clip_min (ggml's: half moves of the top)
     clip_min: float = 0.5
     damp: float = 0.01  # GPTQ: fraction of mean(diag H) added to H's diagonal
     block_size: int = 128  # GPTQ: columns per lazy-update block
