@@ -278,7 +278,7 @@ def mixq_files(args, work: Path, binp: Path, source: Path, start: float) -> None
             written = out.stat().st_size
             assert 0.99 * size <= written <= size, (kind, written, size)
             measure(binp, work, out, args.text, args.chunks, args.threads, maker="mixq", kind=kind, method=method,
-                    imatrix=True)
+                    imatrix=True, command=invocation())
             write_report(args, work, source, start)
 
 
@@ -484,6 +484,11 @@ def without_only(argv: list[str]) -> list[str]:
     return out
 
 
+def invocation() -> str:
+    """This run's command line as a table states it."""
+    return "python bench/vs_llama_cpp.py " + shlex.join(without_only(sys.argv[1:]))
+
+
 def write_report(args, work: Path, reference_path: Path, start: float) -> None:
     from mixq.report import markdown_table
 
@@ -507,10 +512,12 @@ def write_report(args, work: Path, reference_path: Path, start: float) -> None:
         seconds = Profile.load(work / "mixq.profile").info["seconds"]
         profile_info = (f"mixq's profile took {seconds['total']:.0f} s (capture {seconds['capture']:.0f}, quantize "
                         f"{seconds['quantize']:.0f}, KL points {seconds['measure']:.0f}). ")
-    quantize_seconds = {m: [int((work / "logs" / f"mixq-{k}-{m}.gguf.seconds").read_text()) for k in args.sizes
-                            if (work / "logs" / f"mixq-{k}-{m}.gguf.seconds").is_file()] for m in args.mixq_methods}
+    # every mixq file in the folder, whichever invocation made it (e.g. rtn at every size, gptq at one)
+    quantize_seconds = {m: [int(f.read_text()) for f in sorted((work / "logs").glob(f"mixq-*-{m}.gguf.seconds"))]
+                        for m in MIXQ_METHODS}
     formats = ", ".join(f.upper() for f in MIXQ_FORMATS)
-    command = "python bench/vs_llama_cpp.py " + shlex.join(without_only(sys.argv[1:]))
+    command = invocation()
+    commands = [command, *sorted({r["command"] for r in rows if r.get("command")} - {command})]
     text = "\n".join([
         f"# GGUF: mixq vs llama.cpp's own files on {model_name(str(reference_path))}",
         "",
@@ -549,7 +556,7 @@ def write_report(args, work: Path, reference_path: Path, start: float) -> None:
                         "ratio 95% interval", f"<= {TARGET_RATIO}"], size_ratios(rows, work)),
         "",
     ])
-    write_result(ROOT / "bench" / "results" / "gguf.md", text, [command])
+    write_result(ROOT / "bench" / "results" / "gguf.md", text, commands)
 
 
 if __name__ == "__main__":
