@@ -10,10 +10,11 @@ memory at a time, one pass per block.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from mixq.formats.ggml import input_rounding_error
 from mixq.models import LoadedModel
 from mixq.models.layout import MatmulCall, MatmulWatcher, TensorRef
 from mixq.runner import BlockRunner, StopForward, release_memory, to_device
@@ -33,17 +34,23 @@ class LayerStats:
     H: torch.Tensor  # (cols, cols): sum over tokens of x^T x, float32
     n_tokens: int = 0
     x_sum: torch.Tensor | None = None  # (cols,): sum over tokens of x, float64 (None for stand-in statistics)
+    # block width -> (cols,) float64: sum over tokens of each input's squared error when an engine
+    # rounds the inputs to 8-bit blocks of that width (formats.ggml.rounded_inputs); only the widths asked for
+    rounding: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def empty(cls, cols: int, device: torch.device | str = "cpu") -> LayerStats:
+    def empty(cls, cols: int, device: torch.device | str = "cpu", input_blocks: Sequence[int] = ()) -> LayerStats:
+        rounding = {w: torch.zeros(cols, dtype=torch.float64, device=device) for w in input_blocks if cols % w == 0}
         return cls(torch.zeros(cols, cols, dtype=STATS_DTYPE, device=device), 0,
-                   torch.zeros(cols, dtype=torch.float64, device=device))
+                   torch.zeros(cols, dtype=torch.float64, device=device), rounding)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, cols)
         add_gram(self.H, x)
         self.x_sum += x.sum(dim=0)
         self.n_tokens += x.shape[0]
+        for block, error in self.rounding.items():
+            error += input_rounding_error(x, block)
 
     @property
     def x_mean(self) -> torch.Tensor:
@@ -80,14 +87,17 @@ def collect_stats(runner: BlockRunner, b: int, weights: dict[str, torch.Tensor],
     return _watched_pass(runner, b, weights, stages, batches, stop_early=True)[0]
 
 
-def stats_and_outputs(runner: BlockRunner, b: int, weights: dict[str, torch.Tensor],
-                      batches: list[torch.Tensor]) -> tuple[dict[str, LayerStats], list[torch.Tensor]]:
-    """LayerStats of every matrix of block `b` and the block's outputs, from one pass."""
-    return _watched_pass(runner, b, weights, runner.loaded.block_stages(b), batches, stop_early=False)
+def stats_and_outputs(runner: BlockRunner, b: int, weights: dict[str, torch.Tensor], batches: list[torch.Tensor],
+                      input_blocks: Sequence[int] = ()) -> tuple[dict[str, LayerStats], list[torch.Tensor]]:
+    """LayerStats of every matrix of block `b` (with the rounding errors of `input_blocks`) and the
+    block's outputs, from one pass."""
+    return _watched_pass(runner, b, weights, runner.loaded.block_stages(b), batches, stop_early=False,
+                         input_blocks=input_blocks)
 
 
 def _watched_pass(runner: BlockRunner, b: int, weights: dict[str, torch.Tensor], stages: Sequence[Sequence[str]],
-                  batches: list[torch.Tensor], stop_early: bool) -> tuple[dict[str, LayerStats], list[torch.Tensor]]:
+                  batches: list[torch.Tensor], stop_early: bool, input_blocks: Sequence[int] = (),
+                  ) -> tuple[dict[str, LayerStats], list[torch.Tensor]]:
     loaded = runner.loaded
     refs = loaded.block_tensors(b)
     prefix = loaded.layout.block_prefix(b)
@@ -97,7 +107,7 @@ def _watched_pass(runner: BlockRunner, b: int, weights: dict[str, torch.Tensor],
     position = {r.param.removeprefix(prefix): i for i, r in enumerate(refs.values())}
     last = max(position[r.param.removeprefix(prefix)] for r in wanted)
     stacks = {r.param.removeprefix(prefix) for r in refs.values() if r.expert is not None}
-    stats = {r.name: LayerStats.empty(r.shape[1], runner.device) for r in by_matrix.values()}
+    stats = {r.name: LayerStats.empty(r.shape[1], runner.device, input_blocks) for r in by_matrix.values()}
 
     # Matrices of one stage share their input: once the last stage's first matrix has it, nothing
     # after is needed. An expert stage is seen expert by expert, so it runs until a later matrix.
@@ -147,9 +157,9 @@ def rare_experts(stats: dict[str, LayerStats], refs: dict[str, TensorRef]) -> di
     return {n: s.n_tokens for n, s in stats.items() if refs[n].expert is not None and s.n_tokens < refs[n].shape[1]}
 
 
-def head_stats(runner: BlockRunner, batches: list[torch.Tensor]) -> LayerStats:
+def head_stats(runner: BlockRunner, batches: list[torch.Tensor], input_blocks: Sequence[int] = ()) -> LayerStats:
     """LayerStats of the output layer's input: the final norm of the last block's outputs."""
-    stats = LayerStats.empty(batches[0].shape[-1], runner.device)
+    stats = LayerStats.empty(batches[0].shape[-1], runner.device, input_blocks)
     with torch.no_grad():
         for x in batches:
             stats.add(runner.normed(x))
@@ -158,7 +168,8 @@ def head_stats(runner: BlockRunner, batches: list[torch.Tensor]) -> LayerStats:
 
 def embedding_stats(loaded: LoadedModel, windows: torch.Tensor) -> LayerStats:
     """Stand-in statistics of an input embedding: a lookup's output error is sum_t ||dE[t]||^2 over
-    the tokens t read, taken here as every row read equally often (H = tokens / vocab * I)."""
+    the tokens t read, taken here as every row read equally often (H = tokens / vocab * I). A lookup
+    multiplies nothing, so no engine rounds its inputs (no `rounding`)."""
     vocab, dim = loaded.model.get_parameter(loaded.embedding_key).shape
     n_tokens = windows.numel()
     return LayerStats(torch.eye(dim, dtype=STATS_DTYPE) * (n_tokens / vocab), n_tokens)
@@ -166,14 +177,15 @@ def embedding_stats(loaded: LoadedModel, windows: torch.Tensor) -> LayerStats:
 
 def iter_stats(loaded: LoadedModel, windows: torch.Tensor, batch_size: int,
                matmul_dtype: torch.dtype = torch.float32, start: tuple[int, list[torch.Tensor]] | None = None,
-               device: torch.device | str = "cpu") -> Iterator[tuple[dict[str, LayerStats], dict[str, torch.Tensor], list[torch.Tensor] | None]]:
+               device: torch.device | str = "cpu", input_blocks: Sequence[int] = ()) -> Iterator[tuple[dict[str, LayerStats], dict[str, torch.Tensor], list[torch.Tensor] | None]]:
     """(LayerStats, float32 matrix) of every plannable tensor with the model's own weights: an untied
     input embedding first, then one block at a time, the output matrix last, so a consumer holds
     one block's weights and statistics at once. The blocks' matmuls run in `matmul_dtype`.
 
     Each item also carries the hidden states after a block (None after the embedding and the head):
     with them, `start` = (the next block, its input batches) continues a walk that was stopped.
-    Blocks run, and statistics and block matrices are yielded, on `device`."""
+    Blocks run, and statistics and block matrices are yielded, on `device`. `input_blocks`: the block
+    widths whose input rounding errors each matrix's statistics sum (`LayerStats.rounding`)."""
     from tqdm.auto import tqdm
 
     runner = BlockRunner(loaded, matmul_dtype, device)
@@ -189,11 +201,11 @@ def iter_stats(loaded: LoadedModel, windows: torch.Tensor, batch_size: int,
                   total=loaded.n_blocks):
         weights = runner.block_weights(b)
         refs, prefix = loaded.block_tensors(b), layout.block_prefix(b)
-        stats, batches = stats_and_outputs(runner, b, weights, batches)
+        stats, batches = stats_and_outputs(runner, b, weights, batches, input_blocks)
         yield stats, {n: refs[n].view(weights, prefix) for n in stats}, batches
         del weights, stats
         release_memory()
-    yield ({loaded.head_name: head_stats(runner, batches)},
+    yield ({loaded.head_name: head_stats(runner, batches, input_blocks)},
            {loaded.head_name: loaded.head()}, None)
 
 

@@ -8,6 +8,9 @@ Measured points: the KL divergence to the reference on held-out windows when onl
 quantized with that option, for a few options per tensor (`measure`). `calibrate` fits the error
 model that turns raw errors into predicted KL, and `predicted(estimator)` gives the table a plan
 minimises: `hessian` and `fisher` raw, `hessian+kl` and `fisher+kl` calibrated (the default).
+For a target whose engine rounds the inputs of its products (llama.cpp: `Target.input_block`), the
+`inputs` table holds that rounding's output error per option (sum_j error_j * ||W[:, j]||^2, in the
+hessian's units), and the calibrated estimators add its predicted KL to each option's.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ LEARNED = ("adaquant", *sorted(BLOCK_METHODS))  # measured on a few blocks, pred
 
 log = logging.getLogger(__name__)
 ESTIMATORS = ("hessian+kl", "fisher+kl", "hessian", "fisher")
+INPUTS = "inputs"  # the errors table of the engine's input rounding (no estimator of its own)
 PROFILE_VERSION = "3"  # 2: weight fingerprints; 3: each tensor's block
 FINGERPRINT_LEN = 64  # weights of each tensor's first row that identify the model a profile measured
 FINGERPRINT_RTOL = 2.0**-7  # storage precision may differ (bf16 keeps 8 bits): anything beyond is another model
@@ -71,15 +75,21 @@ class Profile:
     fingerprint: np.ndarray = field(default_factory=lambda: np.zeros((0, FINGERPRINT_LEN), np.float32))  # (T, .)
 
     def predicted(self, estimator: str) -> np.ndarray:
-        """(T, O) predicted loss of each option of each tensor under `estimator`."""
+        """(T, O) predicted loss of each option of each tensor under `estimator`. The calibrated ones
+        add the KL of the engine's rounding of each option's inputs (`inputs`), priced as output
+        error by the hessian's calibration: the two errors are independent, so their KLs add."""
         if estimator not in ESTIMATORS:
             raise MixqError(f"unknown estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
         raw = self.errors.get(estimator.split("+")[0])
         if raw is None or not np.isfinite(raw).any():
             raise MixqError(f"this profile has no {estimator.split('+')[0]} errors (profiled with --fisher-windows 0?)")
-        if estimator.endswith("+kl"):
-            return calibrate(raw, self.measured, self.kinds, self.blocks)
-        return raw
+        if not estimator.endswith("+kl"):
+            return raw
+        predicted = calibrate(raw, self.measured, self.kinds, self.blocks)
+        if INPUTS in self.errors:
+            predicted = predicted + calibrate(self.errors["hessian"], self.measured, self.kinds, self.blocks,
+                                              evaluated_at=self.errors[INPUTS])
+        return predicted
 
     def check_model(self, loaded: LoadedModel) -> None:
         """Refuse a model other than the one this profile measured: its tensors, their shapes and
@@ -190,8 +200,10 @@ def weight_fingerprint(loaded: LoadedModel, tensors: list[str]) -> np.ndarray:
     return out
 
 
-def calibrate(raw: np.ndarray, measured: np.ndarray, kinds: list[str], blocks: list[int]) -> np.ndarray:
-    """Predicted KL = alpha_t * raw^beta, fitted on the measured points.
+def calibrate(raw: np.ndarray, measured: np.ndarray, kinds: list[str], blocks: list[int],
+              evaluated_at: np.ndarray | None = None) -> np.ndarray:
+    """Predicted KL = alpha_t * raw^beta, fitted on the measured points (and evaluated at the
+    errors `evaluated_at`, in raw's units, if given, instead of at raw itself).
 
     beta is shared by all tensors (fitted within tensors, in log space); alpha_t is per tensor where
     the tensor has measured points. Elsewhere it is interpolated over depth (log-linearly by block,
@@ -227,8 +239,9 @@ def calibrate(raw: np.ndarray, measured: np.ndarray, kinds: list[str], blocks: l
         else:
             depth = sorted(at)
             log_alpha[t] = float(np.interp(blocks[t], depth, [np.median(at[b]) for b in depth]))
+    errors = raw if evaluated_at is None else evaluated_at
     with np.errstate(divide="ignore"):
-        return np.where(np.isfinite(raw), np.exp(log_alpha)[:, None] * np.power(raw, beta), np.inf)
+        return np.where(np.isfinite(errors), np.exp(log_alpha)[:, None] * np.power(errors, beta), np.inf)
 
 
 TIE_RULES = ("none", "fused", "experts", "all-experts", "fused+all-experts")
@@ -399,12 +412,16 @@ def build_profile(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     plannable = loaded.plannable()
-    if settings.target is not None:
-        problem = get_target(settings.target).model_refusal(loaded)
+    target = None if settings.target is None else get_target(settings.target)
+    if target is not None:
+        problem = target.model_refusal(loaded)
         if problem:
             raise MixqError(f"--target {settings.target}: {problem}")
     table = OptionTable.build(loaded, settings.space, settings.target)
     tensors, options = table.tensors, table.options
+    # the engine's input rounding of each option (None: inputs multiplied as they are)
+    input_block = [None if target is None or o.is_keep else target.input_block(o.format) for o in options]
+    input_blocks = sorted({w for w in input_block if w is not None})
     names = [o.name for o in options]
     # Each tensor measures the default formats among those it may take (a target may refuse some).
     measure_fmts = {t: settings.measure or measure_formats(settings.space, frozenset(
@@ -429,7 +446,7 @@ def build_profile(
     block_of = {name: b for b in range(loaded.n_blocks) for name in loaded.block_tensors(b)}
     blocks_measured = measured_blocks(loaded.n_blocks, settings.measure_every)
     measured_tensor = [block_of.get(name, 0) in blocks_measured for name in tensors]
-    errors = {k: np.full((T, O), np.inf) for k in ("hessian", "fisher")}
+    errors = {k: np.full((T, O), np.inf) for k in ("hessian", "fisher", *([INPUTS] if input_blocks else []))}
     # Per tensor and measured format, the better method's result: the one a plan would pick.
     to_measure: dict[tuple[int, str], tuple[int, float, tuple[torch.Tensor, QTensor]]] = {}
     index = {name: t for t, name in enumerate(tensors)}
@@ -446,7 +463,7 @@ def build_profile(
     progress = tqdm(total=T, desc="profiling tensors", unit="tensor", initial=len(importance))
     # one block at a time; after a resume, from the block after the last one saved
     for block_stats, matrices, batches in [] if done else capture.iter_stats(
-            loaded, calib, settings.batch_size, passes, resume_at, settings.device):
+            loaded, calib, settings.batch_size, passes, resume_at, settings.device, input_blocks):
         t1 = time.perf_counter()
         timings["capture"] += t1 - t0
         rare.update(capture.rare_experts(block_stats, plannable))
@@ -462,8 +479,13 @@ def build_profile(
                 W = W_full[rows]
                 row_scale = W_full.shape[0] / len(rows)
                 H32 = H.float()  # for the errors of every option: float32 matmuls are ~3x faster here
+                if input_blocks:  # every row: one product per width (an embedding's lookup rounds nothing)
+                    column_norms = W_full.double().square().sum(dim=0)
+                    rounded = {w: float(e.cpu() @ column_norms) for w, e in layer_stats.rounding.items()}
                 by_method: dict[str, list[int]] = {}
                 for o in np.nonzero(table.allowed[t])[0].tolist():
+                    if input_blocks:
+                        errors[INPUTS][t, o] = 0.0 if input_block[o] is None else rounded.get(input_block[o], 0.0)
                     if options[o].is_keep:
                         errors["hessian"][t, o] = 0.0
                         if fisher:
@@ -508,8 +530,8 @@ def build_profile(
     for o, option in enumerate(options):
         if option.method in LEARNED:
             near = min(measured_fmts, key=lambda f: abs(bits_per_weight(f) - bits_per_weight(option.format)))
-            for table_ in errors.values():
-                table_[:, o] *= gains[(option.method, near)]
+            for estimator in ("hessian", "fisher"):  # the input rounding does not depend on the method
+                errors[estimator][:, o] *= gains[(option.method, near)]
     timings["gains"] = time.perf_counter() - t0
     chosen = {(t, o): quantized for (t, _), (o, _, quantized) in to_measure.items()}
     t0 = time.perf_counter()
@@ -539,6 +561,7 @@ def build_profile(
         info=dict(calibration_windows=list(calib.shape), held_out_windows=list(held_out.shape),
                   fisher_windows=min(settings.fisher_windows, len(calib)), seconds=timings,
                   container=container(loaded, settings.space, settings.target), target=settings.target,
+                  input_blocks=input_blocks,
                   row_fraction=settings.row_fraction, kl_later_blocks="taped" if taped else "float32",
                   passes="bfloat16 matmuls" if passes == torch.bfloat16 else "float32",
                   learned_gains={f"{m}:{f}": g for (m, f), g in gains.items()},

@@ -4,7 +4,7 @@ and parameter searches at least as good as llama.cpp's reference rounding."""
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf import quants as gguf_quants
 from gguf.quants import dequantize, quantize
 from hypothesis import given, settings
@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from mixq.errors import MixqError
 from mixq.formats import parse_format
-from mixq.formats.ggml import GGML_FORMATS, _grid_levels, _level_bits, _neighbours, equivalent_of, from_int
+from mixq.formats.ggml import (GGML_FORMATS, _grid_levels, _level_bits, _neighbours, equivalent_of, from_int,
+                               input_rounding_error, rounded_inputs)
 from mixq.formats.lattice_search import lattice_codes
 from mixq.formats.integer import IntFormat
 from mixq.methods import MethodSettings
@@ -313,3 +314,49 @@ def test_lattice_types_beat_k_quants_of_their_size_and_take_rtn_and_gptq_only():
     names = [o.name for o in OptionSpace(formats=("gguf",), methods=("rtn", "gptq", "cd")).options()]
     assert {"iq3_s-rtn", "iq3_s-gptq", "q3_k-cd", "iq2_xxs-gptq"} <= set(names)
     assert "iq3_s-cd" not in names and "iq2_xxs-cd" not in names
+
+
+def q8_k_round_trip(x: np.ndarray) -> np.ndarray:
+    """llama.cpp's quantize_row_q8_K_ref and its dequantization, block by block as the C code reads."""
+    out = np.zeros_like(x)
+    for i in range(0, len(x), 256):
+        block = x[i : i + 256]
+        j = int(np.argmax(np.abs(block)))  # the first of the largest magnitudes, with its sign
+        if block[j] == 0:
+            continue
+        iscale = np.float32(-127.0) / block[j]
+        q = np.minimum(127, np.rint(iscale * block))  # nearest_int: ties to even
+        out[i : i + 256] = q * (np.float32(1) / iscale)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 3), n_blocks=st.integers(1, 3), seed=st.integers(0, 2**31),
+       scale=st.sampled_from((1e-3, 1.0, 300.0)), zero_block=st.booleans())
+def test_inputs_rounded_as_llama_cpps_kernels_round_them(rows, n_blocks, seed, scale, zero_block):
+    """Q8_0 (32-wide types' inputs): gguf-py's own round trip, to the bit; Q8_K (256-wide): llama.cpp's
+    reference loop (scale from the signed largest input, in float32) to float32 rounding."""
+    x = weights(rows, n_blocks * 256, seed, scale)
+    x[:, :256] *= not zero_block
+    x32 = rounded_inputs(x, 32).numpy()
+    assert np.array_equal(x32, dequantize(quantize(x.numpy(), GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0))
+    x256 = rounded_inputs(x, 256).numpy()
+    expected = np.stack([q8_k_round_trip(row) for row in x.numpy()])
+    assert np.allclose(x256, expected, rtol=1e-6, atol=0), np.abs(x256 - expected).max()
+    if zero_block:
+        assert (x256[:, :256] == 0).all() and (x32[:, :256] == 0).all()
+
+
+def test_input_rounding_prices_a_matrix_output_error():
+    """sum_j error_j ||W[:, j]||^2, from each input's rounding error alone, is the output error
+    sum ||(x_rounded - x) W^T||^2 within 5%: the roundings of different inputs are independent. Inputs
+    with a few outlier columns, as a transformer's are: their 256-wide blocks round the rest coarsely."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 512, generator=g) * torch.randn(512, generator=g).exp()
+    x[:, [7, 300]] *= 40
+    W = torch.randn(96, 512, generator=g)
+    for block in (32, 256):
+        direct = float(((rounded_inputs(x, block) - x) @ W.T).double().square().sum())
+        priced = float(input_rounding_error(x, block) @ W.double().square().sum(dim=0))
+        assert abs(priced / direct - 1) < 0.05, (block, priced, direct)
+    assert input_rounding_error(x, 256).sum() > 4 * input_rounding_error(x, 32).sum()

@@ -22,12 +22,15 @@ from gguf import GGUFReader
 from conftest import save_tiny_model
 from test_llama_cpp import llama_cpp_log_probs
 from mixq.cli import main
+from mixq.data import WindowSpec, load_windows
 from mixq.export import native
 from mixq.export.gguf import ALIGNMENT_SLACK, export_gguf
 from mixq.export.llama_cpp import llama_cpp_source
 from mixq.formats import parse_format
 from mixq.models import load_model, materialize, source_gguf
+from mixq.options import KEEP, OptionSpace
 from mixq.plan import Budget
+from mixq.profile import Profile, ProfileSettings, build_profile, calibrate
 from mixq.quantize import QuantizedModel
 
 pytestmark = pytest.mark.slow
@@ -197,3 +200,29 @@ def test_experts_of_one_layer_in_two_types_are_refused(smollm2_tokenizer, tmp_pa
     err = capsys.readouterr().err
     assert err.startswith("mixq: error: llama.cpp stores blk.0.ffn_") and "--target gguf" in err, err
     assert err.count("\n") == 1 and list(tmp_path.glob("*.gguf")) == [] and list(tmp_path.glob(".*")) == []
+
+
+def test_the_gguf_target_prices_llama_cpps_input_rounding(smollm2_tokenizer, tmp_path, text_file):
+    """With --target gguf every option carries the output error of llama.cpp rounding the matrix's
+    inputs: one value per block width (Q8_0 for the 32-wide types, Q8_K for the 256-wide ones, the
+    larger), none for a kept matrix. The calibrated estimators add its KL to each option's; the raw
+    ones do not; a saved profile keeps it."""
+    loaded = load_model(str(save_tiny_model(tmp_path / "wide", tokenizer=smollm2_tokenizer, hidden_size=256,
+                                            intermediate_size=512, head_dim=64)))
+    calib = load_windows(loaded, WindowSpec(4, 64, text_file), first=False)
+    held_out = load_windows(loaded, WindowSpec(2, 64, text_file, seed=9), first=False)
+    space = OptionSpace(formats=("q4_0", "q8_0", "q4_k"), methods=("rtn",))
+    p = build_profile(loaded, calib, held_out, ProfileSettings(space=space, measure=("q4_0", "q4_k"), target="gguf",
+                                                               fisher_windows=0, batch_size=4))
+    inputs, o = p.errors["inputs"], {name: p.options.index(name) for name in p.options}
+    assert p.info["input_blocks"] == [32, 256]
+    assert (inputs[:, o[KEEP]] == 0).all()
+    assert np.array_equal(inputs[:, o["q4_0-rtn"]], inputs[:, o["q8_0-rtn"]])
+    assert (inputs[:, o["q4_k-rtn"]] > inputs[:, o["q4_0-rtn"]]).all() and (inputs[:, o["q4_0-rtn"]] > 0).all()
+    weights_only = calibrate(p.errors["hessian"], p.measured, p.kinds, p.blocks)
+    added = p.predicted("hessian+kl") - weights_only
+    assert (added[:, o[KEEP]] == 0).all() and (added[:, o["q4_k-rtn"]] > added[:, o["q4_0-rtn"]]).all()
+    assert (added[:, o["q4_0-rtn"]] > 0).all()
+    assert p.predicted("hessian") is p.errors["hessian"]
+    p.save(tmp_path / "p.profile")
+    assert np.array_equal(Profile.load(tmp_path / "p.profile").errors["inputs"], inputs)

@@ -49,6 +49,7 @@ def test_profile_tables(tiny_profile):
     # lower bits, more error: for every tensor the int2 error exceeds the int4 one
     i2, i4 = p.options.index("int2-g64-rtn"), p.options.index("int4-g64-rtn")
     assert (p.errors["hessian"][:, i2] > p.errors["hessian"][:, i4]).all()
+    assert "inputs" not in p.errors  # no target, no engine rounding its inputs
 
 
 def test_profile_round_trip(tiny_profile, tmp_path):

@@ -7,7 +7,9 @@ cannot be stored in a format, or None), which source models it takes (`model_ref
 a plan made for a target is always exportable to it; a target that declares its file's bytes
 (`nbytes` per matrix, `overhead` per file) has a budget measured in its own file; one that declares
 its engine's `kernels` can have its matrix products timed here (`mixq bench-device`) and plans limited
-in time per token. Adding a target is adding a file that calls `register`.
+in time per token; one whose engine rounds the inputs of its products (`input_block`: llama.cpp's
+8-bit blocks) has that error priced with each option. Adding a target is adding a file that calls
+`register`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ class Target:
     # bound); None: a budget for this target measures mixq's own file.
     overhead: Callable[[LoadedModel, list[str]], int] | None = None
     kernels: Kernels | None = None  # its engine's matrix products, timed on this machine; None: not here
+    # How its engine rounds a matrix's inputs before multiplying them with a matrix stored in a format:
+    # the width of the 8-bit blocks it rounds them to (`formats.ggml.rounded_inputs`), or None where it
+    # multiplies them as they are. The profile prices that rounding with each option (`Profile.predicted`).
+    input_block: Callable[[str], int | None] = lambda fmt: None
     # The format a mixture of experts' experts take here in place of a format (the option space offers
     # it to them instead), and why it is not that format itself; identity: experts take any format.
     expert_format: Callable[[str], tuple[str, str | None]] = lambda fmt: (fmt, None)

@@ -378,6 +378,15 @@ def kernel_type(fmt_name: str) -> str:
     return written.name
 
 
+def input_block(fmt_name: str) -> int | None:
+    """The width of the 8-bit blocks llama.cpp's CPU kernels round a matrix's inputs to before
+    multiplying them with `fmt_name`'s blocks (ggml's vec_dot types): the weights' own block width,
+    Q8_0 or Q8_1 for the 32-wide types and Q8_K for the 256-wide ones. F16 matrices take fp16 inputs
+    (their rounding changed SmolLM2's KL by under 1e-5) and F32 ones take them as they are: None."""
+    written = None if fmt_name in native.KEPT_FORMATS else ggml_format(fmt_name)
+    return None if written is None else written.block
+
+
 def refusal(fmt_name: str, shape: tuple[int, int]) -> str | None:
     """Why llama.cpp cannot store a (rows, cols) matrix in `fmt_name`, or None if it can."""
     written = ggml_format(fmt_name)
@@ -427,4 +436,5 @@ TARGET = register(Target(
     overhead=lambda loaded, planned: overhead_bound(loaded),
     kernels=Kernels(engine_build, kernel_of=kernel_type, time=time_matmuls, file_cases=file_matmuls,
                     decode_seconds=decode_seconds),
+    input_block=input_block,
 ))

@@ -809,6 +809,27 @@ register_family("q", parse)
 register_family("iq", parse)
 
 
+def rounded_inputs(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x (..., cols) as llama.cpp's CPU kernels multiply it with a matrix of `block`-wide blocks:
+    every `block` consecutive inputs as 8-bit integers times one scale, their largest magnitude / 127
+    (Q8_0 and Q8_1 for the 32-wide types, with the scale stored in fp16; Q8_K for the 256-wide
+    ones, in float32). The products themselves are exact integer sums, so this rounding is all the
+    error the engine adds to the inputs. `cols` must be a multiple of `block`."""
+    blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    scale = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    codes = torch.round(blocks / torch.where(scale > 0, scale, 1.0)).clamp(-127, 127)
+    if block == 32:
+        scale = scale.half().float()
+    return (codes * scale).reshape(x.shape)
+
+
+def input_rounding_error(x: torch.Tensor, block: int) -> torch.Tensor:
+    """(cols,) float64: the sum over the rows of x (tokens, cols) of each input's squared error under
+    `rounded_inputs`. The errors of different inputs are independent roundings with mean zero, so
+    a matrix W's output error from them is sum_j error_j * ||W[:, j]||^2."""
+    return (rounded_inputs(x, block) - x.float()).square().sum(dim=0, dtype=torch.float64)
+
+
 def equivalent_of(fmt: IntFormat) -> GGMLFormat | None:
     """The 32-wide ggml type that stores an integer grid as it is, or None: groups of 32 at 4, 5 or 8
     bits. The symmetric grids are Q4_0, Q5_0 and Q8_0 bit for bit (same codes, fp16 scale, zero at
