@@ -98,7 +98,7 @@ def predicted_alone(profile, module_of: dict[str, str], bits: dict, names: list[
     NaN if a type is not among the profile's options."""
     import numpy as np
 
-    pred = profile.predicted("hessian+kl")
+    pred = profile.predicted("hessian+kl", engine_inputs=False)  # beside KLs of the weights alone
     index = {t: i for i, t in enumerate(profile.tensors)}
     total = 0.0
     for name in names:

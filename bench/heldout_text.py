@@ -61,7 +61,7 @@ def main() -> None:
     loaded = load_model(args.model)
     profile = Profile.load(args.profile)
     profile.check_model(loaded)
-    predicted = profile.predicted("hessian+kl")
+    predicted = profile.predicted("hessian+kl", engine_inputs=False)  # beside KLs of the weights alone
     refs, clip = loaded.plannable(), MethodSettings(clip_grid=args.clip_grid).clip()
     points = []  # (module, type, tensor index, option index)
     items = {}

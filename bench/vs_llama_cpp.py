@@ -50,7 +50,9 @@ TARGET_RATIO = 0.6  # mixq's mean KLD over the best llama.cpp file of its size o
 # KL on 512-token windows is 1.3-1.5x that on 256-token ones, gate_proj's 1.07x, the output
 # matrix's 0.9x (block 12, attribution.md's notes), so shorter windows bias the plan. Each plan is written twice: one-shot RTN with the profile's diag(H) (minutes), and as
 # `mixq quantize` does, block by block with GPTQ wherever the type allows (an hour here).
-MIXQ_FORMATS = ("iq2_s", "q2_k", "iq3_xxs", "q3_k", "iq3_s", "iq4_xs", "iq4_nl", "q4_k", "q5_k", "q6_k")
+# q5_0 and q8_0 beside the k-quants of their sizes: llama.cpp rounds the inputs of a 32-wide type's
+# products to Q8_0 blocks, of a 256-wide one's to Q8_K (4-5x the error), which the plan now prices.
+MIXQ_FORMATS = ("iq2_s", "q2_k", "iq3_xxs", "q3_k", "iq3_s", "iq4_xs", "iq4_nl", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0")
 MIXQ_CLIP_GRID = 4
 MIXQ_MEASURE_EVERY = 3
 MIXQ_ROW_FRACTION = 1 / 8
@@ -298,9 +300,9 @@ def mixq_profile(path: Path, source: Path, calib_windows: int, formats: tuple[st
     from mixq.profile import Profile, ProfileSettings, build_profile
 
     loaded = load_model(str(source))
-    settings = ProfileSettings(
+    settings = ProfileSettings(  # for llama.cpp: its file's bytes, and its rounding of each product's inputs priced
         space=OptionSpace(formats=formats, methods=("rtn",)), method_settings=MethodSettings(clip_grid=MIXQ_CLIP_GRID),
-        fisher_windows=0, measure_every=MIXQ_MEASURE_EVERY, row_fraction=MIXQ_ROW_FRACTION)
+        fisher_windows=0, measure_every=MIXQ_MEASURE_EVERY, row_fraction=MIXQ_ROW_FRACTION, target="gguf")
     key = {"model": file_identity(source), "formats": list(formats), "calib_windows": calib_windows,
            "held_out": list(MIXQ_HELD_OUT), "settings": repr(settings)}
     if path.is_file():

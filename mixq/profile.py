@@ -74,10 +74,11 @@ class Profile:
     importance: dict[str, np.ndarray] = field(default_factory=dict)  # diag(H) per tensor: RTN needs no more
     fingerprint: np.ndarray = field(default_factory=lambda: np.zeros((0, FINGERPRINT_LEN), np.float32))  # (T, .)
 
-    def predicted(self, estimator: str) -> np.ndarray:
+    def predicted(self, estimator: str, engine_inputs: bool = True) -> np.ndarray:
         """(T, O) predicted loss of each option of each tensor under `estimator`. The calibrated ones
         add the KL of the engine's rounding of each option's inputs (`inputs`), priced as output
-        error by the hessian's calibration: the two errors are independent, so their KLs add."""
+        error by the hessian's calibration: the two errors are independent, so their KLs add.
+        `engine_inputs=False`: the weights' part alone (what `measure_kl` measures)."""
         if estimator not in ESTIMATORS:
             raise MixqError(f"unknown estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
         raw = self.errors.get(estimator.split("+")[0])
@@ -86,7 +87,7 @@ class Profile:
         if not estimator.endswith("+kl"):
             return raw
         predicted = calibrate(raw, self.measured, self.kinds, self.blocks)
-        if INPUTS in self.errors:
+        if engine_inputs and INPUTS in self.errors:
             predicted = predicted + calibrate(self.errors["hessian"], self.measured, self.kinds, self.blocks,
                                               evaluated_at=self.errors[INPUTS])
         return predicted

@@ -205,8 +205,8 @@ def test_experts_of_one_layer_in_two_types_are_refused(smollm2_tokenizer, tmp_pa
 def test_the_gguf_target_prices_llama_cpps_input_rounding(smollm2_tokenizer, tmp_path, text_file):
     """With --target gguf every option carries the output error of llama.cpp rounding the matrix's
     inputs: one value per block width (Q8_0 for the 32-wide types, Q8_K for the 256-wide ones, the
-    larger), none for a kept matrix. The calibrated estimators add its KL to each option's; the raw
-    ones do not; a saved profile keeps it."""
+    larger), none for a kept matrix. The calibrated estimators add its KL to each option's (unless asked
+    for the weights' part alone); the raw ones do not; a saved profile keeps it."""
     loaded = load_model(str(save_tiny_model(tmp_path / "wide", tokenizer=smollm2_tokenizer, hidden_size=256,
                                             intermediate_size=512, head_dim=64)))
     calib = load_windows(loaded, WindowSpec(4, 64, text_file), first=False)
@@ -219,7 +219,8 @@ def test_the_gguf_target_prices_llama_cpps_input_rounding(smollm2_tokenizer, tmp
     assert (inputs[:, o[KEEP]] == 0).all()
     assert np.array_equal(inputs[:, o["q4_0-rtn"]], inputs[:, o["q8_0-rtn"]])
     assert (inputs[:, o["q4_k-rtn"]] > inputs[:, o["q4_0-rtn"]]).all() and (inputs[:, o["q4_0-rtn"]] > 0).all()
-    weights_only = calibrate(p.errors["hessian"], p.measured, p.kinds, p.blocks)
+    weights_only = p.predicted("hessian+kl", engine_inputs=False)
+    assert np.array_equal(weights_only, calibrate(p.errors["hessian"], p.measured, p.kinds, p.blocks))
     added = p.predicted("hessian+kl") - weights_only
     assert (added[:, o[KEEP]] == 0).all() and (added[:, o["q4_k-rtn"]] > added[:, o["q4_0-rtn"]]).all()
     assert (added[:, o["q4_0-rtn"]] > 0).all()
