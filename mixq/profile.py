@@ -613,6 +613,9 @@ def _restore_capture(checkpoints: Checkpoints, tensors: dict[str, torch.Tensor],
     """Fill the capture phase's tables from its checkpoint; returns where `iter_stats` resumes, and
     whether the phase was done."""
     for k in errors:
+        if f"errors.{k}" not in tensors:  # e.g. an inputs table, from a mixq that had none
+            raise MixqError(f"checkpoint {checkpoints.path(CAPTURE_CHECKPOINT)} has no {k} errors (made by "
+                            "another mixq version); rerun with --restart")
         errors[k][...] = tensors[f"errors.{k}"].numpy()
     importance.update({k.removeprefix("importance."): v.numpy() for k, v in tensors.items()
                        if k.startswith("importance.")})
